@@ -1,0 +1,141 @@
+//! The SIMD level the kernels run at, detected once per process.
+//!
+//! The workspace is compiled for x86-64-v3 (AVX2, FMA, F16C), but the kernels do not rely on
+//! that: every SIMD path is selected by runtime detection, and a portable scalar path exists for
+//! every kernel (and is the only one on other architectures).
+
+use std::sync::OnceLock;
+
+/// Proof that the CPU supports AVX2, FMA and F16C.
+///
+/// The only constructor runs the CPU detection, so holding a value is what makes calling the
+/// `#[target_feature(enable = "avx2,fma,f16c")]` kernels sound.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// The token, if this CPU supports AVX2, FMA and F16C.
+    fn detect() -> Option<Self> {
+        let ok = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        ok.then_some(Self(()))
+    }
+}
+
+/// Proof that the CPU supports AVX-512F in addition to everything [`Avx2`] stands for.
+///
+/// As with [`Avx2`], the only constructor runs the CPU detection.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx512(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512 {
+    /// The token, if this CPU supports AVX-512F, AVX2, FMA and F16C.
+    fn detect() -> Option<Self> {
+        Avx2::detect()?;
+        std::arch::is_x86_feature_detected!("avx512f").then_some(Self(()))
+    }
+}
+
+/// An instruction-set level, carrying the proof that the CPU supports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// Portable Rust, no explicit intrinsics.
+    Scalar,
+    /// 256-bit AVX2 + FMA + F16C.
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2),
+    /// 512-bit AVX-512F (plus AVX2, FMA, F16C).
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Avx512),
+}
+
+impl Level {
+    /// The short name used in logs.
+    fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2(_) => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512(_) => "avx512",
+        }
+    }
+}
+
+/// The best level this CPU supports, detected on first use and cached for the process.
+pub(crate) fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(detect)
+}
+
+fn detect() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(token) = Avx512::detect() {
+            return Level::Avx512(token);
+        }
+        if let Some(token) = Avx2::detect() {
+            return Level::Avx2(token);
+        }
+    }
+    Level::Scalar
+}
+
+/// Every level this CPU supports, scalar first; tests run each kernel at each of them.
+#[cfg(test)]
+pub(crate) fn supported_levels() -> Vec<Level> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut levels = vec![Level::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        levels.extend(Avx2::detect().map(Level::Avx2));
+        levels.extend(Avx512::detect().map(Level::Avx512));
+    }
+    levels
+}
+
+/// The SIMD level the kernels selected on this machine: `"avx512"`, `"avx2"` or `"scalar"`.
+///
+/// Meant for logs; the first call runs the CPU detection.
+pub fn features() -> &'static str {
+    level().name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selected_level_is_the_best_supported_one() {
+        let levels = supported_levels();
+        assert_eq!(levels.first(), Some(&Level::Scalar));
+        assert_eq!(levels.last(), Some(&level()));
+        assert_eq!(features(), level().name());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn detection_matches_the_cpu() {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
+        let expected = if avx512 {
+            "avx512"
+        } else if avx2 {
+            "avx2"
+        } else {
+            "scalar"
+        };
+        assert_eq!(features(), expected);
+        assert_eq!(
+            supported_levels().len(),
+            1 + usize::from(avx2) + usize::from(avx512)
+        );
+    }
+}

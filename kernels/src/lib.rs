@@ -1,0 +1,28 @@
+//! Strata's own compute kernels.
+//!
+//! - [`hqq`]: Half-Quadratic Quantization of weight matrices (4 and 8 bit, group-wise) and
+//!   matrix products against the quantized weights;
+//! - [`fp8`]: FP8 E4M3 weights with one scale per row, and matrix products against them;
+//! - [`attention`]: causal attention over a paged KV cache;
+//! - [`cpu`]: the SIMD level picked at run time.
+//!
+//! Every kernel has a portable scalar implementation and, on x86-64, AVX2 and AVX-512 versions
+//! chosen once per process by runtime CPU detection. Kernels validate their inputs and report
+//! problems as [`KernelError`]; no input makes them panic. Results are deterministic: an output
+//! element is always computed by one task, in a fixed order, whatever the thread count or batch
+//! size.
+
+pub mod attention;
+pub mod cpu;
+pub mod error;
+pub mod fp8;
+pub mod hqq;
+
+mod rowwise;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(test)]
+mod test_util;
+
+pub use error::KernelError;

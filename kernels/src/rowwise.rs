@@ -1,0 +1,107 @@
+//! The driver shared by the `x · Wᵀ` products of the quantized weight formats.
+//!
+//! A product `out[m, rows] = x[m, cols] · W[rows, cols]ᵀ` is split by weight row: a kernel is
+//! handed one weight row `j` and fills `out[i][j]` for every activation row `i`, so each weight
+//! row is decoded once per call whatever `m` is. Weight rows are spread over rayon tasks when
+//! the product is big enough to pay for it. Each output element is computed by exactly one
+//! kernel call, so results do not depend on the thread count.
+
+use rayon::prelude::*;
+
+/// Products with fewer multiply-adds than this run on the calling thread: below it, rayon's
+/// fork/join overhead (microseconds) is comparable to the work itself.
+const PARALLEL_MIN_MACS: usize = 1 << 17;
+
+/// Weight rows per rayon task.
+const ROWS_PER_TASK: usize = 16;
+
+/// Activation rows the SIMD kernels process together, so that each decoded weight vector is
+/// reused from registers this many times.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const TILE: usize = 4;
+
+/// Computes every `out[i][j]` (`out` is `[m, rows]`, row-major) by calling `row_fn(j, col)`
+/// once per weight row `j`, where `col[i]` receives `out[i][j]` for `i < m`.
+///
+/// The caller has checked that `out.len() == m * rows`. A product of `m > 1` rows goes through
+/// a `[rows, m]` scratch buffer that is transposed into `out` at the end.
+pub(crate) fn for_each_weight_row<F>(rows: usize, cols: usize, m: usize, out: &mut [f32], row_fn: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if m == 0 || rows == 0 {
+        return;
+    }
+    let parallel = m.saturating_mul(rows).saturating_mul(cols) >= PARALLEL_MIN_MACS;
+    if m == 1 {
+        // `[1, rows]` and `[rows, 1]` are the same layout: no scratch needed.
+        run(out, 1, parallel, &row_fn);
+        return;
+    }
+    let mut by_weight_row = vec![0.0; rows * m];
+    run(&mut by_weight_row, m, parallel, &row_fn);
+    for (j, col) in by_weight_row.chunks_exact(m).enumerate() {
+        for (out_row, &value) in out.chunks_exact_mut(rows).zip(col) {
+            out_row[j] = value;
+        }
+    }
+}
+
+/// Runs `row_fn` over the `[rows, m]` buffer `buf`, serially or on the rayon pool.
+fn run<F>(buf: &mut [f32], m: usize, parallel: bool, row_fn: &F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let task = |(chunk_index, chunk): (usize, &mut [f32])| {
+        for (r, col) in chunk.chunks_exact_mut(m).enumerate() {
+            row_fn(chunk_index * ROWS_PER_TASK + r, col);
+        }
+    };
+    let chunk_len = ROWS_PER_TASK * m;
+    if parallel {
+        buf.par_chunks_mut(chunk_len).enumerate().for_each(task);
+    } else {
+        buf.chunks_mut(chunk_len).enumerate().for_each(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `out[i][j] = 1000 i + j` must land in the right place, serial and parallel, for any m.
+    #[test]
+    fn every_element_is_written_once_in_place() {
+        for (rows, cols, m) in [
+            (1, 1, 1),
+            (5, 3, 1),
+            (37, 8, 3),
+            (40, 4096, 7),
+            (3, 100_000, 2),
+        ] {
+            let mut out = vec![f32::NAN; rows * m];
+            for_each_weight_row(rows, cols, m, &mut out, |j, col| {
+                assert_eq!(col.len(), m);
+                for (i, v) in col.iter_mut().enumerate() {
+                    *v = (1000 * i + j) as f32;
+                }
+            });
+            for i in 0..m {
+                for j in 0..rows {
+                    assert_eq!(
+                        out[i * rows + j],
+                        (1000 * i + j) as f32,
+                        "rows={rows} m={m}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_products_call_nothing() {
+        let mut out: [f32; 0] = [];
+        for_each_weight_row(0, 4, 3, &mut out, |_, _| unreachable!());
+        for_each_weight_row(4, 4, 0, &mut out, |_, _| unreachable!());
+    }
+}

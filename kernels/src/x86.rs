@@ -1,0 +1,62 @@
+//! Safe wrappers around the x86-64 SIMD loads, stores and reductions the kernels share.
+//!
+//! Loads and stores take fixed-size arrays, so the type system proves the memory they touch is
+//! in bounds; that is what makes the pointer-taking intrinsics inside them sound. Each wrapper
+//! enables the features it needs, so the kernels (compiled with a superset of them) call these
+//! safely and inline them.
+
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::{
+    __m128i, __m256, __m512, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehl_ps,
+    _mm_shuffle_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_loadu_ps,
+    _mm256_storeu_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+};
+
+/// Loads 16 bytes (SSE2, part of the x86-64 baseline).
+#[inline]
+pub(crate) fn load_u8x16(bytes: &[u8; 16]) -> __m128i {
+    // SAFETY: `bytes` is 16 readable bytes, and `_mm_loadu_si128` has no alignment requirement.
+    unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
+}
+
+/// Loads 8 floats.
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) fn load_f32x8(values: &[f32; 8]) -> __m256 {
+    // SAFETY: `values` is 8 readable floats, and `_mm256_loadu_ps` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(values.as_ptr()) }
+}
+
+/// Stores 8 floats.
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) fn store_f32x8(dst: &mut [f32; 8], v: __m256) {
+    // SAFETY: `dst` is 8 writable floats, and `_mm256_storeu_ps` has no alignment requirement.
+    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) }
+}
+
+/// Loads 16 floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn load_f32x16(values: &[f32; 16]) -> __m512 {
+    // SAFETY: `values` is 16 readable floats, and `_mm512_loadu_ps` has no alignment requirement.
+    unsafe { _mm512_loadu_ps(values.as_ptr()) }
+}
+
+/// Stores 16 floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn store_f32x16(dst: &mut [f32; 16], v: __m512) {
+    // SAFETY: `dst` is 16 writable floats, and `_mm512_storeu_ps` has no alignment requirement.
+    unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
+}
+
+/// Sum of the 8 lanes, in a fixed order (halves, then pairs, then the last two).
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) fn hsum_f32x8(v: __m256) -> f32 {
+    let sum4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let sum2 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
+    _mm_cvtss_f32(_mm_add_ss(sum2, _mm_shuffle_ps::<1>(sum2, sum2)))
+}

@@ -1,0 +1,21 @@
+//! Strata's gRPC contracts, generated from `proto/`.
+//!
+//! - [`v1`]: the public API (`strata.v1.Strata`), served by the gateway.
+//! - [`worker::v1`]: the control plane (`strata.worker.v1.Worker`), served by each worker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+/// The public API.
+pub mod v1 {
+    tonic::include_proto!("strata.v1");
+}
+
+/// The worker control plane.
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("strata.worker.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of both packages, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_descriptor");

@@ -1,0 +1,454 @@
+//! The load plan: what a topology and `--isq` mean for one concrete model. For every tensor use
+//! it fixes the ISQ type actually applied (after block-size fallbacks), the device and the byte
+//! cost; and it fixes the pipeline route, the ordered runs of layers per device.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceSpec;
+use crate::ggml::GgmlType;
+use crate::isq::IsqType;
+use crate::meta::{ModelMeta, TensorMeta};
+use crate::names::{LayerTensor, TensorRole};
+use crate::topology::{Topology, TopologyError};
+
+/// A float type weights may be converted to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FloatType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatType {
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "f32",
+            FloatType::F16 => "f16",
+            FloatType::BF16 => "bf16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::BF16 => 2,
+        }
+    }
+}
+
+impl FromStr for FloatType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(FloatType::F32),
+            "f16" | "float16" => Ok(FloatType::F16),
+            "bf16" | "bfloat16" => Ok(FloatType::BF16),
+            _ => Err(format!("unknown dtype `{s}`; expected f32, f16 or bf16")),
+        }
+    }
+}
+
+/// Inputs of a plan besides the model and the topology.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// `--isq`: applies to the linear weights of layers no topology range covers.
+    pub isq: Option<IsqType>,
+    /// `--dtype`: converts every weight without ISQ to this type at load (default: as stored).
+    pub dtype: Option<FloatType>,
+    /// Device of layers the topology gives none.
+    pub default_device: DeviceSpec,
+}
+
+/// How one tensor use is loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorPlan {
+    /// Canonical name of this use (`lm_head.weight` even when tied).
+    pub name: String,
+    /// Canonical name of the stored tensor it reads (`model.embed_tokens.weight` for a tied head).
+    pub source: String,
+    pub shape: Vec<usize>,
+    pub stored: GgmlType,
+    /// The ISQ type the topology / `--isq` asked for.
+    pub requested: Option<IsqType>,
+    /// The ISQ type applied (differs from `requested` after a block-size fallback).
+    pub isq: Option<IsqType>,
+    /// Float conversion for a weight without ISQ.
+    pub dtype: Option<FloatType>,
+    /// Why `requested` is what it is: `--isq`, `range 0-8 (line 1)`, `selector /q_proj/ (line 5)`.
+    pub reason: String,
+    /// Fallbacks and other remarks.
+    pub note: Option<String>,
+    pub device: DeviceSpec,
+    /// Index of the route stage that loads it.
+    pub stage: usize,
+    pub bytes_stored: u64,
+    pub bytes_loaded: u64,
+}
+
+/// One stage of the pipeline route: a run of consecutive layers on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagePlan {
+    pub index: usize,
+    pub device: DeviceSpec,
+    /// Layers `[start, end)`; may be empty for a stage holding only the embedding or the head.
+    pub layer_start: usize,
+    pub layer_end: usize,
+    /// Embeds token ids (the first stage).
+    pub embed: bool,
+    /// Applies the final norm and the output head and samples (the last stage).
+    pub head: bool,
+}
+
+/// A resolved plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub tensors: Vec<TensorPlan>,
+    pub route: Vec<StagePlan>,
+    /// Distinct devices in route order: one worker process each.
+    pub devices: Vec<DeviceSpec>,
+}
+
+/// A plan that cannot be made; says where in the topology the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Model(#[from] crate::error::ModelError),
+    #[error("{origin}:{line}: key `{key}`: {message}")]
+    Conflict {
+        origin: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// A field's value and where it came from.
+struct Resolved<T> {
+    value: T,
+    reason: String,
+}
+
+impl Plan {
+    /// Resolves `topology` and `opts` against `meta`.
+    pub fn resolve(meta: &ModelMeta, topology: &Topology, opts: &PlanOptions) -> Result<Plan, PlanError> {
+        let n_layers = meta.config.num_layers;
+        let tied = meta.tied_head();
+        let mut names: Vec<Vec<String>> = meta.tensors.values().map(TensorMeta::names).collect();
+        if tied {
+            names.push(vec!["lm_head.weight".into(), "output.weight".into()]);
+        }
+        topology.validate(n_layers, &names)?;
+
+        // Devices of the route units: embedding, each layer, head.
+        let layer_device: Vec<Resolved<DeviceSpec>> = (0..n_layers)
+            .map(|i| match topology.layer(i) {
+                Some(r) => Resolved {
+                    value: r.entry.device.unwrap_or(opts.default_device),
+                    reason: format!("range {} (line {})", r.key, r.line),
+                },
+                None => Resolved {
+                    value: opts.default_device,
+                    reason: "default device".into(),
+                },
+            })
+            .collect();
+        let first_dev = layer_device.first().map_or(opts.default_device, |d| d.value);
+        let last_dev = layer_device.last().map_or(opts.default_device, |d| d.value);
+
+        // Uses of stored tensors, in load order.
+        let mut uses: Vec<(TensorRole, &TensorMeta)> = Vec::new();
+        for (role, t) in &meta.tensors {
+            if *role != TensorRole::RopeFreqs && !(tied && *role == TensorRole::LmHead) {
+                uses.push((*role, t));
+            }
+        }
+        if tied {
+            uses.push((TensorRole::LmHead, meta.require(TensorRole::Embedding)?));
+        }
+
+        let mut embed_dev: Option<(DeviceSpec, String)> = None;
+        let mut head_dev: Option<(DeviceSpec, String)> = None;
+        let mut plans = Vec::with_capacity(uses.len());
+        for (role, t) in &uses {
+            let use_names = use_names(*role, t);
+            let name_refs: Vec<&str> = use_names.iter().map(String::as_str).collect();
+            let selector = topology.selector_for(&name_refs);
+
+            // Device.
+            let device = match role.layer() {
+                Some(i) => {
+                    let layer = &layer_device[i];
+                    if let Some(s) = selector
+                        && let Some(d) = s.entry.device
+                        && d != layer.value
+                    {
+                        return Err(PlanError::Conflict {
+                            origin: topology.origin().to_string(),
+                            line: s.line,
+                            key: s.key.clone(),
+                            message: format!(
+                                "puts `{}` on {d}, but layer {i} runs on {} ({}); a layer's tensors share one device, so move the whole layer with a range key",
+                                use_names[0], layer.value, layer.reason
+                            ),
+                        });
+                    }
+                    layer.value
+                }
+                None => {
+                    let is_embed = *role == TensorRole::Embedding;
+                    let default = if is_embed { first_dev } else { last_dev };
+                    let (d, why) = match selector.and_then(|s| s.entry.device.map(|d| (d, s))) {
+                        Some((d, s)) => (d, format!("selector {} (line {})", s.key, s.line)),
+                        None => (default, String::new()),
+                    };
+                    let slot = if is_embed { &mut embed_dev } else { &mut head_dev };
+                    match slot {
+                        Some((prev, prev_why)) if *prev != d => {
+                            let s = selector.map(|s| (s.line, s.key.clone())).unwrap_or((0, String::new()));
+                            return Err(PlanError::Conflict {
+                                origin: topology.origin().to_string(),
+                                line: s.0,
+                                key: s.1,
+                                message: format!(
+                                    "puts `{}` on {d}, but the rest of the output head is on {prev} {prev_why}; the final norm and the head share one device",
+                                    use_names[0]
+                                ),
+                            });
+                        }
+                        _ => *slot = Some((d, why)),
+                    }
+                    d
+                }
+            };
+
+            // ISQ.
+            let is_matrix = t.shape.len() == 2;
+            let base: Resolved<Option<IsqType>> = match role {
+                TensorRole::Layer(i, lt) if lt.is_linear_weight() => match topology.layer(*i) {
+                    Some(r) => Resolved {
+                        value: r.entry.isq,
+                        reason: format!("range {} (line {})", r.key, r.line),
+                    },
+                    None => Resolved {
+                        value: opts.isq,
+                        reason: if opts.isq.is_some() { "--isq".into() } else { String::new() },
+                    },
+                },
+                _ => Resolved {
+                    value: None,
+                    reason: String::new(),
+                },
+            };
+            let mut note = None;
+            let requested = match selector.and_then(|s| s.entry.isq.map(|q| (q, s))) {
+                Some((q, s)) if is_matrix => Resolved {
+                    value: Some(q),
+                    reason: format!("selector {} (line {})", s.key, s.line),
+                },
+                Some((_, s)) => {
+                    note = Some(format!("selector {} names an ISQ type, but 1-D tensors stay as stored", s.key));
+                    base
+                }
+                None => base,
+            };
+            let cols = t.shape.last().copied().unwrap_or(0);
+            let isq = match requested.value {
+                Some(q) if GgmlType::from_isq(q) == Some(t.dtype) => {
+                    note = Some(format!("already stored as {q}: kept as stored"));
+                    None
+                }
+                Some(q) => match q.resolve_for(cols) {
+                    Some(actual) => {
+                        if actual != q {
+                            note = Some(format!(
+                                "{cols}-wide rows do not split into {q}'s {}-wide blocks: using {actual}",
+                                q.block_size()
+                            ));
+                        }
+                        Some(actual)
+                    }
+                    None => {
+                        note = Some(format!("no ISQ type fits {cols}-wide rows: kept as stored"));
+                        None
+                    }
+                },
+                None => None,
+            };
+            let dtype = if isq.is_none() && requested.value.is_none_or(|q| GgmlType::from_isq(q) != Some(t.dtype)) {
+                opts.dtype
+            } else {
+                None
+            };
+            let rows = t.numel() / cols.max(1);
+            let bytes_loaded = match (isq, dtype) {
+                (Some(q), _) => q.storage_bytes(rows, cols).unwrap_or(0) as u64,
+                (None, Some(f)) => (t.numel() * f.size()) as u64,
+                (None, None) => t.n_bytes,
+            };
+            plans.push(TensorPlan {
+                name: use_names[0].clone(),
+                source: t.name.clone(),
+                shape: t.shape.clone(),
+                stored: t.dtype,
+                requested: requested.value,
+                isq,
+                dtype,
+                reason: requested.reason,
+                note,
+                device,
+                stage: 0,
+                bytes_stored: t.n_bytes,
+                bytes_loaded,
+            });
+        }
+
+        // Route: merge consecutive units on one device into stages.
+        let embed_device = embed_dev.map_or(first_dev, |d| d.0);
+        let head_device = head_dev.map_or(last_dev, |d| d.0);
+        let mut route: Vec<StagePlan> = Vec::new();
+        let mut push = |device: DeviceSpec, layer: Option<usize>, embed: bool, head: bool| match route.last_mut() {
+            Some(s) if s.device == device => {
+                if let Some(i) = layer {
+                    s.layer_end = i + 1;
+                }
+                s.head |= head;
+            }
+            _ => {
+                let start = layer.unwrap_or_else(|| route.last().map_or(0, |s| s.layer_end));
+                route.push(StagePlan {
+                    index: route.len(),
+                    device,
+                    layer_start: start,
+                    layer_end: layer.map_or(start, |i| i + 1),
+                    embed,
+                    head,
+                });
+            }
+        };
+        push(embed_device, None, true, false);
+        for (i, d) in layer_device.iter().enumerate() {
+            push(d.value, Some(i), false, false);
+        }
+        push(head_device, None, false, true);
+
+        for p in &mut plans {
+            let role = TensorRole::from_hf_name(&p.name).unwrap_or(TensorRole::LmHead);
+            p.stage = stage_of(&route, role);
+        }
+        let mut devices = Vec::new();
+        for s in &route {
+            if !devices.contains(&s.device) {
+                devices.push(s.device);
+            }
+        }
+        Ok(Plan {
+            tensors: plans,
+            route,
+            devices,
+        })
+    }
+
+    /// The tensor uses stage `index` loads.
+    pub fn stage_tensors(&self, index: usize) -> impl Iterator<Item = &TensorPlan> {
+        self.tensors.iter().filter(move |t| t.stage == index)
+    }
+
+    /// Bytes a stage holds after loading.
+    pub fn stage_bytes(&self, index: usize) -> u64 {
+        self.stage_tensors(index).map(|t| t.bytes_loaded).sum()
+    }
+
+    /// A human-readable table: the route, then every tensor.
+    pub fn table(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut out = String::new();
+        let _ = writeln!(out, "route ({} stages, {} workers):", self.route.len(), self.devices.len());
+        for s in &self.route {
+            let mut what = Vec::new();
+            if s.embed {
+                what.push("embedding".to_string());
+            }
+            if s.layer_end > s.layer_start {
+                what.push(format!("layers {}-{}", s.layer_start, s.layer_end));
+            }
+            if s.head {
+                what.push("norm + head".to_string());
+            }
+            let _ = writeln!(
+                out,
+                "  stage {:>2}  {:<9} {:<36} {:>9.2} MiB",
+                s.index,
+                s.device.to_string(),
+                what.join(", "),
+                mib(self.stage_bytes(s.index))
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<44} {:<12} {:<6} {:<6} {:<9} {:>5} {:>9} {:>9}  why / note",
+            "tensor", "shape", "stored", "isq", "device", "stage", "MiB in", "MiB out"
+        );
+        for t in &self.tensors {
+            let shape = t.shape.iter().map(ToString::to_string).collect::<Vec<_>>().join("x");
+            let isq = match (t.isq, t.dtype) {
+                (Some(q), _) => q.to_string(),
+                (None, Some(f)) => f.name().to_string(),
+                (None, None) => "-".to_string(),
+            };
+            let mut why = t.reason.clone();
+            if t.source != t.name {
+                why = format!("tied: reads {}{}{why}", t.source, if why.is_empty() { "" } else { "; " });
+            }
+            if let Some(n) = &t.note {
+                why = if why.is_empty() { n.clone() } else { format!("{why}; {n}") };
+            }
+            let _ = writeln!(
+                out,
+                "{:<44} {:<12} {:<6} {:<6} {:<9} {:>5} {:>9.3} {:>9.3}  {}",
+                t.name,
+                shape,
+                t.stored.to_string(),
+                isq,
+                t.device.to_string(),
+                t.stage,
+                mib(t.bytes_stored),
+                mib(t.bytes_loaded),
+                why
+            );
+        }
+        let before: u64 = self.tensors.iter().map(|t| t.bytes_stored).sum();
+        let after: u64 = self.tensors.iter().map(|t| t.bytes_loaded).sum();
+        let _ = writeln!(out, "\ntotal: {:.2} MiB stored, {:.2} MiB loaded", mib(before), mib(after));
+        out
+    }
+}
+
+/// The names a selector matches for one use of `t`.
+fn use_names(role: TensorRole, t: &TensorMeta) -> Vec<String> {
+    if role == TensorRole::LmHead && t.role == TensorRole::Embedding {
+        return vec!["lm_head.weight".into(), "output.weight".into()];
+    }
+    t.names()
+}
+
+/// The stage that loads a use with `role`.
+fn stage_of(route: &[StagePlan], role: TensorRole) -> usize {
+    let find = |pred: &dyn Fn(&StagePlan) -> bool| route.iter().position(pred).unwrap_or(0);
+    match role {
+        TensorRole::Embedding => find(&|s| s.embed),
+        TensorRole::FinalNorm | TensorRole::LmHead => find(&|s| s.head),
+        TensorRole::Layer(i, _) => find(&|s| (s.layer_start..s.layer_end).contains(&i)),
+        TensorRole::RopeFreqs => 0,
+    }
+}
+
+/// Whether a role is one of a layer's linear weights (what `--isq` quantizes).
+pub fn is_isq_target(role: TensorRole) -> bool {
+    matches!(role, TensorRole::Layer(_, lt) if LayerTensor::is_linear_weight(lt))
+}

@@ -1,0 +1,236 @@
+//! The data-plane transport: how frames move between the gateway and the stages. One trait so
+//! that TCP (here), TLS and NCCL (later) fit behind it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::wire::{DEFAULT_MAX_FRAME_BYTES, Frame, PRELUDE_LEN, Prelude, WireError};
+
+/// Sends frames to one peer, in order.
+pub trait FrameSender: Send + 'static {
+    fn send(&mut self, frame: &Frame) -> impl Future<Output = Result<(), WireError>> + Send;
+}
+
+/// Receives frames from one peer, in order; `Ok(None)` when the peer closed cleanly.
+pub trait FrameReceiver: Send + 'static {
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Frame>, WireError>> + Send;
+}
+
+/// Accepts inbound frame streams.
+pub trait FrameListener: Send + 'static {
+    type Receiver: FrameReceiver;
+    fn accept(&mut self) -> impl Future<Output = Result<(Self::Receiver, String), WireError>> + Send;
+    fn local_addr(&self) -> String;
+}
+
+/// A way of moving frames: connect to a peer, or listen for peers.
+pub trait Transport: Clone + Send + Sync + 'static {
+    type Sender: FrameSender;
+    type Listener: FrameListener;
+    fn connect(&self, addr: &str) -> impl Future<Output = Result<Self::Sender, WireError>> + Send;
+    fn bind(&self, addr: &str) -> impl Future<Output = Result<Self::Listener, WireError>> + Send;
+}
+
+/// Frames over plain TCP: persistent connections, `TCP_NODELAY`, a frame-size limit.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpTransport {
+    pub max_frame_bytes: usize,
+    pub connect_timeout: Duration,
+}
+
+impl Default for TcpTransport {
+    fn default() -> Self {
+        TcpTransport {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The sending half of a TCP frame connection.
+pub struct TcpFrameSender {
+    peer: String,
+    writer: BufWriter<OwnedWriteHalf>,
+}
+
+/// The receiving half of a TCP frame connection.
+pub struct TcpFrameReceiver {
+    peer: String,
+    reader: OwnedReadHalf,
+    max_frame_bytes: usize,
+}
+
+/// A TCP listener for frame connections.
+pub struct TcpFrameListener {
+    listener: TcpListener,
+    max_frame_bytes: usize,
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> WireError {
+    let context = context.into();
+    move |source| WireError::Io { context, source }
+}
+
+impl Transport for TcpTransport {
+    type Sender = TcpFrameSender;
+    type Listener = TcpFrameListener;
+
+    async fn connect(&self, addr: &str) -> Result<TcpFrameSender, WireError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| WireError::Io {
+                context: format!("connecting to data-plane peer {addr}"),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+            })?
+            .map_err(io_err(format!("connecting to data-plane peer {addr}")))?;
+        stream.set_nodelay(true).map_err(io_err(format!("setting TCP_NODELAY on {addr}")))?;
+        // The sender never reads. Dropping the read half leaves the socket open.
+        let (_, write) = stream.into_split();
+        Ok(TcpFrameSender {
+            peer: addr.to_string(),
+            writer: BufWriter::with_capacity(1 << 16, write),
+        })
+    }
+
+    async fn bind(&self, addr: &str) -> Result<TcpFrameListener, WireError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(io_err(format!("binding data-plane listener on {addr}")))?;
+        Ok(TcpFrameListener {
+            listener,
+            max_frame_bytes: self.max_frame_bytes,
+        })
+    }
+}
+
+impl FrameSender for TcpFrameSender {
+    async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
+        let (head, payload) = frame.encode();
+        let ctx = || format!("sending a frame to {}", self.peer);
+        self.writer.write_all(&head).await.map_err(io_err(ctx()))?;
+        if let Some(p) = payload {
+            self.writer.write_all(&p).await.map_err(io_err(ctx()))?;
+        }
+        self.writer.flush().await.map_err(io_err(ctx()))
+    }
+}
+
+impl FrameReceiver for TcpFrameReceiver {
+    async fn recv(&mut self) -> Result<Option<Frame>, WireError> {
+        let mut pre = [0u8; PRELUDE_LEN];
+        match self.reader.read_exact(&mut pre).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(io_err(format!("reading a frame from {}", self.peer))(e)),
+        }
+        let prelude = Prelude::parse(&pre, self.max_frame_bytes)?;
+        let mut header = vec![0u8; prelude.header_len as usize];
+        let ctx = || format!("reading a frame from {}", self.peer);
+        self.reader.read_exact(&mut header).await.map_err(io_err(ctx()))?;
+        let mut payload = BytesMut::zeroed(prelude.payload_len as usize);
+        self.reader.read_exact(&mut payload).await.map_err(io_err(ctx()))?;
+        Frame::decode(&prelude, &header, Bytes::from(payload)).map(Some)
+    }
+}
+
+impl FrameListener for TcpFrameListener {
+    type Receiver = TcpFrameReceiver;
+
+    async fn accept(&mut self) -> Result<(TcpFrameReceiver, String), WireError> {
+        let (stream, peer) = self
+            .listener
+            .accept()
+            .await
+            .map_err(io_err("accepting a data-plane connection"))?;
+        stream.set_nodelay(true).map_err(io_err("setting TCP_NODELAY"))?;
+        let (read, write) = stream.into_split();
+        // Receivers never write.
+        drop(write);
+        let peer = peer.to_string();
+        Ok((
+            TcpFrameReceiver {
+                peer: peer.clone(),
+                reader: read,
+                max_frame_bytes: self.max_frame_bytes,
+            },
+            peer,
+        ))
+    }
+
+    fn local_addr(&self) -> String {
+        self.listener
+            .local_addr()
+            .map(|a: SocketAddr| a.to_string())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{ErrorFrame, SamplesFrame};
+
+    #[tokio::test]
+    async fn frames_cross_a_tcp_connection_in_order() {
+        let t = TcpTransport::default();
+        let mut listener = t.bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr();
+        let recv = tokio::spawn(async move {
+            let (mut r, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            while let Some(f) = r.recv().await.unwrap() {
+                got.push(f);
+            }
+            got
+        });
+        let mut s = t.connect(&addr).await.unwrap();
+        let frames: Vec<Frame> = (0..3)
+            .map(|i| {
+                Frame::Samples(SamplesFrame {
+                    step_id: i,
+                    samples: vec![],
+                })
+            })
+            .chain([Frame::Error(ErrorFrame {
+                step_id: 9,
+                stage: 1,
+                message: "x".into(),
+            })])
+            .collect();
+        for f in &frames {
+            s.send(f).await.unwrap();
+        }
+        drop(s);
+        assert_eq!(recv.await.unwrap(), frames);
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused() {
+        let t = TcpTransport {
+            max_frame_bytes: 16,
+            ..Default::default()
+        };
+        let mut listener = t.bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr();
+        let recv = tokio::spawn(async move {
+            let (mut r, _) = listener.accept().await.unwrap();
+            r.recv().await
+        });
+        let mut s = TcpTransport::default().connect(&addr).await.unwrap();
+        s.send(&Frame::Error(ErrorFrame {
+            step_id: 1,
+            stage: 0,
+            message: "a message longer than sixteen bytes".into(),
+        }))
+        .await
+        .unwrap();
+        let err = recv.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+}

@@ -1,0 +1,178 @@
+//! The paged KV cache of one stage: per layer, key and value pools of fixed-size blocks, and per
+//! sequence a block table. Each stage keeps the KV of its own layers only.
+//!
+//! Pool layout (per layer): `[block][kv_head][slot][head_dim]` f32, as the attention kernel in
+//! `strata_kernels::attention` expects. Pools are allocated zeroed (lazily committed by the OS),
+//! so an idle cache costs address space, not memory.
+
+use std::collections::HashMap;
+
+use strata_kernels::attention::AttentionShape;
+
+use crate::error::{Result, WorkerError};
+
+/// One layer's key and value pools.
+#[derive(Debug)]
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// A sequence's blocks and how many positions they hold.
+#[derive(Debug, Default, Clone)]
+pub struct SeqBlocks {
+    pub blocks: Vec<u32>,
+    pub len: usize,
+}
+
+/// The paged KV cache of one stage.
+#[derive(Debug)]
+pub struct KvCache {
+    shape: AttentionShape,
+    num_blocks: usize,
+    free: Vec<u32>,
+    seqs: HashMap<u64, SeqBlocks>,
+    layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    /// A cache of `num_blocks` blocks for `n_layers` layers.
+    pub fn new(shape: AttentionShape, n_layers: usize, num_blocks: usize) -> Self {
+        let per_layer = num_blocks * shape.n_kv_heads * shape.block_size * shape.head_dim;
+        let layers = (0..n_layers)
+            .map(|_| LayerKv {
+                k: vec![0f32; per_layer],
+                v: vec![0f32; per_layer],
+            })
+            .collect();
+        KvCache {
+            shape,
+            num_blocks,
+            free: (0..num_blocks as u32).rev().collect(),
+            seqs: HashMap::new(),
+            layers,
+        }
+    }
+
+    pub fn shape(&self) -> &AttentionShape {
+        &self.shape
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Positions the sequence holds (0 for an unknown sequence).
+    pub fn seq_len(&self, seq_id: u64) -> usize {
+        self.seqs.get(&seq_id).map_or(0, |s| s.len)
+    }
+
+    /// Makes room for positions `pos0..pos0 + n` of a sequence, which must continue exactly
+    /// where the cache left it (a new sequence starts at 0).
+    pub fn reserve(&mut self, seq_id: u64, pos0: usize, n: usize) -> Result<()> {
+        let held = self.seq_len(seq_id);
+        if pos0 != held {
+            return Err(WorkerError::Sequence {
+                seq_id,
+                problem: format!("step starts at position {pos0}, but this stage holds {held} positions of it"),
+            });
+        }
+        let seq = self.seqs.entry(seq_id).or_default();
+        let want = (pos0 + n).div_ceil(self.shape.block_size);
+        let needed = want.saturating_sub(seq.blocks.len());
+        if needed > self.free.len() {
+            let free = self.free.len();
+            if seq.blocks.is_empty() {
+                self.seqs.remove(&seq_id);
+            }
+            return Err(WorkerError::KvFull { seq_id, needed, free });
+        }
+        let at = self.free.len() - needed;
+        seq.blocks.extend(self.free.drain(at..).rev());
+        Ok(())
+    }
+
+    /// Marks positions up to `len` as written.
+    pub fn commit(&mut self, seq_id: u64, len: usize) {
+        if let Some(s) = self.seqs.get_mut(&seq_id) {
+            s.len = len;
+        }
+    }
+
+    /// Frees a sequence's blocks (unknown sequences are ignored).
+    pub fn release(&mut self, seq_id: u64) {
+        if let Some(s) = self.seqs.remove(&seq_id) {
+            self.free.extend(s.blocks);
+        }
+    }
+
+    /// The block table of a sequence.
+    pub fn blocks(&self, seq_id: u64) -> &[u32] {
+        self.seqs.get(&seq_id).map_or(&[], |s| &s.blocks)
+    }
+
+    /// One layer's pools and a sequence's block table, for the attention kernel.
+    pub fn layer_mut(&mut self, layer: usize, seq_id: u64) -> Result<(&mut LayerKv, &[u32])> {
+        let blocks = self.seqs.get(&seq_id).map_or(&[][..], |s| &s.blocks);
+        let kv = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| WorkerError::Step(format!("KV cache has no layer {layer}")))?;
+        Ok((kv, blocks))
+    }
+
+    /// Sequences holding blocks.
+    pub fn active(&self) -> usize {
+        self.seqs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(blocks: usize) -> KvCache {
+        KvCache::new(
+            AttentionShape {
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                block_size: 4,
+            },
+            2,
+            blocks,
+        )
+    }
+
+    #[test]
+    fn blocks_are_reserved_and_returned() {
+        let mut kv = cache(3);
+        kv.reserve(1, 0, 5).unwrap();
+        assert_eq!(kv.blocks(1).len(), 2);
+        kv.commit(1, 5);
+        kv.reserve(1, 5, 3).unwrap();
+        assert_eq!(kv.blocks(1).len(), 2);
+        kv.commit(1, 8);
+        let err = kv.reserve(2, 0, 8).unwrap_err().to_string();
+        assert!(err.contains("needs 2 more blocks, 1 are free"), "{err}");
+        assert_eq!(kv.active(), 1);
+        kv.release(1);
+        assert_eq!(kv.free_blocks(), 3);
+        kv.reserve(2, 0, 12).unwrap();
+        assert_eq!(kv.free_blocks(), 0);
+    }
+
+    #[test]
+    fn steps_must_continue_where_the_cache_left_off() {
+        let mut kv = cache(4);
+        let err = kv.reserve(7, 3, 1).unwrap_err().to_string();
+        assert!(err.contains("sequence 7") && err.contains("starts at position 3"), "{err}");
+        kv.reserve(7, 0, 2).unwrap();
+        kv.commit(7, 2);
+        assert!(kv.reserve(7, 1, 1).is_err());
+    }
+}

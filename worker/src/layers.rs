@@ -1,0 +1,298 @@
+//! The building blocks a decoder layer is made of: linear projections over any weight form,
+//! token embeddings, RMS norms and rotary position embeddings.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use strata_kernels::fp8::Fp8Weight;
+use strata_kernels::hqq::HqqWeight;
+use strata_shared::config::{ModelConfig, RopeScaling};
+
+use crate::error::{CandleContext, Result, WorkerError};
+use crate::weights::Weight;
+
+/// `y = x Wᵀ (+ b)` for a weight in any form. Activations are f32 `[n, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    name: String,
+    op: LinearOp,
+    bias: Option<Tensor>,
+    out_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LinearOp {
+    Dense(Tensor),
+    Ggml(QMatMul),
+    Hqq(Arc<HqqWeight>),
+    Fp8(Arc<Fp8Weight>),
+}
+
+impl Linear {
+    pub fn new(name: &str, weight: Weight, bias: Option<Tensor>) -> Result<Self> {
+        let ctx = || format!("`{name}`");
+        let (op, out_features) = match weight {
+            Weight::Dense(t) => {
+                let out = t.dim(0).ctx(ctx)?;
+                (LinearOp::Dense(t), out)
+            }
+            Weight::Ggml(q) => {
+                let out = q.shape().dims().first().copied().unwrap_or(0);
+                (LinearOp::Ggml(QMatMul::from_arc(q).ctx(ctx)?), out)
+            }
+            Weight::Hqq(w) => {
+                let out = w.rows();
+                (LinearOp::Hqq(w), out)
+            }
+            Weight::Fp8(w) => {
+                let out = w.rows();
+                (LinearOp::Fp8(w), out)
+            }
+        };
+        Ok(Linear {
+            name: name.to_string(),
+            op,
+            bias,
+            out_features,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ctx = || format!("`{}` forward", self.name);
+        let y = match &self.op {
+            LinearOp::Dense(w) => {
+                if w.dtype() == DType::F32 {
+                    x.matmul(&w.t().ctx(ctx)?).ctx(ctx)?
+                } else {
+                    let xw = x.to_dtype(w.dtype()).ctx(ctx)?;
+                    xw.matmul(&w.t().ctx(ctx)?).and_then(|y| y.to_dtype(DType::F32)).ctx(ctx)?
+                }
+            }
+            LinearOp::Ggml(q) => q.forward(x).ctx(ctx)?,
+            LinearOp::Hqq(w) => kernel_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)).ctx(ctx)?,
+            LinearOp::Fp8(w) => kernel_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)).ctx(ctx)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b).ctx(ctx),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Runs one of Strata's matmul kernels on a candle tensor.
+fn kernel_matmul(
+    x: &Tensor,
+    rows: usize,
+    f: impl Fn(&[f32], usize, &mut [f32]) -> std::result::Result<(), strata_kernels::KernelError>,
+) -> std::result::Result<Tensor, KernelOrCandle> {
+    let m = x.dim(0)?;
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; m * rows];
+    f(&xs, m, &mut out)?;
+    Ok(Tensor::from_vec(out, (m, rows), &Device::Cpu)?)
+}
+
+/// Either error of [`kernel_matmul`].
+#[derive(Debug, thiserror::Error)]
+pub enum KernelOrCandle {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Kernel(#[from] strata_kernels::KernelError),
+}
+
+impl<T> CandleContext<T> for std::result::Result<T, KernelOrCandle> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| match e {
+            KernelOrCandle::Candle(source) => WorkerError::Candle {
+                context: context(),
+                source,
+            },
+            KernelOrCandle::Kernel(source) => WorkerError::Kernel {
+                context: context(),
+                source,
+            },
+        })
+    }
+}
+
+/// Token embeddings; quantized tables stay quantized and dequantize only the rows looked up.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: EmbeddingTable,
+    vocab: usize,
+    hidden: usize,
+}
+
+#[derive(Debug, Clone)]
+enum EmbeddingTable {
+    Dense(Tensor),
+    Ggml(Arc<QTensor>),
+    Hqq(Arc<HqqWeight>),
+    Fp8(Arc<Fp8Weight>),
+}
+
+impl Embedding {
+    pub fn new(weight: Weight, vocab: usize, hidden: usize) -> Self {
+        let table = match weight {
+            Weight::Dense(t) => EmbeddingTable::Dense(t),
+            Weight::Ggml(q) => EmbeddingTable::Ggml(q),
+            Weight::Hqq(w) => EmbeddingTable::Hqq(w),
+            Weight::Fp8(w) => EmbeddingTable::Fp8(w),
+        };
+        Embedding { table, vocab, hidden }
+    }
+
+    /// `[tokens.len(), hidden]` f32.
+    pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(WorkerError::Step(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.vocab
+            )));
+        }
+        let ctx = || "token embedding".to_string();
+        let ids = || Tensor::new(tokens, &Device::Cpu);
+        match &self.table {
+            EmbeddingTable::Dense(t) => ids()
+                .and_then(|ids| t.index_select(&ids, 0))
+                .and_then(|e| e.to_dtype(DType::F32))
+                .ctx(ctx),
+            EmbeddingTable::Ggml(q) => ids().and_then(|ids| q.embedding(&ids)).ctx(ctx),
+            EmbeddingTable::Hqq(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
+            EmbeddingTable::Fp8(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
+        }
+    }
+
+    fn rows(
+        &self,
+        tokens: &[u32],
+        f: impl Fn(usize, &mut [f32]) -> std::result::Result<(), strata_kernels::KernelError>,
+    ) -> Result<Tensor> {
+        let mut out = vec![0f32; tokens.len() * self.hidden];
+        for (t, row) in tokens.iter().zip(out.chunks_exact_mut(self.hidden)) {
+            f(*t as usize, row).ctx(|| "token embedding".into())?;
+        }
+        Tensor::from_vec(out, (tokens.len(), self.hidden), &Device::Cpu).ctx(|| "token embedding".into())
+    }
+}
+
+/// Root-mean-square layer norm.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps).ctx(|| "rms norm".into())
+    }
+}
+
+/// Rotary position embedding tables (Hugging Face's rotate-half layout).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    max_positions: usize,
+}
+
+impl Rope {
+    /// Builds cos/sin tables for every position up to the model's context length, in f32 as
+    /// Hugging Face does. `freq_factors` are GGUF's `rope_freqs.weight` (Llama 3), if present.
+    pub fn new(cfg: &ModelConfig, freq_factors: Option<&[f32]>) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let base = cfg.rope_theta as f32;
+        let mut inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        match &cfg.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let old = *original_max_position_embeddings as f32;
+                let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let low_wavelen = old / lo;
+                let high_wavelen = old / hi;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        if let Some(ff) = freq_factors {
+            if ff.len() != half {
+                return Err(WorkerError::Load(format!(
+                    "rope_freqs.weight has {} entries, expected head_dim/2 = {half}",
+                    ff.len()
+                )));
+            }
+            inv_freq.iter_mut().zip(ff).for_each(|(f, d)| *f /= *d);
+        }
+        let max_positions = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let ctx = || "rope tables".to_string();
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_positions, half), &Device::Cpu).ctx(ctx)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), &Device::Cpu).ctx(ctx)?,
+            max_positions,
+        })
+    }
+
+    /// cos/sin rows for the given positions.
+    pub fn tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= self.max_positions) {
+            return Err(WorkerError::Step(format!(
+                "position {p} is past the model's context length {}",
+                self.max_positions
+            )));
+        }
+        let ctx = || "rope tables".to_string();
+        let idx = Tensor::new(positions, &Device::Cpu).ctx(ctx)?;
+        Ok((
+            self.cos.index_select(&idx, 0).ctx(ctx)?,
+            self.sin.index_select(&idx, 0).ctx(ctx)?,
+        ))
+    }
+
+    /// Rotates `x` of shape `[n, heads * head_dim]` in place of position.
+    pub fn apply(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let ctx = || "rope".to_string();
+        let (n, width) = x.dims2().ctx(ctx)?;
+        let x4 = x.reshape((1, n, heads, width / heads)).ctx(ctx)?;
+        candle_nn::rotary_emb::rope_thd(&x4, cos, sin)
+            .and_then(|y| y.reshape((n, width)))
+            .ctx(ctx)
+    }
+}

@@ -1,0 +1,491 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2), loadable as a slice: layers
+//! `[a, b)`, plus the embedding on the first stage and the final norm and head on the last.
+//! One struct per layer, each with a `load`; field names mirror the checkpoint's.
+
+use std::collections::HashMap;
+
+use candle_core::{D, Device, Tensor};
+use strata_kernels::attention::{self, AttentionShape};
+use strata_shared::config::ModelConfig;
+use strata_shared::meta::ModelMeta;
+use strata_shared::names::{LayerTensor, TensorRole};
+use strata_shared::plan::{FloatType, Plan};
+use strata_shared::isq::IsqType;
+
+use crate::error::{CandleContext, Result, WorkerError};
+use crate::kv::KvCache;
+use crate::layers::{Embedding, Linear, RmsNorm, Rope};
+use crate::weights::{self, LoadSpec};
+
+/// KV cache block size, in tokens.
+pub const KV_BLOCK_SIZE: usize = 16;
+
+/// How one tensor use is loaded (from the plan).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorLoad {
+    /// Canonical name of the stored tensor it reads.
+    pub source: String,
+    pub isq: Option<IsqType>,
+    pub dtype: Option<FloatType>,
+}
+
+/// What a slice holds and how to load each tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceSpec {
+    pub layer_start: usize,
+    pub layer_end: usize,
+    pub embed: bool,
+    pub head: bool,
+    /// By canonical use name (`model.layers.3.mlp.up_proj.weight`, `lm_head.weight`).
+    pub tensors: HashMap<String, TensorLoad>,
+}
+
+impl SliceSpec {
+    /// The spec of route stage `index` of `plan`.
+    pub fn from_plan(plan: &Plan, index: usize) -> Result<Self> {
+        let stage = plan
+            .route
+            .get(index)
+            .ok_or_else(|| WorkerError::Load(format!("the plan has no stage {index}")))?;
+        Ok(SliceSpec {
+            layer_start: stage.layer_start,
+            layer_end: stage.layer_end,
+            embed: stage.embed,
+            head: stage.head,
+            tensors: plan
+                .stage_tensors(index)
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        TensorLoad {
+                            source: t.source.clone(),
+                            isq: t.isq,
+                            dtype: t.dtype,
+                        },
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// A slice of every layer with the embedding and the head, every tensor as stored (or
+    /// converted to `dtype`).
+    pub fn whole(meta: &ModelMeta, dtype: Option<FloatType>) -> Self {
+        let mut tensors: HashMap<String, TensorLoad> = meta
+            .tensors
+            .values()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    TensorLoad {
+                        source: t.name.clone(),
+                        isq: None,
+                        dtype,
+                    },
+                )
+            })
+            .collect();
+        if meta.tied_head() {
+            tensors.insert(
+                "lm_head.weight".into(),
+                TensorLoad {
+                    source: TensorRole::Embedding.hf_name(),
+                    isq: None,
+                    dtype,
+                },
+            );
+        }
+        SliceSpec {
+            layer_start: 0,
+            layer_end: meta.config.num_layers,
+            embed: true,
+            head: true,
+            tensors,
+        }
+    }
+}
+
+/// One sequence's tokens within a batch: positions `pos0..pos0 + len`, rows `row..row + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub seq_id: u64,
+    pub pos0: usize,
+    pub len: usize,
+    pub row: usize,
+}
+
+/// The layout of a micro-batch: sequences stacked row-wise.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub spans: Vec<Span>,
+    pub positions: Vec<u32>,
+}
+
+impl Batch {
+    pub fn new(seqs: impl IntoIterator<Item = (u64, usize, usize)>) -> Self {
+        let mut b = Batch::default();
+        for (seq_id, pos0, len) in seqs {
+            b.spans.push(Span {
+                seq_id,
+                pos0,
+                len,
+                row: b.positions.len(),
+            });
+            b.positions.extend((pos0..pos0 + len).map(|p| p as u32));
+        }
+        b
+    }
+
+    pub fn rows(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+/// Progress callback: (tensor name, tensors done, tensors total).
+pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
+
+/// Loads tensors of a slice in a fixed order, reporting progress.
+struct Loader<'a> {
+    meta: &'a ModelMeta,
+    spec: &'a SliceSpec,
+    progress: Progress<'a>,
+    done: usize,
+    total: usize,
+    bytes: usize,
+}
+
+impl Loader<'_> {
+    fn plan_for(&self, role: TensorRole) -> Result<(&strata_shared::meta::TensorMeta, LoadSpec)> {
+        let name = role.hf_name();
+        let entry = self.spec.tensors.get(&name);
+        let source_role = match entry {
+            Some(e) => TensorRole::from_hf_name(&e.source)
+                .ok_or_else(|| WorkerError::Load(format!("`{name}` reads unknown tensor `{}`", e.source)))?,
+            None => role,
+        };
+        let meta = self.meta.require(source_role)?;
+        let spec = LoadSpec {
+            isq: entry.and_then(|e| e.isq),
+            dtype: entry.and_then(|e| e.dtype),
+            unpermute_heads: weights::unpermute_heads(self.meta, source_role),
+        };
+        Ok((meta, spec))
+    }
+
+    fn tick(&mut self, name: &str) {
+        self.done += 1;
+        (self.progress)(name, self.done, self.total);
+    }
+
+    fn matrix(&mut self, role: TensorRole) -> Result<crate::weights::Weight> {
+        let (meta, spec) = self.plan_for(role)?;
+        let w = weights::load(meta, &spec)?;
+        self.bytes += w.bytes();
+        tracing::debug!(tensor = %role.hf_name(), kind = %w.kind(), bytes = w.bytes(), "loaded");
+        self.tick(&role.hf_name());
+        Ok(w)
+    }
+
+    fn linear(&mut self, layer: usize, t: LayerTensor, bias: Option<LayerTensor>) -> Result<Linear> {
+        let w = self.matrix(TensorRole::Layer(layer, t))?;
+        let b = match bias {
+            Some(b) if self.meta.tensor(TensorRole::Layer(layer, b)).is_some() => {
+                Some(self.vector(TensorRole::Layer(layer, b))?)
+            }
+            _ => None,
+        };
+        Linear::new(&TensorRole::Layer(layer, t).hf_name(), w, b)
+    }
+
+    fn vector(&mut self, role: TensorRole) -> Result<Tensor> {
+        let meta = self.meta.require(role)?;
+        let t = weights::load_vector_f32(meta)?;
+        self.bytes += t.elem_count() * 4;
+        self.tick(&role.hf_name());
+        Ok(t)
+    }
+}
+
+/// Multi-head attention with grouped key/value heads over the paged KV cache.
+#[derive(Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    shape: AttentionShape,
+    scale: f32,
+    sliding_window: Option<usize>,
+}
+
+impl Attention {
+    fn load(l: &mut Loader<'_>, layer: usize, cfg: &ModelConfig) -> Result<Self> {
+        let bias = cfg.attention_bias;
+        let pick = |t| if bias { Some(t) } else { None };
+        Ok(Attention {
+            q_proj: l.linear(layer, LayerTensor::QProj, pick(LayerTensor::QBias))?,
+            k_proj: l.linear(layer, LayerTensor::KProj, pick(LayerTensor::KBias))?,
+            v_proj: l.linear(layer, LayerTensor::VProj, pick(LayerTensor::VBias))?,
+            o_proj: l.linear(layer, LayerTensor::OProj, Some(LayerTensor::OBias))?,
+            shape: attention_shape(cfg),
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            sliding_window: cfg.sliding_window,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, batch: &Batch, rope: (&Tensor, &Tensor), kv: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let s = &self.shape;
+        let q = Rope::apply(&self.q_proj.forward(x)?, s.n_heads, rope.0, rope.1)?;
+        let k = Rope::apply(&self.k_proj.forward(x)?, s.n_kv_heads, rope.0, rope.1)?;
+        let v = self.v_proj.forward(x)?;
+        let ctx = || format!("layer {layer} attention");
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(ctx);
+        let (q, k, v) = (flat(&q)?, flat(&k)?, flat(&v)?);
+        let q_width = s.n_heads * s.head_dim;
+        let kv_width = s.n_kv_heads * s.head_dim;
+        let mut out = vec![0f32; batch.rows() * q_width];
+        for span in &batch.spans {
+            let (pools, blocks) = kv.layer_mut(layer, span.seq_id)?;
+            let rows = span.row..span.row + span.len;
+            attention::write_kv(
+                s,
+                &mut pools.k,
+                &mut pools.v,
+                blocks,
+                span.pos0,
+                &k[rows.start * kv_width..rows.end * kv_width],
+                &v[rows.start * kv_width..rows.end * kv_width],
+                span.len,
+            )
+            .ctx(ctx)?;
+            attention::paged_attention(
+                s,
+                &q[rows.start * q_width..rows.end * q_width],
+                span.len,
+                span.pos0,
+                &pools.k,
+                &pools.v,
+                blocks,
+                self.scale,
+                self.sliding_window,
+                &mut out[rows.start * q_width..rows.end * q_width],
+            )
+            .ctx(ctx)?;
+        }
+        let out = Tensor::from_vec(out, (batch.rows(), q_width), &Device::Cpu).ctx(ctx)?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// The gated SiLU feed-forward block.
+#[derive(Debug)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(l: &mut Loader<'_>, layer: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: l.linear(layer, LayerTensor::GateProj, None)?,
+            up_proj: l.linear(layer, LayerTensor::UpProj, None)?,
+            down_proj: l.linear(layer, LayerTensor::DownProj, None)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        let h = candle_nn::ops::silu(&gate).and_then(|g| g * up).ctx(|| "mlp".into())?;
+        self.down_proj.forward(&h)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(l: &mut Loader<'_>, layer: usize, cfg: &ModelConfig) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::new(l.vector(TensorRole::Layer(layer, LayerTensor::InputNorm))?, eps),
+            self_attn: Attention::load(l, layer, cfg)?,
+            post_attention_layernorm: RmsNorm::new(
+                l.vector(TensorRole::Layer(layer, LayerTensor::PostAttentionNorm))?,
+                eps,
+            ),
+            mlp: Mlp::load(l, layer)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, batch: &Batch, rope: (&Tensor, &Tensor), kv: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let ctx = || format!("layer {layer} residual");
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, batch, rope, kv, layer)?;
+        let x = (x + h).ctx(ctx)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        (x + h).ctx(ctx)
+    }
+}
+
+pub fn attention_shape(cfg: &ModelConfig) -> AttentionShape {
+    AttentionShape {
+        n_heads: cfg.num_heads,
+        n_kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+        block_size: KV_BLOCK_SIZE,
+    }
+}
+
+/// A contiguous slice of the model.
+#[derive(Debug)]
+pub struct ModelSlice {
+    config: ModelConfig,
+    embed_tokens: Option<Embedding>,
+    layers: Vec<DecoderLayer>,
+    layer_start: usize,
+    rope: Option<Rope>,
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
+    weight_bytes: usize,
+}
+
+impl ModelSlice {
+    /// Loads what `spec` names, and nothing else, reporting progress per tensor.
+    pub fn load(meta: &ModelMeta, spec: &SliceSpec, progress: Progress<'_>) -> Result<Self> {
+        let cfg = meta.config.clone();
+        if spec.layer_start > spec.layer_end || spec.layer_end > cfg.num_layers {
+            return Err(WorkerError::Load(format!(
+                "layers {}-{} are not within the model's {} layers",
+                spec.layer_start, spec.layer_end, cfg.num_layers
+            )));
+        }
+        let n_layers = spec.layer_end - spec.layer_start;
+        let per_layer = 9 + if cfg.attention_bias { 3 } else { 0 };
+        let total = n_layers * per_layer + usize::from(spec.embed) + 2 * usize::from(spec.head);
+        let mut l = Loader {
+            meta,
+            spec,
+            progress,
+            done: 0,
+            total,
+            bytes: 0,
+        };
+        let embed_tokens = if spec.embed {
+            Some(Embedding::new(l.matrix(TensorRole::Embedding)?, cfg.vocab_size, cfg.hidden_size))
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(n_layers);
+        for i in spec.layer_start..spec.layer_end {
+            layers.push(DecoderLayer::load(&mut l, i, &cfg)?);
+        }
+        let rope = if n_layers > 0 {
+            let factors = match meta.tensor(TensorRole::RopeFreqs) {
+                Some(t) => Some(weights::load_vector_f32(t)?.to_vec1::<f32>().ctx(|| "rope_freqs.weight".into())?),
+                None => None,
+            };
+            Some(Rope::new(&cfg, factors.as_deref())?)
+        } else {
+            None
+        };
+        let (norm, lm_head) = if spec.head {
+            let norm = RmsNorm::new(l.vector(TensorRole::FinalNorm)?, cfg.rms_norm_eps);
+            let head = Linear::new("lm_head.weight", l.matrix(TensorRole::LmHead)?, None)?;
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
+        let weight_bytes = l.bytes;
+        Ok(ModelSlice {
+            config: cfg,
+            embed_tokens,
+            layers,
+            layer_start: spec.layer_start,
+            rope,
+            norm,
+            lm_head,
+            weight_bytes,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn has_embedding(&self) -> bool {
+        self.embed_tokens.is_some()
+    }
+
+    pub fn has_head(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// A KV cache sized for this slice's layers.
+    pub fn new_kv_cache(&self, num_blocks: usize) -> KvCache {
+        KvCache::new(attention_shape(&self.config), self.layers.len(), num_blocks)
+    }
+
+    /// Embeds token ids: `[n, hidden]`. Only the first stage can.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.embed_tokens
+            .as_ref()
+            .ok_or_else(|| WorkerError::Step("this stage has no token embedding".into()))?
+            .forward(tokens)
+    }
+
+    /// Runs the slice's layers over a batch; the KV cache must have room (see
+    /// [`KvCache::reserve`]).
+    pub fn forward_layers(&self, mut x: Tensor, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
+        let Some(rope) = &self.rope else {
+            return Ok(x);
+        };
+        let (cos, sin) = rope.tables(&batch.positions)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer
+                .forward(&x, batch, (&cos, &sin), kv, i)
+                .map_err(|e| match e {
+                    WorkerError::Candle { context, source } => WorkerError::Candle {
+                        context: format!("layer {}: {context}", self.layer_start + i),
+                        source,
+                    },
+                    other => other,
+                })?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and output head over the given hidden rows: `[rows, vocab]` logits.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
+            return Err(WorkerError::Step("this stage has no output head".into()));
+        };
+        head.forward(&norm.forward(x)?)
+    }
+
+    /// Selects rows of `x`.
+    pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+        let ctx = || "selecting rows".to_string();
+        let idx = Tensor::new(rows, &Device::Cpu).ctx(ctx)?;
+        x.index_select(&idx, 0).ctx(ctx)
+    }
+
+    /// Log-softmax over the vocabulary.
+    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::log_softmax(logits, D::Minus1).ctx(|| "log-softmax".into())
+    }
+}

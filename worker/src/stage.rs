@@ -1,0 +1,213 @@
+//! One stage of the pipeline route: a model slice, the KV cache of its layers, and — on the
+//! last stage — the per-sequence samplers. `run` turns an incoming step frame into the frame
+//! to send on: the next stage's step, or the samples for the gateway.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+use strata_shared::wire::{ActDType, Activations, Frame, Sample, SamplesFrame, StepFrame};
+
+use crate::error::{CandleContext, Result, WorkerError};
+use crate::kv::KvCache;
+use crate::model::{Batch, ModelSlice};
+use crate::sampling::SeqSampler;
+
+/// A loaded stage.
+#[derive(Debug)]
+pub struct Stage {
+    index: u32,
+    slice: ModelSlice,
+    kv: KvCache,
+    samplers: HashMap<u64, SeqSampler>,
+}
+
+impl Stage {
+    pub fn new(index: u32, slice: ModelSlice, kv_blocks: usize) -> Self {
+        let kv = slice.new_kv_cache(kv_blocks);
+        Stage {
+            index,
+            slice,
+            kv,
+            samplers: HashMap::new(),
+        }
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn slice(&self) -> &ModelSlice {
+        &self.slice
+    }
+
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
+    }
+
+    /// Frees a sequence's KV blocks and sampler.
+    pub fn release(&mut self, seq_id: u64) {
+        self.kv.release(seq_id);
+        self.samplers.remove(&seq_id);
+    }
+
+    /// Runs one step addressed to this stage.
+    pub fn run(&mut self, step: StepFrame) -> Result<Frame> {
+        if step.stage != self.index {
+            return Err(WorkerError::Step(format!(
+                "frame for stage {} reached stage {}",
+                step.stage, self.index
+            )));
+        }
+        for id in &step.releases {
+            self.release(*id);
+        }
+        let hidden = self.forward(&step)?;
+        self.finish(step, hidden)
+    }
+
+    /// Turns this stage's output into the frame to send on.
+    pub fn finish(&mut self, step: StepFrame, hidden: Option<Tensor>) -> Result<Frame> {
+        if !self.slice.has_head() {
+            let activations = match hidden {
+                Some(x) => Some(to_activations(&x)?),
+                None => None,
+            };
+            return Ok(Frame::Step(StepFrame {
+                step_id: step.step_id,
+                stage: self.index + 1,
+                releases: step.releases,
+                seqs: step.seqs,
+                hidden: activations,
+            }));
+        }
+        let samples = match hidden {
+            Some(x) => self.sample(&step, &x)?,
+            None => Vec::new(),
+        };
+        Ok(Frame::Samples(SamplesFrame {
+            step_id: step.step_id,
+            samples,
+        }))
+    }
+
+    /// Runs the slice's layers over the step (reading its activations); `None` for an empty step.
+    pub fn forward(&mut self, step: &StepFrame) -> Result<Option<Tensor>> {
+        let input = match (&step.hidden, self.slice.has_embedding()) {
+            (Some(_), true) => {
+                return Err(WorkerError::Step("the first stage received activations instead of token ids".into()));
+            }
+            (Some(a), false) => {
+                let rows = step.seqs.iter().map(|s| s.tokens.len()).sum();
+                Some(from_activations(a, rows, self.slice.config().hidden_size)?)
+            }
+            (None, _) => None,
+        };
+        self.forward_tensor(step, input)
+    }
+
+    /// Runs the slice's layers over the step, with the previous stage's output given as a
+    /// tensor (in-process pipelines skip serialization); `None` for an empty step.
+    pub fn forward_tensor(&mut self, step: &StepFrame, input: Option<Tensor>) -> Result<Option<Tensor>> {
+        if step.seqs.is_empty() {
+            return Ok(None);
+        }
+        let batch = Batch::new(step.seqs.iter().map(|s| (s.seq_id, s.pos0 as usize, s.tokens.len())));
+        if let Some(s) = step.seqs.iter().find(|s| s.tokens.is_empty()) {
+            return Err(WorkerError::Sequence {
+                seq_id: s.seq_id,
+                problem: "step carries no tokens".into(),
+            });
+        }
+        let x = match input {
+            None if self.slice.has_embedding() => {
+                let tokens: Vec<u32> = step.seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+                self.slice.embed(&tokens)?
+            }
+            None => return Err(WorkerError::Step(format!("stage {} received no activations", self.index))),
+            Some(x) => x,
+        };
+        for s in &batch.spans {
+            self.kv.reserve(s.seq_id, s.pos0, s.len)?;
+        }
+        let x = self.slice.forward_layers(x, &batch, &mut self.kv)?;
+        for s in &batch.spans {
+            self.kv.commit(s.seq_id, s.pos0 + s.len);
+        }
+        Ok(Some(x))
+    }
+
+    pub(crate) fn sample(&mut self, step: &StepFrame, x: &Tensor) -> Result<Vec<Sample>> {
+        let mut rows = Vec::new();
+        let mut row = 0u32;
+        for s in &step.seqs {
+            let sampler = match self.samplers.entry(s.seq_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if s.pos0 != 0 {
+                        return Err(WorkerError::Sequence {
+                            seq_id: s.seq_id,
+                            problem: format!("unknown to the last stage, but its step starts at position {}", s.pos0),
+                        });
+                    }
+                    e.insert(SeqSampler::new(s.params.seed, s.prompt_len as usize))
+                }
+            };
+            sampler.feed(&s.tokens);
+            row += s.tokens.len() as u32;
+            if s.sample {
+                rows.push(row - 1);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let last = ModelSlice::select_rows(x, &rows)?;
+        let logits = self.slice.logits(&last)?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2::<f32>().ctx(|| "reading logits".into())?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut it = logits.iter();
+        for s in step.seqs.iter().filter(|s| s.sample) {
+            let (Some(l), Some(sampler)) = (it.next(), self.samplers.get_mut(&s.seq_id)) else {
+                return Err(WorkerError::Step("logits rows do not match the sequences".into()));
+            };
+            out.push(sampler.sample(s.seq_id, l, &s.params));
+        }
+        Ok(out)
+    }
+}
+
+/// Serializes f32 hidden states `[rows, cols]` for the wire.
+pub fn to_activations(x: &Tensor) -> Result<Activations> {
+    let ctx = || "serializing activations".to_string();
+    let (rows, cols) = x.dims2().ctx(ctx)?;
+    let v = x.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
+    let mut data = Vec::with_capacity(v.len() * 4);
+    for f in v {
+        data.extend_from_slice(&f.to_le_bytes());
+    }
+    Ok(Activations {
+        dtype: ActDType::F32,
+        rows: rows as u32,
+        cols: cols as u32,
+        data: Bytes::from(data),
+    })
+}
+
+/// Deserializes activations, checking their shape against the step.
+pub fn from_activations(a: &Activations, rows: usize, cols: usize) -> Result<Tensor> {
+    if a.rows as usize != rows || a.cols as usize != cols {
+        return Err(WorkerError::Step(format!(
+            "activations are {}x{}, the step needs {rows}x{cols}",
+            a.rows, a.cols
+        )));
+    }
+    let dtype = match a.dtype {
+        ActDType::F32 => DType::F32,
+        ActDType::F16 => DType::F16,
+        ActDType::BF16 => DType::BF16,
+    };
+    Tensor::from_raw_buffer(&a.data, dtype, &[rows, cols], &Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .ctx(|| "reading activations".into())
+}
