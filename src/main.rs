@@ -1,1 +1,31 @@
-fn main() {}
+//! `strata`: the one command line of Strata.
+//!
+//! `strata serve` starts the gateway and one worker process per device of the topology;
+//! `strata gateway` serves with workers started elsewhere (`strata worker` on each host);
+//! `strata plan`, `generate`, `perplexity` and `bench` run single-process tools;
+//! `strata fetch-model` caches the default model.
+//!
+//! This binary is the composition root: it links the gateway and the worker libraries, which
+//! never depend on each other.
+
+mod commands;
+mod local;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = commands::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_filter()));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Some(n) = cli.threads {
+        commands::set_thread_count(n);
+    }
+    match commands::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! - [`hqq`]: Half-Quadratic Quantization of weight matrices (4 and 8 bit, group-wise) and
 //!   matrix products against the quantized weights;
 //! - [`fp8`]: FP8 E4M3 weights with one scale per row, and matrix products against them;
+//! - [`ggml`]: weights in GGML block formats (`Q4_0` … `Q8_K`), and matrix products of f32
+//!   activations against them;
 //! - [`attention`]: causal attention over a paged KV cache;
 //! - [`cpu`]: the SIMD level picked at run time.
 //!
@@ -16,7 +18,9 @@ pub mod attention;
 pub mod cpu;
 pub mod error;
 pub mod fp8;
+pub mod ggml;
 pub mod hqq;
+pub mod kquants;
 
 mod rowwise;
 #[cfg(target_arch = "x86_64")]

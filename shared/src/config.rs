@@ -82,7 +82,7 @@ impl ModelConfig {
                 return bad(key, "must be greater than zero".into());
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -91,10 +91,10 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad("head_dim", format!("{} is odd; RoPE needs an even head size", self.head_dim));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad("rope_theta", format!("{} must be positive", self.rope_theta));
         }
         Ok(())

@@ -160,16 +160,23 @@ impl Plan {
         let first_dev = layer_device.first().map_or(opts.default_device, |d| d.value);
         let last_dev = layer_device.last().map_or(opts.default_device, |d| d.value);
 
-        // Uses of stored tensors, in load order.
-        let mut uses: Vec<(TensorRole, &TensorMeta)> = Vec::new();
-        for (role, t) in &meta.tensors {
-            if *role != TensorRole::RopeFreqs && !(tied && *role == TensorRole::LmHead) {
-                uses.push((*role, t));
-            }
-        }
+        // Uses of stored tensors, in route order: embedding, layers, final norm, head.
+        let mut uses: Vec<(TensorRole, &TensorMeta)> = meta
+            .tensors
+            .iter()
+            .filter(|(role, _)| **role != TensorRole::RopeFreqs && !(tied && **role == TensorRole::LmHead))
+            .map(|(role, t)| (*role, t))
+            .collect();
         if tied {
             uses.push((TensorRole::LmHead, meta.require(TensorRole::Embedding)?));
         }
+        let rank = |r: TensorRole| match r {
+            TensorRole::Embedding => (0, 0, None),
+            TensorRole::Layer(i, t) => (1, i, Some(t)),
+            TensorRole::FinalNorm => (2, 0, None),
+            _ => (3, 0, None),
+        };
+        uses.sort_by_key(|(role, _)| rank(*role));
 
         let mut embed_dev: Option<(DeviceSpec, String)> = None;
         let mut head_dev: Option<(DeviceSpec, String)> = None;
@@ -389,9 +396,10 @@ impl Plan {
             );
         }
         let _ = writeln!(out);
+        let w = self.tensors.iter().map(|t| t.name.len()).max().unwrap_or(6).max(6);
         let _ = writeln!(
             out,
-            "{:<44} {:<12} {:<6} {:<6} {:<9} {:>5} {:>9} {:>9}  why / note",
+            "{:<w$} {:<12} {:<6} {:<6} {:<9} {:>5} {:>9} {:>9}  why / note",
             "tensor", "shape", "stored", "isq", "device", "stage", "MiB in", "MiB out"
         );
         for t in &self.tensors {
@@ -410,7 +418,7 @@ impl Plan {
             }
             let _ = writeln!(
                 out,
-                "{:<44} {:<12} {:<6} {:<6} {:<9} {:>5} {:>9.3} {:>9.3}  {}",
+                "{:<w$} {:<12} {:<6} {:<6} {:<9} {:>5} {:>9.3} {:>9.3}  {}",
                 t.name,
                 shape,
                 t.stored.to_string(),

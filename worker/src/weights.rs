@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use strata_kernels::fp8::Fp8Weight;
 use strata_kernels::hqq::HqqWeight;
 use strata_shared::ggml::GgmlType;
-use strata_shared::isq::{HQQ_GROUP, IsqType};
+use strata_shared::isq::IsqType;
 use strata_shared::meta::{ModelMeta, TensorMeta};
 use strata_shared::names::{LayerTensor, TensorRole};
 use strata_shared::plan::FloatType;
@@ -232,7 +232,7 @@ pub fn load_vector_f32(meta: &TensorMeta) -> Result<Tensor> {
 
 /// Quantizes a row-major `[rows, cols]` f32 matrix to `isq`, using every core.
 pub fn quantize(meta: &TensorMeta, data: &[f32], rows: usize, cols: usize, isq: IsqType) -> Result<Weight> {
-    let ctx = || format!("quantizing `{}` to {isq}", meta.name);
+    let ctx = || format!("{}: tensor `{}`: quantizing to {isq}", meta.file.display(), meta.stored_name);
     if !isq.fits(cols) {
         return Err(tensor_err(
             meta,
@@ -242,7 +242,7 @@ pub fn quantize(meta: &TensorMeta, data: &[f32], rows: usize, cols: usize, isq: 
     match isq {
         IsqType::Hqq4 | IsqType::Hqq8 => {
             let bits = if isq == IsqType::Hqq4 { 4 } else { 8 };
-            let w = strata_kernels::hqq::quantize(data, rows, cols, bits, HQQ_GROUP).ctx(ctx)?;
+            let w = strata_kernels::hqq::quantize(data, rows, cols, bits, isq.block_size()).ctx(ctx)?;
             Ok(Weight::Hqq(Arc::new(w)))
         }
         IsqType::Fp8 => Ok(Weight::Fp8(Arc::new(strata_kernels::fp8::quantize(data, rows, cols).ctx(ctx)?))),
@@ -252,11 +252,20 @@ pub fn quantize(meta: &TensorMeta, data: &[f32], rows: usize, cols: usize, isq: 
                 .ok_or_else(|| tensor_err(meta, format!("{isq} is not a GGML type")))?;
             // Rows quantize independently: split into chunks, quantize in parallel, concatenate.
             let chunk_rows = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
+            let ones = vec![1f32; cols];
             let parts: Vec<Vec<u8>> = data
                 .par_chunks(chunk_rows * cols)
                 .map(|chunk| {
                     let t = Tensor::from_slice(chunk, (chunk.len() / cols, cols), &Device::Cpu)?;
-                    Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+                    // The 2-6 bit k-quants take llama.cpp's importance-weighted search (with uniform
+                    // importance): lower error than the plain search on every model we measured.
+                    let q = match dtype {
+                        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
+                            QTensor::quantize_imatrix(&t, &ones, dtype)?
+                        }
+                        _ => QTensor::quantize(&t, dtype)?,
+                    };
+                    Ok(q.data()?.into_owned())
                 })
                 .collect::<candle_core::Result<_>>()
                 .ctx(ctx)?;

@@ -1,0 +1,379 @@
+//! Putting the gateway together: resolve the model and the plan, start or reach the workers,
+//! load and link them, then serve the API (with health and reflection) until shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_proto::v1::strata_server::StrataServer;
+use strata_proto::v1::{ModelInfoResponse, Stage, TensorPlan, WorkerInfo as WorkerInfoPb, WorkerState as WorkerStatePb};
+use strata_shared::device::DeviceSpec;
+use strata_shared::isq::IsqType;
+use strata_shared::meta::ModelMeta;
+use strata_shared::plan::{FloatType, Plan, PlanOptions};
+use strata_shared::source::{DEFAULT_MODEL_SPEC, ModelFiles};
+use strata_shared::topology::Topology;
+use strata_shared::transport::{FrameListener, TcpTransport, Transport};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::error::GatewayError;
+use crate::launcher::{WorkerCommand, spawn_workers};
+use crate::pipeline::RingPipeline;
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerState};
+use crate::service::StrataService;
+use crate::tokenizer::ModelTokenizer;
+use crate::validation::Limits;
+use crate::workers::{Workers, WorkerState, load_and_link, supervise};
+
+/// The default topology, for the default model.
+pub const DEFAULT_TOPOLOGY: &str = include_str!("../../topologies/default.yml");
+
+/// Which topology to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopologyChoice {
+    /// The embedded default topology for the default model; none for other models.
+    Default,
+    /// No topology: one CPU worker with every layer.
+    None,
+    File(PathBuf),
+}
+
+impl TopologyChoice {
+    /// Parses `--topology`: `default`, `none` or a file path.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "default" => TopologyChoice::Default,
+            "none" => TopologyChoice::None,
+            path => TopologyChoice::File(PathBuf::from(path)),
+        }
+    }
+
+    /// Loads the topology for `model`.
+    pub fn load(&self, model: &str) -> Result<Topology, GatewayError> {
+        let bad = |e: strata_shared::topology::TopologyError| GatewayError::InvalidArgument {
+            field: "--topology".into(),
+            message: e.to_string(),
+        };
+        match self {
+            TopologyChoice::Default if model == DEFAULT_MODEL_SPEC => {
+                Topology::parse(DEFAULT_TOPOLOGY, "topologies/default.yml (built in)").map_err(bad)
+            }
+            TopologyChoice::Default | TopologyChoice::None => Ok(Topology::empty()),
+            TopologyChoice::File(p) => Topology::from_file(p).map_err(bad),
+        }
+    }
+
+    pub fn describe(&self, model: &str) -> String {
+        match self {
+            TopologyChoice::Default if model == DEFAULT_MODEL_SPEC => "default (topologies/default.yml)".into(),
+            TopologyChoice::Default | TopologyChoice::None => "none".into(),
+            TopologyChoice::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// Where the workers come from.
+#[derive(Debug, Clone)]
+pub enum WorkerSource {
+    /// Start one worker process per device on this machine.
+    Spawn(WorkerCommand),
+    /// Workers started elsewhere: device → control-plane address.
+    Remote(HashMap<DeviceSpec, String>),
+}
+
+/// The model to serve and how to load it.
+#[derive(Debug, Clone)]
+pub struct ModelChoice {
+    /// `--model`: `default`, a path or a hub id.
+    pub model: String,
+    pub revision: Option<String>,
+    pub topology: TopologyChoice,
+    pub isq: Option<IsqType>,
+    pub dtype: Option<FloatType>,
+}
+
+/// Everything `strata serve` / `strata gateway` needs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub model: ModelChoice,
+    /// gRPC API address.
+    pub listen: String,
+    /// Data-plane address the last stage sends to.
+    pub data_listen: String,
+    /// Host to advertise in the data-plane address (when listening on 0.0.0.0).
+    pub advertise_host: Option<String>,
+    pub kv_cache_tokens: usize,
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+    pub default_max_tokens: u32,
+    pub step_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub workers: WorkerSource,
+}
+
+/// The model and plan the gateway serves (resolved from metadata only).
+pub struct Resolved {
+    pub meta: ModelMeta,
+    pub plan: Plan,
+    pub tokenizer: Arc<ModelTokenizer>,
+}
+
+/// Resolves the model, the topology and the plan; nothing is loaded.
+pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
+    let files = ModelFiles::resolve(&cfg.model, cfg.revision.as_deref())?;
+    let meta = ModelMeta::open(files)?;
+    let topology = cfg.topology.load(&cfg.model)?;
+    let plan = Plan::resolve(
+        &meta,
+        &topology,
+        &PlanOptions {
+            isq: cfg.isq,
+            dtype: cfg.dtype,
+            default_device: DeviceSpec::Cpu(0),
+        },
+    )
+    .map_err(|e| GatewayError::InvalidArgument {
+        field: "--topology".into(),
+        message: e.to_string(),
+    })?;
+    if let Some(d) = plan.devices.iter().find(|d| !d.is_cpu()) {
+        return Err(GatewayError::FailedPrecondition(format!(
+            "the topology places layers on {d}, but this build runs CPU workers only (build with the `cuda` feature for GPUs)"
+        )));
+    }
+    let tokenizer = Arc::new(ModelTokenizer::load(&meta.files, meta.gguf.as_ref(), &meta.config.eos_token_ids)?);
+    Ok(Resolved { meta, plan, tokenizer })
+}
+
+fn model_info(cfg: &ModelChoice, r: &Resolved, workers: &Workers, kv_tokens: usize, context: usize) -> ModelInfoResponse {
+    let c = &r.meta.config;
+    let ws = workers.snapshot();
+    ModelInfoResponse {
+        model: cfg.model.clone(),
+        architecture: c.arch.name().into(),
+        num_layers: c.num_layers as u32,
+        hidden_size: c.hidden_size as u32,
+        vocab_size: c.vocab_size as u32,
+        context_length: context as u32,
+        eos_token_ids: r.tokenizer.eos_ids().to_vec(),
+        has_chat_template: r.tokenizer.has_chat_template(),
+        topology: cfg.topology.describe(&cfg.model),
+        route: r
+            .plan
+            .route
+            .iter()
+            .map(|s| Stage {
+                index: s.index as u32,
+                device: s.device.to_string(),
+                layer_start: s.layer_start as u32,
+                layer_end: s.layer_end as u32,
+                embed: s.embed,
+                head: s.head,
+                worker: ws.iter().find(|w| w.device == s.device).map(|w| w.address.clone()).unwrap_or_default(),
+            })
+            .collect(),
+        tensors: r
+            .plan
+            .tensors
+            .iter()
+            .map(|t| TensorPlan {
+                name: t.name.clone(),
+                source: t.source.clone(),
+                shape: t.shape.iter().map(|&d| d as u32).collect(),
+                stored: t.stored.to_string(),
+                isq: t.isq.map(|q| q.to_string()).unwrap_or_default(),
+                requested: t.requested.map(|q| q.to_string()).unwrap_or_default(),
+                dtype: t.dtype.map(|d| d.name().to_string()).unwrap_or_default(),
+                device: t.device.to_string(),
+                stage: t.stage as u32,
+                bytes_stored: t.bytes_stored,
+                bytes_loaded: t.bytes_loaded,
+                reason: t.reason.clone(),
+                note: t.note.clone().unwrap_or_default(),
+            })
+            .collect(),
+        workers: ws
+            .iter()
+            .map(|w| WorkerInfoPb {
+                device: w.device.to_string(),
+                address: w.address.clone(),
+                state: match w.state {
+                    WorkerState::Loading => WorkerStatePb::Loading,
+                    WorkerState::Ready => WorkerStatePb::Ready,
+                    WorkerState::Failed => WorkerStatePb::Failed,
+                } as i32,
+                stages: w.stages.clone(),
+                weight_bytes: w.weight_bytes,
+                rss_bytes: w.rss_bytes,
+                peak_rss_bytes: w.peak_rss_bytes,
+                load_seconds: w.load_seconds,
+                error: w.error.clone(),
+            })
+            .collect(),
+        kv_cache_tokens: kv_tokens as u32,
+    }
+}
+
+/// KV cache block size, in tokens (must match the workers').
+pub const KV_BLOCK_SIZE: usize = 16;
+
+/// Runs the gateway until `shutdown` resolves. Prints `{"event":"ready","listen":ADDR}` on
+/// stdout once it serves.
+pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), GatewayError> {
+    let resolved = resolve(&cfg.model)?;
+    tracing::info!(model = %cfg.model.model, layers = resolved.meta.config.num_layers, "serving\n{}", route_summary(&resolved.plan));
+
+    let (failures_tx, failures_rx) = watch::channel::<Option<String>>(None);
+    let mut local = Vec::new();
+    let addresses: HashMap<DeviceSpec, String> = match &cfg.workers {
+        WorkerSource::Spawn(cmd) => {
+            local = spawn_workers(cmd, &resolved.plan.devices, failures_tx.clone(), cfg.connect_timeout).await?;
+            local.iter().map(|w| (w.device, w.control.clone())).collect()
+        }
+        WorkerSource::Remote(map) => map.clone(),
+    };
+
+    let transport = TcpTransport::default();
+    let data_listener = transport
+        .bind(&cfg.data_listen)
+        .await
+        .map_err(|e| GatewayError::Unavailable(format!("--data-listen {}: {e}", cfg.data_listen)))?;
+    let data_address = advertised(&data_listener.local_addr(), cfg.advertise_host.as_deref());
+
+    let kv_blocks = cfg.kv_cache_tokens.div_ceil(KV_BLOCK_SIZE).max(1);
+    let workers = load_and_link(
+        &resolved.plan,
+        &cfg.model.model,
+        cfg.model.revision.as_deref(),
+        &addresses,
+        kv_blocks as u32,
+        KV_BLOCK_SIZE as u32,
+        &data_address,
+        cfg.connect_timeout,
+    )
+    .await?;
+    if matches!(cfg.workers, WorkerSource::Remote(_)) {
+        tokio::spawn(supervise(workers.clone(), failures_tx.clone(), Duration::from_secs(5)));
+    }
+
+    let first = workers
+        .snapshot()
+        .into_iter()
+        .find(|w| resolved.plan.route.first().is_some_and(|s| s.device == w.device))
+        .ok_or_else(|| GatewayError::Internal("no worker runs the first stage".into()))?;
+    let pipeline = RingPipeline::connect(&transport, &first.data_address, data_listener, failures_rx.clone(), cfg.step_timeout).await?;
+
+    let kv_tokens = kv_blocks * KV_BLOCK_SIZE;
+    let context = resolved.meta.config.max_position_embeddings.min(kv_tokens);
+    let limits = Limits {
+        context_length: context,
+        vocab_size: resolved.meta.config.vocab_size,
+        default_max_tokens: cfg.default_max_tokens,
+        max_stop_sequences: 16,
+        max_top_logprobs: 20,
+    };
+    let state = SchedulerState::new(
+        SchedulerConfig {
+            kv_blocks,
+            block_size: KV_BLOCK_SIZE,
+            max_batch_tokens: cfg.max_batch_tokens,
+            max_running: cfg.max_running,
+        },
+        Arc::clone(&resolved.tokenizer),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop_rx);
+
+    let tokenizer = Arc::clone(&resolved.tokenizer);
+    let info_cfg = cfg.model.clone();
+    let info_workers = workers.clone();
+    let resolved = Arc::new(resolved);
+    let info_resolved = Arc::clone(&resolved);
+    let info = Arc::new(move || model_info(&info_cfg, &info_resolved, &info_workers, kv_tokens, context));
+    let service = StrataService::new(tokenizer, limits, scheduler, info);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<StrataServer<StrataService>>().await;
+    let health_watch = health.clone();
+    let mut failures = failures_rx.clone();
+    tokio::spawn(async move {
+        while failures.changed().await.is_ok() {
+            if failures.borrow().is_some() {
+                health_watch.set_not_serving::<StrataServer<StrataService>>().await;
+            }
+        }
+    });
+    fn reflection() -> tonic_reflection::server::Builder<'static> {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(strata_proto::STRATA_V1_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    }
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| GatewayError::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| GatewayError::Internal(format!("reflection: {e}")))?;
+
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| GatewayError::Unavailable(format!("--listen {}: {e}", cfg.listen)))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| GatewayError::Internal(format!("listener: {e}")))?;
+    tracing::info!(listen = %local_addr, "gateway ready");
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, r#"{{"event":"ready","listen":"{local_addr}"}}"#).and_then(|()| out.flush());
+    }
+
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(StrataServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), scheduler_task).await;
+    for w in &mut local {
+        w.stop();
+    }
+    // Give workers a moment to exit on their own before their handles are dropped (and killed).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    served.map_err(|e| GatewayError::Internal(format!("gRPC server: {e}")))
+}
+
+fn advertised(local: &str, host: Option<&str>) -> String {
+    match (host, local.rsplit_once(':')) {
+        (Some(h), Some((_, port))) => format!("{h}:{port}"),
+        _ => local.to_string(),
+    }
+}
+
+/// One line per route stage.
+pub fn route_summary(plan: &Plan) -> String {
+    plan.route
+        .iter()
+        .map(|s| {
+            format!(
+                "  stage {}: {} layers {}-{}{}{}",
+                s.index,
+                s.device,
+                s.layer_start,
+                s.layer_end,
+                if s.embed { " +embedding" } else { "" },
+                if s.head { " +head" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,306 @@
+//! The gateway's side of the control plane: reach each worker, have it load its stages (with
+//! progress), point every stage at its next hop, and watch the workers afterwards.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_proto::worker::v1::worker_client::WorkerClient;
+use strata_proto::worker::v1::{
+    LinkRequest, LoadRequest, NextHop, StageSpec, State, StatusRequest, TensorLoad, load_event,
+};
+use strata_shared::device::DeviceSpec;
+use strata_shared::plan::Plan;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::error::GatewayError;
+
+/// What the gateway knows about one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub device: DeviceSpec,
+    /// Control-plane address (`http://host:port`).
+    pub address: String,
+    pub stages: Vec<u32>,
+    pub data_address: String,
+    pub state: WorkerState,
+    pub weight_bytes: u64,
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub load_seconds: f64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Loading,
+    Ready,
+    Failed,
+}
+
+/// The workers of a served model, shared with the API (ModelInfo) and the supervisor.
+#[derive(Debug, Clone, Default)]
+pub struct Workers {
+    inner: Arc<Mutex<Vec<WorkerInfo>>>,
+}
+
+impl Workers {
+    pub fn snapshot(&self) -> Vec<WorkerInfo> {
+        self.inner.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, address: &str, f: impl FnOnce(&mut WorkerInfo)) {
+        if let Ok(mut g) = self.inner.lock()
+            && let Some(w) = g.iter_mut().find(|w| w.address == address)
+        {
+            f(w);
+        }
+    }
+
+    /// Marks a worker failed.
+    pub fn fail(&self, address: &str, why: &str) {
+        self.update(address, |w| {
+            w.state = WorkerState::Failed;
+            w.error = why.to_string();
+        });
+    }
+}
+
+fn normalize(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Connects to a worker's control plane, retrying until `deadline`.
+async fn connect(address: &str, deadline: Instant) -> Result<WorkerClient<Channel>, GatewayError> {
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match WorkerClient::connect(address.to_string()).await {
+            Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(GatewayError::Unavailable(format!("worker {address} cannot be reached: {last}")))
+}
+
+/// Loads every stage of `plan` on the worker that owns its device, all workers at once, and
+/// links the ring (the last stage sends to `gateway_data_address`). Any failure names the
+/// worker and stops everything.
+pub async fn load_and_link(
+    plan: &Plan,
+    model: &str,
+    revision: Option<&str>,
+    addresses: &HashMap<DeviceSpec, String>,
+    kv_blocks: u32,
+    kv_block_size: u32,
+    gateway_data_address: &str,
+    connect_timeout: Duration,
+) -> Result<Workers, GatewayError> {
+    let mut infos = Vec::new();
+    for device in &plan.devices {
+        let address = addresses.get(device).map(|a| normalize(a)).ok_or_else(|| {
+            GatewayError::FailedPrecondition(format!("no worker address for device {device} of the topology"))
+        })?;
+        let stages = plan.route.iter().filter(|s| s.device == *device).map(|s| s.index as u32).collect();
+        infos.push(WorkerInfo {
+            device: *device,
+            address,
+            stages,
+            data_address: String::new(),
+            state: WorkerState::Loading,
+            weight_bytes: 0,
+            rss_bytes: 0,
+            peak_rss_bytes: 0,
+            load_seconds: 0.0,
+            error: String::new(),
+        });
+    }
+    let workers = Workers {
+        inner: Arc::new(Mutex::new(infos.clone())),
+    };
+    let deadline = Instant::now() + connect_timeout;
+    let mut tasks = Vec::new();
+    for info in infos {
+        let req = LoadRequest {
+            model: model.to_string(),
+            revision: revision.unwrap_or_default().to_string(),
+            device: info.device.to_string(),
+            stages: info
+                .stages
+                .iter()
+                .filter_map(|&i| plan.route.get(i as usize))
+                .map(|s| StageSpec {
+                    index: s.index as u32,
+                    layer_start: s.layer_start as u32,
+                    layer_end: s.layer_end as u32,
+                    embed: s.embed,
+                    head: s.head,
+                    tensors: plan
+                        .stage_tensors(s.index)
+                        .map(|t| TensorLoad {
+                            name: t.name.clone(),
+                            source: t.source.clone(),
+                            isq: t.isq.map(|q| q.to_string()).unwrap_or_default(),
+                            dtype: t.dtype.map(|d| d.name().to_string()).unwrap_or_default(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            kv_blocks,
+            kv_block_size,
+        };
+        let workers = workers.clone();
+        tasks.push(tokio::spawn(async move {
+            let address = info.address.clone();
+            let result = load_one(&info, req, deadline, &workers).await;
+            if let Err(e) = &result {
+                workers.fail(&address, &e.to_string());
+            }
+            result
+        }));
+    }
+    let mut clients = HashMap::new();
+    let mut first_error = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok((address, client))) => {
+                clients.insert(address, client);
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(GatewayError::Internal(format!("load task: {e}")));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    // Link: each stage sends to the worker of the next stage, the last one to the gateway.
+    let snapshot = workers.snapshot();
+    let data_of = |stage: usize| -> Option<String> {
+        let device = plan.route.get(stage)?.device;
+        snapshot.iter().find(|w| w.device == device).map(|w| w.data_address.clone())
+    };
+    for w in &snapshot {
+        let hops = w
+            .stages
+            .iter()
+            .map(|&s| NextHop {
+                stage: s,
+                address: data_of(s as usize + 1).unwrap_or_else(|| gateway_data_address.to_string()),
+            })
+            .collect();
+        let client = clients
+            .get_mut(&w.address)
+            .ok_or_else(|| GatewayError::Internal(format!("no client for {}", w.address)))?;
+        client
+            .link(LinkRequest { hops })
+            .await
+            .map_err(|s| GatewayError::Unavailable(format!("worker {} ({}) could not link its stages: {}", w.address, w.device, s.message())))?;
+    }
+    Ok(workers)
+}
+
+async fn load_one(
+    info: &WorkerInfo,
+    req: LoadRequest,
+    deadline: Instant,
+    workers: &Workers,
+) -> Result<(String, WorkerClient<Channel>), GatewayError> {
+    let who = format!("worker {} ({})", info.address, info.device);
+    let mut client = connect(&info.address, deadline).await?;
+    let mut stream = client
+        .load(req)
+        .await
+        .map_err(|s| GatewayError::Unavailable(format!("{who} refused to load: {}", s.message())))?
+        .into_inner();
+    let mut last_decile = None;
+    loop {
+        let event = stream
+            .message()
+            .await
+            .map_err(|s| GatewayError::Unavailable(format!("{who} failed to load: {}", s.message())))?;
+        match event.and_then(|e| e.event) {
+            Some(load_event::Event::Progress(p)) => {
+                let decile = p.done * 10 / p.total.max(1);
+                if last_decile != Some(decile) {
+                    last_decile = Some(decile);
+                    tracing::info!(worker = %info.address, device = %info.device, done = p.done, total = p.total, tensor = %p.tensor, "loading");
+                }
+            }
+            Some(load_event::Event::Loaded(l)) => {
+                tracing::info!(worker = %info.address, device = %info.device, data = %l.data_address, weight_bytes = l.weight_bytes, seconds = l.load_seconds, "worker loaded");
+                workers.update(&info.address, |w| {
+                    w.state = WorkerState::Ready;
+                    w.data_address = l.data_address.clone();
+                    w.weight_bytes = l.weight_bytes;
+                    w.rss_bytes = l.rss_bytes;
+                    w.peak_rss_bytes = l.peak_rss_bytes;
+                    w.load_seconds = l.load_seconds;
+                });
+                return Ok((info.address.clone(), client));
+            }
+            None => return Err(GatewayError::Unavailable(format!("{who} ended its load stream before loading"))),
+        }
+    }
+}
+
+/// Polls every worker's status; the first one that stops answering or reports a failure is
+/// published on `failures` and marked failed.
+pub async fn supervise(workers: Workers, failures: watch::Sender<Option<String>>, every: Duration) {
+    let mut clients: HashMap<String, WorkerClient<Channel>> = HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        for w in workers.snapshot() {
+            if w.state == WorkerState::Failed {
+                continue;
+            }
+            let client = match clients.get_mut(&w.address) {
+                Some(c) => c,
+                None => match WorkerClient::connect(w.address.clone()).await {
+                    Ok(c) => clients.entry(w.address.clone()).or_insert(c),
+                    Err(e) => {
+                        report(&workers, &failures, &w, &format!("unreachable: {e}"));
+                        continue;
+                    }
+                },
+            };
+            match tokio::time::timeout(every, client.status(StatusRequest {})).await {
+                Ok(Ok(s)) => {
+                    let s = s.into_inner();
+                    if s.state == State::Failed as i32 {
+                        report(&workers, &failures, &w, &s.error);
+                    } else {
+                        workers.update(&w.address, |i| {
+                            i.rss_bytes = s.rss_bytes;
+                            i.peak_rss_bytes = s.peak_rss_bytes;
+                        });
+                    }
+                }
+                Ok(Err(e)) => report(&workers, &failures, &w, &format!("status failed: {}", e.message())),
+                Err(_) => report(&workers, &failures, &w, "status timed out"),
+            }
+        }
+    }
+}
+
+fn report(workers: &Workers, failures: &watch::Sender<Option<String>>, w: &WorkerInfo, why: &str) {
+    let msg = format!("worker {} ({}) failed: {why}", w.address, w.device);
+    tracing::error!("{msg}");
+    workers.fail(&w.address, why);
+    failures.send_if_modified(|f| {
+        if f.is_none() {
+            *f = Some(msg.clone());
+            true
+        } else {
+            false
+        }
+    });
+}

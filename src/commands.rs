@@ -1,0 +1,601 @@
+//! The subcommands of `strata`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use strata_gateway::launcher::WorkerCommand;
+use strata_gateway::scheduler::{Scheduler, SchedulerConfig, SchedulerState};
+use strata_gateway::server::{GatewayConfig, KV_BLOCK_SIZE, ModelChoice, Resolved, TopologyChoice, WorkerSource};
+use strata_gateway::validation::{self, Limits};
+use strata_proto::v1::{
+    ChatMessage, ChatRequest, GenerateRequest, SamplingParameters, StopSequence, generate_request, generate_response,
+    stop_sequence,
+};
+use strata_shared::device::DeviceSpec;
+use strata_shared::isq::IsqType;
+use strata_shared::plan::FloatType;
+use strata_worker::Engine;
+use strata_worker::cli::WorkerArgs;
+use tokio::sync::{mpsc, watch};
+
+use crate::local::LocalPipeline;
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Layer-sharded LLM inference: serve, plan, generate, measure")]
+pub struct Cli {
+    /// Compute threads per process (default: one per core).
+    #[arg(long, global = true, env = "STRATA_THREADS")]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// Log level when RUST_LOG is unset.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) | Command::Gateway(_) | Command::Worker(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the model: the gateway plus one worker process per device of the topology.
+    Serve(ServeArgs),
+    /// Serve the model with workers started elsewhere (`strata worker` on each host).
+    Gateway(GatewayArgs),
+    /// Run a worker: it loads and runs the layers a gateway assigns to it.
+    Worker(WorkerArgs),
+    /// Print the load plan of a model and topology (a dry run: only metadata is read).
+    Plan(PlanArgs),
+    /// Generate from a prompt in this process (all stages local).
+    Generate(GenerateArgs),
+    /// Perplexity of a model and topology over a text file.
+    Perplexity(PerplexityArgs),
+    /// Single-process speed and memory figures.
+    Bench(BenchArgs),
+    /// Fetch the default model into the cache (idempotent) and print its path.
+    FetchModel,
+}
+
+/// Which model, topology and quantization.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face hub id, a local GGUF file or Hugging Face directory, or `default`
+    /// (SmolLM2-135M-Instruct, fetched and cached on first use).
+    #[arg(long, default_value = "default", env = "STRATA_MODEL")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Topology YAML file; `default` (the built-in one for the default model) or `none`.
+    #[arg(long, default_value = "default", env = "STRATA_TOPOLOGY")]
+    pub topology: String,
+    /// In-situ quantization for the layers the topology does not cover.
+    #[arg(long, value_parser = parse_isq)]
+    pub isq: Option<IsqType>,
+    /// Convert weights without ISQ to this float type at load (f32, f16, bf16).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<FloatType>,
+}
+
+fn parse_isq(s: &str) -> Result<IsqType, String> {
+    s.parse().map_err(|e: strata_shared::isq::UnknownIsq| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<FloatType, String> {
+    s.parse()
+}
+
+impl ModelArgs {
+    fn choice(&self) -> ModelChoice {
+        ModelChoice {
+            model: self.model.clone(),
+            revision: self.revision.clone(),
+            topology: TopologyChoice::parse(&self.topology),
+            isq: self.isq,
+            dtype: self.dtype,
+        }
+    }
+}
+
+/// Serving limits.
+#[derive(Args, Clone)]
+pub struct ServingArgs {
+    /// gRPC API address.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "STRATA_LISTEN")]
+    pub listen: String,
+    /// KV cache capacity, in tokens, shared by all running sequences.
+    #[arg(long, default_value_t = 16384)]
+    pub kv_cache_tokens: usize,
+    /// Tokens one step may carry (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// `max_tokens` of requests that leave it unset.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: u32,
+    /// Seconds a step may take before it is failed.
+    #[arg(long, default_value_t = 300)]
+    pub step_timeout_secs: u64,
+    /// Seconds to wait for workers to start and become reachable.
+    #[arg(long, default_value_t = 600)]
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
+}
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
+    /// A worker for a device of the topology: `cpu[0]=http://host:50061` (repeat per device).
+    #[arg(long = "worker", value_parser = parse_worker, required = true)]
+    pub workers: Vec<(DeviceSpec, String)>,
+    /// Data-plane address the last stage sends its samples to.
+    #[arg(long, default_value = "0.0.0.0:50052", env = "STRATA_DATA_LISTEN")]
+    pub data_listen: String,
+    /// Host workers should use to reach this gateway's data plane (e.g. the pod IP).
+    #[arg(long, env = "STRATA_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+}
+
+fn parse_worker(s: &str) -> Result<(DeviceSpec, String), String> {
+    let (d, a) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected DEVICE=ADDRESS, e.g. cpu[0]=http://worker-0:50061"))?;
+    let device = d.parse().map_err(|e: strata_shared::device::InvalidDevice| e.to_string())?;
+    Ok((device, a.to_string()))
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (raw text, no chat template).
+    #[arg(long, conflicts_with = "chat")]
+    pub prompt: Option<String>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop sequence (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep going past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to score.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Tokens per window (default: the model's context length).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Tokens the window advances by (default: half a window).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions (the best is reported, as llama-bench does with its mean).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sets the compute thread count for candle and rayon. Must run before any other thread
+/// starts.
+#[allow(unsafe_code)]
+pub fn set_thread_count(n: usize) {
+    let n = n.max(1).to_string();
+    // SAFETY: called from `main` before the runtime or any other thread exists, so nothing can
+    // read the environment concurrently.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", &n);
+        std::env::set_var("RAYON_NUM_THREADS", &n);
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve(a) => rt.block_on(serve(a, cli.threads)),
+        Command::Gateway(a) => rt.block_on(gateway(a)),
+        Command::Worker(a) => Ok(rt.block_on(strata_worker::cli::run(a, shutdown_signal()))?),
+        Command::Plan(a) => plan(a),
+        Command::Generate(a) => rt.block_on(generate(a)),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Bench(a) => bench(a),
+        Command::FetchModel => {
+            let path = strata_shared::source::fetch_default_model()?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", path.display())?;
+            Ok(())
+        }
+    }
+}
+
+fn gateway_config(model: &ModelArgs, s: &ServingArgs, workers: WorkerSource, data_listen: String, advertise_host: Option<String>) -> GatewayConfig {
+    GatewayConfig {
+        model: model.choice(),
+        listen: s.listen.clone(),
+        data_listen,
+        advertise_host,
+        kv_cache_tokens: s.kv_cache_tokens,
+        max_batch_tokens: s.max_batch_tokens,
+        max_running: s.max_running,
+        default_max_tokens: s.default_max_tokens,
+        step_timeout: Duration::from_secs(s.step_timeout_secs),
+        connect_timeout: Duration::from_secs(s.connect_timeout_secs),
+        workers,
+    }
+}
+
+async fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
+    let program = std::env::current_exe().context("locating the strata executable")?;
+    let mut env = Vec::new();
+    if let Some(n) = threads {
+        env.push(("CANDLE_NUM_THREADS".to_string(), n.to_string()));
+        env.push(("RAYON_NUM_THREADS".to_string(), n.to_string()));
+    }
+    let cmd = WorkerCommand {
+        program,
+        args: vec!["worker".into()],
+        env,
+    };
+    let cfg = gateway_config(&a.model, &a.serving, WorkerSource::Spawn(cmd), "127.0.0.1:0".into(), None);
+    Ok(strata_gateway::server::run(cfg, shutdown_signal()).await?)
+}
+
+async fn gateway(a: GatewayArgs) -> Result<()> {
+    let map: HashMap<DeviceSpec, String> = a.workers.iter().cloned().collect();
+    let cfg = gateway_config(&a.model, &a.serving, WorkerSource::Remote(map), a.data_listen.clone(), a.advertise_host.clone());
+    Ok(strata_gateway::server::run(cfg, shutdown_signal()).await?)
+}
+
+/// Resolves when Ctrl-C or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    let r = strata_gateway::server::resolve(&a.model.choice())?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &r.plan)?;
+        writeln!(out)?;
+    } else {
+        let c = &r.meta.config;
+        writeln!(
+            out,
+            "model {} ({}, {} layers, hidden {}, {} heads / {} KV heads)\ntopology: {}\n",
+            a.model.model,
+            c.arch.name(),
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            TopologyChoice::parse(&a.model.topology).describe(&a.model.model)
+        )?;
+        write!(out, "{}", r.plan.table())?;
+    }
+    Ok(())
+}
+
+/// Loads every stage of the plan in this process, with a progress bar on a terminal.
+fn load_engine(r: &Resolved, kv_tokens: usize) -> Result<Engine> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {prefix}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("loading");
+    let engine = Engine::load(&r.meta, &r.plan, kv_tokens.div_ceil(KV_BLOCK_SIZE), &mut |tensor, done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_prefix(tensor.to_string());
+    })?;
+    bar.finish_and_clear();
+    Ok(engine)
+}
+
+async fn generate(a: GenerateArgs) -> Result<()> {
+    let r = strata_gateway::server::resolve(&a.model.choice())?;
+    let kv_tokens = r.meta.config.max_position_embeddings.min(1 << 15);
+    let engine = load_engine(&r, kv_tokens)?;
+    let limits = Limits {
+        context_length: r.meta.config.max_position_embeddings.min(kv_tokens),
+        vocab_size: r.meta.config.vocab_size,
+        default_max_tokens: a.max_tokens,
+        max_stop_sequences: 16,
+        max_top_logprobs: 20,
+    };
+    let params = SamplingParameters {
+        max_tokens: Some(a.max_tokens),
+        temperature: Some(a.temperature),
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        stop: a
+            .stop
+            .iter()
+            .map(|s| StopSequence {
+                kind: Some(stop_sequence::Kind::Text(s.clone())),
+            })
+            .collect(),
+        ignore_eos: a.ignore_eos,
+        ..Default::default()
+    };
+    let req = match (&a.prompt, &a.chat) {
+        (Some(p), None) => validation::generate(
+            GenerateRequest {
+                input: Some(generate_request::Input::Prompt(p.clone())),
+                parameters: Some(params),
+                add_special_tokens: false,
+            },
+            &r.tokenizer,
+            &limits,
+        )?,
+        (None, Some(m)) => validation::chat(
+            ChatRequest {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: m.clone(),
+                }],
+                parameters: Some(params),
+                add_generation_prompt: Some(true),
+            },
+            &r.tokenizer,
+            &limits,
+        )?,
+        _ => bail!("give --prompt TEXT or --chat MESSAGE"),
+    };
+    let state = SchedulerState::new(
+        SchedulerConfig {
+            kv_blocks: kv_tokens.div_ceil(KV_BLOCK_SIZE),
+            block_size: KV_BLOCK_SIZE,
+            max_batch_tokens: 4096,
+            max_running: 1,
+        },
+        Arc::clone(&r.tokenizer),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (scheduler, task) = Scheduler::spawn(LocalPipeline::new(engine), state, stop_rx);
+    let (tx, mut rx) = mpsc::channel(a.max_tokens as usize + 2);
+    scheduler.submit(req, tx).await?;
+    let mut out = std::io::stdout();
+    while let Some(event) = rx.recv().await {
+        match event?.event {
+            Some(generate_response::Event::Token(t)) => {
+                write!(out, "{}", t.text)?;
+                out.flush()?;
+            }
+            Some(generate_response::Event::Finished(f)) => {
+                writeln!(out, "{}", f.text)?;
+                let reason = strata_proto::v1::FinishReason::try_from(f.reason)
+                    .map(|r| r.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase())
+                    .unwrap_or_default();
+                let usage = f.usage.unwrap_or_default();
+                let t = f.timings.unwrap_or_default();
+                eprintln!(
+                    "[{reason}: {} prompt + {} generated tokens, first token {:.0} ms, {:.1} tokens/s, seed {}]",
+                    usage.prompt_tokens, usage.completion_tokens, t.time_to_first_token_ms, t.decode_tokens_per_second, f.seed
+                );
+                break;
+            }
+            None => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    let r = strata_gateway::server::resolve(&a.model.choice())?;
+    let ids = r.tokenizer.encode(&text, false)?;
+    if ids.len() < 2 {
+        bail!("{}: needs at least 2 tokens, has {}", a.text.display(), ids.len());
+    }
+    let context = a.context.unwrap_or(r.meta.config.max_position_embeddings).min(r.meta.config.max_position_embeddings);
+    if context < 2 {
+        bail!("--context must be at least 2");
+    }
+    let stride = a.stride.unwrap_or(context / 2).clamp(1, context);
+    let load_start = Instant::now();
+    let mut engine = load_engine(&r, context)?;
+    let load_seconds = load_start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    // Sliding windows: each scores only the tokens no earlier window scored.
+    let (mut sum, mut scored, mut windows) = (0f64, 0usize, 0usize);
+    let mut begin = 0;
+    let mut done_until = 1; // token 0 has no prefix
+    loop {
+        let end = (begin + context).min(ids.len());
+        let nll = engine.token_nll(&ids[begin..end])?;
+        for (i, v) in nll.iter().enumerate() {
+            if begin + i + 1 >= done_until {
+                sum += v;
+                scored += 1;
+            }
+        }
+        done_until = end;
+        windows += 1;
+        if end == ids.len() {
+            break;
+        }
+        begin += stride;
+    }
+    let ppl = (sum / scored as f64).exp();
+    let seconds = start.elapsed().as_secs_f64();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"perplexity": ppl, "tokens": ids.len(), "scored": scored, "windows": windows,
+                "context": context, "stride": stride, "weight_bytes": engine.weight_bytes(),
+                "load_seconds": load_seconds, "seconds": seconds})
+        )?;
+    } else {
+        writeln!(
+            out,
+            "perplexity {ppl:.4} over {scored} tokens ({} tokens, {windows} windows of {context}, stride {stride}) in {seconds:.1} s",
+            ids.len()
+        )?;
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let r = strata_gateway::server::resolve(&a.model.choice())?;
+    let kv = a.prompt_tokens + a.gen_tokens + KV_BLOCK_SIZE;
+    let mut engine = load_engine(&r, kv)?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let rss_after_load = strata_worker::memory::rss();
+    let seed_text = "The history of computing is a story of layers, from machines programmed by rewiring panels to compilers, operating systems and networks. ";
+    let mut prompt = Vec::new();
+    while prompt.len() < a.prompt_tokens {
+        prompt.extend(r.tokenizer.encode(seed_text, false)?);
+    }
+    prompt.truncate(a.prompt_tokens);
+    let (mut best_prefill, mut best_decode) = (0f64, 0f64);
+    for rep in 0..a.reps.max(1) {
+        let seq = rep as u64 + 1;
+        let step = |pos0: usize, tokens: Vec<u32>| strata_shared::wire::StepFrame {
+            step_id: 0,
+            stage: 0,
+            releases: vec![],
+            seqs: vec![strata_shared::wire::SeqStep {
+                seq_id: seq,
+                pos0: pos0 as u32,
+                prompt_len: prompt.len() as u32,
+                tokens,
+                sample: true,
+                params: Default::default(),
+            }],
+            hidden: None,
+        };
+        let t = Instant::now();
+        let s = engine.step(step(0, prompt.clone()))?;
+        let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+        let mut tok = s.samples.first().map(|x| x.token).unwrap_or(0);
+        let t = Instant::now();
+        for i in 0..a.gen_tokens {
+            let s = engine.step(step(prompt.len() + i, vec![tok]))?;
+            tok = s.samples.first().map(|x| x.token).unwrap_or(0);
+        }
+        let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        engine.release(seq);
+        best_prefill = best_prefill.max(prefill);
+        best_decode = best_decode.max(decode);
+    }
+    let rss = strata_worker::memory::rss();
+    let mut out = std::io::stdout().lock();
+    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    if a.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"model": a.model.model, "topology": a.model.topology, "isq": a.model.isq.map(|q| q.to_string()),
+                "dtype": a.model.dtype.map(|d| d.name()), "threads": threads, "prompt_tokens": a.prompt_tokens,
+                "gen_tokens": a.gen_tokens, "prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode,
+                "load_seconds": load_seconds, "weight_bytes": engine.weight_bytes(),
+                "rss_after_load_bytes": rss_after_load.current, "peak_rss_bytes": rss.peak,
+                "cpu_kernels": strata_kernels_features()})
+        )?;
+    } else {
+        writeln!(
+            out,
+            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), best of {}; load {:.2} s; weights {:.1} MiB; peak RSS {:.1} MiB; threads {threads}",
+            best_prefill,
+            a.prompt_tokens,
+            best_decode,
+            a.gen_tokens,
+            a.reps,
+            load_seconds,
+            engine.weight_bytes() as f64 / 1048576.0,
+            rss.peak as f64 / 1048576.0
+        )?;
+    }
+    Ok(())
+}
+
+fn strata_kernels_features() -> &'static str {
+    strata_worker::cpu_features()
+}

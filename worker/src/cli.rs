@@ -1,0 +1,91 @@
+//! `strata worker`: the worker process's command line and main loop.
+
+use std::future::Future;
+use std::io::Write;
+
+use strata_shared::transport::TcpTransport;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::error::WorkerError;
+
+/// Options of `strata worker` (and `strata-worker`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// Control-plane (gRPC) address to listen on; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:50061", env = "STRATA_WORKER_LISTEN")]
+    pub listen: String,
+    /// Data-plane address to listen on (default: the control host, any free port).
+    #[arg(long, env = "STRATA_WORKER_DATA_LISTEN")]
+    pub data_listen: Option<String>,
+    /// Host to advertise in the data-plane address given to peers (e.g. the pod IP when
+    /// listening on 0.0.0.0).
+    #[arg(long, env = "STRATA_WORKER_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Largest data-plane frame accepted, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub max_frame_mib: usize,
+    /// Exit when standard input closes (set by `strata serve` so that workers never outlive it).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
+}
+
+/// Runs a worker until `shutdown` resolves (or stdin closes, with `--exit-with-stdin`).
+pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| WorkerError::Load(format!("cannot listen on {}: {e}", args.listen)))?;
+    let control = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Load(format!("control listener: {e}")))?;
+    let data_listen = args.data_listen.clone().unwrap_or_else(|| format!("{}:0", control.ip()));
+    let transport = TcpTransport {
+        max_frame_bytes: args.max_frame_mib << 20,
+        ..TcpTransport::default()
+    };
+    let (service, data) = crate::service::start(&data_listen, args.advertise_host.as_deref(), transport).await?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<strata_proto::worker::v1::worker_server::WorkerServer<crate::service::WorkerService>>()
+        .await;
+    tracing::info!(%control, %data, cpu = strata_kernels::cpu::features(), "worker listening");
+    // The launcher reads this line to learn the addresses.
+    let line = serde_json_line(&control.to_string(), &data);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    drop(out);
+
+    let exit_with_stdin = args.exit_with_stdin;
+    let stop = async move {
+        if exit_with_stdin {
+            tokio::select! {
+                () = shutdown => {}
+                () = stdin_closed() => tracing::info!("stdin closed; exiting"),
+            }
+        } else {
+            shutdown.await;
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await
+        .map_err(|e| WorkerError::Load(format!("control plane: {e}")))
+}
+
+fn serde_json_line(control: &str, data: &str) -> String {
+    format!(r#"{{"event":"listening","control":"{control}","data":"{data}"}}"#)
+}
+
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
