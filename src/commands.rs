@@ -535,7 +535,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     prompt.truncate(a.prompt_tokens);
     let (mut best_prefill, mut best_decode) = (0f64, 0f64);
-    for rep in 0..a.reps.max(1) {
+    // One untimed round warms the thread pools and caches.
+    for rep in 0..=a.reps.max(1) {
         let seq = rep as u64 + 1;
         let step = |pos0: usize, tokens: Vec<u32>| strata_shared::wire::StepFrame {
             step_id: 0,
@@ -562,8 +563,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
         let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
         engine.release(seq);
-        best_prefill = best_prefill.max(prefill);
-        best_decode = best_decode.max(decode);
+        if rep > 0 {
+            best_prefill = best_prefill.max(prefill);
+            best_decode = best_decode.max(decode);
+        }
     }
     let rss = strata_worker::memory::rss();
     let mut out = std::io::stdout().lock();

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use strata_proto::v1::{
@@ -34,6 +35,14 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
+}
+
+/// Live counters of the scheduler, readable from other tasks.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub reserved_blocks: AtomicUsize,
 }
 
 /// A request handed to the scheduler.
@@ -79,11 +88,13 @@ pub struct SchedulerState {
     releases: Vec<u64>,
     next_seq: u64,
     next_step: u64,
+    stats: Arc<SchedulerStats>,
 }
 
 impl SchedulerState {
     pub fn new(cfg: SchedulerConfig, tokenizer: Arc<ModelTokenizer>) -> Self {
         SchedulerState {
+            stats: Arc::default(),
             cfg,
             tokenizer,
             waiting: VecDeque::new(),
@@ -141,9 +152,18 @@ impl SchedulerState {
         });
     }
 
-    /// Requests waiting and running.
-    pub fn load(&self) -> (usize, usize) {
-        (self.waiting.len(), self.running.len())
+    /// The live counters (updated by [`SchedulerState::publish`]).
+    pub fn stats(&self) -> Arc<SchedulerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Publishes the counters.
+    pub fn publish(&self) {
+        self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        self.stats.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        self.stats
+            .reserved_blocks
+            .store(self.cfg.kv_blocks - self.free_blocks, Ordering::Relaxed);
     }
 
     pub fn is_idle(&self) -> bool {
@@ -404,6 +424,7 @@ async fn run<P: Pipeline>(
             state.enqueue(r);
         }
         state.reap_disconnected();
+        state.publish();
         match state.next_step() {
             Some(step) => match pipeline.step(step).await {
                 Ok(samples) => state.on_samples(samples),
@@ -413,6 +434,7 @@ async fn run<P: Pipeline>(
                 }
             },
             None => {
+                state.publish();
                 tokio::select! {
                     r = rx.recv() => match r {
                         Some(r) => state.enqueue(r),
@@ -424,6 +446,7 @@ async fn run<P: Pipeline>(
         }
     }
     state.cancel_all();
+    state.publish();
     // Let the workers free what the cancelled sequences held.
     if let Some(step) = state.next_step() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pipeline.step(step)).await;

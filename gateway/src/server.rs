@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use strata_proto::v1::strata_server::StrataServer;
@@ -24,7 +25,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::error::GatewayError;
 use crate::launcher::{WorkerCommand, spawn_workers};
 use crate::pipeline::RingPipeline;
-use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerState};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerState, SchedulerStats};
 use crate::service::StrataService;
 use crate::tokenizer::ModelTokenizer;
 use crate::validation::Limits;
@@ -150,7 +151,14 @@ pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
     Ok(Resolved { meta, plan, tokenizer })
 }
 
-fn model_info(cfg: &ModelChoice, r: &Resolved, workers: &Workers, kv_tokens: usize, context: usize) -> ModelInfoResponse {
+fn model_info(
+    cfg: &ModelChoice,
+    r: &Resolved,
+    workers: &Workers,
+    stats: &SchedulerStats,
+    kv_tokens: usize,
+    context: usize,
+) -> ModelInfoResponse {
     let c = &r.meta.config;
     let ws = workers.snapshot();
     ModelInfoResponse {
@@ -216,6 +224,9 @@ fn model_info(cfg: &ModelChoice, r: &Resolved, workers: &Workers, kv_tokens: usi
             })
             .collect(),
         kv_cache_tokens: kv_tokens as u32,
+        kv_cache_reserved_tokens: (stats.reserved_blocks.load(Ordering::Relaxed) * KV_BLOCK_SIZE) as u32,
+        running: stats.running.load(Ordering::Relaxed) as u32,
+        waiting: stats.waiting.load(Ordering::Relaxed) as u32,
     }
 }
 
@@ -286,6 +297,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send +
         },
         Arc::clone(&resolved.tokenizer),
     );
+    let stats = state.stats();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop_rx);
 
@@ -294,7 +306,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send +
     let info_workers = workers.clone();
     let resolved = Arc::new(resolved);
     let info_resolved = Arc::clone(&resolved);
-    let info = Arc::new(move || model_info(&info_cfg, &info_resolved, &info_workers, kv_tokens, context));
+    let info = Arc::new(move || model_info(&info_cfg, &info_resolved, &info_workers, &stats, kv_tokens, context));
     let service = StrataService::new(tokenizer, limits, scheduler, info);
 
     let (health, health_service) = tonic_health::server::health_reporter();

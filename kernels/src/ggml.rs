@@ -786,6 +786,12 @@ mod bench_tmp {
     #[test]
     #[ignore]
     fn bench_ggml() {
+        let threads: usize = std::env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(bench_inner);
+    }
+
+    fn bench_inner() {
         let mut rng = Rng::new(99);
         let all = [
             BlockType::Q4_0,

@@ -24,7 +24,7 @@ impl Engine {
         for s in &plan.route {
             let spec = SliceSpec::from_plan(plan, s.index)?;
             let slice = ModelSlice::load(meta, &spec, &mut *progress)?;
-            stages.push(Stage::new(s.index as u32, slice, kv_blocks));
+            stages.push(Stage::new(s.index as u32, slice, kv_blocks)?);
         }
         Self::from_stages(stages)
     }

@@ -2,8 +2,8 @@
 //! sequence a block table. Each stage keeps the KV of its own layers only.
 //!
 //! Pool layout (per layer): `[block][kv_head][slot][head_dim]` f32, as the attention kernel in
-//! `strata_kernels::attention` expects. Pools are allocated zeroed (lazily committed by the OS),
-//! so an idle cache costs address space, not memory.
+//! `strata_kernels::attention` expects. Pools are anonymous memory maps, committed by the OS page
+//! by page as blocks are first written: an idle cache costs address space, not memory.
 
 use std::collections::HashMap;
 
@@ -14,8 +14,27 @@ use crate::error::{Result, WorkerError};
 /// One layer's key and value pools.
 #[derive(Debug)]
 pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    k: memmap2::MmapMut,
+    v: memmap2::MmapMut,
+}
+
+impl LayerKv {
+    fn new(floats: usize) -> Result<Self> {
+        let map = || {
+            memmap2::MmapMut::map_anon((floats * 4).max(4))
+                .map_err(|e| WorkerError::Load(format!("cannot reserve {} bytes for the KV cache: {e}", floats * 4)))
+        };
+        Ok(LayerKv { k: map()?, v: map()? })
+    }
+
+    /// The key and value pools as f32 (page-aligned maps always cast).
+    pub fn pools(&mut self) -> Result<(&mut [f32], &mut [f32])> {
+        fn cast(m: &mut memmap2::MmapMut) -> Result<&mut [f32]> {
+            bytemuck::try_cast_slice_mut::<u8, f32>(&mut m[..])
+                .map_err(|e| WorkerError::Step(format!("KV pool is not f32-aligned: {e}")))
+        }
+        Ok((cast(&mut self.k)?, cast(&mut self.v)?))
+    }
 }
 
 /// A sequence's blocks and how many positions they hold.
@@ -37,21 +56,16 @@ pub struct KvCache {
 
 impl KvCache {
     /// A cache of `num_blocks` blocks for `n_layers` layers.
-    pub fn new(shape: AttentionShape, n_layers: usize, num_blocks: usize) -> Self {
+    pub fn new(shape: AttentionShape, n_layers: usize, num_blocks: usize) -> Result<Self> {
         let per_layer = num_blocks * shape.n_kv_heads * shape.block_size * shape.head_dim;
-        let layers = (0..n_layers)
-            .map(|_| LayerKv {
-                k: vec![0f32; per_layer],
-                v: vec![0f32; per_layer],
-            })
-            .collect();
-        KvCache {
+        let layers = (0..n_layers).map(|_| LayerKv::new(per_layer)).collect::<Result<_>>()?;
+        Ok(KvCache {
             shape,
             num_blocks,
             free: (0..num_blocks as u32).rev().collect(),
             seqs: HashMap::new(),
             layers,
-        }
+        })
     }
 
     pub fn shape(&self) -> &AttentionShape {
@@ -146,6 +160,7 @@ mod tests {
             2,
             blocks,
         )
+        .unwrap()
     }
 
     #[test]

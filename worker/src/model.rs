@@ -246,11 +246,12 @@ impl Attention {
         let mut out = vec![0f32; batch.rows() * q_width];
         for span in &batch.spans {
             let (pools, blocks) = kv.layer_mut(layer, span.seq_id)?;
+            let (k_pool, v_pool) = pools.pools()?;
             let rows = span.row..span.row + span.len;
             attention::write_kv(
                 s,
-                &mut pools.k,
-                &mut pools.v,
+                k_pool,
+                v_pool,
                 blocks,
                 span.pos0,
                 &k[rows.start * kv_width..rows.end * kv_width],
@@ -263,8 +264,8 @@ impl Attention {
                 &q[rows.start * q_width..rows.end * q_width],
                 span.len,
                 span.pos0,
-                &pools.k,
-                &pools.v,
+                k_pool,
+                v_pool,
                 blocks,
                 self.scale,
                 self.sliding_window,
@@ -436,7 +437,7 @@ impl ModelSlice {
     }
 
     /// A KV cache sized for this slice's layers.
-    pub fn new_kv_cache(&self, num_blocks: usize) -> KvCache {
+    pub fn new_kv_cache(&self, num_blocks: usize) -> Result<KvCache> {
         KvCache::new(attention_shape(&self.config), self.layers.len(), num_blocks)
     }
 

@@ -304,7 +304,7 @@ impl Worker for WorkerService {
                         }
                     })?;
                     bytes += slice.weight_bytes();
-                    stages.push(Stage::new(*index, slice, kv_blocks));
+                    stages.push(Stage::new(*index, slice, kv_blocks)?);
                 }
                 Ok((stages, bytes))
             })();

@@ -23,14 +23,14 @@ pub struct Stage {
 }
 
 impl Stage {
-    pub fn new(index: u32, slice: ModelSlice, kv_blocks: usize) -> Self {
-        let kv = slice.new_kv_cache(kv_blocks);
-        Stage {
+    pub fn new(index: u32, slice: ModelSlice, kv_blocks: usize) -> Result<Self> {
+        let kv = slice.new_kv_cache(kv_blocks)?;
+        Ok(Stage {
             index,
             slice,
             kv,
             samplers: HashMap::new(),
-        }
+        })
     }
 
     pub fn index(&self) -> u32 {

@@ -478,7 +478,7 @@ fn open(path: &Path) -> ModelMeta {
 fn engine(meta: &ModelMeta) -> Engine {
     let spec = SliceSpec::whole(meta, None);
     let slice = ModelSlice::load(meta, &spec, &mut |_, _, _| {}).unwrap();
-    Engine::from_stages(vec![Stage::new(0, slice, 8)]).unwrap()
+    Engine::from_stages(vec![Stage::new(0, slice, 8).unwrap()]).unwrap()
 }
 
 /// A model written both ways into a fresh temporary directory.

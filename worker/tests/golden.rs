@@ -44,7 +44,7 @@ fn meta() -> ModelMeta {
 fn engine(meta: &ModelMeta, dtype: Option<FloatType>) -> Engine {
     let spec = SliceSpec::whole(meta, dtype);
     let slice = ModelSlice::load(meta, &spec, &mut |_, _, _| {}).unwrap();
-    Engine::from_stages(vec![Stage::new(0, slice, 256)]).unwrap()
+    Engine::from_stages(vec![Stage::new(0, slice, 256).unwrap()]).unwrap()
 }
 
 fn reference_logits(name: &str) -> Vec<Vec<f32>> {

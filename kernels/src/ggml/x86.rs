@@ -479,8 +479,8 @@ fn code_tables<F: Format>() -> [__m512; 2] {
     }
 }
 
-/// The 32 weights of a 4- or 5-bit block, as f32 code values (weights 0..16, then 16..32),
-/// looked up in `tables` (see [`code_tables`]).
+/// The 32 codes of a 4- or 5-bit block (codes 0..16, then 16..32), replaced by their entries
+/// in `tables`: the values of codes 0..16 and 16..32 (see [`code_tables`]).
 ///
 /// The bytes of `qs` are zero-extended to 32-bit lanes; a lane indexes the table with its low
 /// nibble, and, shifted right by 4, with its high nibble (the look-ups ignore the index bits
@@ -533,25 +533,61 @@ fn tile_avx512<F: Format, const R: usize>(
         array::from_fn(|r| rows[r].0.as_chunks::<16>().0.as_chunks::<2>().0),
         array::from_fn(|r| rows[r].1),
     );
-    let tables = code_tables::<F>();
+    if F::TABLE.is_some() {
+        return tile_table_avx512::<F, R>(blocks, &x.0);
+    }
     // Even and odd blocks go to separate totals, halving the dependency chain through them.
     let mut totals = [[_mm512_setzero_ps(); R]; 2];
     let mut corrections = [[0.0f32; R]; 2];
     let (pairs, last) = blocks.as_chunks::<2>();
     for (i, [block0, block1]) in pairs.iter().enumerate() {
         let ([total0, total1], [correction0, correction1]) = (&mut totals, &mut corrections);
-        block_avx512::<F, R>(block0, 2 * i, tables, &x, total0, correction0);
-        block_avx512::<F, R>(block1, 2 * i + 1, tables, &x, total1, correction1);
+        block_avx512::<F, R>(block0, 2 * i, &x, total0, correction0);
+        block_avx512::<F, R>(block1, 2 * i + 1, &x, total1, correction1);
     }
     if let [block] = last {
         let index = 2 * pairs.len();
         let (total, correction) = (&mut totals[0], &mut corrections[0]);
-        block_avx512::<F, R>(block, index, tables, &x, total, correction);
+        block_avx512::<F, R>(block, index, &x, total, correction);
     }
     let mut result = [0.0; R];
     for (r, out) in result.iter_mut().enumerate() {
         let vector = _mm512_reduce_add_ps(_mm512_add_ps(totals[0][r], totals[1][r]));
         *out = vector + (corrections[0][r] + corrections[1][r]);
+    }
+    result
+}
+
+/// [`tile_avx512`] for the formats with a code table (4 and 5 bits): every block's table is
+/// turned into its weights, `value · d` (then `+ m`), exactly as ggml dequantizes them, and the
+/// weights looked up are multiplied into the activations. Each row has one accumulator for
+/// weights 0..16 of every block and one for weights 16..32.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+fn tile_table_avx512<F: Format, const R: usize>(
+    blocks: &[F::Block],
+    x: &[&[[[f32; 16]; 2]]; R],
+) -> [f32; R] {
+    let [table0, table1] = code_tables::<F>();
+    let mut low = [_mm512_setzero_ps(); R];
+    let mut high = [_mm512_setzero_ps(); R];
+    for (index, block) in blocks.iter().enumerate() {
+        let d = _mm512_set1_ps(F::scale(block));
+        let mut weights = [_mm512_mul_ps(table0, d), _mm512_mul_ps(table1, d)];
+        if F::HAS_MIN {
+            let m = _mm512_set1_ps(F::min(block));
+            weights = weights.map(|w| _mm512_add_ps(w, m));
+        }
+        let [w0, w1] = decode_packed_avx512::<F>(block, weights);
+        for ((low, high), x) in low.iter_mut().zip(&mut high).zip(x) {
+            let [x0, x1] = &x[index];
+            *low = _mm512_fmadd_ps(w0, load_f32x16(x0), *low);
+            *high = _mm512_fmadd_ps(w1, load_f32x16(x1), *high);
+        }
+    }
+    let mut result = [0.0; R];
+    for ((out, low), high) in result.iter_mut().zip(low).zip(high) {
+        *out = _mm512_reduce_add_ps(_mm512_add_ps(low, high));
     }
     result
 }
@@ -562,19 +598,14 @@ fn tile_avx512<F: Format, const R: usize>(
 fn block_avx512<F: Format, const R: usize>(
     block: &F::Block,
     index: usize,
-    tables: [__m512; 2],
     (x, sums): &RowsX16<'_, R>,
     total: &mut [__m512; R],
     correction: &mut [f32; R],
 ) {
     let mut partial = [_mm512_setzero_ps(); R];
     if F::PAIRS == 1 {
-        let [w0, w1] = if F::TABLE.is_some() {
-            decode_packed_avx512::<F>(block, tables)
-        } else {
-            let (q0, q1) = F::pair(block, 0);
-            [widen_x16(q0), widen_x16(q1)]
-        };
+        let (q0, q1) = F::pair(block, 0);
+        let (w0, w1) = (widen_x16(q0), widen_x16(q1));
         for (partial, x) in partial.iter_mut().zip(x) {
             let [x0, x1] = &x[index];
             *partial = _mm512_fmadd_ps(w1, load_f32x16(x1), _mm512_mul_ps(w0, load_f32x16(x0)));

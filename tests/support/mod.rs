@@ -1,0 +1,172 @@
+//! Test support: start real `strata` processes on ephemeral ports and talk to them over gRPC.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use strata_proto::v1::strata_client::StrataClient;
+use strata_proto::v1::{Finished, GenerateRequest, Token, generate_response};
+use tonic::transport::Channel;
+
+/// The `strata` binary under test.
+pub fn strata() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_strata"))
+}
+
+/// `../shared/golden/smollm2` from the project root.
+pub fn golden() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/smollm2")
+}
+
+#[derive(serde::Deserialize, Clone)]
+pub struct Prompt {
+    pub name: String,
+    pub prompt_text: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    #[serde(default)]
+    pub messages: Vec<serde_json::Value>,
+}
+
+pub fn prompts() -> Vec<Prompt> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        prompts: Vec<Prompt>,
+    }
+    let text = std::fs::read_to_string(golden().join("prompts.json")).expect("golden prompts.json");
+    serde_json::from_str::<File>(&text).expect("prompts.json parses").prompts
+}
+
+/// A running `strata serve` (or `strata gateway`) process; terminated on drop.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `strata <args> --listen 127.0.0.1:0` and waits for its ready line. On failure,
+    /// returns everything the process wrote to stderr.
+    pub fn start(args: &[&str]) -> Result<Server, String> {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+        let mut child = Command::new(strata())
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning strata: {e}"))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                        && v["event"] == "ready"
+                    {
+                        let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+            });
+        }
+        if let Some(err) = child.stderr.take() {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if let Ok(mut l) = log.lock() {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            });
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(addr) => return Ok(Server { child, addr, log }),
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        std::thread::sleep(Duration::from_millis(200));
+                        return Err(format!("strata exited with {status} before serving:\n{}", log_text(&log)));
+                    }
+                    if std::time::Instant::now() > deadline {
+                        let _ = child.kill();
+                        return Err(format!("strata did not become ready in 300 s:\n{}", log_text(&log)));
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        log_text(&self.log)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub async fn client(&self) -> StrataClient<Channel> {
+        StrataClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to the gateway")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        for _ in 0..100 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        self.child.wait().expect("wait for strata")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn log_text(log: &Arc<Mutex<String>>) -> String {
+    log.lock().map(|l| l.clone()).unwrap_or_default()
+}
+
+/// Runs a Generate call to the end: its tokens and its final message.
+pub async fn generate(client: &mut StrataClient<Channel>, req: GenerateRequest) -> Result<(Vec<Token>, Finished), tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut tokens = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(generate_response::Event::Token(t)) => tokens.push(t),
+            Some(generate_response::Event::Finished(f)) => return Ok((tokens, f)),
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal("stream ended without a Finished message"))
+}
+
+/// Writes `yaml` to a temp file and returns its path (kept alive by the returned guard).
+pub fn topology_file(yaml: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("topology.yml");
+    std::fs::write(&path, yaml).expect("write topology");
+    (dir, path)
+}
