@@ -7,7 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     for (proto, descriptor) in [
         ("strata/v1/strata.proto", "strata_v1_descriptor.bin"),
-        ("strata/worker/v1/worker.proto", "strata_worker_v1_descriptor.bin"),
+        (
+            "strata/worker/v1/worker.proto",
+            "strata_worker_v1_descriptor.bin",
+        ),
     ] {
         let mut config = tonic_prost_build::Config::new();
         config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

@@ -10,11 +10,13 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use strata_gateway::launcher::WorkerCommand;
 use strata_gateway::scheduler::{Scheduler, SchedulerConfig, SchedulerState};
-use strata_gateway::server::{GatewayConfig, KV_BLOCK_SIZE, ModelChoice, Resolved, TopologyChoice, WorkerSource};
+use strata_gateway::server::{
+    GatewayConfig, KV_BLOCK_SIZE, ModelChoice, Resolved, TopologyChoice, WorkerSource,
+};
 use strata_gateway::validation::{self, Limits};
 use strata_proto::v1::{
-    ChatMessage, ChatRequest, GenerateRequest, SamplingParameters, StopSequence, generate_request, generate_response,
-    stop_sequence,
+    ChatMessage, ChatRequest, GenerateRequest, SamplingParameters, StopSequence, generate_request,
+    generate_response, stop_sequence,
 };
 use strata_shared::device::DeviceSpec;
 use strata_shared::isq::IsqType;
@@ -26,7 +28,11 @@ use tokio::sync::{mpsc, watch};
 use crate::local::LocalPipeline;
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Layer-sharded LLM inference: serve, plan, generate, measure")]
+#[command(
+    name = "strata",
+    version,
+    about = "Layer-sharded LLM inference: serve, plan, generate, measure"
+)]
 pub struct Cli {
     /// Compute threads per process (default: one per core).
     #[arg(long, global = true, env = "STRATA_THREADS")]
@@ -87,7 +93,8 @@ pub struct ModelArgs {
 }
 
 fn parse_isq(s: &str) -> Result<IsqType, String> {
-    s.parse().map_err(|e: strata_shared::isq::UnknownIsq| e.to_string())
+    s.parse()
+        .map_err(|e: strata_shared::isq::UnknownIsq| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> Result<FloatType, String> {
@@ -158,10 +165,12 @@ pub struct GatewayArgs {
 }
 
 fn parse_worker(s: &str) -> Result<(DeviceSpec, String), String> {
-    let (d, a) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}`: expected DEVICE=ADDRESS, e.g. cpu[0]=http://worker-0:50061"))?;
-    let device = d.parse().map_err(|e: strata_shared::device::InvalidDevice| e.to_string())?;
+    let (d, a) = s.split_once('=').ok_or_else(|| {
+        format!("`{s}`: expected DEVICE=ADDRESS, e.g. cpu[0]=http://worker-0:50061")
+    })?;
+    let device = d
+        .parse()
+        .map_err(|e: strata_shared::device::InvalidDevice| e.to_string())?;
     Ok((device, a.to_string()))
 }
 
@@ -275,7 +284,13 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn gateway_config(model: &ModelArgs, s: &ServingArgs, workers: WorkerSource, data_listen: String, advertise_host: Option<String>) -> GatewayConfig {
+fn gateway_config(
+    model: &ModelArgs,
+    s: &ServingArgs,
+    workers: WorkerSource,
+    data_listen: String,
+    advertise_host: Option<String>,
+) -> GatewayConfig {
     GatewayConfig {
         model: model.choice(),
         listen: s.listen.clone(),
@@ -303,13 +318,25 @@ async fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         args: vec!["worker".into()],
         env,
     };
-    let cfg = gateway_config(&a.model, &a.serving, WorkerSource::Spawn(cmd), "127.0.0.1:0".into(), None);
+    let cfg = gateway_config(
+        &a.model,
+        &a.serving,
+        WorkerSource::Spawn(cmd),
+        "127.0.0.1:0".into(),
+        None,
+    );
     Ok(strata_gateway::server::run(cfg, shutdown_signal()).await?)
 }
 
 async fn gateway(a: GatewayArgs) -> Result<()> {
     let map: HashMap<DeviceSpec, String> = a.workers.iter().cloned().collect();
-    let cfg = gateway_config(&a.model, &a.serving, WorkerSource::Remote(map), a.data_listen.clone(), a.advertise_host.clone());
+    let cfg = gateway_config(
+        &a.model,
+        &a.serving,
+        WorkerSource::Remote(map),
+        a.data_listen.clone(),
+        a.advertise_host.clone(),
+    );
     Ok(strata_gateway::server::run(cfg, shutdown_signal()).await?)
 }
 
@@ -361,11 +388,16 @@ fn load_engine(r: &Resolved, kv_tokens: usize) -> Result<Engine> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("loading");
-    let engine = Engine::load(&r.meta, &r.plan, kv_tokens.div_ceil(KV_BLOCK_SIZE), &mut |tensor, done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_prefix(tensor.to_string());
-    })?;
+    let engine = Engine::load(
+        &r.meta,
+        &r.plan,
+        kv_tokens.div_ceil(KV_BLOCK_SIZE),
+        &mut |tensor, done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_prefix(tensor.to_string());
+        },
+    )?;
     bar.finish_and_clear();
     Ok(engine)
 }
@@ -446,13 +478,21 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             Some(generate_response::Event::Finished(f)) => {
                 writeln!(out, "{}", f.text)?;
                 let reason = strata_proto::v1::FinishReason::try_from(f.reason)
-                    .map(|r| r.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase())
+                    .map(|r| {
+                        r.as_str_name()
+                            .trim_start_matches("FINISH_REASON_")
+                            .to_lowercase()
+                    })
                     .unwrap_or_default();
                 let usage = f.usage.unwrap_or_default();
                 let t = f.timings.unwrap_or_default();
                 eprintln!(
                     "[{reason}: {} prompt + {} generated tokens, first token {:.0} ms, {:.1} tokens/s, seed {}]",
-                    usage.prompt_tokens, usage.completion_tokens, t.time_to_first_token_ms, t.decode_tokens_per_second, f.seed
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    t.time_to_first_token_ms,
+                    t.decode_tokens_per_second,
+                    f.seed
                 );
                 break;
             }
@@ -465,13 +505,21 @@ async fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading {}", a.text.display()))?;
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("reading {}", a.text.display()))?;
     let r = strata_gateway::server::resolve(&a.model.choice())?;
     let ids = r.tokenizer.encode(&text, false)?;
     if ids.len() < 2 {
-        bail!("{}: needs at least 2 tokens, has {}", a.text.display(), ids.len());
+        bail!(
+            "{}: needs at least 2 tokens, has {}",
+            a.text.display(),
+            ids.len()
+        );
     }
-    let context = a.context.unwrap_or(r.meta.config.max_position_embeddings).min(r.meta.config.max_position_embeddings);
+    let context = a
+        .context
+        .unwrap_or(r.meta.config.max_position_embeddings)
+        .min(r.meta.config.max_position_embeddings);
     if context < 2 {
         bail!("--context must be at least 2");
     }

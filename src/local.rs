@@ -30,7 +30,8 @@ impl Pipeline for LocalPipeline {
             let mut e = engine
                 .lock()
                 .map_err(|_| GatewayError::Internal("engine lock poisoned".into()))?;
-            e.step(step).map_err(|e| GatewayError::Internal(e.to_string()))
+            e.step(step)
+                .map_err(|e| GatewayError::Internal(e.to_string()))
         })
         .await
         .map_err(|e| GatewayError::Internal(format!("engine task: {e}")))?

@@ -1,6 +1,8 @@
 //! The distributed pipeline against the single-process engine: real gateway and worker
 //! processes on loopback, real gRPC, every golden prompt.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::sync::Arc;
@@ -23,7 +25,11 @@ fn layout(a: &str, b: &str, c: &str) -> String {
 }
 
 /// Greedy tokens and log-probabilities from the single-process engine.
-fn engine_greedy(topology: &std::path::Path, dtype: Option<FloatType>, prompts: &[Prompt]) -> Vec<Vec<(u32, f32)>> {
+fn engine_greedy(
+    topology: &std::path::Path,
+    dtype: Option<FloatType>,
+    prompts: &[Prompt],
+) -> Vec<Vec<(u32, f32)>> {
     let r = strata_gateway::server::resolve(&ModelChoice {
         model: "default".into(),
         revision: None,
@@ -86,22 +92,38 @@ fn request(p: &Prompt) -> GenerateRequest {
 
 /// Serves `topology`, runs every prompt (one at a time, then all at once) and checks each
 /// against `want`.
-async fn check_served(topology: &std::path::Path, extra: &[&str], want: &[Vec<(u32, f32)>], workers: usize) {
+async fn check_served(
+    topology: &std::path::Path,
+    extra: &[&str],
+    want: &[Vec<(u32, f32)>],
+    workers: usize,
+) {
     let t = topology.to_str().expect("utf-8 path");
     let mut args = vec!["serve", "--topology", t];
     args.extend_from_slice(extra);
     let mut server = Server::start(&args).unwrap_or_else(|log| panic!("server failed: {log}"));
     let mut client = server.client().await;
-    let info = client.model_info(strata_proto::v1::ModelInfoRequest {}).await.expect("model info").into_inner();
+    let info = client
+        .model_info(strata_proto::v1::ModelInfoRequest {})
+        .await
+        .expect("model info")
+        .into_inner();
     assert_eq!(info.workers.len(), workers, "{info:?}");
     let prompts = prompts();
     let compare = |name: &str, got: &[strata_proto::v1::Token], want: &[(u32, f32)]| {
         let ids: Vec<u32> = got.iter().map(|t| t.id).collect();
         let want_ids: Vec<u32> = want.iter().map(|w| w.0).collect();
-        assert_eq!(ids, want_ids, "prompt {name}: pipeline tokens differ from the single-process engine");
+        assert_eq!(
+            ids, want_ids,
+            "prompt {name}: pipeline tokens differ from the single-process engine"
+        );
         for (g, w) in got.iter().zip(want) {
             let lp = g.logprob.expect("logprob requested");
-            assert!((lp - w.1).abs() <= 1e-4, "prompt {name}: logprob {lp} vs {}", w.1);
+            assert!(
+                (lp - w.1).abs() <= 1e-4,
+                "prompt {name}: logprob {lp} vs {}",
+                w.1
+            );
         }
     };
     for (p, w) in prompts.iter().zip(want) {
@@ -113,7 +135,9 @@ async fn check_served(topology: &std::path::Path, extra: &[&str], want: &[Vec<(u
     let mut tasks = Vec::new();
     for p in prompts.clone() {
         let mut c = client.clone();
-        tasks.push(tokio::spawn(async move { (p.name.clone(), generate(&mut c, request(&p)).await) }));
+        tasks.push(tokio::spawn(async move {
+            (p.name.clone(), generate(&mut c, request(&p)).await)
+        }));
     }
     for (t, w) in tasks.into_iter().zip(want) {
         let (name, r) = t.await.expect("task");
@@ -121,7 +145,11 @@ async fn check_served(topology: &std::path::Path, extra: &[&str], want: &[Vec<(u
         compare(&name, &tokens, w);
     }
     let status = server.terminate();
-    assert!(status.success(), "clean shutdown: {status}\n{}", server.log());
+    assert!(
+        status.success(),
+        "clean shutdown: {status}\n{}",
+        server.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

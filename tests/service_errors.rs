@@ -2,13 +2,15 @@
 //! naming it; an unreachable or failing worker stops startup with an error that names it; a
 //! client that leaves mid-stream leaves nothing behind.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::time::Duration;
 
 use strata_proto::v1::{
-    ChatRequest, GenerateRequest, ModelInfoRequest, SamplingParameters, StopSequence, TokenIds, generate_request,
-    stop_sequence,
+    ChatRequest, GenerateRequest, ModelInfoRequest, SamplingParameters, StopSequence, TokenIds,
+    generate_request, stop_sequence,
 };
 use support::{Server, generate};
 use tonic::Code;
@@ -28,30 +30,142 @@ async fn invalid_requests_name_the_field_and_a_departed_client_leaves_nothing() 
     let mut client = server.client().await;
     let p = SamplingParameters::default;
     let cases: Vec<(GenerateRequest, &str)> = vec![
-        (prompt("hi", SamplingParameters { temperature: Some(-0.5), ..p() }), "parameters.temperature"),
-        (prompt("hi", SamplingParameters { top_p: Some(0.0), ..p() }), "parameters.top_p"),
-        (prompt("hi", SamplingParameters { top_p: Some(1.01), ..p() }), "parameters.top_p"),
-        (prompt("hi", SamplingParameters { min_p: Some(-0.1), ..p() }), "parameters.min_p"),
-        (prompt("hi", SamplingParameters { repetition_penalty: Some(0.0), ..p() }), "parameters.repetition_penalty"),
-        (prompt("hi", SamplingParameters { frequency_penalty: Some(2.5), ..p() }), "parameters.frequency_penalty"),
-        (prompt("hi", SamplingParameters { presence_penalty: Some(-3.0), ..p() }), "parameters.presence_penalty"),
-        (prompt("hi", SamplingParameters { top_logprobs: 50, ..p() }), "parameters.top_logprobs"),
-        (prompt("", p()), "prompt: must not be empty"),
-        (prompt("word ".repeat(3000).as_str(), p()), "prompt: 3001 tokens do not fit the context window of 2048 tokens"),
-        (prompt("hi", SamplingParameters { max_tokens: Some(5000), ..p() }), "parameters.max_tokens: 5000 tokens after a 1-token prompt exceed the context window of 2048"),
-        (prompt("hi", SamplingParameters { max_tokens: Some(0), ..p() }), "parameters.max_tokens: must be at least 1"),
         (
-            prompt("hi", SamplingParameters { stop: vec![StopSequence { kind: None }], ..p() }),
+            prompt(
+                "hi",
+                SamplingParameters {
+                    temperature: Some(-0.5),
+                    ..p()
+                },
+            ),
+            "parameters.temperature",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    top_p: Some(0.0),
+                    ..p()
+                },
+            ),
+            "parameters.top_p",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    top_p: Some(1.01),
+                    ..p()
+                },
+            ),
+            "parameters.top_p",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    min_p: Some(-0.1),
+                    ..p()
+                },
+            ),
+            "parameters.min_p",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    repetition_penalty: Some(0.0),
+                    ..p()
+                },
+            ),
+            "parameters.repetition_penalty",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    frequency_penalty: Some(2.5),
+                    ..p()
+                },
+            ),
+            "parameters.frequency_penalty",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    presence_penalty: Some(-3.0),
+                    ..p()
+                },
+            ),
+            "parameters.presence_penalty",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    top_logprobs: 50,
+                    ..p()
+                },
+            ),
+            "parameters.top_logprobs",
+        ),
+        (prompt("", p()), "prompt: must not be empty"),
+        (
+            prompt("word ".repeat(3000).as_str(), p()),
+            "prompt: 3001 tokens do not fit the context window of 2048 tokens",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    max_tokens: Some(5000),
+                    ..p()
+                },
+            ),
+            "parameters.max_tokens: 5000 tokens after a 1-token prompt exceed the context window of 2048",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    max_tokens: Some(0),
+                    ..p()
+                },
+            ),
+            "parameters.max_tokens: must be at least 1",
+        ),
+        (
+            prompt(
+                "hi",
+                SamplingParameters {
+                    stop: vec![StopSequence { kind: None }],
+                    ..p()
+                },
+            ),
             "parameters.stop[0]: unknown stop-sequence type",
         ),
         (
-            prompt("hi", SamplingParameters { stop: vec![StopSequence { kind: Some(stop_sequence::Kind::Text(String::new())) }], ..p() }),
+            prompt(
+                "hi",
+                SamplingParameters {
+                    stop: vec![StopSequence {
+                        kind: Some(stop_sequence::Kind::Text(String::new())),
+                    }],
+                    ..p()
+                },
+            ),
             "parameters.stop[0].text: must not be empty",
         ),
-        (GenerateRequest::default(), "input: set `prompt` or `token_ids`"),
+        (
+            GenerateRequest::default(),
+            "input: set `prompt` or `token_ids`",
+        ),
         (
             GenerateRequest {
-                input: Some(generate_request::Input::TokenIds(TokenIds { ids: vec![1, 999_999] })),
+                input: Some(generate_request::Input::TokenIds(TokenIds {
+                    ids: vec![1, 999_999],
+                })),
                 ..Default::default()
             },
             "token_ids.ids[1]: 999999 is outside the vocabulary",
@@ -60,42 +174,78 @@ async fn invalid_requests_name_the_field_and_a_departed_client_leaves_nothing() 
     for (req, want) in cases {
         let err = generate(&mut client, req).await.expect_err(want);
         assert_eq!(err.code(), Code::InvalidArgument, "{want}: {err:?}");
-        assert!(err.message().contains(want), "want `{want}` in `{}`", err.message());
+        assert!(
+            err.message().contains(want),
+            "want `{want}` in `{}`",
+            err.message()
+        );
     }
-    let err = client.chat(ChatRequest::default()).await.expect_err("empty chat");
+    let err = client
+        .chat(ChatRequest::default())
+        .await
+        .expect_err("empty chat");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("messages"), "{}", err.message());
 
     // A client that leaves mid-stream: its sequence is cancelled and its KV released.
     let mut stream = client
-        .generate(prompt("Tell me a long story about", SamplingParameters { max_tokens: Some(400), ignore_eos: true, ..p() }))
+        .generate(prompt(
+            "Tell me a long story about",
+            SamplingParameters {
+                max_tokens: Some(400),
+                ignore_eos: true,
+                ..p()
+            },
+        ))
         .await
         .expect("generate")
         .into_inner();
     for _ in 0..3 {
         stream.message().await.expect("token").expect("stream open");
     }
-    let busy = client.model_info(ModelInfoRequest {}).await.expect("info").into_inner();
+    let busy = client
+        .model_info(ModelInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
     assert_eq!(busy.running, 1);
     assert!(busy.kv_cache_reserved_tokens > 0);
     drop(stream);
     let mut idle = busy;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        idle = client.model_info(ModelInfoRequest {}).await.expect("info").into_inner();
+        idle = client
+            .model_info(ModelInfoRequest {})
+            .await
+            .expect("info")
+            .into_inner();
         if idle.running == 0 && idle.kv_cache_reserved_tokens == 0 {
             break;
         }
     }
-    assert_eq!((idle.running, idle.waiting, idle.kv_cache_reserved_tokens), (0, 0, 0), "nothing left behind");
+    assert_eq!(
+        (idle.running, idle.waiting, idle.kv_cache_reserved_tokens),
+        (0, 0, 0),
+        "nothing left behind"
+    );
     // The next request is unaffected.
     let (tokens, fin) = generate(
         &mut client,
-        prompt("The capital of France is", SamplingParameters { max_tokens: Some(2), temperature: Some(0.0), ..p() }),
+        prompt(
+            "The capital of France is",
+            SamplingParameters {
+                max_tokens: Some(2),
+                temperature: Some(0.0),
+                ..p()
+            },
+        ),
     )
     .await
     .expect("next request");
-    assert_eq!(tokens.iter().map(|t| t.text.as_str()).collect::<String>(), " Paris.");
+    assert_eq!(
+        tokens.iter().map(|t| t.text.as_str()).collect::<String>(),
+        " Paris."
+    );
     assert_eq!(fin.usage.expect("usage").completion_tokens, 2);
 }
 
@@ -114,7 +264,10 @@ fn an_unreachable_worker_stops_startup_naming_it() {
     ])
     .err()
     .expect("startup must fail");
-    assert!(err.contains("worker http://127.0.0.1:9 cannot be reached"), "{err}");
+    assert!(
+        err.contains("worker http://127.0.0.1:9 cannot be reached"),
+        "{err}"
+    );
     assert!(err.contains("exited with exit status: 1"), "{err}");
 }
 
@@ -124,7 +277,9 @@ fn a_worker_that_fails_to_load_stops_startup_naming_it() {
     // with an empty cache and no network, cannot find it.
     let model = strata_shared::source::fetch_default_model().expect("default model");
     let tmp = tempfile::tempdir().expect("tmp");
-    let snap = tmp.path().join("gw/hub/models--acme--smol/snapshots/0123abcd");
+    let snap = tmp
+        .path()
+        .join("gw/hub/models--acme--smol/snapshots/0123abcd");
     std::fs::create_dir_all(&snap).expect("mkdir");
     std::os::unix::fs::symlink(&model, snap.join("smol.gguf")).expect("symlink");
     let refs = tmp.path().join("gw/hub/models--acme--smol/refs");
@@ -142,10 +297,16 @@ fn a_worker_that_fails_to_load_stops_startup_naming_it() {
         .spawn()
         .expect("worker");
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(worker.stdout.take().expect("stdout")), &mut line)
-        .expect("ready line");
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(worker.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("ready line");
     let ready: serde_json::Value = serde_json::from_str(&line).expect("json");
-    let control = ready["control"].as_str().expect("control address").to_string();
+    let control = ready["control"]
+        .as_str()
+        .expect("control address")
+        .to_string();
 
     let gw_home = tmp.path().join("gw");
     let err = Server::start_with_env(
@@ -160,11 +321,21 @@ fn a_worker_that_fails_to_load_stops_startup_naming_it() {
             "--data-listen",
             "127.0.0.1:0",
         ],
-        &[("HF_HOME", gw_home.to_str().expect("utf-8")), ("HF_HUB_OFFLINE", "1")],
+        &[
+            ("HF_HOME", gw_home.to_str().expect("utf-8")),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
     )
     .err()
     .expect("startup must fail");
     let _ = worker.kill();
-    assert!(err.contains(&format!("worker http://{control} (cpu[0]) failed to load")), "{err}");
-    assert!(err.contains("smol.gguf") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    let _ = worker.wait();
+    assert!(
+        err.contains(&format!("worker http://{control} (cpu[0]) failed to load")),
+        "{err}"
+    );
+    assert!(
+        err.contains("smol.gguf") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }

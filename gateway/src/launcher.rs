@@ -81,7 +81,11 @@ pub async fn spawn_workers(
         let ready = match ready {
             Ok(Some(r)) => r,
             Ok(None) => {
-                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
                 return Err(GatewayError::Unavailable(format!(
                     "the worker for {device} exited before listening ({status})"
                 )));

@@ -13,7 +13,10 @@ use crate::error::GatewayError;
 
 /// Runs steps through the route, one at a time.
 pub trait Pipeline: Send + 'static {
-    fn step(&mut self, step: StepFrame) -> impl Future<Output = Result<SamplesFrame, GatewayError>> + Send;
+    fn step(
+        &mut self,
+        step: StepFrame,
+    ) -> impl Future<Output = Result<SamplesFrame, GatewayError>> + Send;
 }
 
 /// The ring: steps go to the first stage over a persistent connection; the last stage's
@@ -54,7 +57,10 @@ impl<T: Transport> RingPipeline<T> {
 }
 
 /// Accepts connections from last stages and forwards their frames.
-async fn accept_loop<L: FrameListener>(mut listener: L, tx: mpsc::Sender<Result<Frame, WireError>>) {
+async fn accept_loop<L: FrameListener>(
+    mut listener: L,
+    tx: mpsc::Sender<Result<Frame, WireError>>,
+) {
     loop {
         let (mut rx, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -91,10 +97,12 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
             return Err(GatewayError::Unavailable(f));
         }
         let id = step.step_id;
-        self.first
-            .send(&Frame::Step(step))
-            .await
-            .map_err(|e| GatewayError::Unavailable(format!("sending step {id} to the first stage at {}: {e}", self.first_addr)))?;
+        self.first.send(&Frame::Step(step)).await.map_err(|e| {
+            GatewayError::Unavailable(format!(
+                "sending step {id} to the first stage at {}: {e}",
+                self.first_addr
+            ))
+        })?;
         let deadline = tokio::time::sleep(self.step_timeout);
         tokio::pin!(deadline);
         let mut watching = true;

@@ -159,8 +159,12 @@ impl SchedulerState {
 
     /// Publishes the counters.
     pub fn publish(&self) {
-        self.stats.running.store(self.running.len(), Ordering::Relaxed);
-        self.stats.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .waiting
+            .store(self.waiting.len(), Ordering::Relaxed);
         self.stats
             .reserved_blocks
             .store(self.cfg.kv_blocks - self.free_blocks, Ordering::Relaxed);
@@ -173,7 +177,12 @@ impl SchedulerState {
     /// Drops sequences whose client has gone.
     pub fn reap_disconnected(&mut self) {
         self.waiting.retain(|s| !s.events.is_closed());
-        let gone: Vec<u64> = self.running.iter().filter(|s| s.events.is_closed()).map(|s| s.id).collect();
+        let gone: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|s| s.events.is_closed())
+            .map(|s| s.id)
+            .collect();
         for id in gone {
             tracing::debug!(seq = id, "client left; cancelling");
             self.remove(id);
@@ -195,7 +204,9 @@ impl SchedulerState {
             if self.running.len() >= self.cfg.max_running || need > self.free_blocks {
                 break;
             }
-            let Some(mut s) = self.waiting.pop_front() else { break };
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
             s.blocks = need;
             self.free_blocks -= need;
             self.running.push(s);
@@ -204,8 +215,14 @@ impl SchedulerState {
         let mut seqs = Vec::new();
         let now = Instant::now();
         // Decode tokens first: running sequences never starve behind long prompts.
-        for s in self.running.iter_mut().filter(|s| s.prefilled == s.req.input_ids.len()) {
-            let Some(&last) = s.generated.last() else { continue };
+        for s in self
+            .running
+            .iter_mut()
+            .filter(|s| s.prefilled == s.req.input_ids.len())
+        {
+            let Some(&last) = s.generated.last() else {
+                continue;
+            };
             if budget == 0 {
                 break;
             }
@@ -219,7 +236,11 @@ impl SchedulerState {
                 params: s.req.params,
             });
         }
-        for s in self.running.iter_mut().filter(|s| s.prefilled < s.req.input_ids.len()) {
+        for s in self
+            .running
+            .iter_mut()
+            .filter(|s| s.prefilled < s.req.input_ids.len())
+        {
             if budget == 0 {
                 break;
             }
@@ -304,7 +325,10 @@ impl SchedulerState {
                     top_logprobs,
                     index,
                 });
-                if s.events.try_send(Ok(GenerateResponse { event: Some(event) })).is_err() {
+                if s.events
+                    .try_send(Ok(GenerateResponse { event: Some(event) }))
+                    .is_err()
+                {
                     let id = s.id;
                     self.remove(id);
                     continue;
@@ -316,7 +340,11 @@ impl SchedulerState {
             if let Some((reason, stop)) = finish {
                 let id = s.id;
                 if let Some(mut s) = self.remove(id) {
-                    let text = if reason == FinishReason::Stop { String::new() } else { s.stop.flush() };
+                    let text = if reason == FinishReason::Stop {
+                        String::new()
+                    } else {
+                        s.stop.flush()
+                    };
                     let _ = s.events.try_send(Ok(finished(&s, reason, text, stop, now)));
                 }
             }
@@ -329,7 +357,11 @@ impl SchedulerState {
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         for id in ids {
             if let Some(s) = self.remove(id) {
-                let _ = s.events.try_send(Err(Status::from(GatewayError::Unavailable(err.to_string()))));
+                let _ = s
+                    .events
+                    .try_send(Err(Status::from(GatewayError::Unavailable(
+                        err.to_string(),
+                    ))));
             }
         }
     }
@@ -341,21 +373,36 @@ impl SchedulerState {
         for id in ids {
             if let Some(mut s) = self.remove(id) {
                 let text = s.stop.flush();
-                let _ = s.events.try_send(Ok(finished(&s, FinishReason::Cancelled, text, String::new(), now)));
+                let _ = s.events.try_send(Ok(finished(
+                    &s,
+                    FinishReason::Cancelled,
+                    text,
+                    String::new(),
+                    now,
+                )));
             }
         }
         for s in self.waiting.drain(..) {
-            let _ = s
-                .events
-                .try_send(Err(GatewayError::Cancelled("the server is shutting down".into()).into()));
+            let _ = s.events.try_send(Err(GatewayError::Cancelled(
+                "the server is shutting down".into(),
+            )
+            .into()));
         }
     }
 }
 
-fn finished(s: &Seq, reason: FinishReason, text: String, stop_sequence: String, now: Instant) -> GenerateResponse {
+fn finished(
+    s: &Seq,
+    reason: FinishReason,
+    text: String,
+    stop_sequence: String,
+    now: Instant,
+) -> GenerateResponse {
     let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
     let decode_tps = match s.first_token {
-        Some(t) if s.generated.len() > 1 && now > t => (s.generated.len() - 1) as f64 / now.duration_since(t).as_secs_f64(),
+        Some(t) if s.generated.len() > 1 && now > t => {
+            (s.generated.len() - 1) as f64 / now.duration_since(t).as_secs_f64()
+        }
         _ => 0.0,
     };
     GenerateResponse {
@@ -398,7 +445,11 @@ impl Scheduler {
     }
 
     /// Submits a validated request; its events arrive on `events`.
-    pub async fn submit(&self, request: ValidRequest, events: EventSender) -> Result<(), GatewayError> {
+    pub async fn submit(
+        &self,
+        request: ValidRequest,
+        events: EventSender,
+    ) -> Result<(), GatewayError> {
         self.tx
             .send(NewRequest {
                 request,
@@ -450,5 +501,678 @@ async fn run<P: Pipeline>(
     // Let the workers free what the cancelled sequences held.
     if let Some(step) = state.next_step() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pipeline.step(step)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use strata_proto::v1::TopLogprob;
+    use strata_shared::source::{ModelFiles, WeightFormat};
+    use strata_shared::wire::{Sample, SamplingParams};
+    use tonic::Code;
+
+    use super::*;
+
+    /// `<|im_end|>`, the golden model's EOS.
+    const EOS: u32 = 2;
+
+    type Events = mpsc::Receiver<Result<GenerateResponse, Status>>;
+
+    /// The golden SmolLM2 tokenizer with EOS = 2.
+    fn tok() -> Arc<ModelTokenizer> {
+        static TOK: OnceLock<Arc<ModelTokenizer>> = OnceLock::new();
+        Arc::clone(TOK.get_or_init(|| {
+            let hf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/golden/smollm2/hf");
+            let files = ModelFiles {
+                spec: "smollm2".into(),
+                format: WeightFormat::Safetensors,
+                weights: vec![],
+                config: Some(hf.join("config.json")),
+                tokenizer_json: Some(hf.join("tokenizer.json")),
+                tokenizer_config: Some(hf.join("tokenizer_config.json")),
+                chat_template: None,
+                generation_config: None,
+            };
+            Arc::new(ModelTokenizer::load(&files, None, &[EOS]).unwrap())
+        }))
+    }
+
+    fn ids(text: &str) -> Vec<u32> {
+        tok().encode(text, false).unwrap()
+    }
+
+    fn state(kv_blocks: usize, max_batch_tokens: usize, max_running: usize) -> SchedulerState {
+        let st = SchedulerState::new(
+            SchedulerConfig {
+                kv_blocks,
+                block_size: 16,
+                max_batch_tokens,
+                max_running,
+            },
+            tok(),
+        );
+        assert_eq!(tok().eos_ids(), &[EOS]);
+        st
+    }
+
+    /// A request with a `prompt_len`-token prompt (ids 100, 101, ...).
+    fn request(prompt_len: usize, max_new_tokens: u32) -> ValidRequest {
+        prompt(
+            &(0..prompt_len as u32).map(|i| 100 + i).collect::<Vec<_>>(),
+            max_new_tokens,
+        )
+    }
+
+    fn prompt(input_ids: &[u32], max_new_tokens: u32) -> ValidRequest {
+        ValidRequest {
+            input_ids: input_ids.to_vec(),
+            max_new_tokens,
+            params: SamplingParams::default(),
+            stop: vec![],
+            ignore_eos: false,
+            logprobs: false,
+            include_special_tokens: false,
+        }
+    }
+
+    fn submit(st: &mut SchedulerState, request: ValidRequest) -> Events {
+        let (tx, rx) = mpsc::channel(256);
+        st.enqueue(NewRequest {
+            request,
+            events: tx,
+            arrived: Instant::now(),
+        });
+        rx
+    }
+
+    fn sample(seq_id: u64, token: u32) -> Sample {
+        Sample {
+            seq_id,
+            token,
+            logprob: -0.25,
+            top: vec![],
+        }
+    }
+
+    fn feed(st: &mut SchedulerState, step: &StepFrame, samples: Vec<Sample>) {
+        st.on_samples(SamplesFrame {
+            step_id: step.step_id,
+            samples,
+        });
+    }
+
+    fn decode_step(seq_id: u64, pos0: u32, prompt_len: u32, token: u32) -> SeqStep {
+        SeqStep {
+            seq_id,
+            pos0,
+            prompt_len,
+            tokens: vec![token],
+            sample: true,
+            params: SamplingParams::default(),
+        }
+    }
+
+    /// What a client received.
+    #[derive(Debug, Default)]
+    struct Received {
+        tokens: Vec<Token>,
+        finished: Option<Finished>,
+        error: Option<Status>,
+    }
+
+    impl Received {
+        fn text(&self) -> String {
+            let mut t: String = self.tokens.iter().map(|t| t.text.as_str()).collect();
+            if let Some(f) = &self.finished {
+                t.push_str(&f.text);
+            }
+            t
+        }
+
+        fn finished(&self) -> &Finished {
+            self.finished
+                .as_ref()
+                .unwrap_or_else(|| panic!("not finished: {self:?}"))
+        }
+
+        fn usage(&self) -> (u32, u32) {
+            let u = self.finished().usage.unwrap_or_default();
+            (u.prompt_tokens, u.completion_tokens)
+        }
+    }
+
+    /// Everything queued on a client's stream; nothing may follow the end.
+    fn drain(rx: &mut Events) -> Received {
+        let mut r = Received::default();
+        while let Ok(ev) = rx.try_recv() {
+            assert!(
+                r.finished.is_none() && r.error.is_none(),
+                "event after the end: {ev:?}"
+            );
+            match ev {
+                Ok(GenerateResponse {
+                    event: Some(generate_response::Event::Token(t)),
+                }) => r.tokens.push(t),
+                Ok(GenerateResponse {
+                    event: Some(generate_response::Event::Finished(f)),
+                }) => r.finished = Some(f),
+                Ok(other) => panic!("unexpected event {other:?}"),
+                Err(e) => r.error = Some(e),
+            }
+        }
+        r
+    }
+
+    fn reason(r: &Received) -> FinishReason {
+        FinishReason::try_from(r.finished().reason).unwrap()
+    }
+
+    #[test]
+    fn prefill_then_decode_positions() {
+        let mut st = state(64, 64, 4);
+        let input = ids("The capital of France is");
+        let out = ids(" Paris. The");
+        assert_eq!((input.len(), out.len()), (5, 3));
+        let mut rx = submit(&mut st, prompt(&input, 3));
+        assert_eq!(st.free_blocks, 64, "blocks are reserved at admission");
+
+        let step = st.next_step().unwrap();
+        assert_eq!(
+            step,
+            StepFrame {
+                step_id: 1,
+                stage: 0,
+                releases: vec![],
+                seqs: vec![SeqStep {
+                    seq_id: 1,
+                    pos0: 0,
+                    prompt_len: 5,
+                    tokens: input.clone(),
+                    sample: true,
+                    params: SamplingParams::default(),
+                }],
+                hidden: None,
+            }
+        );
+        assert_eq!(st.free_blocks, 63, "5 + 3 tokens take one 16-token block");
+        feed(&mut st, &step, vec![sample(1, out[0])]);
+        for i in 1..out.len() {
+            let step = st.next_step().unwrap();
+            assert_eq!(step.step_id, 1 + i as u64);
+            assert!(step.releases.is_empty());
+            assert_eq!(step.seqs, vec![decode_step(1, 4 + i as u32, 5, out[i - 1])]);
+            feed(&mut st, &step, vec![sample(1, out[i])]);
+        }
+
+        let r = drain(&mut rx);
+        assert_eq!(r.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), out);
+        assert_eq!(
+            r.tokens.iter().map(|t| t.index).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert!(
+            r.tokens
+                .iter()
+                .all(|t| t.logprob.is_none() && t.top_logprobs.is_empty())
+        );
+        assert_eq!(r.text(), " Paris. The");
+        assert_eq!(reason(&r), FinishReason::Length);
+        assert_eq!(r.usage(), (5, 3));
+        let f = r.finished();
+        assert_eq!((f.text.as_str(), f.stop_sequence.as_str()), ("", ""));
+        assert_eq!(f.seed, SamplingParams::default().seed);
+        let t = f.timings.unwrap_or_default();
+        assert!(
+            t.total_ms >= t.time_to_first_token_ms && t.time_to_first_token_ms >= t.queue_ms,
+            "{t:?}"
+        );
+
+        // The next step releases the sequence; then there is nothing left to do.
+        let step = st.next_step().unwrap();
+        assert_eq!(
+            (step.step_id, step.releases.clone(), step.seqs.len()),
+            (4, vec![1], 0)
+        );
+        assert_eq!(st.free_blocks, 64);
+        assert!(st.is_idle());
+        assert!(st.next_step().is_none());
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_behind_decode_tokens() {
+        let mut st = state(64, 8, 4);
+        let mut rx_a = submit(&mut st, request(3, 10));
+        let step = st.next_step().unwrap();
+        assert_eq!(step.seqs.len(), 1);
+        assert_eq!(
+            (
+                step.seqs[0].pos0,
+                step.seqs[0].tokens.len(),
+                step.seqs[0].sample
+            ),
+            (0, 3, true)
+        );
+        feed(&mut st, &step, vec![sample(1, 500)]);
+
+        let mut rx_b = submit(&mut st, request(20, 5));
+        let b_prompt: Vec<u32> = (100..120).collect();
+        // 20 prompt tokens, 7 per step (one of the 8 goes to A's decode token, scheduled first).
+        let chunks = [(0usize, 7usize, false), (7, 7, false), (14, 6, true)];
+        for (i, (pos0, n, samples)) in chunks.into_iter().enumerate() {
+            let step = st.next_step().unwrap();
+            let a_tok = 500 + i as u32;
+            assert_eq!(step.seqs.len(), 2, "{step:?}");
+            assert_eq!(step.seqs[0], decode_step(1, 3 + i as u32, 3, a_tok));
+            let b = &step.seqs[1];
+            assert_eq!(
+                (b.seq_id, b.pos0 as usize, b.prompt_len, b.sample),
+                (2, pos0, 20, samples)
+            );
+            assert_eq!(b.tokens, b_prompt[pos0..pos0 + n]);
+            assert!(step.seqs.iter().map(|s| s.tokens.len()).sum::<usize>() <= 8);
+            let mut samples_out = vec![sample(1, a_tok + 1)];
+            if samples {
+                samples_out.push(sample(2, 600));
+            }
+            feed(&mut st, &step, samples_out);
+        }
+        // Both decode now.
+        let step = st.next_step().unwrap();
+        assert_eq!(
+            step.seqs,
+            vec![decode_step(1, 6, 3, 503), decode_step(2, 20, 20, 600)]
+        );
+        assert_eq!(drain(&mut rx_a).tokens.len(), 4);
+        let b = drain(&mut rx_b);
+        assert_eq!(b.tokens.len(), 1, "B samples only after its last chunk");
+        assert_eq!(b.tokens[0].id, 600);
+    }
+
+    #[test]
+    fn decode_tokens_fill_the_budget_before_prompt_chunks() {
+        let mut st = state(64, 2, 4);
+        let _a = submit(&mut st, request(2, 10));
+        let step = st.next_step().unwrap();
+        feed(&mut st, &step, vec![sample(1, 500)]);
+        let _b = submit(&mut st, request(2, 10));
+        let step = st.next_step().unwrap();
+        assert_eq!(step.seqs.len(), 2);
+        assert_eq!(
+            step.seqs[1].tokens.len(),
+            1,
+            "one decode token leaves one prompt token"
+        );
+        feed(&mut st, &step, vec![sample(1, 501)]);
+        let step = st.next_step().unwrap();
+        assert_eq!(step.seqs[1].tokens, vec![101]);
+        assert!(step.seqs[1].sample);
+        feed(&mut st, &step, vec![sample(1, 502), sample(2, 700)]);
+        let _c = submit(&mut st, request(4, 10));
+        // Two decode tokens take the whole budget: C's prompt waits.
+        let step = st.next_step().unwrap();
+        assert_eq!(
+            step.seqs.iter().map(|s| s.seq_id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(
+            st.running.len(),
+            3,
+            "C is admitted (it has KV room) but gets no tokens"
+        );
+    }
+
+    #[test]
+    fn admission_waits_for_kv_blocks_in_fifo_order() {
+        // 4 blocks of 16 tokens.
+        let mut st = state(4, 64, 8);
+        let mut a = submit(&mut st, request(4, 40)); // 3 blocks
+        let mut b = submit(&mut st, request(4, 20)); // 2 blocks: does not fit next to A
+        let mut c = submit(&mut st, request(4, 4)); // 1 block: would fit, but waits behind B
+        let step = st.next_step().unwrap();
+        assert_eq!(
+            step.seqs.iter().map(|s| s.seq_id).collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(
+            (st.running.len(), st.waiting.len(), st.free_blocks),
+            (1, 2, 1)
+        );
+
+        // A ends with EOS; B and C are admitted once its blocks are back.
+        feed(&mut st, &step, vec![sample(1, EOS)]);
+        let ra = drain(&mut a);
+        assert_eq!(reason(&ra), FinishReason::Eos);
+        assert_eq!(st.free_blocks, 4);
+        let step = st.next_step().unwrap();
+        assert_eq!(step.releases, vec![1]);
+        assert_eq!(
+            step.seqs.iter().map(|s| s.seq_id).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(
+            (st.running.len(), st.waiting.len(), st.free_blocks),
+            (2, 0, 1)
+        );
+        assert!(drain(&mut b).tokens.is_empty() && drain(&mut c).tokens.is_empty());
+    }
+
+    #[test]
+    fn admission_waits_for_a_running_slot() {
+        let mut st = state(64, 64, 2);
+        let mut rxs: Vec<Events> = (0..4).map(|_| submit(&mut st, request(3, 1))).collect();
+        let step = st.next_step().unwrap();
+        assert_eq!(
+            step.seqs.iter().map(|s| s.seq_id).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(st.waiting.len(), 2);
+        // Max tokens 1: both finish on their first sample; 3 and 4 take their slots, in order.
+        feed(&mut st, &step, vec![sample(1, 500), sample(2, 501)]);
+        let step = st.next_step().unwrap();
+        assert_eq!(step.releases, vec![1, 2]);
+        assert_eq!(
+            step.seqs.iter().map(|s| s.seq_id).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        feed(&mut st, &step, vec![sample(4, 503), sample(3, 502)]);
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            let r = drain(rx);
+            assert_eq!(
+                r.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+                vec![500 + i as u32]
+            );
+            assert_eq!(reason(&r), FinishReason::Length);
+            assert_eq!(r.usage(), (3, 1));
+        }
+        let step = st.next_step().unwrap();
+        assert_eq!(
+            step.releases,
+            vec![4, 3],
+            "released in the order they finished"
+        );
+        assert!(st.next_step().is_none());
+        // Ids keep increasing.
+        let _rx = submit(&mut st, request(3, 1));
+        assert_eq!(st.next_step().unwrap().seqs[0].seq_id, 5);
+    }
+
+    #[test]
+    fn eos_counts_in_usage_but_is_not_streamed() {
+        let mut st = state(64, 64, 4);
+        let mut rx = submit(&mut st, request(4, 10));
+        let step = st.next_step().unwrap();
+        let hello = ids(" Hello");
+        feed(&mut st, &step, vec![sample(1, hello[0])]);
+        let step = st.next_step().unwrap();
+        feed(&mut st, &step, vec![sample(1, EOS)]);
+        let r = drain(&mut rx);
+        assert_eq!(
+            r.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+            hello,
+            "no token event for EOS"
+        );
+        assert_eq!(reason(&r), FinishReason::Eos);
+        assert_eq!(r.usage(), (4, 2));
+        assert_eq!(r.text(), " Hello");
+        assert_eq!(r.finished().stop_sequence, "");
+        assert_eq!(st.next_step().unwrap().releases, vec![1]);
+    }
+
+    #[test]
+    fn ignore_eos_keeps_going() {
+        let mut st = state(64, 64, 4);
+        let mut req = request(4, 3);
+        req.ignore_eos = true;
+        let mut rx = submit(&mut st, req.clone());
+        req.include_special_tokens = true;
+        let mut rx_special = submit(&mut st, req);
+        for _ in 0..3 {
+            let step = st.next_step().unwrap();
+            assert_eq!(step.seqs.len(), 2);
+            feed(&mut st, &step, vec![sample(1, EOS), sample(2, EOS)]);
+        }
+        let r = drain(&mut rx);
+        assert_eq!(
+            r.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+            vec![EOS; 3]
+        );
+        assert_eq!(r.text(), "", "special tokens are skipped in the text");
+        assert_eq!(reason(&r), FinishReason::Length);
+        assert_eq!(r.usage(), (4, 3));
+        let r = drain(&mut rx_special);
+        assert_eq!(r.text(), "<|im_end|>".repeat(3));
+        assert_eq!(reason(&r), FinishReason::Length);
+    }
+
+    #[test]
+    fn a_stop_sequence_split_across_tokens_is_never_emitted() {
+        let mut st = state(64, 64, 4);
+        let out = ids(" Paris.\n\nThe answer");
+        let mut req = request(5, 20);
+        req.stop = vec![".\n\nThe".into(), "never".into()];
+        let mut rx = submit(&mut st, req);
+        let mut fed = 0;
+        while let Some(step) = st.next_step() {
+            if step.seqs.is_empty() {
+                assert_eq!(step.releases, vec![1]);
+                break;
+            }
+            feed(&mut st, &step, vec![sample(1, out[fed])]);
+            fed += 1;
+        }
+        let r = drain(&mut rx);
+        assert_eq!(fed, r.tokens.len());
+        assert!(fed < out.len(), "stopped before ` answer`");
+        assert_eq!(reason(&r), FinishReason::Stop);
+        assert_eq!(r.finished().stop_sequence, ".\n\nThe");
+        assert_eq!(r.text(), " Paris");
+        assert!(
+            r.tokens
+                .iter()
+                .all(|t| !t.text.contains('.') && !t.text.contains('\n')),
+            "{r:?}"
+        );
+        assert_eq!(r.usage(), (5, fed as u32));
+        assert_eq!(st.free_blocks, 64);
+        assert!(st.is_idle());
+    }
+
+    #[test]
+    fn held_back_text_is_flushed_at_the_end() {
+        let mut st = state(64, 64, 4);
+        let out = ids(" Paris.");
+        let mut req = request(5, out.len() as u32);
+        req.stop = vec![". Nope".into()];
+        let mut rx = submit(&mut st, req);
+        for &t in &out {
+            let step = st.next_step().unwrap();
+            feed(&mut st, &step, vec![sample(1, t)]);
+        }
+        let r = drain(&mut rx);
+        assert_eq!(reason(&r), FinishReason::Length);
+        assert_eq!(
+            r.tokens.last().map(|t| t.text.as_str()),
+            Some(""),
+            "`.` may start the stop sequence"
+        );
+        assert_eq!(r.finished().text, ".");
+        assert_eq!(r.text(), " Paris.");
+    }
+
+    #[test]
+    fn logprobs_come_with_tokens_when_asked() {
+        let mut st = state(64, 64, 4);
+        let mut req = request(4, 1);
+        req.logprobs = true;
+        let mut rx = submit(&mut st, req);
+        let paris = ids(" Paris")[0];
+        let step = st.next_step().unwrap();
+        feed(
+            &mut st,
+            &step,
+            vec![Sample {
+                seq_id: 1,
+                token: paris,
+                logprob: -0.5,
+                top: vec![(paris, -0.5), (EOS, -2.0)],
+            }],
+        );
+        let r = drain(&mut rx);
+        assert_eq!(r.tokens[0].logprob, Some(-0.5));
+        assert_eq!(
+            r.tokens[0].top_logprobs,
+            vec![
+                TopLogprob {
+                    id: paris,
+                    text: " Paris".into(),
+                    logprob: -0.5
+                },
+                TopLogprob {
+                    id: EOS,
+                    text: "<|im_end|>".into(),
+                    logprob: -2.0
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_gone_client_is_cancelled_and_released() {
+        let mut st = state(64, 64, 4);
+        let a = submit(&mut st, request(4, 10));
+        let mut b = submit(&mut st, request(4, 10));
+        let step = st.next_step().unwrap();
+        feed(&mut st, &step, vec![sample(1, 500), sample(2, 500)]);
+        let c = submit(&mut st, request(4, 10)); // waiting: never admitted
+        st.cfg.max_running = 2;
+        drop(a);
+        drop(c);
+        st.reap_disconnected();
+        assert_eq!(
+            (st.running.len(), st.waiting.len(), st.free_blocks),
+            (1, 0, 63)
+        );
+        let step = st.next_step().unwrap();
+        assert_eq!(step.releases, vec![1]);
+        assert_eq!(step.seqs, vec![decode_step(2, 4, 4, 500)]);
+        // A client that goes away between steps: its next token cannot be sent.
+        feed(&mut st, &step, vec![sample(2, 501)]);
+        assert_eq!(drain(&mut b).tokens.len(), 2);
+        drop(b);
+        let step = st.next_step().unwrap();
+        feed(&mut st, &step, vec![sample(2, 502)]);
+        assert!(st.running.is_empty());
+        assert_eq!(st.next_step().unwrap().releases, vec![2]);
+        assert!(st.is_idle());
+        assert_eq!(st.free_blocks, 64);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_kv_cache_is_refused_at_once() {
+        let mut st = state(2, 64, 4);
+        let mut rx = submit(&mut st, request(10, 23)); // 33 tokens > 32
+        let r = drain(&mut rx);
+        let e = r.error.unwrap();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(
+            e.message()
+                .starts_with("parameters.max_tokens: prompt plus max_tokens is 33 tokens"),
+            "{e:?}"
+        );
+        assert!(e.message().contains("(32 tokens)"), "{e:?}");
+        assert!(rx.try_recv().is_err());
+        assert!(st.is_idle());
+        assert!(st.next_step().is_none());
+        // Exactly the capacity fits, and takes the first id.
+        let _rx = submit(&mut st, request(10, 22));
+        let step = st.next_step().unwrap();
+        assert_eq!(step.seqs[0].seq_id, 1);
+        assert_eq!(st.free_blocks, 0);
+    }
+
+    #[test]
+    fn fail_running_errors_every_running_stream() {
+        let mut st = state(64, 64, 2);
+        let mut a = submit(&mut st, request(4, 10));
+        let mut b = submit(&mut st, request(4, 10));
+        let mut c = submit(&mut st, request(4, 10)); // waits for a slot
+        let step = st.next_step().unwrap();
+        feed(&mut st, &step, vec![sample(1, 500), sample(2, 500)]);
+        st.fail_running(&GatewayError::Unavailable("worker cpu[1] died".into()));
+        for rx in [&mut a, &mut b] {
+            let r = drain(rx);
+            assert_eq!(r.tokens.len(), 1);
+            assert!(r.finished.is_none());
+            let e = r.error.unwrap();
+            assert_eq!(e.code(), Code::Unavailable);
+            assert!(e.message().contains("worker cpu[1] died"), "{e:?}");
+        }
+        // Their KV is released with the next step, which runs the waiting request.
+        let step = st.next_step().unwrap();
+        assert_eq!(step.releases, vec![1, 2]);
+        assert_eq!(
+            step.seqs.iter().map(|s| s.seq_id).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert!(drain(&mut c).error.is_none());
+    }
+
+    #[test]
+    fn cancel_all_finishes_running_and_refuses_waiting() {
+        let mut st = state(64, 64, 1);
+        let mut a = submit(&mut st, request(4, 10));
+        let mut b = submit(&mut st, request(4, 10));
+        let step = st.next_step().unwrap();
+        let hello = ids(" Hello");
+        feed(&mut st, &step, vec![sample(1, hello[0])]);
+        st.cancel_all();
+        let r = drain(&mut a);
+        assert_eq!(reason(&r), FinishReason::Cancelled);
+        assert_eq!(r.usage(), (4, 1));
+        assert_eq!(r.text(), " Hello");
+        let r = drain(&mut b);
+        assert!(r.tokens.is_empty() && r.finished.is_none());
+        assert_eq!(r.error.unwrap().code(), Code::Cancelled);
+        let step = st.next_step().unwrap();
+        assert_eq!((step.releases, step.seqs.len()), (vec![1], 0));
+        assert!(st.is_idle());
+        assert_eq!(st.free_blocks, 64);
+    }
+
+    #[test]
+    fn multibyte_text_streams_whole_characters() {
+        let mut st = state(64, 64, 4);
+        let text = "日本語 🤖 ✓";
+        let out = ids(text);
+        assert!(
+            out.len() > text.chars().count(),
+            "some character spans tokens"
+        );
+        let mut rx = submit(&mut st, request(3, out.len() as u32));
+        for &t in &out {
+            let step = st.next_step().unwrap();
+            feed(&mut st, &step, vec![sample(1, t)]);
+        }
+        let r = drain(&mut rx);
+        assert_eq!(r.tokens.len(), out.len());
+        assert!(
+            r.tokens.iter().all(|t| !t.text.contains('\u{FFFD}')),
+            "{r:?}"
+        );
+        assert!(r.tokens.iter().any(|t| t.text.is_empty()));
+        assert_eq!(r.text(), text);
+    }
+
+    #[test]
+    fn samples_for_unknown_sequences_are_ignored() {
+        let mut st = state(64, 64, 4);
+        let mut rx = submit(&mut st, request(3, 2));
+        let step = st.next_step().unwrap();
+        feed(&mut st, &step, vec![sample(99, 500), sample(1, 501)]);
+        assert_eq!(drain(&mut rx).tokens.len(), 1);
+        assert_eq!(st.running.len(), 1);
     }
 }

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use strata_proto::v1::strata_server::StrataServer;
-use strata_proto::v1::{ModelInfoResponse, Stage, TensorPlan, WorkerInfo as WorkerInfoPb, WorkerState as WorkerStatePb};
+use strata_proto::v1::{
+    ModelInfoResponse, Stage, TensorPlan, WorkerInfo as WorkerInfoPb, WorkerState as WorkerStatePb,
+};
 use strata_shared::device::DeviceSpec;
 use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
@@ -29,7 +31,7 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerState, SchedulerStat
 use crate::service::StrataService;
 use crate::tokenizer::ModelTokenizer;
 use crate::validation::Limits;
-use crate::workers::{Workers, WorkerState, load_and_link, supervise};
+use crate::workers::{Deployment, WorkerState, Workers, load_and_link, supervise};
 
 /// The default topology, for the default model.
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../../topologies/default.yml");
@@ -71,7 +73,9 @@ impl TopologyChoice {
 
     pub fn describe(&self, model: &str) -> String {
         match self {
-            TopologyChoice::Default if model == DEFAULT_MODEL_SPEC => "default (topologies/default.yml)".into(),
+            TopologyChoice::Default if model == DEFAULT_MODEL_SPEC => {
+                "default (topologies/default.yml)".into()
+            }
             TopologyChoice::Default | TopologyChoice::None => "none".into(),
             TopologyChoice::File(p) => p.display().to_string(),
         }
@@ -147,8 +151,16 @@ pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
             "the topology places layers on {d}, but this build runs CPU workers only (build with the `cuda` feature for GPUs)"
         )));
     }
-    let tokenizer = Arc::new(ModelTokenizer::load(&meta.files, meta.gguf.as_ref(), &meta.config.eos_token_ids)?);
-    Ok(Resolved { meta, plan, tokenizer })
+    let tokenizer = Arc::new(ModelTokenizer::load(
+        &meta.files,
+        meta.gguf.as_ref(),
+        &meta.config.eos_token_ids,
+    )?);
+    Ok(Resolved {
+        meta,
+        plan,
+        tokenizer,
+    })
 }
 
 fn model_info(
@@ -182,7 +194,11 @@ fn model_info(
                 layer_end: s.layer_end as u32,
                 embed: s.embed,
                 head: s.head,
-                worker: ws.iter().find(|w| w.device == s.device).map(|w| w.address.clone()).unwrap_or_default(),
+                worker: ws
+                    .iter()
+                    .find(|w| w.device == s.device)
+                    .map(|w| w.address.clone())
+                    .unwrap_or_default(),
             })
             .collect(),
         tensors: r
@@ -224,7 +240,8 @@ fn model_info(
             })
             .collect(),
         kv_cache_tokens: kv_tokens as u32,
-        kv_cache_reserved_tokens: (stats.reserved_blocks.load(Ordering::Relaxed) * KV_BLOCK_SIZE) as u32,
+        kv_cache_reserved_tokens: (stats.reserved_blocks.load(Ordering::Relaxed) * KV_BLOCK_SIZE)
+            as u32,
         running: stats.running.load(Ordering::Relaxed) as u32,
         waiting: stats.waiting.load(Ordering::Relaxed) as u32,
     }
@@ -235,7 +252,19 @@ pub const KV_BLOCK_SIZE: usize = 16;
 
 /// Runs the gateway until `shutdown` resolves. Prints `{"event":"ready","listen":ADDR}` on
 /// stdout once it serves.
-pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), GatewayError> {
+pub async fn run(
+    cfg: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    if cfg.max_running == 0 || cfg.max_batch_tokens < cfg.max_running {
+        return Err(GatewayError::invalid(
+            "--max-batch-tokens",
+            format!(
+                "{} tokens per step cannot carry one token of each of --max-running {} sequences",
+                cfg.max_batch_tokens, cfg.max_running
+            ),
+        ));
+    }
     let resolved = resolve(&cfg.model)?;
     tracing::info!(model = %cfg.model.model, layers = resolved.meta.config.num_layers, "serving\n{}", route_summary(&resolved.plan));
 
@@ -243,41 +272,66 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send +
     let mut local = Vec::new();
     let addresses: HashMap<DeviceSpec, String> = match &cfg.workers {
         WorkerSource::Spawn(cmd) => {
-            local = spawn_workers(cmd, &resolved.plan.devices, failures_tx.clone(), cfg.connect_timeout).await?;
-            local.iter().map(|w| (w.device, w.control.clone())).collect()
+            local = spawn_workers(
+                cmd,
+                &resolved.plan.devices,
+                failures_tx.clone(),
+                cfg.connect_timeout,
+            )
+            .await?;
+            local
+                .iter()
+                .map(|w| (w.device, w.control.clone()))
+                .collect()
         }
         WorkerSource::Remote(map) => map.clone(),
     };
 
     let transport = TcpTransport::default();
-    let data_listener = transport
-        .bind(&cfg.data_listen)
-        .await
-        .map_err(|e| GatewayError::Unavailable(format!("--data-listen {}: {e}", cfg.data_listen)))?;
+    let data_listener = transport.bind(&cfg.data_listen).await.map_err(|e| {
+        GatewayError::Unavailable(format!("--data-listen {}: {e}", cfg.data_listen))
+    })?;
     let data_address = advertised(&data_listener.local_addr(), cfg.advertise_host.as_deref());
 
     let kv_blocks = cfg.kv_cache_tokens.div_ceil(KV_BLOCK_SIZE).max(1);
-    let workers = load_and_link(
-        &resolved.plan,
-        &cfg.model.model,
-        cfg.model.revision.as_deref(),
-        &addresses,
-        kv_blocks as u32,
-        KV_BLOCK_SIZE as u32,
-        &data_address,
-        cfg.connect_timeout,
-    )
+    let workers = load_and_link(&Deployment {
+        plan: &resolved.plan,
+        model: &cfg.model.model,
+        revision: cfg.model.revision.as_deref(),
+        addresses: &addresses,
+        kv_blocks: kv_blocks as u32,
+        kv_block_size: KV_BLOCK_SIZE as u32,
+        gateway_data_address: &data_address,
+        connect_timeout: cfg.connect_timeout,
+    })
     .await?;
     if matches!(cfg.workers, WorkerSource::Remote(_)) {
-        tokio::spawn(supervise(workers.clone(), failures_tx.clone(), Duration::from_secs(5)));
+        tokio::spawn(supervise(
+            workers.clone(),
+            failures_tx.clone(),
+            Duration::from_secs(5),
+        ));
     }
 
     let first = workers
         .snapshot()
         .into_iter()
-        .find(|w| resolved.plan.route.first().is_some_and(|s| s.device == w.device))
+        .find(|w| {
+            resolved
+                .plan
+                .route
+                .first()
+                .is_some_and(|s| s.device == w.device)
+        })
         .ok_or_else(|| GatewayError::Internal("no worker runs the first stage".into()))?;
-    let pipeline = RingPipeline::connect(&transport, &first.data_address, data_listener, failures_rx.clone(), cfg.step_timeout).await?;
+    let pipeline = RingPipeline::connect(
+        &transport,
+        &first.data_address,
+        data_listener,
+        failures_rx.clone(),
+        cfg.step_timeout,
+    )
+    .await?;
 
     let kv_tokens = kv_blocks * KV_BLOCK_SIZE;
     let context = resolved.meta.config.max_position_embeddings.min(kv_tokens);
@@ -306,7 +360,16 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send +
     let info_workers = workers.clone();
     let resolved = Arc::new(resolved);
     let info_resolved = Arc::clone(&resolved);
-    let info = Arc::new(move || model_info(&info_cfg, &info_resolved, &info_workers, &stats, kv_tokens, context));
+    let info = Arc::new(move || {
+        model_info(
+            &info_cfg,
+            &info_resolved,
+            &info_workers,
+            &stats,
+            kv_tokens,
+            context,
+        )
+    });
     let service = StrataService::new(tokenizer, limits, scheduler, info);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -316,7 +379,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send +
     tokio::spawn(async move {
         while failures.changed().await.is_ok() {
             if failures.borrow().is_some() {
-                health_watch.set_not_serving::<StrataServer<StrataService>>().await;
+                health_watch
+                    .set_not_serving::<StrataServer<StrataService>>()
+                    .await;
             }
         }
     });
@@ -341,7 +406,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send +
     tracing::info!(listen = %local_addr, "gateway ready");
     {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, r#"{{"event":"ready","listen":"{local_addr}"}}"#).and_then(|()| out.flush());
+        let _ = writeln!(out, r#"{{"event":"ready","listen":"{local_addr}"}}"#)
+            .and_then(|()| out.flush());
     }
 
     let served = tonic::transport::Server::builder()

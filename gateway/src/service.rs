@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use strata_proto::v1::strata_server::Strata;
 use strata_proto::v1::{
-    ChatRequest, DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, ModelInfoRequest,
-    ModelInfoResponse, TokenizeRequest, TokenizeResponse,
+    ChatRequest, DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse,
+    ModelInfoRequest, ModelInfoResponse, TokenizeRequest, TokenizeResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,7 +31,12 @@ pub struct StrataService {
 }
 
 impl StrataService {
-    pub fn new(tokenizer: Arc<ModelTokenizer>, limits: Limits, scheduler: Scheduler, info: InfoFn) -> Self {
+    pub fn new(
+        tokenizer: Arc<ModelTokenizer>,
+        limits: Limits,
+        scheduler: Scheduler,
+        info: InfoFn,
+    ) -> Self {
         StrataService {
             tokenizer,
             limits,
@@ -40,7 +45,10 @@ impl StrataService {
         }
     }
 
-    async fn stream(&self, req: ValidRequest) -> Result<Response<ReceiverStream<Result<GenerateResponse, Status>>>, Status> {
+    async fn stream(
+        &self,
+        req: ValidRequest,
+    ) -> Result<Response<ReceiverStream<Result<GenerateResponse, Status>>>, Status> {
         // Room for every token event and the final message: a full channel never blocks the scheduler.
         let (tx, rx) = mpsc::channel(req.max_new_tokens as usize + 2);
         self.scheduler.submit(req, tx).await?;
@@ -53,29 +61,49 @@ impl Strata for StrataService {
     type GenerateStream = ReceiverStream<Result<GenerateResponse, Status>>;
     type ChatStream = ReceiverStream<Result<GenerateResponse, Status>>;
 
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = validation::generate(request.into_inner(), &self.tokenizer, &self.limits)?;
         self.stream(req).await
     }
 
-    async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
+    async fn chat(
+        &self,
+        request: Request<ChatRequest>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
         let req = validation::chat(request.into_inner(), &self.tokenizer, &self.limits)?;
         self.stream(req).await
     }
 
-    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
         let r = request.into_inner();
         let ids = self.tokenizer.encode(&r.text, r.add_special_tokens)?;
         let tokens = self.tokenizer.tokens(&ids);
         Ok(Response::new(TokenizeResponse { ids, tokens }))
     }
 
-    async fn detokenize(&self, request: Request<DetokenizeRequest>) -> Result<Response<DetokenizeResponse>, Status> {
+    async fn detokenize(
+        &self,
+        request: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
         let r = request.into_inner();
-        if let Some((i, id)) = r.ids.iter().enumerate().find(|(_, id)| **id as usize >= self.limits.vocab_size) {
+        if let Some((i, id)) = r
+            .ids
+            .iter()
+            .enumerate()
+            .find(|(_, id)| **id as usize >= self.limits.vocab_size)
+        {
             return Err(GatewayError::invalid(
                 format!("ids[{i}]"),
-                format!("{id} is outside the vocabulary of {} tokens", self.limits.vocab_size),
+                format!(
+                    "{id} is outside the vocabulary of {} tokens",
+                    self.limits.vocab_size
+                ),
             )
             .into());
         }
@@ -83,7 +111,10 @@ impl Strata for StrataService {
         Ok(Response::new(DetokenizeResponse { text }))
     }
 
-    async fn model_info(&self, _request: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+    async fn model_info(
+        &self,
+        _request: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
         Ok(Response::new((self.info)()))
     }
 }

@@ -47,11 +47,17 @@ fn tok_err(origin: &str) -> impl Fn(tokenizers::Error) -> GatewayError + '_ {
 impl ModelTokenizer {
     /// Loads the tokenizer of a resolved model: `tokenizer.json` when the model has one, else
     /// the GGUF metadata. `eos_ids` are the model config's end-of-sequence ids.
-    pub fn load(files: &ModelFiles, gguf: Option<&GgufFile>, eos_ids: &[u32]) -> Result<Self, GatewayError> {
+    pub fn load(
+        files: &ModelFiles,
+        gguf: Option<&GgufFile>,
+        eos_ids: &[u32],
+    ) -> Result<Self, GatewayError> {
         let mut tok = match (&files.tokenizer_json, gguf) {
-            (Some(path), _) => Self::from_tokenizer_json(&std::fs::read(path).map_err(|e| {
-                GatewayError::Model(format!("{}: {e}", path.display()))
-            })?, &path.display().to_string())?,
+            (Some(path), _) => Self::from_tokenizer_json(
+                &std::fs::read(path)
+                    .map_err(|e| GatewayError::Model(format!("{}: {e}", path.display())))?,
+                &path.display().to_string(),
+            )?,
             (None, Some(g)) => Self::from_gguf(g)?,
             (None, None) => {
                 return Err(GatewayError::Model(format!(
@@ -64,8 +70,9 @@ impl ModelTokenizer {
         if let Some(cfg_path) = &files.tokenizer_config {
             let text = std::fs::read_to_string(cfg_path)
                 .map_err(|e| GatewayError::Model(format!("{}: {e}", cfg_path.display())))?;
-            let cfg: Value = serde_json::from_str(&text)
-                .map_err(|e| GatewayError::Model(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
+            let cfg: Value = serde_json::from_str(&text).map_err(|e| {
+                GatewayError::Model(format!("{}: invalid JSON: {e}", cfg_path.display()))
+            })?;
             tok.bos_token = special_token_text(&cfg["bos_token"]).or(tok.bos_token);
             tok.eos_token = special_token_text(&cfg["eos_token"]).or(tok.eos_token);
             tok.chat_template = match &cfg["chat_template"] {
@@ -80,7 +87,8 @@ impl ModelTokenizer {
         }
         if let Some(path) = &files.chat_template {
             tok.chat_template = Some(
-                std::fs::read_to_string(path).map_err(|e| GatewayError::Model(format!("{}: {e}", path.display())))?,
+                std::fs::read_to_string(path)
+                    .map_err(|e| GatewayError::Model(format!("{}: {e}", path.display())))?,
             );
         }
         if tok.chat_template.is_none()
@@ -93,7 +101,10 @@ impl ModelTokenizer {
         }
         tok.eos_ids = eos_ids.to_vec();
         if tok.eos_ids.is_empty()
-            && let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.inner.token_to_id(t))
+            && let Some(id) = tok
+                .eos_token
+                .as_deref()
+                .and_then(|t| tok.inner.token_to_id(t))
         {
             tok.eos_ids.push(id);
         }
@@ -122,22 +133,38 @@ impl ModelTokenizer {
     pub fn from_gguf(g: &GgufFile) -> Result<Self, GatewayError> {
         let origin = g.path().display().to_string();
         let meta_err = |e: strata_shared::ModelError| GatewayError::Model(e.to_string());
-        let model = g.opt_str("tokenizer.ggml.model").map_err(meta_err)?.unwrap_or("gpt2");
+        let model = g
+            .opt_str("tokenizer.ggml.model")
+            .map_err(meta_err)?
+            .unwrap_or("gpt2");
         let tokens = g
             .opt_str_array("tokenizer.ggml.tokens")
             .map_err(meta_err)?
-            .ok_or_else(|| GatewayError::Model(format!("{origin}: metadata key `tokenizer.ggml.tokens` is missing")))?;
-        let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+            .ok_or_else(|| {
+                GatewayError::Model(format!(
+                    "{origin}: metadata key `tokenizer.ggml.tokens` is missing"
+                ))
+            })?;
+        let types: Vec<u64> = match g
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
         let id = |key: &str| -> Result<Option<u32>, GatewayError> {
             Ok(g.opt_u64(key).map_err(meta_err)?.map(|v| v as u32))
         };
-        let name_of = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
+        let name_of = |i: Option<u32>| {
+            i.and_then(|i| tokens.get(i as usize))
+                .map(|s| s.to_string())
+        };
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
-        let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token").map_err(meta_err)?.unwrap_or(model == "llama");
+        let add_bos = g
+            .opt_bool("tokenizer.ggml.add_bos_token")
+            .map_err(meta_err)?
+            .unwrap_or(model == "llama");
         // Control (3) and user-defined (4) tokens are matched whole in text, like added tokens.
         let added: Vec<Value> = tokens
             .iter()
@@ -156,15 +183,25 @@ impl ModelTokenizer {
                 "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}),
             _ => Value::Null,
         };
-        let vocab: serde_json::Map<String, Value> =
-            tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), json!(i)))
+            .collect();
         let doc = match model {
             "gpt2" => {
                 let merges = g
                     .opt_str_array("tokenizer.ggml.merges")
                     .map_err(meta_err)?
-                    .ok_or_else(|| GatewayError::Model(format!("{origin}: metadata key `tokenizer.ggml.merges` is missing")))?;
-                let pre = g.opt_str("tokenizer.ggml.pre").map_err(meta_err)?.unwrap_or("default");
+                    .ok_or_else(|| {
+                        GatewayError::Model(format!(
+                            "{origin}: metadata key `tokenizer.ggml.merges` is missing"
+                        ))
+                    })?;
+                let pre = g
+                    .opt_str("tokenizer.ggml.pre")
+                    .map_err(meta_err)?
+                    .unwrap_or("default");
                 json!({
                     "version": "1.0", "truncation": null, "padding": null,
                     "added_tokens": added, "normalizer": null,
@@ -177,14 +214,22 @@ impl ModelTokenizer {
                 })
             }
             "llama" => {
-                let scores = g.opt_f64_array("tokenizer.ggml.scores").map_err(meta_err)?.unwrap_or_default();
-                let unk = name_of(id("tokenizer.ggml.unknown_token_id")?).unwrap_or_else(|| "<unk>".into());
-                let add_space = g.opt_bool("tokenizer.ggml.add_space_prefix").map_err(meta_err)?.unwrap_or(true);
+                let scores = g
+                    .opt_f64_array("tokenizer.ggml.scores")
+                    .map_err(meta_err)?
+                    .unwrap_or_default();
+                let unk = name_of(id("tokenizer.ggml.unknown_token_id")?)
+                    .unwrap_or_else(|| "<unk>".into());
+                let add_space = g
+                    .opt_bool("tokenizer.ggml.add_space_prefix")
+                    .map_err(meta_err)?
+                    .unwrap_or(true);
                 let mut normalizers = Vec::new();
                 if add_space {
                     normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
                 }
-                normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+                normalizers
+                    .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
                 let mut decoders = vec![
                     json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
                     json!({"type": "ByteFallback"}),
@@ -211,7 +256,8 @@ impl ModelTokenizer {
                 )));
             }
         };
-        let bytes = serde_json::to_vec(&doc).map_err(|e| GatewayError::Model(format!("{origin}: {e}")))?;
+        let bytes =
+            serde_json::to_vec(&doc).map_err(|e| GatewayError::Model(format!("{origin}: {e}")))?;
         let mut tok = Self::from_tokenizer_json(&bytes, &origin)?;
         tok.bos_token = name_of(bos);
         tok.eos_token = name_of(eos);
@@ -240,7 +286,9 @@ impl ModelTokenizer {
 
     /// Token strings of `ids`.
     pub fn tokens(&self, ids: &[u32]) -> Vec<String> {
-        ids.iter().map(|&i| self.inner.id_to_token(i).unwrap_or_default()).collect()
+        ids.iter()
+            .map(|&i| self.inner.id_to_token(i).unwrap_or_default())
+            .collect()
     }
 
     /// Text of `ids`.
@@ -252,18 +300,27 @@ impl ModelTokenizer {
 
     /// Renders chat messages with the model's template (Hugging Face semantics: `trim_blocks`
     /// and `lstrip_blocks`, Python string methods, `raise_exception`).
-    pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, GatewayError> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| GatewayError::FailedPrecondition("the model has no chat template; use Generate".into()))?;
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, GatewayError> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            GatewayError::FailedPrecondition("the model has no chat template; use Generate".into())
+        })?;
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", template)
             .map_err(|e| GatewayError::Model(format!("chat template: {e}")))?;
         let tmpl = env
@@ -282,7 +339,11 @@ impl ModelTokenizer {
     }
 
     /// A streaming decoder for one sequence, primed with the end of its prompt.
-    pub fn stream_decoder(self: &Arc<Self>, prompt: &[u32], skip_special_tokens: bool) -> StreamDecoder {
+    pub fn stream_decoder(
+        self: &Arc<Self>,
+        prompt: &[u32],
+        skip_special_tokens: bool,
+    ) -> StreamDecoder {
         let tail = &prompt[prompt.len().saturating_sub(4)..];
         StreamDecoder {
             tok: Arc::clone(self),
@@ -298,7 +359,10 @@ impl ModelTokenizer {
 fn special_token_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -323,7 +387,10 @@ fn gpt2_pre_tokenizer(pre: &str) -> Value {
         ]}),
         other => {
             if !matches!(other, "default" | "gpt2" | "gpt-2") {
-                tracing::warn!(pre = other, "unknown GGUF pre-tokenizer; using the GPT-2 rules");
+                tracing::warn!(
+                    pre = other,
+                    "unknown GGUF pre-tokenizer; using the GPT-2 rules"
+                );
             }
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
         }
@@ -360,7 +427,9 @@ pub struct StreamDecoder {
 
 impl std::fmt::Debug for StreamDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamDecoder").field("ids", &self.ids).finish()
+        f.debug_struct("StreamDecoder")
+            .field("ids", &self.ids)
+            .finish()
     }
 }
 
@@ -368,10 +437,13 @@ impl StreamDecoder {
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String, GatewayError> {
         self.ids.push(id);
-        let prefix = self
+        let prefix = self.tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
+        let full = self
             .tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
-        let full = self.tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+            .decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
             let delta = full.get(prefix.len()..).unwrap_or_default().to_string();
             self.prefix_offset = self.read_offset;
@@ -477,6 +549,14 @@ mod tests {
         let scores = [0.0, -1.0, -2.0, -0.5, -0.2, -0.3];
         let merges = spm_merges(&tokens, &scores);
         // "abb" (score -0.2) splits as a+bb and ab+b; then bb (-0.3), then ab (-0.5).
-        assert_eq!(merges, vec![json!(["a", "bb"]), json!(["ab", "b"]), json!(["b", "b"]), json!(["a", "b"])]);
+        assert_eq!(
+            merges,
+            vec![
+                json!(["a", "bb"]),
+                json!(["ab", "b"]),
+                json!(["b", "b"]),
+                json!(["a", "b"])
+            ]
+        );
     }
 }

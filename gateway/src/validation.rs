@@ -2,7 +2,9 @@
 //! everything the scheduler gets is already checked, tokenized and defaulted. Each error names
 //! the offending field as the client wrote it.
 
-use strata_proto::v1::{ChatRequest, GenerateRequest, SamplingParameters, generate_request, stop_sequence};
+use strata_proto::v1::{
+    ChatRequest, GenerateRequest, SamplingParameters, generate_request, stop_sequence,
+};
 use strata_shared::wire::SamplingParams;
 
 use crate::error::GatewayError;
@@ -33,7 +35,11 @@ pub struct ValidRequest {
 }
 
 /// Validates a `Generate` request.
-pub fn generate(req: GenerateRequest, tok: &ModelTokenizer, limits: &Limits) -> Result<ValidRequest, GatewayError> {
+pub fn generate(
+    req: GenerateRequest,
+    tok: &ModelTokenizer,
+    limits: &Limits,
+) -> Result<ValidRequest, GatewayError> {
     let input_ids = match req.input {
         Some(generate_request::Input::Prompt(text)) => {
             if text.is_empty() {
@@ -49,28 +55,51 @@ pub fn generate(req: GenerateRequest, tok: &ModelTokenizer, limits: &Limits) -> 
             if t.ids.is_empty() {
                 return Err(GatewayError::invalid("token_ids.ids", "must not be empty"));
             }
-            if let Some((i, id)) = t.ids.iter().enumerate().find(|(_, id)| **id as usize >= limits.vocab_size) {
+            if let Some((i, id)) = t
+                .ids
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id as usize >= limits.vocab_size)
+            {
                 return Err(GatewayError::invalid(
                     format!("token_ids.ids[{i}]"),
-                    format!("{id} is outside the vocabulary of {} tokens", limits.vocab_size),
+                    format!(
+                        "{id} is outside the vocabulary of {} tokens",
+                        limits.vocab_size
+                    ),
                 ));
             }
             t.ids
         }
-        None => return Err(GatewayError::invalid("input", "set `prompt` or `token_ids`")),
+        None => {
+            return Err(GatewayError::invalid(
+                "input",
+                "set `prompt` or `token_ids`",
+            ));
+        }
     };
     finish(input_ids, req.parameters, "prompt", limits)
 }
 
 /// Validates a `Chat` request (rendering the model's chat template).
-pub fn chat(req: ChatRequest, tok: &ModelTokenizer, limits: &Limits) -> Result<ValidRequest, GatewayError> {
+pub fn chat(
+    req: ChatRequest,
+    tok: &ModelTokenizer,
+    limits: &Limits,
+) -> Result<ValidRequest, GatewayError> {
     if req.messages.is_empty() {
-        return Err(GatewayError::invalid("messages", "must hold at least one message"));
+        return Err(GatewayError::invalid(
+            "messages",
+            "must hold at least one message",
+        ));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
         if m.role.is_empty() {
-            return Err(GatewayError::invalid(format!("messages[{i}].role"), "must not be empty"));
+            return Err(GatewayError::invalid(
+                format!("messages[{i}].role"),
+                "must not be empty",
+            ));
         }
         messages.push(Message {
             role: m.role,
@@ -88,7 +117,10 @@ fn check_range(field: &str, v: f32, lo: f32, hi: f32, lo_open: bool) -> Result<(
         Ok(())
     } else {
         let open = if lo_open { "(" } else { "[" };
-        Err(GatewayError::invalid(field, format!("must be in {open}{lo}, {hi}], got {v}")))
+        Err(GatewayError::invalid(
+            field,
+            format!("must be in {open}{lo}, {hi}], got {v}"),
+        ))
     }
 }
 
@@ -111,7 +143,12 @@ fn finish(
     }
     let room = (limits.context_length - prompt_len) as u32;
     let max_new_tokens = match p.max_tokens {
-        Some(0) => return Err(GatewayError::invalid("parameters.max_tokens", "must be at least 1")),
+        Some(0) => {
+            return Err(GatewayError::invalid(
+                "parameters.max_tokens",
+                "must be at least 1",
+            ));
+        }
         Some(n) if n > room => {
             return Err(GatewayError::invalid(
                 "parameters.max_tokens",
@@ -131,28 +168,56 @@ fn finish(
     let min_p = p.min_p.unwrap_or(0.0);
     check_range("parameters.min_p", min_p, 0.0, 1.0, false)?;
     let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-    check_range("parameters.repetition_penalty", repetition_penalty, 0.0, 100.0, true)?;
+    check_range(
+        "parameters.repetition_penalty",
+        repetition_penalty,
+        0.0,
+        100.0,
+        true,
+    )?;
     let frequency_penalty = p.frequency_penalty.unwrap_or(0.0);
-    check_range("parameters.frequency_penalty", frequency_penalty, -2.0, 2.0, false)?;
+    check_range(
+        "parameters.frequency_penalty",
+        frequency_penalty,
+        -2.0,
+        2.0,
+        false,
+    )?;
     let presence_penalty = p.presence_penalty.unwrap_or(0.0);
-    check_range("parameters.presence_penalty", presence_penalty, -2.0, 2.0, false)?;
+    check_range(
+        "parameters.presence_penalty",
+        presence_penalty,
+        -2.0,
+        2.0,
+        false,
+    )?;
     if p.top_logprobs > limits.max_top_logprobs {
         return Err(GatewayError::invalid(
             "parameters.top_logprobs",
-            format!("must be at most {}, got {}", limits.max_top_logprobs, p.top_logprobs),
+            format!(
+                "must be at most {}, got {}",
+                limits.max_top_logprobs, p.top_logprobs
+            ),
         ));
     }
     if p.stop.len() > limits.max_stop_sequences {
         return Err(GatewayError::invalid(
             "parameters.stop",
-            format!("at most {} stop sequences, got {}", limits.max_stop_sequences, p.stop.len()),
+            format!(
+                "at most {} stop sequences, got {}",
+                limits.max_stop_sequences,
+                p.stop.len()
+            ),
         ));
     }
     let mut stop = Vec::with_capacity(p.stop.len());
     for (i, s) in p.stop.into_iter().enumerate() {
         match s.kind {
             Some(stop_sequence::Kind::Text(t)) if t.is_empty() => {
-                return Err(GatewayError::invalid(format!("parameters.stop[{i}].text"), "must not be empty"));
+                return Err(GatewayError::invalid(
+                    format!("parameters.stop[{i}].text"),
+                    "must not be empty",
+                ));
             }
             Some(stop_sequence::Kind::Text(t)) => stop.push(t),
             None => {
@@ -190,8 +255,10 @@ mod tests {
     use strata_proto::v1::{StopSequence, TokenIds};
 
     fn tok() -> ModelTokenizer {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2/hf/tokenizer.json");
-        ModelTokenizer::from_tokenizer_json(&std::fs::read(path).unwrap(), "tokenizer.json").unwrap()
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/golden/smollm2/hf/tokenizer.json");
+        ModelTokenizer::from_tokenizer_json(&std::fs::read(path).unwrap(), "tokenizer.json")
+            .unwrap()
     }
 
     const LIMITS: Limits = Limits {
@@ -226,19 +293,99 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let cases: Vec<(SamplingParameters, &str)> = vec![
-            (SamplingParameters { temperature: Some(-1.0), ..Default::default() }, "parameters.temperature: must be in [0, 100], got -1"),
-            (SamplingParameters { temperature: Some(f32::NAN), ..Default::default() }, "parameters.temperature"),
-            (SamplingParameters { top_p: Some(0.0), ..Default::default() }, "parameters.top_p: must be in (0, 1], got 0"),
-            (SamplingParameters { top_p: Some(1.5), ..Default::default() }, "parameters.top_p"),
-            (SamplingParameters { min_p: Some(2.0), ..Default::default() }, "parameters.min_p"),
-            (SamplingParameters { repetition_penalty: Some(0.0), ..Default::default() }, "parameters.repetition_penalty"),
-            (SamplingParameters { frequency_penalty: Some(3.0), ..Default::default() }, "parameters.frequency_penalty"),
-            (SamplingParameters { presence_penalty: Some(-2.5), ..Default::default() }, "parameters.presence_penalty"),
-            (SamplingParameters { max_tokens: Some(0), ..Default::default() }, "parameters.max_tokens: must be at least 1"),
-            (SamplingParameters { max_tokens: Some(63), ..Default::default() }, "parameters.max_tokens: 63 tokens after a 2-token prompt exceed the context window of 64 tokens"),
-            (SamplingParameters { top_logprobs: 21, ..Default::default() }, "parameters.top_logprobs"),
-            (SamplingParameters { stop: vec![StopSequence { kind: None }], ..Default::default() }, "parameters.stop[0]: unknown stop-sequence type"),
-            (SamplingParameters { stop: vec![StopSequence { kind: Some(stop_sequence::Kind::Text(String::new())) }], ..Default::default() }, "parameters.stop[0].text: must not be empty"),
+            (
+                SamplingParameters {
+                    temperature: Some(-1.0),
+                    ..Default::default()
+                },
+                "parameters.temperature: must be in [0, 100], got -1",
+            ),
+            (
+                SamplingParameters {
+                    temperature: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "parameters.temperature",
+            ),
+            (
+                SamplingParameters {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "parameters.top_p: must be in (0, 1], got 0",
+            ),
+            (
+                SamplingParameters {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "parameters.top_p",
+            ),
+            (
+                SamplingParameters {
+                    min_p: Some(2.0),
+                    ..Default::default()
+                },
+                "parameters.min_p",
+            ),
+            (
+                SamplingParameters {
+                    repetition_penalty: Some(0.0),
+                    ..Default::default()
+                },
+                "parameters.repetition_penalty",
+            ),
+            (
+                SamplingParameters {
+                    frequency_penalty: Some(3.0),
+                    ..Default::default()
+                },
+                "parameters.frequency_penalty",
+            ),
+            (
+                SamplingParameters {
+                    presence_penalty: Some(-2.5),
+                    ..Default::default()
+                },
+                "parameters.presence_penalty",
+            ),
+            (
+                SamplingParameters {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "parameters.max_tokens: must be at least 1",
+            ),
+            (
+                SamplingParameters {
+                    max_tokens: Some(63),
+                    ..Default::default()
+                },
+                "parameters.max_tokens: 63 tokens after a 2-token prompt exceed the context window of 64 tokens",
+            ),
+            (
+                SamplingParameters {
+                    top_logprobs: 21,
+                    ..Default::default()
+                },
+                "parameters.top_logprobs",
+            ),
+            (
+                SamplingParameters {
+                    stop: vec![StopSequence { kind: None }],
+                    ..Default::default()
+                },
+                "parameters.stop[0]: unknown stop-sequence type",
+            ),
+            (
+                SamplingParameters {
+                    stop: vec![StopSequence {
+                        kind: Some(stop_sequence::Kind::Text(String::new())),
+                    }],
+                    ..Default::default()
+                },
+                "parameters.stop[0].text: must not be empty",
+            ),
         ];
         for (p, want) in cases {
             let got = err(req(p));
@@ -253,16 +400,26 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(err(empty), "prompt: must not be empty");
-        assert_eq!(err(GenerateRequest::default()), "input: set `prompt` or `token_ids`");
+        assert_eq!(
+            err(GenerateRequest::default()),
+            "input: set `prompt` or `token_ids`"
+        );
         let long = GenerateRequest {
             input: Some(generate_request::Input::Prompt("word ".repeat(100))),
             ..Default::default()
         };
-        assert!(err(long).starts_with("prompt: 100 tokens do not fit the context window of 64 tokens"));
+        assert!(
+            err(long).starts_with("prompt: 101 tokens do not fit the context window of 64 tokens")
+        );
         let ids = GenerateRequest {
-            input: Some(generate_request::Input::TokenIds(TokenIds { ids: vec![1, 49152] })),
+            input: Some(generate_request::Input::TokenIds(TokenIds {
+                ids: vec![1, 49152],
+            })),
             ..Default::default()
         };
-        assert_eq!(err(ids), "token_ids.ids[1]: 49152 is outside the vocabulary of 49152 tokens");
+        assert_eq!(
+            err(ids),
+            "token_ids.ids[1]: 49152 is outside the vocabulary of 49152 tokens"
+        );
     }
 }

@@ -85,28 +85,55 @@ async fn connect(address: &str, deadline: Instant) -> Result<WorkerClient<Channe
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(GatewayError::Unavailable(format!("worker {address} cannot be reached: {last}")))
+    Err(GatewayError::Unavailable(format!(
+        "worker {address} cannot be reached: {last}"
+    )))
 }
 
-/// Loads every stage of `plan` on the worker that owns its device, all workers at once, and
-/// links the ring (the last stage sends to `gateway_data_address`). Any failure names the
-/// worker and stops everything.
-pub async fn load_and_link(
-    plan: &Plan,
-    model: &str,
-    revision: Option<&str>,
-    addresses: &HashMap<DeviceSpec, String>,
-    kv_blocks: u32,
-    kv_block_size: u32,
-    gateway_data_address: &str,
-    connect_timeout: Duration,
-) -> Result<Workers, GatewayError> {
+/// What the workers are to load, and how the ring closes.
+#[derive(Debug, Clone, Copy)]
+pub struct Deployment<'a> {
+    pub plan: &'a Plan,
+    /// The model as the user named it; each worker resolves it itself.
+    pub model: &'a str,
+    pub revision: Option<&'a str>,
+    /// Control-plane address of the worker of each device.
+    pub addresses: &'a HashMap<DeviceSpec, String>,
+    /// KV cache of every stage, in blocks of `kv_block_size` tokens.
+    pub kv_blocks: u32,
+    pub kv_block_size: u32,
+    /// Where the last stage sends its samples.
+    pub gateway_data_address: &'a str,
+    /// How long workers may take to become reachable.
+    pub connect_timeout: Duration,
+}
+
+/// Loads every stage of the plan on the worker that owns its device, all workers at once, and
+/// links the ring. Any failure names the worker and stops everything.
+pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> {
+    let Deployment {
+        plan,
+        model,
+        revision,
+        addresses,
+        kv_blocks,
+        kv_block_size,
+        gateway_data_address,
+        connect_timeout,
+    } = *d;
     let mut infos = Vec::new();
     for device in &plan.devices {
         let address = addresses.get(device).map(|a| normalize(a)).ok_or_else(|| {
-            GatewayError::FailedPrecondition(format!("no worker address for device {device} of the topology"))
+            GatewayError::FailedPrecondition(format!(
+                "no worker address for device {device} of the topology"
+            ))
         })?;
-        let stages = plan.route.iter().filter(|s| s.device == *device).map(|s| s.index as u32).collect();
+        let stages = plan
+            .route
+            .iter()
+            .filter(|s| s.device == *device)
+            .map(|s| s.index as u32)
+            .collect();
         infos.push(WorkerInfo {
             device: *device,
             address,
@@ -186,7 +213,10 @@ pub async fn load_and_link(
     let snapshot = workers.snapshot();
     let data_of = |stage: usize| -> Option<String> {
         let device = plan.route.get(stage)?.device;
-        snapshot.iter().find(|w| w.device == device).map(|w| w.data_address.clone())
+        snapshot
+            .iter()
+            .find(|w| w.device == device)
+            .map(|w| w.data_address.clone())
     };
     for w in &snapshot {
         let hops = w
@@ -194,16 +224,21 @@ pub async fn load_and_link(
             .iter()
             .map(|&s| NextHop {
                 stage: s,
-                address: data_of(s as usize + 1).unwrap_or_else(|| gateway_data_address.to_string()),
+                address: data_of(s as usize + 1)
+                    .unwrap_or_else(|| gateway_data_address.to_string()),
             })
             .collect();
         let client = clients
             .get_mut(&w.address)
             .ok_or_else(|| GatewayError::Internal(format!("no client for {}", w.address)))?;
-        client
-            .link(LinkRequest { hops })
-            .await
-            .map_err(|s| GatewayError::Unavailable(format!("worker {} ({}) could not link its stages: {}", w.address, w.device, s.message())))?;
+        client.link(LinkRequest { hops }).await.map_err(|s| {
+            GatewayError::Unavailable(format!(
+                "worker {} ({}) could not link its stages: {}",
+                w.address,
+                w.device,
+                s.message()
+            ))
+        })?;
     }
     Ok(workers)
 }
@@ -223,10 +258,9 @@ async fn load_one(
         .into_inner();
     let mut last_decile = None;
     loop {
-        let event = stream
-            .message()
-            .await
-            .map_err(|s| GatewayError::Unavailable(format!("{who} failed to load: {}", s.message())))?;
+        let event = stream.message().await.map_err(|s| {
+            GatewayError::Unavailable(format!("{who} failed to load: {}", s.message()))
+        })?;
         match event.and_then(|e| e.event) {
             Some(load_event::Event::Progress(p)) => {
                 let decile = p.done * 10 / p.total.max(1);
@@ -247,7 +281,11 @@ async fn load_one(
                 });
                 return Ok((info.address.clone(), client));
             }
-            None => return Err(GatewayError::Unavailable(format!("{who} ended its load stream before loading"))),
+            None => {
+                return Err(GatewayError::Unavailable(format!(
+                    "{who} ended its load stream before loading"
+                )));
+            }
         }
     }
 }
@@ -284,7 +322,12 @@ pub async fn supervise(workers: Workers, failures: watch::Sender<Option<String>>
                         });
                     }
                 }
-                Ok(Err(e)) => report(&workers, &failures, &w, &format!("status failed: {}", e.message())),
+                Ok(Err(e)) => report(
+                    &workers,
+                    &failures,
+                    &w,
+                    &format!("status failed: {}", e.message()),
+                ),
                 Err(_) => report(&workers, &failures, &w, "status timed out"),
             }
         }

@@ -21,9 +21,12 @@
 //!
 //! Products ([`BlockWeight::matmul`]) do not quantize the activations: they equal the f32
 //! product of the activations with the dequantized weights up to the reassociation of the
-//! sums. Per block they compute `d · Σ q·x` (plus `m · Σ x` for the types with a minimum, with
-//! the block sums of `x` computed once per call), decoding the codes 16 at a time into f32 SIMD
-//! registers, and accumulate the blocks of a row in f32 in a fixed order.
+//! sums, and never materialise a dequantized matrix. The AVX-512 kernel of the 4- and 5-bit
+//! formats multiplies the activations by exactly the dequantized weights (it applies `d` and
+//! `m` to a table of the 32 code values per block, then looks the codes up); the other kernels
+//! compute `d · Σ q·x` per block, plus `m · Σ x` for the formats with a minimum (with the block
+//! sums of `x` computed once per call). Blocks are accumulated in f32 in a fixed order, so a
+//! result does not depend on the batch size or the thread count.
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -773,70 +776,5 @@ mod tests {
             w.dequantize_row(0, &mut row[..63]),
             Err(KernelError::LengthMismatch { .. })
         ));
-    }
-}
-
-#[cfg(test)]
-mod bench_tmp {
-    use super::*;
-    use crate::cpu::supported_levels;
-    use crate::test_util::Rng;
-    use std::time::Instant;
-
-    #[test]
-    #[ignore]
-    fn bench_ggml() {
-        let threads: usize = std::env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(0);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(bench_inner);
-    }
-
-    fn bench_inner() {
-        let mut rng = Rng::new(99);
-        let all = [
-            BlockType::Q4_0,
-            BlockType::Q4_1,
-            BlockType::Q5_0,
-            BlockType::Q5_1,
-            BlockType::Q8_0,
-            BlockType::Q8_1,
-            BlockType::Q8K,
-        ];
-        let only: Option<String> = std::env::var("LEVEL").ok();
-        for level in supported_levels() {
-            let name = format!("{level:?}");
-            if let Some(o) = &only { if !name.to_lowercase().starts_with(o.as_str()) { continue; } }
-            for dtype in all {
-                for rows in [1536usize, 49152] {
-                    let cols = if dtype == BlockType::Q8K { 512 } else { 576 };
-                    let n_blocks = cols / dtype.block_size();
-                    let data = super::tests::random_blocks(&mut rng, dtype, rows * n_blocks);
-                    let w = BlockWeight::new(dtype, rows, cols, data).unwrap();
-                    for m in [1usize, 64] {
-                        if matches!(level, Level::Scalar) && m == 64 && rows == 49152 { continue; }
-                        let x = rng.normal_vec(m * cols, 1.0);
-                        let mut out = vec![0.0; m * rows];
-                        w.matmul_at(level, &x, m, &mut out).unwrap();
-                        let iters = if m == 1 { 200 } else { 10 };
-                        let mut best = f64::INFINITY;
-                        let mut sum = 0.0;
-                        for _ in 0..iters {
-                            let t = Instant::now();
-                            w.matmul_at(level, &x, m, &mut out).unwrap();
-                            let s = t.elapsed().as_secs_f64();
-                            best = best.min(s);
-                            sum += s;
-                        }
-                        let mean = sum / iters as f64;
-                        println!(
-                            "{:7} {:5?} [{rows:5} x {cols}] m={m:2}: best {:8.3} ms mean {:8.3} ms  {:6.2} GB/s (best)  {:6.1} GFLOP/s",
-                            name.split('(').next().unwrap(), dtype, best * 1e3, mean * 1e3,
-                            w.storage_bytes() as f64 / best / 1e9,
-                            2.0 * (m * rows * cols) as f64 / best / 1e9
-                        );
-                    }
-                }
-            }
-        }
     }
 }

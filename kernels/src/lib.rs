@@ -20,7 +20,6 @@ pub mod error;
 pub mod fp8;
 pub mod ggml;
 pub mod hqq;
-pub mod kquants;
 
 mod rowwise;
 #[cfg(target_arch = "x86_64")]

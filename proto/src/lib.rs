@@ -18,7 +18,9 @@ pub mod worker {
 }
 
 /// Encoded `FileDescriptorSet` of `strata.v1`, for the gateway's server reflection.
-pub const STRATA_V1_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_v1_descriptor");
+pub const STRATA_V1_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("strata_v1_descriptor");
 
 /// Encoded `FileDescriptorSet` of `strata.worker.v1`, for the workers' server reflection.
-pub const WORKER_V1_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strata_worker_v1_descriptor");
+pub const WORKER_V1_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("strata_worker_v1_descriptor");

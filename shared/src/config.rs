@@ -92,10 +92,16 @@ impl ModelConfig {
             );
         }
         if !self.head_dim.is_multiple_of(2) {
-            return bad("head_dim", format!("{} is odd; RoPE needs an even head size", self.head_dim));
+            return bad(
+                "head_dim",
+                format!("{} is odd; RoPE needs an even head size", self.head_dim),
+            );
         }
         if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return bad("rope_theta", format!("{} must be positive", self.rope_theta));
+            return bad(
+                "rope_theta",
+                format!("{} must be positive", self.rope_theta),
+            );
         }
         Ok(())
     }
@@ -139,8 +145,17 @@ impl ModelConfig {
                 .get("tokenizer.ggml.tokens")
                 .and_then(|v| v.as_array())
                 .map(|a| a.len())
-                .or_else(|| g.tensor("token_embd.weight").and_then(|t| t.shape.first().copied()))
-                .ok_or_else(|| ModelError::meta(path, &k("vocab_size"), "missing (and no tokenizer.ggml.tokens)"))?,
+                .or_else(|| {
+                    g.tensor("token_embd.weight")
+                        .and_then(|t| t.shape.first().copied())
+                })
+                .ok_or_else(|| {
+                    ModelError::meta(
+                        path,
+                        &k("vocab_size"),
+                        "missing (and no tokenizer.ggml.tokens)",
+                    )
+                })?,
         };
         let rope_scaling = match g.opt_str(&k("rope.scaling.type"))? {
             None | Some("none") => None,
@@ -168,13 +183,17 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: g.opt_f64(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rms_norm_eps: g
+                .opt_f64(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
             rope_theta: g.opt_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: g.opt_u64(&k("context_length"))?.unwrap_or(4096) as usize,
             tie_word_embeddings: g.tensor("output.weight").is_none(),
             attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
-            sliding_window: g.opt_u64(&k("attention.sliding_window"))?.map(|v| v as usize),
+            sliding_window: g
+                .opt_u64(&k("attention.sliding_window"))?
+                .map(|v| v as usize),
             bos_token_id: g.opt_u64("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
             eos_token_ids,
         };
@@ -204,7 +223,8 @@ impl ModelConfig {
                 });
             }
         };
-        let req = |v: Option<usize>, key: &str| v.ok_or_else(|| ModelError::meta(path, key, "missing"));
+        let req =
+            |v: Option<usize>, key: &str| v.ok_or_else(|| ModelError::meta(path, key, "missing"));
         let hidden_size = req(raw.hidden_size, "hidden_size")?;
         let num_heads = req(raw.num_attention_heads, "num_attention_heads")?;
         let head_dim = match raw.head_dim {
@@ -214,20 +234,36 @@ impl ModelConfig {
         };
         let rope_scaling = match &raw.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(parse_rope_scaling(v).map_err(|p| ModelError::meta(path, "rope_scaling", p))?),
+            Some(v) => {
+                Some(parse_rope_scaling(v).map_err(|p| ModelError::meta(path, "rope_scaling", p))?)
+            }
         };
         let eos_token_ids = match &raw.eos_token_id {
             None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             Some(other) => {
-                return Err(ModelError::meta(path, "eos_token_id", format!("expected an id or a list, found {other}")));
+                return Err(ModelError::meta(
+                    path,
+                    "eos_token_id",
+                    format!("expected an id or a list, found {other}"),
+                ));
             }
         };
         let (attention_bias, sliding_window) = match arch {
             Arch::Qwen2 => (
                 raw.attention_bias.unwrap_or(true),
-                if raw.use_sliding_window.unwrap_or(false) { raw.sliding_window } else { None },
+                if raw.use_sliding_window.unwrap_or(false) {
+                    raw.sliding_window
+                } else {
+                    None
+                },
             ),
             Arch::Mistral => (raw.attention_bias.unwrap_or(false), raw.sliding_window),
             Arch::Llama => (raw.attention_bias.unwrap_or(false), None),
@@ -284,17 +320,25 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling, String> {
         .or_else(|| v.get("type"))
         .and_then(|t| t.as_str())
         .ok_or("missing `rope_type`")?;
-    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or(format!("missing `{k}`"));
+    let num = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or(format!("missing `{k}`"))
+    };
     match ty {
         "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         }),
-        other => Err(format!("unsupported rope type `{other}` (supported: default, linear, llama3)")),
+        other => Err(format!(
+            "unsupported rope type `{other}` (supported: default, linear, llama3)"
+        )),
     }
 }
 
@@ -304,10 +348,20 @@ mod tests {
 
     #[test]
     fn reads_golden_hf_config() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2/hf/config.json");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/golden/smollm2/hf/config.json");
         let c = ModelConfig::from_hf_config(&p).unwrap();
         assert_eq!(c.arch, Arch::Llama);
-        assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (30, 576, 9, 3, 64));
+        assert_eq!(
+            (
+                c.num_layers,
+                c.hidden_size,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim
+            ),
+            (30, 576, 9, 3, 64)
+        );
         assert_eq!(c.rope_theta, 100_000.0);
         assert!(c.tie_word_embeddings);
         assert_eq!(c.eos_token_ids, vec![2]);
@@ -319,9 +373,15 @@ mod tests {
         let p = dir.path().join("config.json");
         std::fs::write(&p, r#"{"model_type": "gpt_neox", "hidden_size": 8}"#).unwrap();
         let err = ModelConfig::from_hf_config(&p).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("gpt_neox"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("gpt_neox"),
+            "{err}"
+        );
         std::fs::write(&p, r#"{"model_type": "llama", "hidden_size": 8}"#).unwrap();
         let err = ModelConfig::from_hf_config(&p).unwrap_err().to_string();
-        assert!(err.contains("num_attention_heads") && err.contains("missing"), "{err}");
+        assert!(
+            err.contains("num_attention_heads") && err.contains("missing"),
+            "{err}"
+        );
     }
 }

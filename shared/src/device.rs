@@ -38,7 +38,9 @@ impl fmt::Display for DeviceSpec {
 
 /// A device string that is not `cpu`, `cpu[N]`, `cuda[N]` or `metal[N]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid device `{given}`; expected `cpu`, `cpu[N]`, `cuda[N]` or `metal[N]` (N a device ordinal)")]
+#[error(
+    "invalid device `{given}`; expected `cpu`, `cpu[N]`, `cuda[N]` or `metal[N]` (N a device ordinal)"
+)]
 pub struct InvalidDevice {
     pub given: String,
 }
@@ -83,7 +85,9 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["gpu", "cuda", "cuda[]", "cuda[-1]", "cuda[x]", "cpu[1", "CUDA[0]", "cuda[0]x"] {
+        for bad in [
+            "gpu", "cuda", "cuda[]", "cuda[-1]", "cuda[x]", "cpu[1", "CUDA[0]", "cuda[0]x",
+        ] {
             let err = bad.parse::<DeviceSpec>().unwrap_err();
             assert!(err.to_string().contains(bad), "{err}");
         }
@@ -91,7 +95,12 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for d in [DeviceSpec::Cpu(0), DeviceSpec::Cpu(3), DeviceSpec::Cuda(1), DeviceSpec::Metal(0)] {
+        for d in [
+            DeviceSpec::Cpu(0),
+            DeviceSpec::Cpu(3),
+            DeviceSpec::Cuda(1),
+            DeviceSpec::Metal(0),
+        ] {
             assert_eq!(d.to_string().parse(), Ok(d));
         }
     }

@@ -56,7 +56,11 @@ impl ModelError {
         }
     }
 
-    pub(crate) fn tensor(path: impl Into<PathBuf>, tensor: &str, problem: impl Into<String>) -> Self {
+    pub(crate) fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: &str,
+        problem: impl Into<String>,
+    ) -> Self {
         ModelError::Tensor {
             path: path.into(),
             tensor: tensor.to_string(),

@@ -142,7 +142,10 @@ impl<R: Read> HeaderReader<R> {
         let mut buf = [0u8; N];
         self.inner.read_exact(&mut buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                self.corrupt(format!("file ends inside the header while reading {what} at byte {}", self.pos))
+                self.corrupt(format!(
+                    "file ends inside the header while reading {what} at byte {}",
+                    self.pos
+                ))
             } else {
                 ModelError::io(&self.path, e)
             }
@@ -172,7 +175,9 @@ impl<R: Read> HeaderReader<R> {
     fn string(&mut self, what: &str) -> Result<String, ModelError> {
         let len = self.u64(what)?;
         if len > MAX_STRING || len > self.file_len.saturating_sub(self.pos) {
-            return Err(self.corrupt(format!("{what}: string length {len} is past the end of the file")));
+            return Err(self.corrupt(format!(
+                "{what}: string length {len} is past the end of the file"
+            )));
         }
         let mut buf = vec![0u8; len as usize];
         self.inner.read_exact(&mut buf).map_err(|e| {
@@ -200,13 +205,23 @@ impl<R: Read> HeaderReader<R> {
                 match b {
                     0 => GgufValue::Bool(false),
                     1 => GgufValue::Bool(true),
-                    _ => return Err(ModelError::meta(&self.path, key, format!("invalid bool byte {b}"))),
+                    _ => {
+                        return Err(ModelError::meta(
+                            &self.path,
+                            key,
+                            format!("invalid bool byte {b}"),
+                        ));
+                    }
                 }
             }
             8 => GgufValue::String(self.string(key)?),
             9 => {
                 if depth > 2 {
-                    return Err(ModelError::meta(&self.path, key, "arrays nested too deeply"));
+                    return Err(ModelError::meta(
+                        &self.path,
+                        key,
+                        "arrays nested too deeply",
+                    ));
                 }
                 let elem_ty = self.u32(key)?;
                 let n = self.count(key, 1)?;
@@ -220,7 +235,11 @@ impl<R: Read> HeaderReader<R> {
             11 => GgufValue::I64(i64::from_le_bytes(self.bytes(key)?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.bytes(key)?)),
             other => {
-                return Err(ModelError::meta(&self.path, key, format!("unknown value type {other}")));
+                return Err(ModelError::meta(
+                    &self.path,
+                    key,
+                    format!("unknown value type {other}"),
+                ));
             }
         })
     }
@@ -272,7 +291,11 @@ impl GgufFile {
             let name = r.string(&format!("tensor name #{i}"))?;
             let n_dims = r.u32(&name)?;
             if n_dims == 0 || n_dims > 4 {
-                return Err(ModelError::tensor(path, &name, format!("{n_dims} dimensions (expected 1 to 4)")));
+                return Err(ModelError::tensor(
+                    path,
+                    &name,
+                    format!("{n_dims} dimensions (expected 1 to 4)"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -280,13 +303,16 @@ impl GgufFile {
                 let d = usize::try_from(d)
                     .ok()
                     .filter(|&d| d > 0 && d < (1 << 40))
-                    .ok_or_else(|| ModelError::tensor(path, &name, format!("invalid dimension {d}")))?;
+                    .ok_or_else(|| {
+                        ModelError::tensor(path, &name, format!("invalid dimension {d}"))
+                    })?;
                 dims.push(d);
             }
             dims.reverse();
             let type_id = r.u32(&name)?;
-            let dtype = GgmlType::from_gguf_id(type_id)
-                .map_err(|t| ModelError::tensor(path, &name, format!("unsupported tensor type {t}")))?;
+            let dtype = GgmlType::from_gguf_id(type_id).map_err(|t| {
+                ModelError::tensor(path, &name, format!("unsupported tensor type {t}"))
+            })?;
             let offset = r.u64(&name)?;
             raw.push((name, dims, dtype, offset));
         }
@@ -296,7 +322,9 @@ impl GgufFile {
             Some(v) => v
                 .as_u64()
                 .filter(|a| *a > 0 && a.is_power_of_two())
-                .ok_or_else(|| ModelError::meta(path, "general.alignment", "must be a power of two"))?,
+                .ok_or_else(|| {
+                    ModelError::meta(path, "general.alignment", "must be a power of two")
+                })?,
         };
         let data_start = r.pos.div_ceil(alignment) * alignment;
 
@@ -306,7 +334,10 @@ impl GgufFile {
                 ModelError::tensor(
                     path,
                     &name,
-                    format!("shape {shape:?} does not split into {dtype} blocks of {}", dtype.block_size()),
+                    format!(
+                        "shape {shape:?} does not split into {dtype} blocks of {}",
+                        dtype.block_size()
+                    ),
                 )
             })?;
             let offset = data_start
@@ -363,13 +394,20 @@ impl GgufFile {
     }
 
     fn wrong_type(&self, key: &str, want: &str, v: &GgufValue) -> ModelError {
-        ModelError::meta(&self.path, key, format!("expected {want}, found {}", v.type_name()))
+        ModelError::meta(
+            &self.path,
+            key,
+            format!("expected {want}, found {}", v.type_name()),
+        )
     }
 
     /// An optional unsigned integer key; present with another type is an error.
     pub fn opt_u64(&self, key: &str) -> Result<Option<u64>, ModelError> {
         self.get(key)
-            .map(|v| v.as_u64().ok_or_else(|| self.wrong_type(key, "an unsigned integer", v)))
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| self.wrong_type(key, "an unsigned integer", v))
+            })
             .transpose()
     }
 
@@ -381,13 +419,19 @@ impl GgufFile {
 
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
         self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.wrong_type(key, "a number", v)))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| self.wrong_type(key, "a number", v))
+            })
             .transpose()
     }
 
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>, ModelError> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.wrong_type(key, "a string", v)))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.wrong_type(key, "a string", v))
+            })
             .transpose()
     }
 
@@ -402,9 +446,14 @@ impl GgufFile {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let arr = v.as_array().ok_or_else(|| self.wrong_type(key, "an array of strings", v))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| self.wrong_type(key, "an array of strings", v))?;
         arr.iter()
-            .map(|x| x.as_str().ok_or_else(|| self.wrong_type(key, "an array of strings", x)))
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| self.wrong_type(key, "an array of strings", x))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
@@ -414,9 +463,14 @@ impl GgufFile {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let arr = v.as_array().ok_or_else(|| self.wrong_type(key, "an array of numbers", v))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| self.wrong_type(key, "an array of numbers", v))?;
         arr.iter()
-            .map(|x| x.as_f64().ok_or_else(|| self.wrong_type(key, "an array of numbers", x)))
+            .map(|x| {
+                x.as_f64()
+                    .ok_or_else(|| self.wrong_type(key, "an array of numbers", x))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }
@@ -553,7 +607,10 @@ mod tests {
                 ("llama.block_count", GgufValue::U32(2)),
                 (
                     "tokenizer.ggml.tokens",
-                    GgufValue::Array(vec![GgufValue::String("a".into()), GgufValue::String("b".into())]),
+                    GgufValue::Array(vec![
+                        GgufValue::String("a".into()),
+                        GgufValue::String("b".into()),
+                    ]),
                 ),
             ],
             &[
@@ -582,14 +639,25 @@ mod tests {
         assert_eq!(g.version(), 3);
         assert_eq!(g.opt_str("general.architecture").unwrap(), Some("llama"));
         assert_eq!(g.req_u64("llama.block_count").unwrap(), 2);
-        assert_eq!(g.opt_str_array("tokenizer.ggml.tokens").unwrap(), Some(vec!["a", "b"]));
+        assert_eq!(
+            g.opt_str_array("tokenizer.ggml.tokens").unwrap(),
+            Some(vec!["a", "b"])
+        );
         let w = g.tensor("w").unwrap();
         assert_eq!(w.shape, vec![2, 3]);
         assert_eq!(w.n_bytes, 24);
         let bytes = std::fs::read(&p).unwrap();
-        assert_eq!(&bytes[w.offset as usize..w.offset as usize + 4], &[0, 1, 2, 3]);
+        assert_eq!(
+            &bytes[w.offset as usize..w.offset as usize + 4],
+            &[0, 1, 2, 3]
+        );
         let err = g.req_u64("llama.context_length").unwrap_err().to_string();
-        assert!(err.contains("m.gguf") && err.contains("llama.context_length") && err.contains("missing"), "{err}");
+        assert!(
+            err.contains("m.gguf")
+                && err.contains("llama.context_length")
+                && err.contains("missing"),
+            "{err}"
+        );
         let err = g.opt_str("llama.block_count").unwrap_err().to_string();
         assert!(err.contains("expected a string, found u32"), "{err}");
     }
@@ -601,7 +669,10 @@ mod tests {
         let bytes = sample();
         std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
         let err = GgufFile::open(&p).unwrap_err().to_string();
-        assert!(err.contains("t.gguf") && err.contains("tensor `n`") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("t.gguf") && err.contains("tensor `n`") && err.contains("truncated"),
+            "{err}"
+        );
         // Cut inside the header: still an error naming the file, never a panic.
         for cut in [3, 10, 30, 60, 100] {
             std::fs::write(&p, &bytes[..cut]).unwrap();
@@ -617,7 +688,9 @@ mod tests {
         std::fs::write(&p, b"PK\x03\x04 not a gguf").unwrap();
         let err = GgufFile::open(&p).unwrap_err().to_string();
         assert!(err.contains("not a GGUF file"), "{err}");
-        let err = GgufFile::open(&dir.path().join("missing.gguf")).unwrap_err().to_string();
+        let err = GgufFile::open(&dir.path().join("missing.gguf"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.gguf"), "{err}");
     }
 }

@@ -76,7 +76,11 @@ impl IsqType {
 
     /// A comma-separated list of every valid name, for error messages.
     pub fn valid_names() -> String {
-        Self::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+        Self::ALL
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Number of weights one quantization block covers along a row.
@@ -134,6 +138,15 @@ impl IsqType {
         Some(rows * (per_row + scales))
     }
 
+    /// Whether this type's quantizer weighs its error by input-channel importance (llama.cpp's
+    /// importance-matrix search, used for the 2 to 6 bit k-quants).
+    pub fn takes_importance(self) -> bool {
+        matches!(
+            self,
+            IsqType::Q2K | IsqType::Q3K | IsqType::Q4K | IsqType::Q5K | IsqType::Q6K
+        )
+    }
+
     /// Whether a row of `cols` weights splits into whole blocks of this type.
     pub fn fits(self, cols: usize) -> bool {
         cols > 0 && cols.is_multiple_of(self.block_size())
@@ -177,7 +190,10 @@ impl fmt::Display for IsqType {
 
 /// An ISQ name that is not one of the fifteen types.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown ISQ type `{given}`; expected one of {}", IsqType::valid_names())]
+#[error(
+    "unknown ISQ type `{given}`; expected one of {}",
+    IsqType::valid_names()
+)]
 pub struct UnknownIsq {
     pub given: String,
 }

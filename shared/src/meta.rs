@@ -137,7 +137,11 @@ impl ModelMeta {
 
     /// The file that holds the weights (for error messages).
     pub fn weights_origin(&self) -> &Path {
-        self.files.weights.first().map(PathBuf::as_path).unwrap_or(Path::new("<model>"))
+        self.files
+            .weights
+            .first()
+            .map(PathBuf::as_path)
+            .unwrap_or(Path::new("<model>"))
     }
 
     /// Whether the output head reuses the token embedding.
@@ -177,7 +181,9 @@ impl ModelMeta {
                 LayerTensor::QBias => vec![q],
                 LayerTensor::KBias | LayerTensor::VBias => vec![kv],
                 LayerTensor::OBias => vec![c.hidden_size],
-                LayerTensor::GateProj | LayerTensor::UpProj => vec![c.intermediate_size, c.hidden_size],
+                LayerTensor::GateProj | LayerTensor::UpProj => {
+                    vec![c.intermediate_size, c.hidden_size]
+                }
                 LayerTensor::DownProj => vec![c.hidden_size, c.intermediate_size],
             },
         }
@@ -220,7 +226,10 @@ impl ModelMeta {
                 return Err(ModelError::tensor(
                     &t.file,
                     &t.stored_name,
-                    format!("belongs to layer {layer}, but the model has {} layers", self.config.num_layers),
+                    format!(
+                        "belongs to layer {layer}, but the model has {} layers",
+                        self.config.num_layers
+                    ),
                 ));
             }
             let want = self.expected_shape(t.role);
@@ -228,7 +237,10 @@ impl ModelMeta {
                 return Err(ModelError::tensor(
                     &t.file,
                     &t.stored_name,
-                    format!("has shape {:?}, expected {want:?} from the model config", t.shape),
+                    format!(
+                        "has shape {:?}, expected {want:?} from the model config",
+                        t.shape
+                    ),
                 ));
             }
         }

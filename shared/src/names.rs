@@ -32,19 +32,55 @@ pub enum LayerTensor {
 
 impl LayerTensor {
     const ALL: [(LayerTensor, &'static str, &'static str); 13] = [
-        (LayerTensor::InputNorm, "input_layernorm.weight", "attn_norm.weight"),
-        (LayerTensor::PostAttentionNorm, "post_attention_layernorm.weight", "ffn_norm.weight"),
-        (LayerTensor::QProj, "self_attn.q_proj.weight", "attn_q.weight"),
-        (LayerTensor::KProj, "self_attn.k_proj.weight", "attn_k.weight"),
-        (LayerTensor::VProj, "self_attn.v_proj.weight", "attn_v.weight"),
-        (LayerTensor::OProj, "self_attn.o_proj.weight", "attn_output.weight"),
+        (
+            LayerTensor::InputNorm,
+            "input_layernorm.weight",
+            "attn_norm.weight",
+        ),
+        (
+            LayerTensor::PostAttentionNorm,
+            "post_attention_layernorm.weight",
+            "ffn_norm.weight",
+        ),
+        (
+            LayerTensor::QProj,
+            "self_attn.q_proj.weight",
+            "attn_q.weight",
+        ),
+        (
+            LayerTensor::KProj,
+            "self_attn.k_proj.weight",
+            "attn_k.weight",
+        ),
+        (
+            LayerTensor::VProj,
+            "self_attn.v_proj.weight",
+            "attn_v.weight",
+        ),
+        (
+            LayerTensor::OProj,
+            "self_attn.o_proj.weight",
+            "attn_output.weight",
+        ),
         (LayerTensor::QBias, "self_attn.q_proj.bias", "attn_q.bias"),
         (LayerTensor::KBias, "self_attn.k_proj.bias", "attn_k.bias"),
         (LayerTensor::VBias, "self_attn.v_proj.bias", "attn_v.bias"),
-        (LayerTensor::OBias, "self_attn.o_proj.bias", "attn_output.bias"),
-        (LayerTensor::GateProj, "mlp.gate_proj.weight", "ffn_gate.weight"),
+        (
+            LayerTensor::OBias,
+            "self_attn.o_proj.bias",
+            "attn_output.bias",
+        ),
+        (
+            LayerTensor::GateProj,
+            "mlp.gate_proj.weight",
+            "ffn_gate.weight",
+        ),
         (LayerTensor::UpProj, "mlp.up_proj.weight", "ffn_up.weight"),
-        (LayerTensor::DownProj, "mlp.down_proj.weight", "ffn_down.weight"),
+        (
+            LayerTensor::DownProj,
+            "mlp.down_proj.weight",
+            "ffn_down.weight",
+        ),
     ];
 
     /// Whether this is a linear layer's weight matrix (what ISQ quantizes).
@@ -62,11 +98,19 @@ impl LayerTensor {
     }
 
     fn hf_suffix(self) -> &'static str {
-        Self::ALL.iter().find(|e| e.0 == self).map(|e| e.1).unwrap_or("")
+        Self::ALL
+            .iter()
+            .find(|e| e.0 == self)
+            .map(|e| e.1)
+            .unwrap_or("")
     }
 
     fn gguf_suffix(self) -> &'static str {
-        Self::ALL.iter().find(|e| e.0 == self).map(|e| e.2).unwrap_or("")
+        Self::ALL
+            .iter()
+            .find(|e| e.0 == self)
+            .map(|e| e.2)
+            .unwrap_or("")
     }
 }
 
@@ -138,7 +182,8 @@ impl TensorRole {
 }
 
 fn parse_index(s: &str) -> Option<usize> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
         return None;
     }
     s.parse().ok()
@@ -154,12 +199,23 @@ mod tests {
         assert_eq!(r, TensorRole::Layer(12, LayerTensor::DownProj));
         assert_eq!(r.hf_name(), "model.layers.12.mlp.down_proj.weight");
         assert_eq!(TensorRole::from_hf_name(&r.hf_name()), Some(r));
-        assert_eq!(TensorRole::from_hf_name(&r.hf_name()).unwrap().gguf_name(), "blk.12.ffn_down.weight");
         assert_eq!(
-            TensorRole::from_gguf_name("token_embd.weight").unwrap().hf_name(),
+            TensorRole::from_hf_name(&r.hf_name()).unwrap().gguf_name(),
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            TensorRole::from_gguf_name("token_embd.weight")
+                .unwrap()
+                .hf_name(),
             "model.embed_tokens.weight"
         );
-        assert_eq!(TensorRole::from_hf_name("model.layers.01.mlp.up_proj.weight"), None);
-        assert_eq!(TensorRole::from_hf_name("model.layers.1.mlp.rotary.inv_freq"), None);
+        assert_eq!(
+            TensorRole::from_hf_name("model.layers.01.mlp.up_proj.weight"),
+            None
+        );
+        assert_eq!(
+            TensorRole::from_hf_name("model.layers.1.mlp.rotary.inv_freq"),
+            None
+        );
     }
 }

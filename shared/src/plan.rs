@@ -135,7 +135,11 @@ struct Resolved<T> {
 
 impl Plan {
     /// Resolves `topology` and `opts` against `meta`.
-    pub fn resolve(meta: &ModelMeta, topology: &Topology, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    pub fn resolve(
+        meta: &ModelMeta,
+        topology: &Topology,
+        opts: &PlanOptions,
+    ) -> Result<Plan, PlanError> {
         let n_layers = meta.config.num_layers;
         let tied = meta.tied_head();
         let mut names: Vec<Vec<String>> = meta.tensors.values().map(TensorMeta::names).collect();
@@ -157,14 +161,18 @@ impl Plan {
                 },
             })
             .collect();
-        let first_dev = layer_device.first().map_or(opts.default_device, |d| d.value);
+        let first_dev = layer_device
+            .first()
+            .map_or(opts.default_device, |d| d.value);
         let last_dev = layer_device.last().map_or(opts.default_device, |d| d.value);
 
         // Uses of stored tensors, in route order: embedding, layers, final norm, head.
         let mut uses: Vec<(TensorRole, &TensorMeta)> = meta
             .tensors
             .iter()
-            .filter(|(role, _)| **role != TensorRole::RopeFreqs && !(tied && **role == TensorRole::LmHead))
+            .filter(|(role, _)| {
+                **role != TensorRole::RopeFreqs && !(tied && **role == TensorRole::LmHead)
+            })
             .map(|(role, t)| (*role, t))
             .collect();
         if tied {
@@ -178,8 +186,8 @@ impl Plan {
         };
         uses.sort_by_key(|(role, _)| rank(*role));
 
-        let mut embed_dev: Option<(DeviceSpec, String)> = None;
-        let mut head_dev: Option<(DeviceSpec, String)> = None;
+        let mut embed_dev: Option<(DeviceSpec, Option<(usize, String)>)> = None;
+        let mut head_dev: Option<(DeviceSpec, Option<(usize, String)>)> = None;
         let mut plans = Vec::with_capacity(uses.len());
         for (role, t) in &uses {
             let use_names = use_names(*role, t);
@@ -209,25 +217,38 @@ impl Plan {
                 None => {
                     let is_embed = *role == TensorRole::Embedding;
                     let default = if is_embed { first_dev } else { last_dev };
-                    let (d, why) = match selector.and_then(|s| s.entry.device.map(|d| (d, s))) {
-                        Some((d, s)) => (d, format!("selector {} (line {})", s.key, s.line)),
-                        None => (default, String::new()),
+                    // The device, and the selector that set it (if one did).
+                    let (d, by) = match selector.and_then(|s| s.entry.device.map(|d| (d, s))) {
+                        Some((d, s)) => (d, Some((s.line, s.key.clone()))),
+                        None => (default, None),
                     };
-                    let slot = if is_embed { &mut embed_dev } else { &mut head_dev };
+                    let slot = if is_embed {
+                        &mut embed_dev
+                    } else {
+                        &mut head_dev
+                    };
                     match slot {
-                        Some((prev, prev_why)) if *prev != d => {
-                            let s = selector.map(|s| (s.line, s.key.clone())).unwrap_or((0, String::new()));
+                        Some((prev, prev_by)) if *prev != d => {
+                            // Point at whichever selector split the head: this tensor's, or the
+                            // one that placed the rest of it. (Without selectors both take the
+                            // same default device, so one of the two is always set.)
+                            let (line, key) =
+                                by.clone().or_else(|| prev_by.clone()).unwrap_or_default();
+                            let other = match prev_by {
+                                Some((l, k)) => format!(" (selector {k}, line {l})"),
+                                None => String::new(),
+                            };
                             return Err(PlanError::Conflict {
                                 origin: topology.origin().to_string(),
-                                line: s.0,
-                                key: s.1,
+                                line,
+                                key,
                                 message: format!(
-                                    "puts `{}` on {d}, but the rest of the output head is on {prev} {prev_why}; the final norm and the head share one device",
+                                    "puts `{}` on {d}, but the rest of the output head is on {prev}{other}; the final norm and the head share one device",
                                     use_names[0]
                                 ),
                             });
                         }
-                        _ => *slot = Some((d, why)),
+                        _ => *slot = Some((d, by)),
                     }
                     d
                 }
@@ -243,7 +264,11 @@ impl Plan {
                     },
                     None => Resolved {
                         value: opts.isq,
-                        reason: if opts.isq.is_some() { "--isq".into() } else { String::new() },
+                        reason: if opts.isq.is_some() {
+                            "--isq".into()
+                        } else {
+                            String::new()
+                        },
                     },
                 },
                 _ => Resolved {
@@ -258,7 +283,10 @@ impl Plan {
                     reason: format!("selector {} (line {})", s.key, s.line),
                 },
                 Some((_, s)) => {
-                    note = Some(format!("selector {} names an ISQ type, but 1-D tensors stay as stored", s.key));
+                    note = Some(format!(
+                        "selector {} names an ISQ type, but 1-D tensors stay as stored",
+                        s.key
+                    ));
                     base
                 }
                 None => base,
@@ -286,7 +314,11 @@ impl Plan {
                 },
                 None => None,
             };
-            let dtype = if isq.is_none() && requested.value.is_none_or(|q| GgmlType::from_isq(q) != Some(t.dtype)) {
+            let dtype = if isq.is_none()
+                && requested
+                    .value
+                    .is_none_or(|q| GgmlType::from_isq(q) != Some(t.dtype))
+            {
                 opts.dtype
             } else {
                 None
@@ -318,25 +350,28 @@ impl Plan {
         let embed_device = embed_dev.map_or(first_dev, |d| d.0);
         let head_device = head_dev.map_or(last_dev, |d| d.0);
         let mut route: Vec<StagePlan> = Vec::new();
-        let mut push = |device: DeviceSpec, layer: Option<usize>, embed: bool, head: bool| match route.last_mut() {
-            Some(s) if s.device == device => {
-                if let Some(i) = layer {
-                    s.layer_end = i + 1;
+        let mut push =
+            |device: DeviceSpec, layer: Option<usize>, embed: bool, head: bool| match route
+                .last_mut()
+            {
+                Some(s) if s.device == device => {
+                    if let Some(i) = layer {
+                        s.layer_end = i + 1;
+                    }
+                    s.head |= head;
                 }
-                s.head |= head;
-            }
-            _ => {
-                let start = layer.unwrap_or_else(|| route.last().map_or(0, |s| s.layer_end));
-                route.push(StagePlan {
-                    index: route.len(),
-                    device,
-                    layer_start: start,
-                    layer_end: layer.map_or(start, |i| i + 1),
-                    embed,
-                    head,
-                });
-            }
-        };
+                _ => {
+                    let start = layer.unwrap_or_else(|| route.last().map_or(0, |s| s.layer_end));
+                    route.push(StagePlan {
+                        index: route.len(),
+                        device,
+                        layer_start: start,
+                        layer_end: layer.map_or(start, |i| i + 1),
+                        embed,
+                        head,
+                    });
+                }
+            };
         push(embed_device, None, true, false);
         for (i, d) in layer_device.iter().enumerate() {
             push(d.value, Some(i), false, false);
@@ -374,7 +409,12 @@ impl Plan {
     pub fn table(&self) -> String {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let mut out = String::new();
-        let _ = writeln!(out, "route ({} stages, {} workers):", self.route.len(), self.devices.len());
+        let _ = writeln!(
+            out,
+            "route ({} stages, {} workers):",
+            self.route.len(),
+            self.devices.len()
+        );
         for s in &self.route {
             let mut what = Vec::new();
             if s.embed {
@@ -396,14 +436,25 @@ impl Plan {
             );
         }
         let _ = writeln!(out);
-        let w = self.tensors.iter().map(|t| t.name.len()).max().unwrap_or(6).max(6);
+        let w = self
+            .tensors
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
         let _ = writeln!(
             out,
             "{:<w$} {:<12} {:<6} {:<6} {:<9} {:>5} {:>9} {:>9}  why / note",
             "tensor", "shape", "stored", "isq", "device", "stage", "MiB in", "MiB out"
         );
         for t in &self.tensors {
-            let shape = t.shape.iter().map(ToString::to_string).collect::<Vec<_>>().join("x");
+            let shape = t
+                .shape
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("x");
             let isq = match (t.isq, t.dtype) {
                 (Some(q), _) => q.to_string(),
                 (None, Some(f)) => f.name().to_string(),
@@ -411,10 +462,18 @@ impl Plan {
             };
             let mut why = t.reason.clone();
             if t.source != t.name {
-                why = format!("tied: reads {}{}{why}", t.source, if why.is_empty() { "" } else { "; " });
+                why = format!(
+                    "tied: reads {}{}{why}",
+                    t.source,
+                    if why.is_empty() { "" } else { "; " }
+                );
             }
             if let Some(n) = &t.note {
-                why = if why.is_empty() { n.clone() } else { format!("{why}; {n}") };
+                why = if why.is_empty() {
+                    n.clone()
+                } else {
+                    format!("{why}; {n}")
+                };
             }
             let _ = writeln!(
                 out,
@@ -432,7 +491,12 @@ impl Plan {
         }
         let before: u64 = self.tensors.iter().map(|t| t.bytes_stored).sum();
         let after: u64 = self.tensors.iter().map(|t| t.bytes_loaded).sum();
-        let _ = writeln!(out, "\ntotal: {:.2} MiB stored, {:.2} MiB loaded", mib(before), mib(after));
+        let _ = writeln!(
+            out,
+            "\ntotal: {:.2} MiB stored, {:.2} MiB loaded",
+            mib(before),
+            mib(after)
+        );
         out
     }
 }

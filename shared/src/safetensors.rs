@@ -49,8 +49,11 @@ impl SafetensorsFile {
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let mut len_buf = [0u8; 8];
-        file.read_exact(&mut len_buf)
-            .map_err(|_| corrupt(format!("{file_len} bytes is too short for a safetensors header")))?;
+        file.read_exact(&mut len_buf).map_err(|_| {
+            corrupt(format!(
+                "{file_len} bytes is too short for a safetensors header"
+            ))
+        })?;
         let header_len = u64::from_le_bytes(len_buf);
         if header_len > MAX_HEADER || header_len + 8 > file_len {
             return Err(corrupt(format!(
@@ -58,9 +61,10 @@ impl SafetensorsFile {
             )));
         }
         let mut header = vec![0u8; header_len as usize];
-        file.read_exact(&mut header).map_err(|e| ModelError::io(path, e))?;
-        let table: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&header).map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
+        file.read_exact(&mut header)
+            .map_err(|e| ModelError::io(path, e))?;
+        let table: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
         let data_start = 8 + header_len;
         let data_len = file_len - data_start;
         let mut tensors = Vec::with_capacity(table.len());
@@ -68,29 +72,39 @@ impl SafetensorsFile {
             if name == "__metadata__" {
                 continue;
             }
-            let raw: RawInfo = serde_json::from_value(value)
-                .map_err(|e| ModelError::tensor(path, &name, format!("invalid header entry: {e}")))?;
+            let raw: RawInfo = serde_json::from_value(value).map_err(|e| {
+                ModelError::tensor(path, &name, format!("invalid header entry: {e}"))
+            })?;
             let dtype = GgmlType::from_safetensors(&raw.dtype)
                 .map_err(|e| ModelError::tensor(path, &name, format!("unsupported {e}")))?;
             let shape: Vec<usize> = raw
                 .shape
                 .iter()
-                .map(|&d| usize::try_from(d).map_err(|_| ModelError::tensor(path, &name, format!("dimension {d}"))))
+                .map(|&d| {
+                    usize::try_from(d)
+                        .map_err(|_| ModelError::tensor(path, &name, format!("dimension {d}")))
+                })
                 .collect::<Result<_, _>>()?;
             let [begin, end] = raw.data_offsets;
-            let want = shape.iter().map(|&d| d as u64).product::<u64>() * dtype.block_bytes() as u64;
+            let want =
+                shape.iter().map(|&d| d as u64).product::<u64>() * dtype.block_bytes() as u64;
             if end < begin || end - begin != want {
                 return Err(ModelError::tensor(
                     path,
                     &name,
-                    format!("byte range [{begin}, {end}) does not hold a {dtype} tensor of shape {shape:?} ({want} bytes)"),
+                    format!(
+                        "byte range [{begin}, {end}) does not hold a {dtype} tensor of shape {shape:?} ({want} bytes)"
+                    ),
                 ));
             }
             if end > data_len {
                 return Err(ModelError::tensor(
                     path,
                     &name,
-                    format!("data ends at byte {} but the file has {file_len} bytes: the file is truncated", data_start + end),
+                    format!(
+                        "data ends at byte {} but the file has {file_len} bytes: the file is truncated",
+                        data_start + end
+                    ),
                 ));
             }
             tensors.push(SafetensorsTensorInfo {
@@ -154,20 +168,34 @@ mod tests {
         let f = SafetensorsFile::open(&p).unwrap();
         assert_eq!(f.tensors().len(), 2);
         let a = &f.tensors()[0];
-        assert_eq!((a.name.as_str(), a.shape.clone(), a.dtype), ("a", vec![2, 2], GgmlType::F32));
+        assert_eq!(
+            (a.name.as_str(), a.shape.clone(), a.dtype),
+            ("a", vec![2, 2], GgmlType::F32)
+        );
         assert_eq!(a.offset, 8 + header.len() as u64);
 
         std::fs::write(&p, file_with(header, &[0u8; 20])).unwrap();
         let err = SafetensorsFile::open(&p).unwrap_err().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("tensor `b`") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("model.safetensors")
+                && err.contains("tensor `b`")
+                && err.contains("truncated"),
+            "{err}"
+        );
 
         let bad = r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,16]}}"#;
         std::fs::write(&p, file_with(bad, &[0u8; 16])).unwrap();
         let err = SafetensorsFile::open(&p).unwrap_err().to_string();
-        assert!(err.contains("tensor `a`") && err.contains("[2, 3]"), "{err}");
+        assert!(
+            err.contains("tensor `a`") && err.contains("[2, 3]"),
+            "{err}"
+        );
 
         std::fs::write(&p, &file_with(header, &[0u8; 22])[..20]).unwrap();
         let err = SafetensorsFile::open(&p).unwrap_err().to_string();
-        assert!(err.contains("model.safetensors") && err.contains("header length"), "{err}");
+        assert!(
+            err.contains("model.safetensors") && err.contains("header length"),
+            "{err}"
+        );
     }
 }

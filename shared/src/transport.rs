@@ -25,7 +25,9 @@ pub trait FrameReceiver: Send + 'static {
 /// Accepts inbound frame streams.
 pub trait FrameListener: Send + 'static {
     type Receiver: FrameReceiver;
-    fn accept(&mut self) -> impl Future<Output = Result<(Self::Receiver, String), WireError>> + Send;
+    fn accept(
+        &mut self,
+    ) -> impl Future<Output = Result<(Self::Receiver, String), WireError>> + Send;
     fn local_addr(&self) -> String;
 }
 
@@ -89,7 +91,9 @@ impl Transport for TcpTransport {
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
             })?
             .map_err(io_err(format!("connecting to data-plane peer {addr}")))?;
-        stream.set_nodelay(true).map_err(io_err(format!("setting TCP_NODELAY on {addr}")))?;
+        stream
+            .set_nodelay(true)
+            .map_err(io_err(format!("setting TCP_NODELAY on {addr}")))?;
         // The sender never reads. Dropping the read half leaves the socket open.
         let (_, write) = stream.into_split();
         Ok(TcpFrameSender {
@@ -132,9 +136,15 @@ impl FrameReceiver for TcpFrameReceiver {
         let prelude = Prelude::parse(&pre, self.max_frame_bytes)?;
         let mut header = vec![0u8; prelude.header_len as usize];
         let ctx = || format!("reading a frame from {}", self.peer);
-        self.reader.read_exact(&mut header).await.map_err(io_err(ctx()))?;
+        self.reader
+            .read_exact(&mut header)
+            .await
+            .map_err(io_err(ctx()))?;
         let mut payload = BytesMut::zeroed(prelude.payload_len as usize);
-        self.reader.read_exact(&mut payload).await.map_err(io_err(ctx()))?;
+        self.reader
+            .read_exact(&mut payload)
+            .await
+            .map_err(io_err(ctx()))?;
         Frame::decode(&prelude, &header, Bytes::from(payload)).map(Some)
     }
 }
@@ -148,7 +158,9 @@ impl FrameListener for TcpFrameListener {
             .accept()
             .await
             .map_err(io_err("accepting a data-plane connection"))?;
-        stream.set_nodelay(true).map_err(io_err("setting TCP_NODELAY"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(io_err("setting TCP_NODELAY"))?;
         let (read, write) = stream.into_split();
         // Receivers never write.
         drop(write);

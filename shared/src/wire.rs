@@ -29,7 +29,9 @@ pub const MAX_HEADER_BYTES: usize = 64 << 20;
 /// Errors decoding or moving frames.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("bad frame magic {0:02x?} (expected \"STRF\"): the peer is not a Strata data-plane endpoint")]
+    #[error(
+        "bad frame magic {0:02x?} (expected \"STRF\"): the peer is not a Strata data-plane endpoint"
+    )]
     Magic([u8; 4]),
     #[error("frame version {0} is not supported (this build speaks version {VERSION})")]
     Version(u16),
@@ -132,7 +134,9 @@ impl ActDType {
             0 => Ok(ActDType::F32),
             1 => Ok(ActDType::F16),
             2 => Ok(ActDType::BF16),
-            _ => Err(WireError::Malformed(format!("unknown activation dtype {v}"))),
+            _ => Err(WireError::Malformed(format!(
+                "unknown activation dtype {v}"
+            ))),
         }
     }
 }
@@ -217,7 +221,10 @@ impl Prelude {
         let payload_len = b.get_u64_le();
         let size = u64::from(header_len) + payload_len;
         if header_len as usize > MAX_HEADER_BYTES || size > max_frame as u64 {
-            return Err(WireError::TooLarge { size, limit: max_frame });
+            return Err(WireError::TooLarge {
+                size,
+                limit: max_frame,
+            });
         }
         Ok(Prelude {
             kind,
@@ -418,7 +425,10 @@ impl Frame {
             k => return Err(WireError::Kind(k)),
         };
         if !r.buf.is_empty() {
-            return Err(WireError::Malformed(format!("{} trailing header bytes", r.buf.len())));
+            return Err(WireError::Malformed(format!(
+                "{} trailing header bytes",
+                r.buf.len()
+            )));
         }
         Ok(frame)
     }
@@ -474,7 +484,11 @@ mod tests {
 
     fn round_trip(f: &Frame) -> Frame {
         let (head, payload) = f.encode();
-        let prelude = Prelude::parse(head[..PRELUDE_LEN].try_into().unwrap(), DEFAULT_MAX_FRAME_BYTES).unwrap();
+        let prelude = Prelude::parse(
+            head[..PRELUDE_LEN].try_into().unwrap(),
+            DEFAULT_MAX_FRAME_BYTES,
+        )
+        .unwrap();
         assert_eq!(prelude.header_len as usize, head.len() - PRELUDE_LEN);
         Frame::decode(&prelude, &head[PRELUDE_LEN..], payload.unwrap_or_default()).unwrap()
     }
@@ -534,11 +548,22 @@ mod tests {
         })
         .encode();
         let mut p: [u8; PRELUDE_LEN] = head[..PRELUDE_LEN].try_into().unwrap();
-        assert!(Prelude::parse(&p, 1).unwrap_err().to_string().contains("exceeds the limit"));
+        assert!(
+            Prelude::parse(&p, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("exceeds the limit")
+        );
         p[4] = 9;
-        assert!(matches!(Prelude::parse(&p, 1 << 20), Err(WireError::Version(9))));
+        assert!(matches!(
+            Prelude::parse(&p, 1 << 20),
+            Err(WireError::Version(9))
+        ));
         p[0] = b'G';
-        assert!(matches!(Prelude::parse(&p, 1 << 20), Err(WireError::Magic(_))));
+        assert!(matches!(
+            Prelude::parse(&p, 1 << 20),
+            Err(WireError::Magic(_))
+        ));
         // A header cut short, or with a count larger than the bytes left.
         let prelude = Prelude {
             kind: KIND_SAMPLES,

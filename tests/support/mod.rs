@@ -1,5 +1,6 @@
 //! Test support: start real `strata` processes on ephemeral ports and talk to them over gRPC.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -38,7 +39,9 @@ pub fn prompts() -> Vec<Prompt> {
         prompts: Vec<Prompt>,
     }
     let text = std::fs::read_to_string(golden().join("prompts.json")).expect("golden prompts.json");
-    serde_json::from_str::<File>(&text).expect("prompts.json parses").prompts
+    serde_json::from_str::<File>(&text)
+        .expect("prompts.json parses")
+        .prompts
 }
 
 /// A running `strata serve` (or `strata gateway`) process; terminated on drop.
@@ -97,11 +100,17 @@ impl Server {
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
                         std::thread::sleep(Duration::from_millis(200));
-                        return Err(format!("strata exited with {status} before serving:\n{}", log_text(&log)));
+                        return Err(format!(
+                            "strata exited with {status} before serving:\n{}",
+                            log_text(&log)
+                        ));
                     }
                     if std::time::Instant::now() > deadline {
                         let _ = child.kill();
-                        return Err(format!("strata did not become ready in 300 s:\n{}", log_text(&log)));
+                        return Err(format!(
+                            "strata did not become ready in 300 s:\n{}",
+                            log_text(&log)
+                        ));
                     }
                 }
             }
@@ -124,7 +133,10 @@ impl Server {
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         for _ in 0..100 {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
@@ -150,7 +162,10 @@ fn log_text(log: &Arc<Mutex<String>>) -> String {
 }
 
 /// Runs a Generate call to the end: its tokens and its final message.
-pub async fn generate(client: &mut StrataClient<Channel>, req: GenerateRequest) -> Result<(Vec<Token>, Finished), tonic::Status> {
+pub async fn generate(
+    client: &mut StrataClient<Channel>,
+    req: GenerateRequest,
+) -> Result<(Vec<Token>, Finished), tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
     let mut tokens = Vec::new();
     while let Some(msg) = stream.message().await? {
@@ -160,7 +175,9 @@ pub async fn generate(client: &mut StrataClient<Channel>, req: GenerateRequest) 
             None => {}
         }
     }
-    Err(tonic::Status::internal("stream ended without a Finished message"))
+    Err(tonic::Status::internal(
+        "stream ended without a Finished message",
+    ))
 }
 
 /// Writes `yaml` to a temp file and returns its path (kept alive by the returned guard).
@@ -169,4 +186,19 @@ pub fn topology_file(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().join("topology.yml");
     std::fs::write(&path, yaml).expect("write topology");
     (dir, path)
+}
+
+/// The virtualenv holding grpcurl and Python gRPC, installed on first use by
+/// `scripts/setup-test-peers.sh` (which `.ci/run` also runs).
+pub fn peers_venv() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/setup-test-peers.sh");
+    let out = Command::new(&script)
+        .output()
+        .expect("run scripts/setup-test-peers.sh");
+    assert!(
+        out.status.success(),
+        "scripts/setup-test-peers.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }

@@ -31,19 +31,26 @@ pub struct WorkerArgs {
 }
 
 /// Runs a worker until `shutdown` resolves (or stdin closes, with `--exit-with-stdin`).
-pub async fn run(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+pub async fn run(
+    args: WorkerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| WorkerError::Load(format!("cannot listen on {}: {e}", args.listen)))?;
     let control = listener
         .local_addr()
         .map_err(|e| WorkerError::Load(format!("control listener: {e}")))?;
-    let data_listen = args.data_listen.clone().unwrap_or_else(|| format!("{}:0", control.ip()));
+    let data_listen = args
+        .data_listen
+        .clone()
+        .unwrap_or_else(|| format!("{}:0", control.ip()));
     let transport = TcpTransport {
         max_frame_bytes: args.max_frame_mib << 20,
         ..TcpTransport::default()
     };
-    let (service, data) = crate::service::start(&data_listen, args.advertise_host.as_deref(), transport).await?;
+    let (service, data) =
+        crate::service::start(&data_listen, args.advertise_host.as_deref(), transport).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<strata_proto::worker::v1::worker_server::WorkerServer<crate::service::WorkerService>>()

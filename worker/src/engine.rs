@@ -19,7 +19,12 @@ pub struct Engine {
 
 impl Engine {
     /// Loads every stage of `plan`, each with a KV cache of `kv_blocks` blocks.
-    pub fn load(meta: &ModelMeta, plan: &Plan, kv_blocks: usize, progress: Progress<'_>) -> Result<Self> {
+    pub fn load(
+        meta: &ModelMeta,
+        plan: &Plan,
+        kv_blocks: usize,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
         let mut stages = Vec::with_capacity(plan.route.len());
         for s in &plan.route {
             let spec = SliceSpec::from_plan(plan, s.index)?;
@@ -32,7 +37,10 @@ impl Engine {
     /// An engine over already loaded stages (indices 0, 1, ... in order).
     pub fn from_stages(stages: Vec<Stage>) -> Result<Self> {
         let ok = !stages.is_empty()
-            && stages.iter().enumerate().all(|(i, s)| s.index() as usize == i)
+            && stages
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.index() as usize == i)
             && stages.first().is_some_and(|s| s.slice().has_embedding())
             && stages.last().is_some_and(|s| s.slice().has_head());
         if !ok {
@@ -58,7 +66,9 @@ impl Engine {
         let last = self.last_mut()?;
         match last.finish(step, x)? {
             Frame::Samples(s) => Ok(s),
-            _ => Err(WorkerError::Step("the last stage did not produce samples".into())),
+            _ => Err(WorkerError::Step(
+                "the last stage did not produce samples".into(),
+            )),
         }
     }
 
@@ -135,7 +145,10 @@ impl Engine {
 
     /// Logits at the last position of `tokens`.
     pub fn last_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let last = tokens.len().checked_sub(1).ok_or_else(|| WorkerError::Step("empty prompt".into()))? as u32;
+        let last = tokens
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| WorkerError::Step("empty prompt".into()))? as u32;
         let mut out = Vec::new();
         self.logits_for(u64::MAX, tokens, &[last], 1, |_, l| {
             out = l.to_vec();

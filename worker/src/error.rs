@@ -26,7 +26,11 @@ pub enum WorkerError {
         source: strata_kernels::KernelError,
     },
     #[error("KV cache is full: sequence {seq_id} needs {needed} more blocks, {free} are free")]
-    KvFull { seq_id: u64, needed: usize, free: usize },
+    KvFull {
+        seq_id: u64,
+        needed: usize,
+        free: usize,
+    },
     #[error("sequence {seq_id}: {problem}")]
     Sequence { seq_id: u64, problem: String },
     #[error("invalid step: {0}")]

@@ -21,10 +21,17 @@ pub struct LayerKv {
 impl LayerKv {
     fn new(floats: usize) -> Result<Self> {
         let map = || {
-            memmap2::MmapMut::map_anon((floats * 4).max(4))
-                .map_err(|e| WorkerError::Load(format!("cannot reserve {} bytes for the KV cache: {e}", floats * 4)))
+            memmap2::MmapMut::map_anon((floats * 4).max(4)).map_err(|e| {
+                WorkerError::Load(format!(
+                    "cannot reserve {} bytes for the KV cache: {e}",
+                    floats * 4
+                ))
+            })
         };
-        Ok(LayerKv { k: map()?, v: map()? })
+        Ok(LayerKv {
+            k: map()?,
+            v: map()?,
+        })
     }
 
     /// The key and value pools as f32 (page-aligned maps always cast).
@@ -58,7 +65,9 @@ impl KvCache {
     /// A cache of `num_blocks` blocks for `n_layers` layers.
     pub fn new(shape: AttentionShape, n_layers: usize, num_blocks: usize) -> Result<Self> {
         let per_layer = num_blocks * shape.n_kv_heads * shape.block_size * shape.head_dim;
-        let layers = (0..n_layers).map(|_| LayerKv::new(per_layer)).collect::<Result<_>>()?;
+        let layers = (0..n_layers)
+            .map(|_| LayerKv::new(per_layer))
+            .collect::<Result<_>>()?;
         Ok(KvCache {
             shape,
             num_blocks,
@@ -92,7 +101,9 @@ impl KvCache {
         if pos0 != held {
             return Err(WorkerError::Sequence {
                 seq_id,
-                problem: format!("step starts at position {pos0}, but this stage holds {held} positions of it"),
+                problem: format!(
+                    "step starts at position {pos0}, but this stage holds {held} positions of it"
+                ),
             });
         }
         let seq = self.seqs.entry(seq_id).or_default();
@@ -103,7 +114,11 @@ impl KvCache {
             if seq.blocks.is_empty() {
                 self.seqs.remove(&seq_id);
             }
-            return Err(WorkerError::KvFull { seq_id, needed, free });
+            return Err(WorkerError::KvFull {
+                seq_id,
+                needed,
+                free,
+            });
         }
         let at = self.free.len() - needed;
         seq.blocks.extend(self.free.drain(at..).rev());
@@ -185,7 +200,10 @@ mod tests {
     fn steps_must_continue_where_the_cache_left_off() {
         let mut kv = cache(4);
         let err = kv.reserve(7, 3, 1).unwrap_err().to_string();
-        assert!(err.contains("sequence 7") && err.contains("starts at position 3"), "{err}");
+        assert!(
+            err.contains("sequence 7") && err.contains("starts at position 3"),
+            "{err}"
+        );
         kv.reserve(7, 0, 2).unwrap();
         kv.commit(7, 2);
         assert!(kv.reserve(7, 1, 1).is_err());

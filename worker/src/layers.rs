@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use strata_kernels::fp8::Fp8Weight;
+use strata_kernels::ggml::BlockWeight;
 use strata_kernels::hqq::HqqWeight;
 use strata_shared::config::{ModelConfig, RopeScaling};
 
 use crate::error::{CandleContext, Result, WorkerError};
-use crate::weights::Weight;
+use crate::weights::{KQuantWeight, Weight};
 
 /// `y = x Wᵀ (+ b)` for a weight in any form. Activations are f32 `[n, in]`.
 #[derive(Debug, Clone)]
@@ -24,7 +24,8 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum LinearOp {
     Dense(Tensor),
-    Ggml(QMatMul),
+    Blocks(Arc<BlockWeight>),
+    KQuant(Arc<KQuantWeight>),
     Hqq(Arc<HqqWeight>),
     Fp8(Arc<Fp8Weight>),
 }
@@ -37,9 +38,13 @@ impl Linear {
                 let out = t.dim(0).ctx(ctx)?;
                 (LinearOp::Dense(t), out)
             }
-            Weight::Ggml(q) => {
-                let out = q.shape().dims().first().copied().unwrap_or(0);
-                (LinearOp::Ggml(QMatMul::from_arc(q).ctx(ctx)?), out)
+            Weight::Blocks(w) => {
+                let out = w.rows();
+                (LinearOp::Blocks(w), out)
+            }
+            Weight::KQuant(w) => {
+                let out = w.rows();
+                (LinearOp::KQuant(w), out)
             }
             Weight::Hqq(w) => {
                 let out = w.rows();
@@ -62,6 +67,46 @@ impl Linear {
         self.out_features
     }
 
+    /// Row `row` of the weight, dequantized to f32 (`out` holds `in_features` values).
+    pub fn row_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        let ctx = || format!("`{}` row {row}", self.name);
+        match &self.op {
+            LinearOp::Dense(w) => {
+                let v = w
+                    .get(row)
+                    .and_then(|r| r.to_dtype(DType::F32))
+                    .and_then(|r| r.to_vec1::<f32>())
+                    .ctx(ctx)?;
+                if v.len() != out.len() {
+                    return Err(WorkerError::Step(format!(
+                        "{}: {} columns, not {}",
+                        ctx(),
+                        v.len(),
+                        out.len()
+                    )));
+                }
+                out.copy_from_slice(&v);
+                Ok(())
+            }
+            LinearOp::Blocks(w) => w.dequantize_row(row, out).ctx(ctx),
+            LinearOp::KQuant(w) => {
+                let v = w.rows_f32(&[row as u32]).ctx(ctx)?;
+                if v.len() != out.len() {
+                    return Err(WorkerError::Step(format!(
+                        "{}: {} columns, not {}",
+                        ctx(),
+                        v.len(),
+                        out.len()
+                    )));
+                }
+                out.copy_from_slice(&v);
+                Ok(())
+            }
+            LinearOp::Hqq(w) => w.dequantize_row(row, out).ctx(ctx),
+            LinearOp::Fp8(w) => w.dequantize_row(row, out).ctx(ctx),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ctx = || format!("`{}` forward", self.name);
         let y = match &self.op {
@@ -70,12 +115,23 @@ impl Linear {
                     x.matmul(&w.t().ctx(ctx)?).ctx(ctx)?
                 } else {
                     let xw = x.to_dtype(w.dtype()).ctx(ctx)?;
-                    xw.matmul(&w.t().ctx(ctx)?).and_then(|y| y.to_dtype(DType::F32)).ctx(ctx)?
+                    xw.matmul(&w.t().ctx(ctx)?)
+                        .and_then(|y| y.to_dtype(DType::F32))
+                        .ctx(ctx)?
                 }
             }
-            LinearOp::Ggml(q) => q.forward(x).ctx(ctx)?,
-            LinearOp::Hqq(w) => kernel_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)).ctx(ctx)?,
-            LinearOp::Fp8(w) => kernel_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)).ctx(ctx)?,
+            LinearOp::Blocks(w) => {
+                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
+            }
+            LinearOp::KQuant(w) => {
+                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
+            }
+            LinearOp::Hqq(w) => {
+                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
+            }
+            LinearOp::Fp8(w) => {
+                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).ctx(ctx),
@@ -84,11 +140,11 @@ impl Linear {
     }
 }
 
-/// Runs one of Strata's matmul kernels on a candle tensor.
+/// Runs a slice-level matmul (`out[m, rows] = x[m, cols] · Wᵀ`) on a candle tensor.
 fn kernel_matmul(
     x: &Tensor,
     rows: usize,
-    f: impl Fn(&[f32], usize, &mut [f32]) -> std::result::Result<(), strata_kernels::KernelError>,
+    f: impl Fn(&[f32], usize, &mut [f32]) -> std::result::Result<(), KernelOrCandle>,
 ) -> std::result::Result<Tensor, KernelOrCandle> {
     let m = x.dim(0)?;
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -132,7 +188,8 @@ pub struct Embedding {
 #[derive(Debug, Clone)]
 enum EmbeddingTable {
     Dense(Tensor),
-    Ggml(Arc<QTensor>),
+    Blocks(Arc<BlockWeight>),
+    KQuant(Arc<KQuantWeight>),
     Hqq(Arc<HqqWeight>),
     Fp8(Arc<Fp8Weight>),
 }
@@ -141,11 +198,16 @@ impl Embedding {
     pub fn new(weight: Weight, vocab: usize, hidden: usize) -> Self {
         let table = match weight {
             Weight::Dense(t) => EmbeddingTable::Dense(t),
-            Weight::Ggml(q) => EmbeddingTable::Ggml(q),
+            Weight::Blocks(w) => EmbeddingTable::Blocks(w),
+            Weight::KQuant(w) => EmbeddingTable::KQuant(w),
             Weight::Hqq(w) => EmbeddingTable::Hqq(w),
             Weight::Fp8(w) => EmbeddingTable::Fp8(w),
         };
-        Embedding { table, vocab, hidden }
+        Embedding {
+            table,
+            vocab,
+            hidden,
+        }
     }
 
     /// `[tokens.len(), hidden]` f32.
@@ -163,7 +225,11 @@ impl Embedding {
                 .and_then(|ids| t.index_select(&ids, 0))
                 .and_then(|e| e.to_dtype(DType::F32))
                 .ctx(ctx),
-            EmbeddingTable::Ggml(q) => ids().and_then(|ids| q.embedding(&ids)).ctx(ctx),
+            EmbeddingTable::KQuant(w) => w
+                .rows_f32(tokens)
+                .and_then(|v| Tensor::from_vec(v, (tokens.len(), self.hidden), &Device::Cpu))
+                .ctx(ctx),
+            EmbeddingTable::Blocks(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
             EmbeddingTable::Hqq(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
             EmbeddingTable::Fp8(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
         }
@@ -178,7 +244,8 @@ impl Embedding {
         for (t, row) in tokens.iter().zip(out.chunks_exact_mut(self.hidden)) {
             f(*t as usize, row).ctx(|| "token embedding".into())?;
         }
-        Tensor::from_vec(out, (tokens.len(), self.hidden), &Device::Cpu).ctx(|| "token embedding".into())
+        Tensor::from_vec(out, (tokens.len(), self.hidden), &Device::Cpu)
+            .ctx(|| "token embedding".into())
     }
 }
 
@@ -221,7 +288,9 @@ impl Rope {
             .collect();
         match &cfg.rope_scaling {
             None => {}
-            Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
+            Some(RopeScaling::Linear { factor }) => {
+                inv_freq.iter_mut().for_each(|f| *f /= *factor as f32)
+            }
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -229,7 +298,11 @@ impl Rope {
                 original_max_position_embeddings,
             }) => {
                 let old = *original_max_position_embeddings as f32;
-                let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let (factor, lo, hi) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
                 let low_wavelen = old / lo;
                 let high_wavelen = old / hi;
                 for f in inv_freq.iter_mut() {
@@ -272,7 +345,10 @@ impl Rope {
 
     /// cos/sin rows for the given positions.
     pub fn tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
-        if let Some(&p) = positions.iter().find(|&&p| p as usize >= self.max_positions) {
+        if let Some(&p) = positions
+            .iter()
+            .find(|&&p| p as usize >= self.max_positions)
+        {
             return Err(WorkerError::Step(format!(
                 "position {p} is past the model's context length {}",
                 self.max_positions

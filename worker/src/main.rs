@@ -5,7 +5,11 @@ use clap::Parser;
 use strata_worker::cli::WorkerArgs;
 
 #[derive(Parser)]
-#[command(name = "strata-worker", version, about = "Strata worker: runs the layers the gateway assigns")]
+#[command(
+    name = "strata-worker",
+    version,
+    about = "Strata worker: runs the layers the gateway assigns"
+)]
 struct Cli {
     #[command(flatten)]
     worker: WorkerArgs,
@@ -28,10 +32,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return std::future::pending().await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

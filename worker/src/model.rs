@@ -7,15 +7,15 @@ use std::collections::HashMap;
 use candle_core::{D, Device, Tensor};
 use strata_kernels::attention::{self, AttentionShape};
 use strata_shared::config::ModelConfig;
+use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
 use strata_shared::names::{LayerTensor, TensorRole};
 use strata_shared::plan::{FloatType, Plan};
-use strata_shared::isq::IsqType;
 
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::kv::KvCache;
 use crate::layers::{Embedding, Linear, RmsNorm, Rope};
-use crate::weights::{self, LoadSpec};
+use crate::weights::{self, LoadSpec, Weight};
 
 /// KV cache block size, in tokens.
 pub const KV_BLOCK_SIZE: usize = 16;
@@ -159,8 +159,9 @@ impl Loader<'_> {
         let name = role.hf_name();
         let entry = self.spec.tensors.get(&name);
         let source_role = match entry {
-            Some(e) => TensorRole::from_hf_name(&e.source)
-                .ok_or_else(|| WorkerError::Load(format!("`{name}` reads unknown tensor `{}`", e.source)))?,
+            Some(e) => TensorRole::from_hf_name(&e.source).ok_or_else(|| {
+                WorkerError::Load(format!("`{name}` reads unknown tensor `{}`", e.source))
+            })?,
             None => role,
         };
         let meta = self.meta.require(source_role)?;
@@ -177,7 +178,7 @@ impl Loader<'_> {
         (self.progress)(name, self.done, self.total);
     }
 
-    fn matrix(&mut self, role: TensorRole) -> Result<crate::weights::Weight> {
+    fn matrix(&mut self, role: TensorRole) -> Result<Weight> {
         let (meta, spec) = self.plan_for(role)?;
         let w = weights::load(meta, &spec)?;
         self.bytes += w.bytes();
@@ -186,8 +187,19 @@ impl Loader<'_> {
         Ok(w)
     }
 
-    fn linear(&mut self, layer: usize, t: LayerTensor, bias: Option<LayerTensor>) -> Result<Linear> {
-        let w = self.matrix(TensorRole::Layer(layer, t))?;
+    fn linear(
+        &mut self,
+        layer: usize,
+        t: LayerTensor,
+        bias: Option<LayerTensor>,
+        importance: Option<&[f32]>,
+    ) -> Result<Linear> {
+        let role = TensorRole::Layer(layer, t);
+        let (meta, spec) = self.plan_for(role)?;
+        let w = weights::load_weighted(meta, &spec, importance)?;
+        self.bytes += w.bytes();
+        tracing::debug!(tensor = %role.hf_name(), kind = %w.kind(), bytes = w.bytes(), "loaded");
+        self.tick(&role.hf_name());
         let b = match bias {
             Some(b) if self.meta.tensor(TensorRole::Layer(layer, b)).is_some() => {
                 Some(self.vector(TensorRole::Layer(layer, b))?)
@@ -219,21 +231,49 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn load(l: &mut Loader<'_>, layer: usize, cfg: &ModelConfig) -> Result<Self> {
+    fn load(
+        l: &mut Loader<'_>,
+        layer: usize,
+        cfg: &ModelConfig,
+        input_norm: &Tensor,
+    ) -> Result<Self> {
         let bias = cfg.attention_bias;
         let pick = |t| if bias { Some(t) } else { None };
+        let imp = norm_importance(input_norm)?;
         Ok(Attention {
-            q_proj: l.linear(layer, LayerTensor::QProj, pick(LayerTensor::QBias))?,
-            k_proj: l.linear(layer, LayerTensor::KProj, pick(LayerTensor::KBias))?,
-            v_proj: l.linear(layer, LayerTensor::VProj, pick(LayerTensor::VBias))?,
-            o_proj: l.linear(layer, LayerTensor::OProj, Some(LayerTensor::OBias))?,
+            q_proj: l.linear(
+                layer,
+                LayerTensor::QProj,
+                pick(LayerTensor::QBias),
+                Some(&imp),
+            )?,
+            k_proj: l.linear(
+                layer,
+                LayerTensor::KProj,
+                pick(LayerTensor::KBias),
+                Some(&imp),
+            )?,
+            v_proj: l.linear(
+                layer,
+                LayerTensor::VProj,
+                pick(LayerTensor::VBias),
+                Some(&imp),
+            )?,
+            o_proj: l.linear(layer, LayerTensor::OProj, Some(LayerTensor::OBias), None)?,
             shape: attention_shape(cfg),
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
             sliding_window: cfg.sliding_window,
         })
     }
 
-    fn forward(&self, x: &Tensor, batch: &Batch, rope: (&Tensor, &Tensor), kv: &mut KvCache, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        batch: &Batch,
+        rope: (&Tensor, &Tensor),
+        kv: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let s = &self.shape;
         let q = Rope::apply(&self.q_proj.forward(x)?, s.n_heads, rope.0, rope.1)?;
         let k = Rope::apply(&self.k_proj.forward(x)?, s.n_kv_heads, rope.0, rope.1)?;
@@ -287,18 +327,35 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn load(l: &mut Loader<'_>, layer: usize) -> Result<Self> {
+    fn load(l: &mut Loader<'_>, layer: usize, post_norm: &Tensor) -> Result<Self> {
+        let imp = norm_importance(post_norm)?;
+        let gate_proj = l.linear(layer, LayerTensor::GateProj, None, Some(&imp))?;
+        let up_proj = l.linear(layer, LayerTensor::UpProj, None, Some(&imp))?;
+        let down = TensorRole::Layer(layer, LayerTensor::DownProj);
+        let down_imp = if l
+            .plan_for(down)?
+            .1
+            .isq
+            .is_some_and(IsqType::takes_importance)
+        {
+            Some(down_proj_importance(&gate_proj, &up_proj, post_norm)?)
+        } else {
+            None
+        };
+        let down_proj = l.linear(layer, LayerTensor::DownProj, None, down_imp.as_deref())?;
         Ok(Mlp {
-            gate_proj: l.linear(layer, LayerTensor::GateProj, None)?,
-            up_proj: l.linear(layer, LayerTensor::UpProj, None)?,
-            down_proj: l.linear(layer, LayerTensor::DownProj, None)?,
+            gate_proj,
+            up_proj,
+            down_proj,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        let h = candle_nn::ops::silu(&gate).and_then(|g| g * up).ctx(|| "mlp".into())?;
+        let h = candle_nn::ops::silu(&gate)
+            .and_then(|g| g * up)
+            .ctx(|| "mlp".into())?;
         self.down_proj.forward(&h)
     }
 }
@@ -315,22 +372,33 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     fn load(l: &mut Loader<'_>, layer: usize, cfg: &ModelConfig) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
+        let input_norm = l.vector(TensorRole::Layer(layer, LayerTensor::InputNorm))?;
+        let self_attn = Attention::load(l, layer, cfg, &input_norm)?;
+        let post_norm = l.vector(TensorRole::Layer(layer, LayerTensor::PostAttentionNorm))?;
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::new(l.vector(TensorRole::Layer(layer, LayerTensor::InputNorm))?, eps),
-            self_attn: Attention::load(l, layer, cfg)?,
-            post_attention_layernorm: RmsNorm::new(
-                l.vector(TensorRole::Layer(layer, LayerTensor::PostAttentionNorm))?,
-                eps,
-            ),
-            mlp: Mlp::load(l, layer)?,
+            input_layernorm: RmsNorm::new(input_norm, eps),
+            self_attn,
+            post_attention_layernorm: RmsNorm::new(post_norm.clone(), eps),
+            mlp: Mlp::load(l, layer, &post_norm)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, batch: &Batch, rope: (&Tensor, &Tensor), kv: &mut KvCache, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        batch: &Batch,
+        rope: (&Tensor, &Tensor),
+        kv: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let ctx = || format!("layer {layer} residual");
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, batch, rope, kv, layer)?;
+        let h =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, batch, rope, kv, layer)?;
         let x = (x + h).ctx(ctx)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         (x + h).ctx(ctx)
     }
 }
@@ -379,7 +447,11 @@ impl ModelSlice {
             bytes: 0,
         };
         let embed_tokens = if spec.embed {
-            Some(Embedding::new(l.matrix(TensorRole::Embedding)?, cfg.vocab_size, cfg.hidden_size))
+            Some(Embedding::new(
+                l.matrix(TensorRole::Embedding)?,
+                cfg.vocab_size,
+                cfg.hidden_size,
+            ))
         } else {
             None
         };
@@ -389,7 +461,11 @@ impl ModelSlice {
         }
         let rope = if n_layers > 0 {
             let factors = match meta.tensor(TensorRole::RopeFreqs) {
-                Some(t) => Some(weights::load_vector_f32(t)?.to_vec1::<f32>().ctx(|| "rope_freqs.weight".into())?),
+                Some(t) => Some(
+                    weights::load_vector_f32(t)?
+                        .to_vec1::<f32>()
+                        .ctx(|| "rope_freqs.weight".into())?,
+                ),
                 None => None,
             };
             Some(Rope::new(&cfg, factors.as_deref())?)
@@ -489,4 +565,65 @@ impl ModelSlice {
     pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
         candle_nn::ops::log_softmax(logits, D::Minus1).ctx(|| "log-softmax".into())
     }
+}
+
+/// Importance of the input channels of a linear layer fed by an RMS norm: the energy of channel
+/// `k` of a normalized hidden state whose components have unit variance, `weight[k]²`. Guides the
+/// k-quant search (llama.cpp's importance matrix) without calibration data.
+fn norm_importance(norm: &Tensor) -> Result<Vec<f32>> {
+    let w = norm.to_vec1::<f32>().ctx(|| "norm importance".into())?;
+    Ok(w.iter().map(|x| x * x).collect())
+}
+
+/// Importance of each input channel of a layer's `down_proj`: the expected energy of
+/// `silu(gate_j · h) · (up_j · h)` for a normalized hidden state `h` with unit-variance
+/// components scaled by the post-attention norm weight. Computed from the layer's own (loaded)
+/// gate and up rows, one row at a time, by a fixed quadrature over the two correlated Gaussians.
+fn down_proj_importance(gate: &Linear, up: &Linear, norm: &Tensor) -> Result<Vec<f32>> {
+    let norm = norm
+        .to_vec1::<f32>()
+        .ctx(|| "down_proj importance".into())?;
+    let w2: Vec<f64> = norm.iter().map(|&x| f64::from(x) * f64::from(x)).collect();
+    let hidden = norm.len();
+    let inter = gate.out_features();
+    // Fixed standard-normal pairs (Box-Muller over a regular grid): the same on every run.
+    const N: usize = 24;
+    let mut pairs = Vec::with_capacity(N * N);
+    for a in 0..N {
+        for b in 0..N {
+            let r = (-2.0 * ((a as f64 + 0.5) / N as f64).ln()).sqrt();
+            let th = 2.0 * std::f64::consts::PI * (b as f64 + 0.5) / N as f64;
+            pairs.push((r * th.cos(), r * th.sin()));
+        }
+    }
+    let silu = |x: f64| x / (1.0 + (-x).exp());
+    let (mut g, mut u) = (vec![0f32; hidden], vec![0f32; hidden]);
+    let mut out = vec![0f32; inter];
+    for (j, o) in out.iter_mut().enumerate() {
+        gate.row_f32(j, &mut g)?;
+        up.row_f32(j, &mut u)?;
+        let (mut vg, mut vu, mut c) = (0f64, 0f64, 0f64);
+        for k in 0..hidden {
+            let (gk, uk) = (f64::from(g[k]), f64::from(u[k]));
+            vg += gk * gk * w2[k];
+            vu += uk * uk * w2[k];
+            c += gk * uk * w2[k];
+        }
+        let (sg, su) = (vg.sqrt(), vu.sqrt());
+        let rho = if sg > 0.0 && su > 0.0 {
+            (c / (sg * su)).clamp(-1.0, 1.0)
+        } else {
+            0.0
+        };
+        let side = (1.0 - rho * rho).sqrt();
+        let e: f64 = pairs
+            .iter()
+            .map(|&(z1, z2)| {
+                let a = silu(sg * z1) * su * (rho * z1 + side * z2);
+                a * a
+            })
+            .sum();
+        *o = (e / pairs.len() as f64) as f32;
+    }
+    Ok(out)
 }

@@ -46,7 +46,10 @@ impl SeqSampler {
         Sample {
             seq_id,
             token,
-            logprob: logprobs.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            logprob: logprobs
+                .get(token as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY),
             top,
         }
     }
@@ -60,7 +63,11 @@ impl SeqSampler {
                 {
                     *s = true;
                     let x = &mut scores[t as usize];
-                    *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                    *x = if *x > 0.0 {
+                        *x / p.repetition_penalty
+                    } else {
+                        *x * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -120,11 +127,17 @@ fn top_k_logprobs(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
 fn truncated_probs(scores: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
     let t = p.temperature as f64;
     let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    order.sort_by(|a, b| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b)));
+    order.sort_by(|a, b| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    });
     if p.top_k > 0 {
         order.truncate(p.top_k as usize);
     }
-    let max = order.first().map_or(0.0, |&i| scores[i as usize] as f64 / t);
+    let max = order
+        .first()
+        .map_or(0.0, |&i| scores[i as usize] as f64 / t);
     let mut probs: Vec<(u32, f64)> = order
         .iter()
         .map(|&i| (i, (scores[i as usize] as f64 / t - max).exp()))
@@ -238,7 +251,13 @@ mod tests {
         };
         // Keeps tokens with probability >= 0.2 * 0.644.
         assert_eq!(truncated_probs(&scores, &p).len(), 2);
-        let probs = truncated_probs(&scores, &SamplingParams { temperature: 1.0, ..params() });
+        let probs = truncated_probs(
+            &scores,
+            &SamplingParams {
+                temperature: 1.0,
+                ..params()
+            },
+        );
         assert!((probs.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-12);
     }
 
@@ -252,7 +271,9 @@ mod tests {
         };
         let run = |seed| {
             let mut s = SeqSampler::new(seed, 0);
-            (0..20).map(|_| s.sample(0, &logits, &p).token).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(0, &logits, &p).token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));

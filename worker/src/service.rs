@@ -12,12 +12,14 @@ use std::time::Instant;
 
 use strata_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use strata_proto::worker::v1::{
-    LinkRequest, LinkResponse, LoadEvent, LoadProgress, LoadRequest, Loaded, State, StatusRequest, StatusResponse,
-    load_event,
+    LinkRequest, LinkResponse, LoadEvent, LoadProgress, LoadRequest, Loaded, State, StatusRequest,
+    StatusResponse, load_event,
 };
 use strata_shared::meta::ModelMeta;
 use strata_shared::source::ModelFiles;
-use strata_shared::transport::{FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport};
+use strata_shared::transport::{
+    FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport,
+};
 use strata_shared::wire::{ErrorFrame, Frame};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,7 +65,10 @@ impl Shared {
     }
 
     fn phase(&self) -> Phase {
-        self.phase.lock().map(|g| g.clone()).unwrap_or(Phase::Failed("state lock poisoned".into()))
+        self.phase
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or(Phase::Failed("state lock poisoned".into()))
     }
 }
 
@@ -162,7 +167,10 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
                     }
                 };
                 let Some(out) = routes.get(&stage) else {
-                    tracing::error!(stage, "data plane: frame for a stage this worker does not route; dropping it");
+                    tracing::error!(
+                        stage,
+                        "data plane: frame for a stage this worker does not route; dropping it"
+                    );
                     continue;
                 };
                 let next = match frame {
@@ -214,17 +222,25 @@ fn to_spec(s: &strata_proto::worker::v1::StageSpec) -> Result<SliceSpec, Status>
         let isq = if t.isq.is_empty() {
             None
         } else {
-            Some(t.isq.parse().map_err(|e| Status::invalid_argument(format!("stage {}: tensor `{}`: {e}", s.index, t.name)))?)
+            Some(t.isq.parse().map_err(|e| {
+                Status::invalid_argument(format!("stage {}: tensor `{}`: {e}", s.index, t.name))
+            })?)
         };
         let dtype = if t.dtype.is_empty() {
             None
         } else {
-            Some(t.dtype.parse().map_err(|e: String| Status::invalid_argument(format!("stage {}: tensor `{}`: {e}", s.index, t.name)))?)
+            Some(t.dtype.parse().map_err(|e: String| {
+                Status::invalid_argument(format!("stage {}: tensor `{}`: {e}", s.index, t.name))
+            })?)
         };
         tensors.insert(
             t.name.clone(),
             TensorLoad {
-                source: if t.source.is_empty() { t.name.clone() } else { t.source.clone() },
+                source: if t.source.is_empty() {
+                    t.name.clone()
+                } else {
+                    t.source.clone()
+                },
                 isq,
                 dtype,
             },
@@ -254,25 +270,43 @@ fn progress_event(tensor: &str, done: usize, total: usize) -> LoadEvent {
 impl Worker for WorkerService {
     type LoadStream = ReceiverStream<Result<LoadEvent, Status>>;
 
-    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+    async fn load(
+        &self,
+        request: Request<LoadRequest>,
+    ) -> Result<Response<Self::LoadStream>, Status> {
         let req = request.into_inner();
         {
-            let mut phase = self.shared.phase.lock().map_err(|_| Status::internal("state lock poisoned"))?;
+            let mut phase = self
+                .shared
+                .phase
+                .lock()
+                .map_err(|_| Status::internal("state lock poisoned"))?;
             match &*phase {
                 Phase::Idle | Phase::Failed(_) => *phase = Phase::Loading,
                 other => {
                     return Err(Status::failed_precondition(format!(
                         "this worker is already {}",
-                        if *other == Phase::Loading { "loading" } else { "loaded" }
+                        if *other == Phase::Loading {
+                            "loading"
+                        } else {
+                            "loaded"
+                        }
                     )));
                 }
             }
         }
         if req.stages.is_empty() {
             self.shared.set_phase(Phase::Idle);
-            return Err(Status::invalid_argument("stages: at least one stage to load"));
+            return Err(Status::invalid_argument(
+                "stages: at least one stage to load",
+            ));
         }
-        let specs = match req.stages.iter().map(|s| to_spec(s).map(|spec| (s.index, spec))).collect::<Result<Vec<_>, _>>() {
+        let specs = match req
+            .stages
+            .iter()
+            .map(|s| to_spec(s).map(|spec| (s.index, spec)))
+            .collect::<Result<Vec<_>, _>>()
+        {
             Ok(s) => s,
             Err(e) => {
                 self.shared.set_phase(Phase::Idle);
@@ -313,7 +347,8 @@ impl Worker for WorkerService {
                     let indices: Vec<u32> = stages.iter().map(Stage::index).collect();
                     if shared.jobs.blocking_send(Job::Install(stages)).is_err() {
                         shared.set_phase(Phase::Failed("the compute thread is gone".into()));
-                        let _ = tx.blocking_send(Err(Status::internal("the compute thread is gone")));
+                        let _ =
+                            tx.blocking_send(Err(Status::internal("the compute thread is gone")));
                         return;
                     }
                     if let Ok(mut s) = shared.stages.lock() {
@@ -321,7 +356,13 @@ impl Worker for WorkerService {
                     }
                     shared.set_phase(Phase::Ready);
                     let rss = memory::rss();
-                    tracing::info!(weight_bytes = bytes, rss = rss.current, peak_rss = rss.peak, seconds = started.elapsed().as_secs_f64(), "loaded");
+                    tracing::info!(
+                        weight_bytes = bytes,
+                        rss = rss.current,
+                        peak_rss = rss.peak,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "loaded"
+                    );
                     let _ = tx.blocking_send(Ok(LoadEvent {
                         event: Some(load_event::Event::Loaded(Loaded {
                             data_address: shared.data_address.clone(),
@@ -335,7 +376,9 @@ impl Worker for WorkerService {
                 Err(e) => {
                     tracing::error!(error = %e, "load failed");
                     shared.set_phase(Phase::Failed(e.to_string()));
-                    let _ = tx.blocking_send(Err(Status::failed_precondition(format!("loading failed: {e}"))));
+                    let _ = tx.blocking_send(Err(Status::failed_precondition(format!(
+                        "loading failed: {e}"
+                    ))));
                 }
             }
         });
@@ -344,24 +387,39 @@ impl Worker for WorkerService {
 
     async fn link(&self, request: Request<LinkRequest>) -> Result<Response<LinkResponse>, Status> {
         if self.shared.phase() != Phase::Ready {
-            return Err(Status::failed_precondition("link before the stages are loaded"));
+            return Err(Status::failed_precondition(
+                "link before the stages are loaded",
+            ));
         }
-        let loaded = self.shared.stages.lock().map(|s| s.clone()).unwrap_or_default();
+        let loaded = self
+            .shared
+            .stages
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         let mut by_addr: HashMap<String, mpsc::Sender<Frame>> = HashMap::new();
         let mut routes = HashMap::new();
         for hop in request.into_inner().hops {
             if !loaded.contains(&hop.stage) {
-                return Err(Status::invalid_argument(format!("hops: stage {} is not loaded on this worker", hop.stage)));
+                return Err(Status::invalid_argument(format!(
+                    "hops: stage {} is not loaded on this worker",
+                    hop.stage
+                )));
             }
             let tx = match by_addr.get(&hop.address) {
                 Some(tx) => tx.clone(),
                 None => {
-                    let sender = self
-                        .shared
-                        .transport
-                        .connect(&hop.address)
-                        .await
-                        .map_err(|e| Status::unavailable(format!("stage {}: next hop {}: {e}", hop.stage, hop.address)))?;
+                    let sender =
+                        self.shared
+                            .transport
+                            .connect(&hop.address)
+                            .await
+                            .map_err(|e| {
+                                Status::unavailable(format!(
+                                    "stage {}: next hop {}: {e}",
+                                    hop.stage, hop.address
+                                ))
+                            })?;
                     let (tx, rx) = mpsc::channel(64);
                     tokio::spawn(outbound(sender, hop.address.clone(), rx));
                     by_addr.insert(hop.address.clone(), tx.clone());
@@ -371,7 +429,9 @@ impl Worker for WorkerService {
             routes.insert(hop.stage, tx);
         }
         if let Some(missing) = loaded.iter().find(|s| !routes.contains_key(s)) {
-            return Err(Status::invalid_argument(format!("hops: no next hop for stage {missing}")));
+            return Err(Status::invalid_argument(format!(
+                "hops: no next hop for stage {missing}"
+            )));
         }
         self.shared
             .jobs
@@ -381,7 +441,10 @@ impl Worker for WorkerService {
         Ok(Response::new(LinkResponse {}))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let rss = memory::rss();
         let (state, error) = match self.shared.phase() {
             Phase::Idle => (State::Idle, String::new()),
@@ -391,8 +454,18 @@ impl Worker for WorkerService {
         };
         Ok(Response::new(StatusResponse {
             state: state as i32,
-            device: self.shared.device.lock().map(|d| d.clone()).unwrap_or_default(),
-            stages: self.shared.stages.lock().map(|s| s.clone()).unwrap_or_default(),
+            device: self
+                .shared
+                .device
+                .lock()
+                .map(|d| d.clone())
+                .unwrap_or_default(),
+            stages: self
+                .shared
+                .stages
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
             data_address: self.shared.data_address.clone(),
             rss_bytes: rss.current,
             peak_rss_bytes: rss.peak,

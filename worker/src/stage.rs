@@ -95,7 +95,9 @@ impl Stage {
     pub fn forward(&mut self, step: &StepFrame) -> Result<Option<Tensor>> {
         let input = match (&step.hidden, self.slice.has_embedding()) {
             (Some(_), true) => {
-                return Err(WorkerError::Step("the first stage received activations instead of token ids".into()));
+                return Err(WorkerError::Step(
+                    "the first stage received activations instead of token ids".into(),
+                ));
             }
             (Some(a), false) => {
                 let rows = step.seqs.iter().map(|s| s.tokens.len()).sum();
@@ -108,11 +110,19 @@ impl Stage {
 
     /// Runs the slice's layers over the step, with the previous stage's output given as a
     /// tensor (in-process pipelines skip serialization); `None` for an empty step.
-    pub fn forward_tensor(&mut self, step: &StepFrame, input: Option<Tensor>) -> Result<Option<Tensor>> {
+    pub fn forward_tensor(
+        &mut self,
+        step: &StepFrame,
+        input: Option<Tensor>,
+    ) -> Result<Option<Tensor>> {
         if step.seqs.is_empty() {
             return Ok(None);
         }
-        let batch = Batch::new(step.seqs.iter().map(|s| (s.seq_id, s.pos0 as usize, s.tokens.len())));
+        let batch = Batch::new(
+            step.seqs
+                .iter()
+                .map(|s| (s.seq_id, s.pos0 as usize, s.tokens.len())),
+        );
         if let Some(s) = step.seqs.iter().find(|s| s.tokens.is_empty()) {
             return Err(WorkerError::Sequence {
                 seq_id: s.seq_id,
@@ -121,10 +131,19 @@ impl Stage {
         }
         let x = match input {
             None if self.slice.has_embedding() => {
-                let tokens: Vec<u32> = step.seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+                let tokens: Vec<u32> = step
+                    .seqs
+                    .iter()
+                    .flat_map(|s| s.tokens.iter().copied())
+                    .collect();
                 self.slice.embed(&tokens)?
             }
-            None => return Err(WorkerError::Step(format!("stage {} received no activations", self.index))),
+            None => {
+                return Err(WorkerError::Step(format!(
+                    "stage {} received no activations",
+                    self.index
+                )));
+            }
             Some(x) => x,
         };
         for s in &batch.spans {
@@ -147,7 +166,10 @@ impl Stage {
                     if s.pos0 != 0 {
                         return Err(WorkerError::Sequence {
                             seq_id: s.seq_id,
-                            problem: format!("unknown to the last stage, but its step starts at position {}", s.pos0),
+                            problem: format!(
+                                "unknown to the last stage, but its step starts at position {}",
+                                s.pos0
+                            ),
                         });
                     }
                     e.insert(SeqSampler::new(s.params.seed, s.prompt_len as usize))
@@ -169,7 +191,9 @@ impl Stage {
         let mut it = logits.iter();
         for s in step.seqs.iter().filter(|s| s.sample) {
             let (Some(l), Some(sampler)) = (it.next(), self.samplers.get_mut(&s.seq_id)) else {
-                return Err(WorkerError::Step("logits rows do not match the sequences".into()));
+                return Err(WorkerError::Step(
+                    "logits rows do not match the sequences".into(),
+                ));
             };
             out.push(sampler.sample(s.seq_id, l, &s.params));
         }
@@ -181,7 +205,11 @@ impl Stage {
 pub fn to_activations(x: &Tensor) -> Result<Activations> {
     let ctx = || "serializing activations".to_string();
     let (rows, cols) = x.dims2().ctx(ctx)?;
-    let v = x.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
+    let v = x
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .ctx(ctx)?;
     let mut data = Vec::with_capacity(v.len() * 4);
     for f in v {
         data.extend_from_slice(&f.to_le_bytes());

@@ -1,17 +1,19 @@
 //! The engine against the reference implementation's golden outputs for SmolLM2-135M
 //! (`../shared/golden/smollm2/`, Hugging Face transformers in float32).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 
 use candle_core::Device;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::FloatType;
+use strata_shared::plan::{Plan, PlanOptions};
 use strata_shared::source::{HubOptions, ModelFiles, fetch_default_model};
+use strata_shared::topology::Topology;
 use strata_shared::wire::{SamplingParams, SeqStep, StepFrame};
 use strata_worker::Engine;
 use strata_worker::model::{ModelSlice, SliceSpec};
-use strata_shared::plan::{Plan, PlanOptions};
-use strata_shared::topology::Topology;
 use strata_worker::stage::Stage;
 use strata_worker::weights::{self, LoadSpec, Weight};
 
@@ -94,7 +96,11 @@ fn f32_logits_and_greedy_match_the_reference() {
             .zip(&reference[i])
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(max_diff <= 5e-3, "prompt {}: max |logit diff| = {max_diff}", p.name);
+        assert!(
+            max_diff <= 5e-3,
+            "prompt {}: max |logit diff| = {max_diff}",
+            p.name
+        );
         let got = greedy(&mut e, i as u64, &p.prompt_ids, p.greedy_ids.len());
         assert_eq!(got, p.greedy_ids, "prompt {}", p.name);
     }
@@ -131,10 +137,15 @@ fn plan(meta: &ModelMeta, yaml: &str) -> Plan {
 #[test]
 fn three_chained_slices_equal_one_slice_bit_for_bit() {
     let meta = meta();
-    let three = plan(&meta, "0-10: {device: 'cpu[0]'}\n10-20: {device: 'cpu[1]'}\n20-30: {device: 'cpu[2]'}\n");
+    let three = plan(
+        &meta,
+        "0-10: {device: 'cpu[0]'}\n10-20: {device: 'cpu[1]'}\n20-30: {device: 'cpu[2]'}\n",
+    );
     assert_eq!(three.route.len(), 3);
     let mut chained = Engine::load(&meta, &three, 64, &mut |_, _, _| {}).unwrap();
-    let [a, b, c] = chained.stages() else { panic!("three stages") };
+    let [a, b, c] = chained.stages() else {
+        panic!("three stages")
+    };
     // Each slice holds only what it owns: the middle one has neither embedding nor head.
     assert!(a.slice().has_embedding() && !a.slice().has_head());
     assert!(!b.slice().has_embedding() && !b.slice().has_head() && b.slice().n_layers() == 10);
@@ -143,7 +154,12 @@ fn three_chained_slices_equal_one_slice_bit_for_bit() {
     let mut one = Engine::load(&meta, &plan(&meta, ""), 64, &mut |_, _, _| {}).unwrap();
     assert_eq!(one.stages().len(), 1);
     for p in prompts() {
-        assert_eq!(chained.last_logits(&p.prompt_ids).unwrap(), one.last_logits(&p.prompt_ids).unwrap(), "{}", p.name);
+        assert_eq!(
+            chained.last_logits(&p.prompt_ids).unwrap(),
+            one.last_logits(&p.prompt_ids).unwrap(),
+            "{}",
+            p.name
+        );
     }
 }
 
@@ -157,7 +173,9 @@ fn write_hf_dir(meta: &ModelMeta, dir: &std::path::Path) {
             unpermute_heads: weights::unpermute_heads(meta, *role),
             ..Default::default()
         };
-        let Weight::Dense(w) = weights::load(t, &spec).unwrap() else { panic!("dense") };
+        let Weight::Dense(w) = weights::load(t, &spec).unwrap() else {
+            panic!("dense")
+        };
         tensors.insert(t.name.clone(), w);
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
@@ -196,11 +214,19 @@ fn hf_directory_and_hub_cache_give_the_gguf_logits() {
         cache_dir: home.join("hub"),
         offline: true,
     };
-    let files = ModelFiles::resolve_with("HuggingFaceTB/SmolLM2-135M-Instruct", None, &hub_opts).unwrap();
+    let files =
+        ModelFiles::resolve_with("HuggingFaceTB/SmolLM2-135M-Instruct", None, &hub_opts).unwrap();
     assert!(files.tokenizer_json.is_some());
     let hub = ModelMeta::open(files).unwrap();
     let mut from_hub = engine(&hub, None);
     assert_eq!(from_hub.last_logits(&p.prompt_ids).unwrap(), want);
-    let err = ModelFiles::resolve_with("HuggingFaceTB/not-cached", None, &hub_opts).unwrap_err().to_string();
-    assert!(err.contains("HuggingFaceTB/not-cached") && err.contains("config.json") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    let err = ModelFiles::resolve_with("HuggingFaceTB/not-cached", None, &hub_opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("HuggingFaceTB/not-cached")
+            && err.contains("config.json")
+            && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }

@@ -1,58 +1,70 @@
 //! AVX2 and AVX-512 kernels for products against GGML blocks.
 //!
-//! A block is read as pairs of 16-weight units (one pair for the 32-weight formats, eight for
-//! `Q8_K`). Each unit is decoded with SSE2 into 16 signed bytes holding its integer codes
-//! (nibble split, fifth-bit expansion and offset for the 4- and 5-bit formats, a plain load for
-//! the 8-bit ones), sign-extended to 32-bit lanes, converted to f32 and multiplied into the
-//! activations with FMA. Per block the partial dot products stay in vector registers and are
-//! scaled by `d` into a vector total; the `m · Σ x` term of the formats with a minimum is
-//! accumulated as a scalar and added once at the end. Up to [`TILE`] activation rows share each
-//! decoded block; every row gets the same sequence of operations whatever the tile size, so
-//! results do not depend on how rows were tiled.
+//! Two ways to turn a block into f32 vectors:
+//!
+//! - 4- and 5-bit formats on AVX-512: the block's scale and minimum are applied to a table of
+//!   the 32 code values (`value · d`, then `+ m`, exactly ggml's dequantization), and the codes
+//!   of `qs` (with their fifth bit from `qh`) are looked up in it 16 at a time with a
+//!   cross-lane permutation. The looked-up weights are multiplied into the activations with
+//!   FMA, two accumulators per activation row (weights 0..16 and 16..32 of every block).
+//! - Everything else (all formats on AVX2, the 8-bit ones on AVX-512): each unit of 16 codes is
+//!   decoded with SSE2 into 16 signed bytes (nibble split, fifth-bit expansion and offset for
+//!   the 4- and 5-bit formats, a plain load for the 8-bit ones), sign-extended to 32-bit
+//!   lanes, converted to f32 and multiplied into the activations with FMA. The block's partial
+//!   products are scaled by `d` into a vector total; the `m · Σ x` term of the formats with a
+//!   minimum is accumulated as a scalar and added at the end.
+//!
+//! Up to [`TILE`] activation rows share each decoded block; every row gets the same sequence of
+//! operations whatever the tile size, so results do not depend on how rows were tiled.
 
 #![allow(unsafe_code)]
 
-use std::arch::x86_64::{
-    __m128i, __m256, __m512, _mm_and_si128, _mm_andnot_si128, _mm_cmpeq_epi8, _mm_cvtsi32_si128,
-    _mm_or_si128, _mm_set1_epi8, _mm_set1_epi64x, _mm_srli_epi16, _mm_sub_epi8,
-    _mm_unpackhi_epi32, _mm_unpackhi_epi64, _mm_unpacklo_epi8, _mm_unpacklo_epi16,
-    _mm_unpacklo_epi32, _mm256_add_ps, _mm256_cvtepi8_epi32, _mm256_cvtepi32_ps, _mm256_fmadd_ps, _mm256_mul_ps,
-    _mm256_set1_ps, _mm256_setzero_ps, _mm512_add_ps, _mm512_cvtepi8_epi32, _mm512_cvtepi32_ps,
-    _mm512_cvtepu8_epi32, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_permutex2var_ps, _mm512_permutexvar_ps, _mm512_reduce_add_ps, _mm512_rorv_epi32, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_srli_epi32, _mm512_ternarylogic_epi32,
-};
-use std::array;
-
-use super::{Activations, BlockType, f16_le};
+use super::{Activations, BlockType};
 use crate::cpu::{Avx2, Avx512};
 use crate::rowwise::TILE;
+#[cfg(test)]
+use crate::x86::store_f32x16;
 use crate::x86::{hsum_f32x8, load_f32x8, load_f32x16, load_u8x16};
+use std::arch::x86_64::{
+    __m128, __m128i, __m256, __m512, _mm_and_si128, _mm_andnot_si128, _mm_castsi128_ps,
+    _mm_cmpeq_epi8, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32, _mm_movehdup_ps, _mm_or_si128,
+    _mm_set1_epi8, _mm_set1_epi64x, _mm_srli_epi16, _mm_sub_epi8, _mm_unpackhi_epi32,
+    _mm_unpackhi_epi64, _mm_unpacklo_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32, _mm256_add_ps,
+    _mm256_broadcastss_ps, _mm256_cvtepi8_epi32, _mm256_cvtepi32_ps, _mm256_fmadd_ps,
+    _mm256_mul_ps, _mm256_setzero_ps, _mm512_add_ps, _mm512_broadcastss_ps, _mm512_cvtepi8_epi32,
+    _mm512_cvtepi32_ps, _mm512_cvtepu8_epi32, _mm512_fmadd_ps, _mm512_mul_ps,
+    _mm512_permutex2var_ps, _mm512_permutexvar_ps, _mm512_reduce_add_ps, _mm512_rorv_epi32,
+    _mm512_set1_epi32, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_srli_epi32,
+    _mm512_ternarylogic_epi32,
+};
 
-/// A block format as the kernels see it: `2 · PAIRS` units of 16 weights, each decoded to 16
-/// signed bytes holding the integer codes (already minus 8 or 16 for `Q4_0` and `Q5_0`).
+/// A block format as the kernels see it.
 ///
-/// The methods use SSE2 only (part of the x86-64 baseline), so they can be plain functions
-/// inlined into the kernels.
+/// The methods use SSE2 only (part of the x86-64 baseline), so they are plain functions that
+/// inline into the kernels.
 trait Format {
     /// The bytes of one block.
     type Block;
-    /// Pairs of 16-weight units per block.
+    /// Pairs of 16-weight units per block: 1, or 8 for `Q8_K`.
     const PAIRS: usize;
     /// Whether a weight is `q · d + m` rather than `q · d`.
     const HAS_MIN: bool;
-    /// `row` as blocks; the caller passes a whole number of them.
-    fn blocks(row: &[u8]) -> &[Self::Block];
-    /// The scale `d`.
-    fn scale(block: &Self::Block) -> f32;
-    /// The minimum `m` (0 for the formats without one).
-    fn min(block: &Self::Block) -> f32;
-    /// The codes of units `2p` and `2p + 1` (`p < PAIRS`), 16 signed bytes each, in order.
-    fn pair(block: &Self::Block, p: usize) -> (__m128i, __m128i);
-    /// For the 4- and 5-bit formats, the value of every code (entry `c` is code `c`, minus 8 or
-    /// 16 for `Q4_0` and `Q5_0`): the AVX-512 kernel decodes them by table look-up. `None` for
+    /// Whether `d` is an f32 (`Q8_K`) rather than an f16.
+    const F32_SCALE: bool = false;
+    /// For the 4- and 5-bit formats, the value of every code (entry `c` is `c`, minus 8 or 16
+    /// for `Q4_0` and `Q5_0`), which the AVX-512 kernel decodes by table look-up; `None` for
     /// the 8-bit formats.
     const TABLE: Option<[f32; 32]> = None;
     /// Whether the codes have a fifth bit, in `qh`.
     const FIVE_BITS: bool = false;
+
+    /// `row` as blocks; the caller passes a whole number of them.
+    fn blocks(row: &[u8]) -> &[Self::Block];
+    /// The first 16 bytes of the block: `d`, then `m` for the formats with a minimum.
+    fn head(block: &Self::Block) -> &[u8; 16];
+    /// The codes of units `2p` and `2p + 1` (`p < PAIRS`) as 16 signed bytes each, in order,
+    /// already minus 8 or 16 for `Q4_0` and `Q5_0`.
+    fn pair(block: &Self::Block, p: usize) -> (__m128i, __m128i);
     /// The nibbles `qs` and the fifth bits `qh` (0 for 4 bits) of a 4- or 5-bit block. Only
     /// called when `TABLE` is `Some`.
     fn packed(block: &Self::Block) -> (&[u8; 16], u32) {
@@ -70,6 +82,29 @@ const fn code_table(offset: i32) -> [f32; 32] {
         code += 1;
     }
     table
+}
+
+/// The first 16 bytes of a block.
+#[inline(always)]
+fn head<const N: usize>(block: &[u8; N]) -> &[u8; 16] {
+    &block.as_chunks::<16>().0[0]
+}
+
+/// The scale `d` of a block in lane 0, and its minimum `m` in lane 1 (meaningless for the
+/// formats without one), in f32.
+///
+/// The conversion reads the block's first bytes as a whole vector: converting one f16 on its
+/// own would leave the compiler free to fill the unused lanes from any register, and that
+/// false dependency can chain every block to the previous block's accumulator.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn params<F: Format>(block: &F::Block) -> __m128 {
+    let head = load_u8x16(F::head(block));
+    if F::F32_SCALE {
+        _mm_castsi128_ps(head)
+    } else {
+        _mm_cvtph_ps(head)
+    }
 }
 
 /// The low and high nibbles of the 16 bytes `qs`, one per byte: codes 0..16 and 16..32 of a 4-
@@ -111,6 +146,13 @@ fn bit_masks(qh: [u8; 4]) -> (__m128i, __m128i) {
     }
 }
 
+/// The two units of 32 signed 8-bit codes.
+#[inline(always)]
+fn bytes_pair(qs: &[u8; 32]) -> (__m128i, __m128i) {
+    let units = qs.as_chunks::<16>().0;
+    (load_u8x16(&units[0]), load_u8x16(&units[1]))
+}
+
 /// `Q4_0`: `(q − 8) · d`.
 struct Q4_0;
 
@@ -118,6 +160,7 @@ impl Format for Q4_0 {
     type Block = [u8; 18];
     const PAIRS: usize = 1;
     const HAS_MIN: bool = false;
+    const TABLE: Option<[f32; 32]> = Some(code_table(-8));
 
     #[inline(always)]
     fn blocks(row: &[u8]) -> &[[u8; 18]] {
@@ -125,13 +168,8 @@ impl Format for Q4_0 {
     }
 
     #[inline(always)]
-    fn scale(&[d0, d1, ..]: &[u8; 18]) -> f32 {
-        f16_le([d0, d1])
-    }
-
-    #[inline(always)]
-    fn min(_: &[u8; 18]) -> f32 {
-        0.0
+    fn head(block: &[u8; 18]) -> &[u8; 16] {
+        head(block)
     }
 
     #[inline(always)]
@@ -143,8 +181,6 @@ impl Format for Q4_0 {
             (_mm_sub_epi8(low, eight), _mm_sub_epi8(high, eight))
         }
     }
-
-    const TABLE: Option<[f32; 32]> = Some(code_table(-8));
 
     #[inline(always)]
     fn packed([_, _, qs @ ..]: &[u8; 18]) -> (&[u8; 16], u32) {
@@ -159,6 +195,7 @@ impl Format for Q4_1 {
     type Block = [u8; 20];
     const PAIRS: usize = 1;
     const HAS_MIN: bool = true;
+    const TABLE: Option<[f32; 32]> = Some(code_table(0));
 
     #[inline(always)]
     fn blocks(row: &[u8]) -> &[[u8; 20]] {
@@ -166,21 +203,14 @@ impl Format for Q4_1 {
     }
 
     #[inline(always)]
-    fn scale(&[d0, d1, ..]: &[u8; 20]) -> f32 {
-        f16_le([d0, d1])
-    }
-
-    #[inline(always)]
-    fn min(&[_, _, m0, m1, ..]: &[u8; 20]) -> f32 {
-        f16_le([m0, m1])
+    fn head(block: &[u8; 20]) -> &[u8; 16] {
+        head(block)
     }
 
     #[inline(always)]
     fn pair([_, _, _, _, qs @ ..]: &[u8; 20], _: usize) -> (__m128i, __m128i) {
         nibbles(qs)
     }
-
-    const TABLE: Option<[f32; 32]> = Some(code_table(0));
 
     #[inline(always)]
     fn packed([_, _, _, _, qs @ ..]: &[u8; 20]) -> (&[u8; 16], u32) {
@@ -195,6 +225,8 @@ impl Format for Q5_0 {
     type Block = [u8; 22];
     const PAIRS: usize = 1;
     const HAS_MIN: bool = false;
+    const TABLE: Option<[f32; 32]> = Some(code_table(-16));
+    const FIVE_BITS: bool = true;
 
     #[inline(always)]
     fn blocks(row: &[u8]) -> &[[u8; 22]] {
@@ -202,13 +234,8 @@ impl Format for Q5_0 {
     }
 
     #[inline(always)]
-    fn scale(&[d0, d1, ..]: &[u8; 22]) -> f32 {
-        f16_le([d0, d1])
-    }
-
-    #[inline(always)]
-    fn min(_: &[u8; 22]) -> f32 {
-        0.0
+    fn head(block: &[u8; 22]) -> &[u8; 16] {
+        head(block)
     }
 
     #[inline(always)]
@@ -226,9 +253,6 @@ impl Format for Q5_0 {
         }
     }
 
-    const TABLE: Option<[f32; 32]> = Some(code_table(-16));
-    const FIVE_BITS: bool = true;
-
     #[inline(always)]
     fn packed([_, _, h0, h1, h2, h3, qs @ ..]: &[u8; 22]) -> (&[u8; 16], u32) {
         (qs, u32::from_le_bytes([*h0, *h1, *h2, *h3]))
@@ -242,6 +266,8 @@ impl Format for Q5_1 {
     type Block = [u8; 24];
     const PAIRS: usize = 1;
     const HAS_MIN: bool = true;
+    const TABLE: Option<[f32; 32]> = Some(code_table(0));
+    const FIVE_BITS: bool = true;
 
     #[inline(always)]
     fn blocks(row: &[u8]) -> &[[u8; 24]] {
@@ -249,13 +275,8 @@ impl Format for Q5_1 {
     }
 
     #[inline(always)]
-    fn scale(&[d0, d1, ..]: &[u8; 24]) -> f32 {
-        f16_le([d0, d1])
-    }
-
-    #[inline(always)]
-    fn min(&[_, _, m0, m1, ..]: &[u8; 24]) -> f32 {
-        f16_le([m0, m1])
+    fn head(block: &[u8; 24]) -> &[u8; 16] {
+        head(block)
     }
 
     #[inline(always)]
@@ -272,20 +293,10 @@ impl Format for Q5_1 {
         }
     }
 
-    const TABLE: Option<[f32; 32]> = Some(code_table(0));
-    const FIVE_BITS: bool = true;
-
     #[inline(always)]
     fn packed([_, _, _, _, h0, h1, h2, h3, qs @ ..]: &[u8; 24]) -> (&[u8; 16], u32) {
         (qs, u32::from_le_bytes([*h0, *h1, *h2, *h3]))
     }
-}
-
-/// The two units of 32 signed 8-bit codes.
-#[inline(always)]
-fn bytes_pair(qs: &[u8; 32]) -> (__m128i, __m128i) {
-    let units = qs.as_chunks::<16>().0;
-    (load_u8x16(&units[0]), load_u8x16(&units[1]))
 }
 
 /// `Q8_0`: `q · d`.
@@ -302,13 +313,8 @@ impl Format for Q8_0 {
     }
 
     #[inline(always)]
-    fn scale(&[d0, d1, ..]: &[u8; 34]) -> f32 {
-        f16_le([d0, d1])
-    }
-
-    #[inline(always)]
-    fn min(_: &[u8; 34]) -> f32 {
-        0.0
+    fn head(block: &[u8; 34]) -> &[u8; 16] {
+        head(block)
     }
 
     #[inline(always)]
@@ -331,13 +337,8 @@ impl Format for Q8_1 {
     }
 
     #[inline(always)]
-    fn scale(&[d0, d1, ..]: &[u8; 36]) -> f32 {
-        f16_le([d0, d1])
-    }
-
-    #[inline(always)]
-    fn min(_: &[u8; 36]) -> f32 {
-        0.0
+    fn head(block: &[u8; 36]) -> &[u8; 16] {
+        head(block)
     }
 
     #[inline(always)]
@@ -353,6 +354,7 @@ impl Format for Q8K {
     type Block = [u8; 292];
     const PAIRS: usize = 8;
     const HAS_MIN: bool = false;
+    const F32_SCALE: bool = true;
 
     #[inline(always)]
     fn blocks(row: &[u8]) -> &[[u8; 292]] {
@@ -360,13 +362,8 @@ impl Format for Q8K {
     }
 
     #[inline(always)]
-    fn scale(&[d0, d1, d2, d3, ..]: &[u8; 292]) -> f32 {
-        f32::from_le_bytes([d0, d1, d2, d3])
-    }
-
-    #[inline(always)]
-    fn min(_: &[u8; 292]) -> f32 {
-        0.0
+    fn head(block: &[u8; 292]) -> &[u8; 16] {
+        head(block)
     }
 
     #[inline(always)]
@@ -496,10 +493,13 @@ fn decode_packed_avx512<F: Format>(block: &F::Block, [low, high]: [__m512; 2]) -
         let qh = _mm512_set1_epi32(qh as i32);
         // Lane j of the first half takes bit j, lane j of the second half bit j + 16.
         let rotate0 = _mm512_setr_epi32(28, 29, 30, 31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11);
-        let rotate1 = _mm512_setr_epi32(12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27);
+        let rotate1 = _mm512_setr_epi32(
+            12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27,
+        );
         let fifth0 = _mm512_rorv_epi32(qh, rotate0);
         let fifth1 = _mm512_rorv_epi32(qh, rotate1);
-        // `nibble ? a : b`, bit by bit: bits 0..4 from the nibble, bit 4 from the fifth bit.
+        // Bitwise `mask ? a : b` with mask 0x0F: bits 0..4 from the nibble, bit 4 (and the
+        // ignored bits above it) from the rotated `qh`.
         const SELECT: i32 = 0xE4;
         let nibble = _mm512_set1_epi32(0x0F);
         let index0 = _mm512_ternarylogic_epi32::<SELECT>(bytes, fifth0, nibble);
@@ -516,9 +516,33 @@ fn decode_packed_avx512<F: Format>(block: &F::Block, [low, high]: [__m512; 2]) -
     }
 }
 
+/// `R` activation rows as groups of `G` vectors of `N` floats (one group per pair of 16-weight
+/// units), and their block sums.
+type Rows<'a, const R: usize, const N: usize, const G: usize> =
+    ([&'a [[[f32; N]; G]]; R], [&'a [f32]; R]);
+
+/// Activation rows `first..first + R`, as the kernels read them.
+///
+/// A plain loop rather than `array::from_fn`: a closure written inside a kernel inherits its
+/// target features, which keeps `from_fn` from inlining it.
+#[inline(always)]
+fn activation_rows<'a, const R: usize, const N: usize, const G: usize>(
+    acts: &'a Activations<'_>,
+    first: usize,
+) -> Rows<'a, R, N, G> {
+    let mut x: [&[[[f32; N]; G]]; R] = [&[]; R];
+    let mut sums: [&[f32]; R] = [&[]; R];
+    for (r, (x, sums)) in x.iter_mut().zip(&mut sums).enumerate() {
+        let (row, row_sums) = acts.row(first + r);
+        *x = row.as_chunks::<N>().0.as_chunks::<G>().0;
+        *sums = row_sums;
+    }
+    (x, sums)
+}
+
 /// The activations of `R` rows, as the AVX-512 kernel reads them: pairs of 16-float units, and
 /// the block sums.
-type RowsX16<'a, const R: usize> = ([&'a [[[f32; 16]; 2]]; R], [&'a [f32]; R]);
+type RowsX16<'a, const R: usize> = Rows<'a, R, 16, 2>;
 
 /// The products of the weight row `blocks` with activation rows `first..first + R`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
@@ -528,11 +552,7 @@ fn tile_avx512<F: Format, const R: usize>(
     acts: &Activations<'_>,
     first: usize,
 ) -> [f32; R] {
-    let rows: [(&[f32], &[f32]); R] = array::from_fn(|r| acts.row(first + r));
-    let x: RowsX16<'_, R> = (
-        array::from_fn(|r| rows[r].0.as_chunks::<16>().0.as_chunks::<2>().0),
-        array::from_fn(|r| rows[r].1),
-    );
+    let x: RowsX16<'_, R> = activation_rows(acts, first);
     if F::TABLE.is_some() {
         return tile_table_avx512::<F, R>(blocks, &x.0);
     }
@@ -572,11 +592,12 @@ fn tile_table_avx512<F: Format, const R: usize>(
     let mut low = [_mm512_setzero_ps(); R];
     let mut high = [_mm512_setzero_ps(); R];
     for (index, block) in blocks.iter().enumerate() {
-        let d = _mm512_set1_ps(F::scale(block));
+        let params = params::<F>(block);
+        let d = _mm512_broadcastss_ps(params);
         let mut weights = [_mm512_mul_ps(table0, d), _mm512_mul_ps(table1, d)];
         if F::HAS_MIN {
-            let m = _mm512_set1_ps(F::min(block));
-            weights = weights.map(|w| _mm512_add_ps(w, m));
+            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(params));
+            weights = [_mm512_add_ps(weights[0], m), _mm512_add_ps(weights[1], m)];
         }
         let [w0, w1] = decode_packed_avx512::<F>(block, weights);
         for ((low, high), x) in low.iter_mut().zip(&mut high).zip(x) {
@@ -626,12 +647,13 @@ fn block_avx512<F: Format, const R: usize>(
             *even = _mm512_add_ps(*even, odd);
         }
     }
-    let d = _mm512_set1_ps(F::scale(block));
+    let params = params::<F>(block);
+    let d = _mm512_broadcastss_ps(params);
     for (total, partial) in total.iter_mut().zip(partial) {
         *total = _mm512_fmadd_ps(d, partial, *total);
     }
     if F::HAS_MIN {
-        let m = F::min(block);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(params));
         for (correction, sums) in correction.iter_mut().zip(sums) {
             *correction = m.mul_add(sums[index], *correction);
         }
@@ -640,7 +662,7 @@ fn block_avx512<F: Format, const R: usize>(
 
 /// The activations of `R` rows, as the AVX2 kernel reads them: groups of four 8-float vectors
 /// (one pair of units), and the block sums.
-type RowsX8<'a, const R: usize> = ([&'a [[[f32; 8]; 4]]; R], [&'a [f32]; R]);
+type RowsX8<'a, const R: usize> = Rows<'a, R, 8, 4>;
 
 /// The products of the weight row `blocks` with activation rows `first..first + R`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -650,11 +672,7 @@ fn tile_avx2<F: Format, const R: usize>(
     acts: &Activations<'_>,
     first: usize,
 ) -> [f32; R] {
-    let rows: [(&[f32], &[f32]); R] = array::from_fn(|r| acts.row(first + r));
-    let x: RowsX8<'_, R> = (
-        array::from_fn(|r| rows[r].0.as_chunks::<8>().0.as_chunks::<4>().0),
-        array::from_fn(|r| rows[r].1),
-    );
+    let x: RowsX8<'_, R> = activation_rows(acts, first);
     let mut total = [_mm256_setzero_ps(); R];
     let mut correction = [0.0f32; R];
     for (index, block) in blocks.iter().enumerate() {
@@ -706,12 +724,13 @@ fn block_avx2<F: Format, const R: usize>(
             *low = _mm256_add_ps(*low, high);
         }
     }
-    let d = _mm256_set1_ps(F::scale(block));
+    let params = params::<F>(block);
+    let d = _mm256_broadcastss_ps(params);
     for (total, partial) in total.iter_mut().zip(partial) {
         *total = _mm256_fmadd_ps(d, partial, *total);
     }
     if F::HAS_MIN {
-        let m = F::min(block);
+        let m = _mm_cvtss_f32(_mm_movehdup_ps(params));
         for (correction, sums) in correction.iter_mut().zip(sums) {
             *correction = m.mul_add(sums[index], *correction);
         }
@@ -721,6 +740,9 @@ fn block_avx2<F: Format, const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::arch::x86_64::_mm_storeu_ps;
+
+    use crate::cpu::{Level, supported_levels};
     use crate::ggml::tests::random_blocks;
     use crate::ggml::{QK_K, decode_block};
     use crate::test_util::Rng;
@@ -734,19 +756,58 @@ mod tests {
         bytes
     }
 
-    /// Every unit, scale and minimum decoded by `F` equals what the scalar decoder reads.
+    /// The AVX2 and AVX-512 tokens, if this CPU supports them.
+    fn tokens() -> (Option<Avx2>, Option<Avx512>) {
+        let mut tokens = (None, None);
+        for level in supported_levels() {
+            match level {
+                Level::Avx2(token) => tokens.0 = Some(token),
+                Level::Avx512(token) => tokens.1 = Some(token),
+                Level::Scalar => {}
+            }
+        }
+        tokens
+    }
+
+    /// The lanes of [`params`].
+    fn params_lanes<F: Format>(_: Avx2, block: &F::Block) -> [f32; 4] {
+        // SAFETY: the token proves the CPU supports AVX2 and F16C.
+        let v = unsafe { params::<F>(block) };
+        let mut lanes = [0.0; 4];
+        // SAFETY: `lanes` is 4 writable floats, `_mm_storeu_ps` has no alignment requirement,
+        // and SSE is part of the x86-64 baseline.
+        unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes
+    }
+
+    /// The codes of a 4- or 5-bit block as decoded by the AVX-512 table look-up.
+    #[target_feature(enable = "avx512f")]
+    fn table_codes<F: Format>(block: &F::Block) -> [[f32; 16]; 2] {
+        let [low, high] = decode_packed_avx512::<F>(block, code_tables::<F>());
+        let mut out = [[0.0; 16]; 2];
+        store_f32x16(&mut out[0], low);
+        store_f32x16(&mut out[1], high);
+        out
+    }
+
+    /// Every unit, scale, minimum and table look-up decoded by `F` equals what the scalar
+    /// decoder reads.
     fn check_decoding<F: Format>(dtype: BlockType) {
+        let (avx2, avx512) = tokens();
         let mut rng = Rng::new(21);
         let data = random_blocks(&mut rng, dtype, 50);
         let blocks = F::blocks(&data);
         assert_eq!(blocks.len(), 50);
+        assert_eq!(F::HAS_MIN, dtype.has_min());
+        assert_eq!(32 * F::PAIRS, dtype.block_size());
+        assert_eq!(
+            F::TABLE.is_some(),
+            dtype.block_size() == 32 && dtype.block_bytes() <= 24
+        );
         let mut codes = [0.0; QK_K];
         for (block, bytes) in blocks.iter().zip(data.chunks_exact(dtype.block_bytes())) {
             let (d, m) = decode_block(dtype, bytes, &mut codes);
-            assert_eq!(F::scale(block).to_bits(), d.to_bits(), "{dtype:?}");
-            assert_eq!(F::min(block).to_bits(), m.to_bits(), "{dtype:?}");
-            assert_eq!(F::HAS_MIN, dtype.has_min());
-            assert_eq!(32 * F::PAIRS, dtype.block_size());
+            let codes = &codes[..dtype.block_size()];
             let simd: Vec<f32> = (0..F::PAIRS)
                 .flat_map(|p| {
                     let (a, b) = F::pair(block, p);
@@ -755,7 +816,19 @@ mod tests {
                 .flatten()
                 .map(|q| f32::from(q as i8))
                 .collect();
-            assert_eq!(simd, codes[..dtype.block_size()], "{dtype:?}");
+            assert_eq!(simd, codes, "{dtype:?}");
+            if let Some(token) = avx2 {
+                let [scale, min, ..] = params_lanes::<F>(token, block);
+                assert_eq!(scale.to_bits(), d.to_bits(), "{dtype:?}");
+                if F::HAS_MIN {
+                    assert_eq!(min.to_bits(), m.to_bits(), "{dtype:?}");
+                }
+            }
+            if let (Some(_), true) = (avx512, F::TABLE.is_some()) {
+                // SAFETY: the `Avx512` token proves the CPU supports AVX-512F.
+                let table = unsafe { table_codes::<F>(block) };
+                assert_eq!(table.as_flattened(), codes, "{dtype:?}");
+            }
         }
     }
 

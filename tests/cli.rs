@@ -1,0 +1,219 @@
+//! The `strata` command line: topology errors stop it before anything starts; perplexity per
+//! ISQ type against the reference; memory while quantizing at load.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::{golden, strata, topology_file};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(strata())
+        .args(args)
+        .output()
+        .expect("run strata")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_topology_files_fail_with_file_line_and_key_before_anything_starts() {
+    let cases = [
+        (
+            "0-8:\n  isq: Q4K\n8-4:\n  isq: Q8_0\n",
+            "topology.yml:3: key `8-4`: range end must be greater than start",
+        ),
+        ("x-3:\n  isq: Q4K\n", "topology.yml:1: key `x-3`"),
+        (
+            "0-8:\n  isq: Q3_0\n",
+            "topology.yml:2: key `0-8`: unknown ISQ type `Q3_0`; expected one of Q4_0, Q4_1",
+        ),
+        (
+            "0-8:\n  device: gpu0\n",
+            "topology.yml:2: key `0-8`: invalid device `gpu0`",
+        ),
+        (
+            "'/q_proj(/':\n  isq: Q8_0\n",
+            "topology.yml:1: key `/q_proj(/`",
+        ),
+        ("0-8:\n  isq: Q4K\n0-8:\n  isq: Q8_0\n", "duplicate key"),
+        ("0-8:\n  isqq: Q4K\n", "unknown field `isqq`"),
+        (
+            "28-32:\n  isq: Q8_0\n",
+            "topology.yml:1: key `28-32`: range `28-32` ends past the model's 30 layers",
+        ),
+        (
+            "'/no_such_tensor/':\n  isq: Q8_0\n",
+            "topology.yml:1: key `/no_such_tensor/`",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let (_dir, path) = topology_file(yaml);
+        let p = path.to_str().expect("utf-8");
+        for cmd in [
+            vec!["plan", "--topology", p],
+            vec!["serve", "--topology", p, "--listen", "127.0.0.1:0"],
+        ] {
+            let out = run(&cmd);
+            let err = stderr(&out);
+            assert!(!out.status.success(), "{cmd:?} must fail for:\n{yaml}");
+            assert!(err.contains(want), "{cmd:?}: want `{want}` in:\n{err}");
+            assert!(err.contains(p), "the error names the file: {err}");
+            assert!(
+                !err.contains("worker started") && out.stdout.is_empty(),
+                "nothing starts: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn plan_prints_each_tensor_with_its_type_device_and_fallback() {
+    let (_dir, path) =
+        topology_file("0-15:\n  device: cpu[0]\n  isq: Q4K\n15-30:\n  device: cpu[1]\n");
+    let out = run(&[
+        "plan",
+        "--topology",
+        path.to_str().expect("utf-8"),
+        "--isq",
+        "Q8_0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("route (2 stages, 2 workers)"), "{text}");
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name}:\n{text}"))
+            .to_string()
+    };
+    let q = row("model.layers.3.self_attn.q_proj.weight ");
+    assert!(
+        q.contains("Q5_0")
+            && q.contains("cpu[0]")
+            && q.contains("576-wide rows do not split into Q4K's 256-wide blocks: using Q5_0"),
+        "{q}"
+    );
+    let down = row("model.layers.3.mlp.down_proj.weight ");
+    assert!(down.contains("Q4K"), "{down}");
+    let late = row("model.layers.20.mlp.up_proj.weight ");
+    assert!(
+        late.contains("cpu[1]") && late.contains("range 15-30 (line 4)") && !late.contains("Q8_0"),
+        "a covered range without isq keeps the stored type, whatever --isq says: {late}"
+    );
+    let head = row("lm_head.weight ");
+    assert!(
+        head.contains("cpu[1]") && head.contains("tied: reads model.embed_tokens.weight"),
+        "{head}"
+    );
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    f32: f64,
+    #[serde(rename = "Q4_0")]
+    q4_0: f64,
+    #[serde(rename = "Q4_1")]
+    q4_1: f64,
+    #[serde(rename = "Q5_0")]
+    q5_0: f64,
+    #[serde(rename = "Q5_1")]
+    q5_1: f64,
+    #[serde(rename = "Q8_0")]
+    q8_0: f64,
+    upper_bounds_vs_f32: std::collections::BTreeMap<String, f64>,
+}
+
+fn reference() -> Reference {
+    serde_json::from_str(&std::fs::read_to_string(golden().join("ppl.json")).expect("ppl.json"))
+        .expect("ppl.json parses")
+}
+
+fn perplexity(extra: &[&str]) -> f64 {
+    let text = golden().join("ppl_text.txt");
+    let mut args = vec![
+        "perplexity",
+        "--json",
+        "--topology",
+        "none",
+        "--text",
+        text.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert!(out.status.success(), "strata {args:?}: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["tokens"], 1191);
+    assert_eq!(v["windows"], 1);
+    v["perplexity"].as_f64().expect("perplexity")
+}
+
+#[test]
+fn f32_and_the_exact_types_match_the_reference_perplexity() {
+    let r = reference();
+    let f32 = perplexity(&["--dtype", "f32"]);
+    assert!(
+        (f32 / r.f32 - 1.0).abs() <= 0.001,
+        "f32 perplexity {f32} vs reference {}",
+        r.f32
+    );
+    for (isq, want) in [
+        ("Q4_0", r.q4_0),
+        ("Q4_1", r.q4_1),
+        ("Q5_0", r.q5_0),
+        ("Q5_1", r.q5_1),
+        ("Q8_0", r.q8_0),
+    ] {
+        let got = perplexity(&["--isq", isq, "--dtype", "f32"]);
+        assert!(
+            (got / want - 1.0).abs() <= 0.01,
+            "{isq}: perplexity {got} vs reference {want}"
+        );
+    }
+}
+
+#[test]
+fn the_other_types_stay_within_their_bounds() {
+    let r = reference();
+    for (isq, bound) in &r.upper_bounds_vs_f32 {
+        let got = perplexity(&["--isq", isq, "--dtype", "f32"]);
+        assert!(
+            got <= r.f32 * bound,
+            "{isq}: perplexity {got} exceeds {bound} x f32 = {}",
+            r.f32 * bound
+        );
+    }
+}
+
+#[test]
+fn quantizing_to_q4_0_at_load_peaks_below_the_models_f32_size() {
+    let out = run(&[
+        "bench",
+        "--json",
+        "--topology",
+        "none",
+        "--isq",
+        "Q4_0",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--reps",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // SmolLM2-135M: 134,515,008 parameters, plus the tied head loaded once more.
+    let f32_size = 134_515_008u64 * 4;
+    let peak = v["peak_rss_bytes"].as_u64().expect("peak rss");
+    assert!(
+        peak < f32_size,
+        "peak RSS {peak} is not below the f32 size {f32_size}"
+    );
+    let weights = v["weight_bytes"].as_u64().expect("weights");
+    assert!(weights < 130 << 20, "Q4_0 weights {weights} bytes");
+}
