@@ -1,26 +1,23 @@
 //! The subcommands of `strata`.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use strata_gateway::cli::{GatewayArgs, ModelArgs, ServingArgs, gateway_config};
 use strata_gateway::launcher::WorkerCommand;
 use strata_gateway::scheduler::{Scheduler, SchedulerConfig, SchedulerState};
 use strata_gateway::server::{
-    GatewayConfig, KV_BLOCK_SIZE, ModelChoice, Resolved, TopologyChoice, WorkerSource,
+    KV_BLOCK_SIZE, Resolved, TopologyChoice, WorkerSource,
 };
 use strata_gateway::validation::{self, Limits};
 use strata_proto::v1::{
     ChatMessage, ChatRequest, GenerateRequest, SamplingParameters, StopSequence, generate_request,
     generate_response, stop_sequence,
 };
-use strata_shared::device::DeviceSpec;
-use strata_shared::isq::IsqType;
-use strata_shared::plan::FloatType;
 use strata_worker::Engine;
 use strata_worker::cli::WorkerArgs;
 use tokio::sync::{mpsc, watch};
@@ -42,12 +39,9 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// Log level when RUST_LOG is unset.
+    /// Log level when RUST_LOG is unset (logs go to stderr; results to stdout).
     pub fn default_log_filter(&self) -> &'static str {
-        match self.command {
-            Command::Serve(_) | Command::Gateway(_) | Command::Worker(_) => "info",
-            _ => "warn",
-        }
+        "info"
     }
 }
 
@@ -67,76 +61,10 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Single-process speed and memory figures.
     Bench(BenchArgs),
+    /// Single-stream figures of a running service, measured from a gRPC client.
+    BenchServe(BenchServeArgs),
     /// Fetch the default model into the cache (idempotent) and print its path.
     FetchModel,
-}
-
-/// Which model, topology and quantization.
-#[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// A Hugging Face hub id, a local GGUF file or Hugging Face directory, or `default`
-    /// (SmolLM2-135M-Instruct, fetched and cached on first use).
-    #[arg(long, default_value = "default", env = "STRATA_MODEL")]
-    pub model: String,
-    /// Hub revision (branch, tag or commit).
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// Topology YAML file; `default` (the built-in one for the default model) or `none`.
-    #[arg(long, default_value = "default", env = "STRATA_TOPOLOGY")]
-    pub topology: String,
-    /// In-situ quantization for the layers the topology does not cover.
-    #[arg(long, value_parser = parse_isq)]
-    pub isq: Option<IsqType>,
-    /// Convert weights without ISQ to this float type at load (f32, f16, bf16).
-    #[arg(long, value_parser = parse_dtype)]
-    pub dtype: Option<FloatType>,
-}
-
-fn parse_isq(s: &str) -> Result<IsqType, String> {
-    s.parse()
-        .map_err(|e: strata_shared::isq::UnknownIsq| e.to_string())
-}
-
-fn parse_dtype(s: &str) -> Result<FloatType, String> {
-    s.parse()
-}
-
-impl ModelArgs {
-    fn choice(&self) -> ModelChoice {
-        ModelChoice {
-            model: self.model.clone(),
-            revision: self.revision.clone(),
-            topology: TopologyChoice::parse(&self.topology),
-            isq: self.isq,
-            dtype: self.dtype,
-        }
-    }
-}
-
-/// Serving limits.
-#[derive(Args, Clone)]
-pub struct ServingArgs {
-    /// gRPC API address.
-    #[arg(long, default_value = "127.0.0.1:50051", env = "STRATA_LISTEN")]
-    pub listen: String,
-    /// KV cache capacity, in tokens, shared by all running sequences.
-    #[arg(long, default_value_t = 16384)]
-    pub kv_cache_tokens: usize,
-    /// Tokens one step may carry (decode tokens plus prompt chunks).
-    #[arg(long, default_value_t = 2048)]
-    pub max_batch_tokens: usize,
-    /// Sequences running at once.
-    #[arg(long, default_value_t = 32)]
-    pub max_running: usize,
-    /// `max_tokens` of requests that leave it unset.
-    #[arg(long, default_value_t = 256)]
-    pub default_max_tokens: u32,
-    /// Seconds a step may take before it is failed.
-    #[arg(long, default_value_t = 300)]
-    pub step_timeout_secs: u64,
-    /// Seconds to wait for workers to start and become reachable.
-    #[arg(long, default_value_t = 600)]
-    pub connect_timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -145,33 +73,6 @@ pub struct ServeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub serving: ServingArgs,
-}
-
-#[derive(Args)]
-pub struct GatewayArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub serving: ServingArgs,
-    /// A worker for a device of the topology: `cpu[0]=http://host:50061` (repeat per device).
-    #[arg(long = "worker", value_parser = parse_worker, required = true)]
-    pub workers: Vec<(DeviceSpec, String)>,
-    /// Data-plane address the last stage sends its samples to.
-    #[arg(long, default_value = "0.0.0.0:50052", env = "STRATA_DATA_LISTEN")]
-    pub data_listen: String,
-    /// Host workers should use to reach this gateway's data plane (e.g. the pod IP).
-    #[arg(long, env = "STRATA_ADVERTISE_HOST")]
-    pub advertise_host: Option<String>,
-}
-
-fn parse_worker(s: &str) -> Result<(DeviceSpec, String), String> {
-    let (d, a) = s.split_once('=').ok_or_else(|| {
-        format!("`{s}`: expected DEVICE=ADDRESS, e.g. cpu[0]=http://worker-0:50061")
-    })?;
-    let device = d
-        .parse()
-        .map_err(|e: strata_shared::device::InvalidDevice| e.to_string())?;
-    Ok((device, a.to_string()))
 }
 
 #[derive(Args)]
@@ -252,16 +153,38 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// Sets the compute thread count for candle and rayon. Must run before any other thread
-/// starts.
+#[derive(Args)]
+pub struct BenchServeArgs {
+    /// The gateway's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: String,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: u32,
+    /// Repetitions after one untimed warm-up; the best is reported.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Configures the compute threads: all parallel work runs on one rayon pool of `n` threads
+/// (default: one per core), and candle's own thread pool gets no threads of its own (candle then
+/// runs inline on the calling thread), so two pools never compete for the cores. Must run before
+/// any other thread starts.
 #[allow(unsafe_code)]
-pub fn set_thread_count(n: usize) {
-    let n = n.max(1).to_string();
+pub fn configure_threads(n: Option<usize>) {
     // SAFETY: called from `main` before the runtime or any other thread exists, so nothing can
     // read the environment concurrently.
     unsafe {
-        std::env::set_var("CANDLE_NUM_THREADS", &n);
-        std::env::set_var("RAYON_NUM_THREADS", &n);
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        if let Some(n) = n {
+            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+        }
     }
 }
 
@@ -270,11 +193,12 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => rt.block_on(serve(a, cli.threads)),
         Command::Gateway(a) => rt.block_on(gateway(a)),
-        Command::Worker(a) => Ok(rt.block_on(strata_worker::cli::run(a, shutdown_signal()))?),
+        Command::Worker(a) => Ok(rt.block_on(strata_worker::cli::run(a, strata_shared::shutdown_signal()))?),
         Command::Plan(a) => plan(a),
         Command::Generate(a) => rt.block_on(generate(a)),
         Command::Perplexity(a) => perplexity(a),
         Command::Bench(a) => bench(a),
+        Command::BenchServe(a) => rt.block_on(bench_serve(a)),
         Command::FetchModel => {
             let path = strata_shared::source::fetch_default_model()?;
             let mut out = std::io::stdout().lock();
@@ -284,35 +208,11 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn gateway_config(
-    model: &ModelArgs,
-    s: &ServingArgs,
-    workers: WorkerSource,
-    data_listen: String,
-    advertise_host: Option<String>,
-) -> GatewayConfig {
-    GatewayConfig {
-        model: model.choice(),
-        listen: s.listen.clone(),
-        data_listen,
-        advertise_host,
-        kv_cache_tokens: s.kv_cache_tokens,
-        max_batch_tokens: s.max_batch_tokens,
-        max_running: s.max_running,
-        default_max_tokens: s.default_max_tokens,
-        step_timeout: Duration::from_secs(s.step_timeout_secs),
-        connect_timeout: Duration::from_secs(s.connect_timeout_secs),
-        workers,
-    }
-}
-
 async fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
     let program = std::env::current_exe().context("locating the strata executable")?;
-    let mut env = Vec::new();
-    if let Some(n) = threads {
-        env.push(("CANDLE_NUM_THREADS".to_string(), n.to_string()));
-        env.push(("RAYON_NUM_THREADS".to_string(), n.to_string()));
-    }
+    // Workers inherit this process's environment, thread settings included.
+    let _ = threads;
+    let env = Vec::new();
     let cmd = WorkerCommand {
         program,
         args: vec!["worker".into()],
@@ -325,36 +225,13 @@ async fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
         "127.0.0.1:0".into(),
         None,
     );
-    Ok(strata_gateway::server::run(cfg, shutdown_signal()).await?)
+    Ok(strata_gateway::server::run(cfg, strata_shared::shutdown_signal()).await?)
 }
 
 async fn gateway(a: GatewayArgs) -> Result<()> {
-    let map: HashMap<DeviceSpec, String> = a.workers.iter().cloned().collect();
-    let cfg = gateway_config(
-        &a.model,
-        &a.serving,
-        WorkerSource::Remote(map),
-        a.data_listen.clone(),
-        a.advertise_host.clone(),
-    );
-    Ok(strata_gateway::server::run(cfg, shutdown_signal()).await?)
+    Ok(strata_gateway::server::run(a.config(), strata_shared::shutdown_signal()).await?)
 }
 
-/// Resolves when Ctrl-C or SIGTERM arrives.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-}
 
 fn plan(a: PlanArgs) -> Result<()> {
     let r = strata_gateway::server::resolve(&a.model.choice())?;
@@ -380,8 +257,22 @@ fn plan(a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads every stage of the plan in this process, with a progress bar on a terminal.
+/// Loads every stage of the plan in this process, with a progress bar on a terminal and log
+/// lines otherwise.
 fn load_engine(r: &Resolved, kv_tokens: usize) -> Result<Engine> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        let mut decile = usize::MAX;
+        let started = Instant::now();
+        let engine = Engine::load(&r.meta, &r.plan, kv_tokens.div_ceil(KV_BLOCK_SIZE), &mut |tensor, done, total| {
+            if done * 10 / total.max(1) != decile {
+                decile = done * 10 / total.max(1);
+                tracing::info!(done, total, tensor, "loading");
+            }
+        })?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), weight_bytes = engine.weight_bytes(), "loaded");
+        return Ok(engine);
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {prefix}")
@@ -618,7 +509,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let rss = strata_worker::memory::rss();
     let mut out = std::io::stdout().lock();
-    let threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "all cores".into());
+    let threads = rayon_threads();
     if a.json {
         writeln!(
             out,
@@ -647,6 +538,117 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+async fn bench_serve(a: BenchServeArgs) -> Result<()> {
+    use strata_proto::v1::strata_client::StrataClient;
+    use strata_proto::v1::{ModelInfoRequest, TokenIds, TokenizeRequest};
+    let mut client = StrataClient::connect(format!("http://{}", a.addr))
+        .await
+        .with_context(|| format!("connecting to {}", a.addr))?;
+    let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
+    let seed_text = "The history of computing is a story of layers, from machines programmed by rewiring panels to compilers, operating systems and networks. ";
+    let seed = client
+        .tokenize(TokenizeRequest {
+            text: seed_text.into(),
+            add_special_tokens: false,
+        })
+        .await?
+        .into_inner()
+        .ids;
+    let prompt: Vec<u32> = seed.iter().cycle().take(a.prompt_tokens).copied().collect();
+    let (mut best_ttft, mut best_decode) = (f64::INFINITY, 0f64);
+    for rep in 0..=a.reps.max(1) {
+        let req = GenerateRequest {
+            input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt.clone() })),
+            parameters: Some(SamplingParameters {
+                max_tokens: Some(a.gen_tokens),
+                temperature: Some(0.0),
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            add_special_tokens: false,
+        };
+        let start = Instant::now();
+        let mut stream = client.generate(req).await?.into_inner();
+        let (mut first, mut last, mut n) = (None, start, 0u32);
+        while let Some(msg) = stream.message().await? {
+            if let Some(generate_response::Event::Token(_)) = msg.event {
+                last = Instant::now();
+                first.get_or_insert(last);
+                n += 1;
+            }
+        }
+        let first = first.context("no tokens came back")?;
+        if rep == 0 {
+            continue;
+        }
+        best_ttft = best_ttft.min(first.duration_since(start).as_secs_f64() * 1e3);
+        if n > 1 {
+            best_decode = best_decode.max((n - 1) as f64 / last.duration_since(first).as_secs_f64());
+        }
+    }
+    // Bytes one decode step of one sequence sends over each hop, from the frame encoder itself.
+    let step = |hidden: Option<strata_shared::wire::Activations>| strata_shared::wire::Frame::Step(strata_shared::wire::StepFrame {
+        step_id: 1,
+        stage: 1,
+        releases: vec![],
+        seqs: vec![strata_shared::wire::SeqStep {
+            seq_id: 1,
+            pos0: prompt.len() as u32,
+            prompt_len: prompt.len() as u32,
+            tokens: vec![0],
+            sample: true,
+            params: Default::default(),
+        }],
+        hidden,
+    });
+    let frame_len = |f: strata_shared::wire::Frame| {
+        let (head, payload) = f.encode();
+        head.len() + payload.map_or(0, |p| p.len())
+    };
+    let activations = strata_shared::wire::Activations {
+        dtype: strata_shared::wire::ActDType::F32,
+        rows: 1,
+        cols: info.hidden_size,
+        data: vec![0u8; info.hidden_size as usize * 4].into(),
+    };
+    let into_first = frame_len(step(None));
+    let between = frame_len(step(Some(activations)));
+    let back = frame_len(strata_shared::wire::Frame::Samples(strata_shared::wire::SamplesFrame {
+        step_id: 1,
+        samples: vec![strata_shared::wire::Sample {
+            seq_id: 1,
+            token: 0,
+            logprob: 0.0,
+            top: vec![],
+        }],
+    }));
+    let mut out = std::io::stdout().lock();
+    let workers = info.workers.len();
+    let stages = info.route.len();
+    if a.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"workers": workers, "stages": stages, "prompt_tokens": a.prompt_tokens,
+                "gen_tokens": a.gen_tokens, "ttft_ms": best_ttft, "decode_tokens_per_s": best_decode,
+                "bytes_per_token_into_first_stage": into_first, "bytes_per_token_between_stages": between,
+                "bytes_per_token_back_to_gateway": back})
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{workers} workers, {stages} stages: time to first token {best_ttft:.1} ms ({} prompt tokens), decode {best_decode:.1} tok/s ({} tokens), best of {}; bytes per token per hop: {into_first} into the first stage, {between} between stages, {back} back to the gateway",
+            a.prompt_tokens, a.gen_tokens, a.reps
+        )?;
+    }
+    Ok(())
+}
+
 fn strata_kernels_features() -> &'static str {
     strata_worker::cpu_features()
+}
+
+/// Compute threads of this process.
+fn rayon_threads() -> String {
+    std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "one per core".into())
 }

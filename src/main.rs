@@ -21,9 +21,7 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if let Some(n) = cli.threads {
-        commands::set_thread_count(n);
-    }
+    commands::configure_threads(cli.threads);
     match commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -112,6 +112,36 @@ fn plan_prints_each_tensor_with_its_type_device_and_fallback() {
     );
 }
 
+#[test]
+fn every_shipped_topology_plans_against_the_default_model() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .chain(std::fs::read_dir(dir.join("bench")).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "{files:?}");
+    for f in files {
+        let out = run(&["plan", "--topology", f.to_str().unwrap()]);
+        assert!(out.status.success(), "{}: {}", f.display(), stderr(&out));
+    }
+    // The documented shape: cpu[0] runs 0-8 and 24-30, cpu[1] 8-24.
+    let out = run(&["plan", "--json", "--topology", dir.join("isq_and_device.yml").to_str().unwrap()]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let route: Vec<(String, u64, u64)> = plan["route"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["device"].as_str().unwrap().to_string(), s["layer_start"].as_u64().unwrap(), s["layer_end"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        route,
+        vec![("cpu[0]".to_string(), 0, 8), ("cpu[1]".to_string(), 8, 24), ("cpu[0]".to_string(), 24, 30)]
+    );
+}
+
 #[derive(serde::Deserialize)]
 struct Reference {
     f32: f64,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 /// A device one worker process owns. `cpu` is `cpu[0]`; `cpu[N]` is Strata's extension so that
 /// several CPU worker processes can be named in one topology.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum DeviceSpec {
     Cpu(u32),
     Cuda(u32),
@@ -23,6 +24,19 @@ impl Default for DeviceSpec {
 impl DeviceSpec {
     pub fn is_cpu(self) -> bool {
         matches!(self, DeviceSpec::Cpu(_))
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = InvalidDevice;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// One of the fifteen ISQ types a topology or `--isq` may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum IsqType {
     Q4_0,
     Q4_1,
@@ -179,6 +180,19 @@ impl IsqType {
             }
             t = t.fallback()?;
         }
+    }
+}
+
+impl From<IsqType> for String {
+    fn from(t: IsqType) -> String {
+        t.name().to_string()
+    }
+}
+
+impl TryFrom<String> for IsqType {
+    type Error = UnknownIsq;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 

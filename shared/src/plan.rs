@@ -395,6 +395,32 @@ impl Plan {
         })
     }
 
+    /// One line per kind of block-size fallback, with how many tensors took it, e.g.
+    /// `Q4K → Q5_0 on 180 tensors (576-wide rows do not split into Q4K's 256-wide blocks)`.
+    pub fn fallbacks(&self) -> Vec<String> {
+        let mut seen: Vec<(IsqType, IsqType, usize, usize)> = Vec::new();
+        for t in &self.tensors {
+            if let (Some(req), Some(got)) = (t.requested, t.isq)
+                && req != got
+            {
+                let cols = t.shape.last().copied().unwrap_or(0);
+                match seen.iter_mut().find(|s| s.0 == req && s.1 == got && s.3 == cols) {
+                    Some(s) => s.2 += 1,
+                    None => seen.push((req, got, 1, cols)),
+                }
+            }
+        }
+        seen.into_iter()
+            .map(|(req, got, n, cols)| {
+                format!(
+                    "{req} → {got} on {n} tensor{} ({cols}-wide rows do not split into {req}'s {}-wide blocks)",
+                    if n == 1 { "" } else { "s" },
+                    req.block_size()
+                )
+            })
+            .collect()
+    }
+
     /// The tensor uses stage `index` loads.
     pub fn stage_tensors(&self, index: usize) -> impl Iterator<Item = &TensorPlan> {
         self.tensors.iter().filter(move |t| t.stage == index)

@@ -16,6 +16,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    configure_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -24,24 +25,15 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(strata_worker::cli::run(cli.worker, shutdown_signal()))?;
+    rt.block_on(strata_worker::cli::run(cli.worker, strata_shared::shutdown_signal()))?;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+/// All parallel work runs on one rayon pool; candle's own pool gets no threads (it then runs
+/// inline), so two pools never compete for the cores. Runs before any other thread starts.
+#[allow(unsafe_code)]
+fn configure_threads() {
+    // SAFETY: called first thing in `main`, before any other thread exists.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
 }

@@ -59,45 +59,56 @@ impl Weight {
     }
 }
 
-/// A k-quant matrix (Q2K to Q6K) in candle's CPU block storage. Products go through candle's
-/// per-row path: each output element is one quantized dot product, whatever the batch (candle's
-/// repacked multi-row kernels are not used, so results never depend on what a row is batched with).
+/// A k-quant matrix (Q2K to Q6K) in candle's CPU block storage, split into chunks of rows.
+/// Products run candle's per-row path on each chunk, the chunks in parallel on Strata's thread
+/// pool: each output element is one quantized dot product, whatever the batch or the thread
+/// count (candle's repacked multi-row kernels are not used).
 pub struct KQuantWeight {
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
+    chunks: Vec<KQuantChunk>,
+}
+
+struct KQuantChunk {
+    row0: usize,
+    rows: usize,
     blocks: Box<dyn QuantizedType>,
 }
 
+/// Rows per chunk of a k-quant matrix (a multiple of candle's 4-column dot-product groups).
+const KQUANT_CHUNK_ROWS: usize = 64;
+
 impl std::fmt::Debug for KQuantWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "KQuantWeight[{:?}; {}x{}]",
-            self.dtype, self.rows, self.cols
-        )
+        write!(f, "KQuantWeight[{:?}; {}x{}]", self.dtype, self.rows, self.cols)
     }
 }
 
 impl KQuantWeight {
     /// From 8-byte aligned GGML block bytes (`bytes` long) of a `[rows, cols]` matrix.
-    fn new(
-        dtype: GgmlDType,
-        rows: usize,
-        cols: usize,
-        aligned: &[u64],
-        bytes: usize,
-    ) -> Option<Self> {
-        let want = rows * cols / dtype.block_size() * dtype.type_size();
-        if !cols.is_multiple_of(dtype.block_size()) || bytes != want || aligned.len() * 8 < bytes {
+    fn new(dtype: GgmlDType, rows: usize, cols: usize, aligned: &[u64], bytes: usize) -> Option<Self> {
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        if !cols.is_multiple_of(dtype.block_size()) || bytes != rows * row_bytes || aligned.len() * 8 < bytes {
             return None;
         }
         let raw: &[u8] = &bytemuck::cast_slice(aligned)[..bytes];
+        let chunks = (0..rows)
+            .step_by(KQUANT_CHUNK_ROWS)
+            .map(|row0| {
+                let n = KQUANT_CHUNK_ROWS.min(rows - row0);
+                KQuantChunk {
+                    row0,
+                    rows: n,
+                    blocks: dtype.from_data(Cow::Borrowed(&raw[row0 * row_bytes..(row0 + n) * row_bytes])),
+                }
+            })
+            .collect();
         Some(KQuantWeight {
             dtype,
             rows,
             cols,
-            blocks: dtype.from_data(Cow::Borrowed(raw)),
+            chunks,
         })
     }
 
@@ -106,28 +117,52 @@ impl KQuantWeight {
     }
 
     pub fn storage_bytes(&self) -> usize {
-        self.blocks.storage_size_in_bytes()
+        self.chunks.iter().map(|c| c.blocks.storage_size_in_bytes()).sum()
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
         if x.len() != m * self.cols || out.len() != m * self.rows {
             candle_core::bail!(
-                "k-quant matmul: {m}x{} activations for a {}x{} weight",
-                x.len() / m.max(1),
+                "k-quant matmul: {} activations of {} for a {}x{} weight",
+                x.len(),
+                m,
                 self.rows,
                 self.cols
             )
         }
-        self.blocks.matmul_t((m, self.cols, self.rows), x, out)
+        let parts: Vec<Vec<f32>> = self
+            .chunks
+            .par_iter()
+            .map(|c| {
+                let mut part = vec![0f32; m * c.rows];
+                c.blocks.matmul_t((m, self.cols, c.rows), x, &mut part)?;
+                Ok(part)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        for (c, part) in self.chunks.iter().zip(&parts) {
+            for i in 0..m {
+                out[i * self.rows + c.row0..i * self.rows + c.row0 + c.rows]
+                    .copy_from_slice(&part[i * c.rows..(i + 1) * c.rows]);
+            }
+        }
+        Ok(())
     }
 
     /// The rows `ids`, dequantized: `[ids.len(), cols]`.
     pub fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
-        match self.blocks.embedding(ids, self.rows, self.cols)? {
-            candle_core::CpuStorage::F32(v) => Ok(v),
-            _ => candle_core::bail!("k-quant rows did not dequantize to f32"),
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let id = id as usize;
+            let Some(c) = self.chunks.get(id / KQUANT_CHUNK_ROWS) else {
+                candle_core::bail!("row {id} is out of range for {} rows", self.rows)
+            };
+            match c.blocks.embedding(&[(id - c.row0) as u32], c.rows, self.cols)? {
+                candle_core::CpuStorage::F32(v) => out.extend_from_slice(&v),
+                _ => candle_core::bail!("k-quant rows did not dequantize to f32"),
+            }
         }
+        Ok(out)
     }
 }
 

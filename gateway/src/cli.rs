@@ -1,0 +1,146 @@
+//! The gateway's command-line options, shared by `strata serve`, `strata gateway` and the
+//! `strata-gateway` binary.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clap::Args;
+use strata_shared::device::DeviceSpec;
+use strata_shared::isq::IsqType;
+use strata_shared::plan::FloatType;
+
+use crate::server::{GatewayConfig, ModelChoice, TopologyChoice, WorkerSource};
+
+/// Which model, topology and quantization.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face hub id, a local GGUF file or Hugging Face directory, or `default`
+    /// (SmolLM2-135M-Instruct, fetched and cached on first use).
+    #[arg(long, default_value = "default", env = "STRATA_MODEL")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Topology YAML file; `default` (the built-in one for the default model) or `none`.
+    #[arg(long, default_value = "default", env = "STRATA_TOPOLOGY")]
+    pub topology: String,
+    /// In-situ quantization for the layers the topology does not cover.
+    #[arg(long, value_parser = parse_isq)]
+    pub isq: Option<IsqType>,
+    /// Convert weights without ISQ to this float type at load (f32, f16, bf16).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<FloatType>,
+}
+
+fn parse_isq(s: &str) -> Result<IsqType, String> {
+    s.parse()
+        .map_err(|e: strata_shared::isq::UnknownIsq| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<FloatType, String> {
+    s.parse()
+}
+
+impl ModelArgs {
+    pub fn choice(&self) -> ModelChoice {
+        ModelChoice {
+            model: self.model.clone(),
+            revision: self.revision.clone(),
+            topology: TopologyChoice::parse(&self.topology),
+            isq: self.isq,
+            dtype: self.dtype,
+        }
+    }
+}
+
+/// Serving limits.
+#[derive(Args, Clone)]
+pub struct ServingArgs {
+    /// gRPC API address.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "STRATA_LISTEN")]
+    pub listen: String,
+    /// KV cache capacity, in tokens, shared by all running sequences.
+    #[arg(long, default_value_t = 16384)]
+    pub kv_cache_tokens: usize,
+    /// Tokens one step may carry (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// `max_tokens` of requests that leave it unset.
+    #[arg(long, default_value_t = 256)]
+    pub default_max_tokens: u32,
+    /// Seconds a step may take before it is failed.
+    #[arg(long, default_value_t = 300)]
+    pub step_timeout_secs: u64,
+    /// Seconds to wait for workers to start and become reachable.
+    #[arg(long, default_value_t = 600)]
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub serving: ServingArgs,
+    /// A worker for a device of the topology: `cpu[0]=http://host:50061` (repeat per device).
+    #[arg(long = "worker", value_parser = parse_worker, required = true)]
+    pub workers: Vec<(DeviceSpec, String)>,
+    /// Data-plane address the last stage sends its samples to.
+    #[arg(long, default_value = "0.0.0.0:50052", env = "STRATA_DATA_LISTEN")]
+    pub data_listen: String,
+    /// Host workers should use to reach this gateway's data plane (e.g. the pod IP).
+    #[arg(long, env = "STRATA_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+}
+
+fn parse_worker(s: &str) -> Result<(DeviceSpec, String), String> {
+    let (d, a) = s.split_once('=').ok_or_else(|| {
+        format!("`{s}`: expected DEVICE=ADDRESS, e.g. cpu[0]=http://worker-0:50061")
+    })?;
+    let device = d
+        .parse()
+        .map_err(|e: strata_shared::device::InvalidDevice| e.to_string())?;
+    Ok((device, a.to_string()))
+}
+
+
+impl GatewayArgs {
+    /// The configuration of a gateway for workers started elsewhere.
+    pub fn config(&self) -> GatewayConfig {
+        let map: HashMap<DeviceSpec, String> = self.workers.iter().cloned().collect();
+        gateway_config(
+            &self.model,
+            &self.serving,
+            WorkerSource::Remote(map),
+            self.data_listen.clone(),
+            self.advertise_host.clone(),
+        )
+    }
+}
+
+/// A gateway configuration from the shared options.
+pub fn gateway_config(
+    model: &ModelArgs,
+    s: &ServingArgs,
+    workers: WorkerSource,
+    data_listen: String,
+    advertise_host: Option<String>,
+) -> GatewayConfig {
+    GatewayConfig {
+        model: model.choice(),
+        listen: s.listen.clone(),
+        data_listen,
+        advertise_host,
+        kv_cache_tokens: s.kv_cache_tokens,
+        max_batch_tokens: s.max_batch_tokens,
+        max_running: s.max_running,
+        default_max_tokens: s.default_max_tokens,
+        step_timeout: Duration::from_secs(s.step_timeout_secs),
+        connect_timeout: Duration::from_secs(s.connect_timeout_secs),
+        workers,
+    }
+}
+

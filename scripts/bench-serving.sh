@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Single-stream serving figures through 1, 2 and 3 worker processes (the same quantization
+# layout), beside the single-process engine. The three services run side by side (idle ones use
+# no CPU) and are measured in interleaved rounds, so machine noise hits every configuration alike;
+# the best round of each is reported.
+# Usage: scripts/bench-serving.sh [PROMPT_TOKENS] [GEN_TOKENS] [ROUNDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prompt=${1:-128}; gen=${2:-128}; rounds=${3:-5}
+strata=${STRATA:-${CARGO_TARGET_DIR:-target}/release/strata}
+[ -x "$strata" ] || cargo build --release --quiet
+lscpu | grep -E '^Model name' || true
+declare -A addr pid
+topologies=(one=topologies/bench/one-worker.yml two=topologies/default.yml three=topologies/bench/three-workers.yml)
+for entry in "${topologies[@]}"; do
+  name=${entry%%=*}; topo=${entry#*=}
+  out=$(mktemp)
+  "$strata" serve --topology "$topo" --listen 127.0.0.1:0 >"$out" 2>/dev/null &
+  pid[$name]=$!
+  for _ in $(seq 1 600); do grep -q '"ready"' "$out" && break; sleep 0.2; done
+  addr[$name]=$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$out")
+  rm -f "$out"
+done
+trap 'for p in "${pid[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait' EXIT
+for round in $(seq 1 "$rounds"); do
+  echo "== round $round"
+  echo -n "single process: "
+  "$strata" bench --topology topologies/bench/one-worker.yml --prompt-tokens "$prompt" --gen-tokens "$gen" --reps 1
+  for name in one two three; do
+    "$strata" bench-serve --addr "${addr[$name]}" --prompt-tokens "$prompt" --gen-tokens "$gen" --reps 1
+  done
+done
