@@ -10,14 +10,13 @@ use clap::{Args, Parser, Subcommand};
 use strata_gateway::cli::{GatewayArgs, ModelArgs, ServingArgs, gateway_config};
 use strata_gateway::launcher::WorkerCommand;
 use strata_gateway::scheduler::{Scheduler, SchedulerConfig, SchedulerState};
-use strata_gateway::server::{
-    KV_BLOCK_SIZE, Resolved, TopologyChoice, WorkerSource,
-};
+use strata_gateway::server::{Resolved, TopologyChoice, WorkerSource};
 use strata_gateway::validation::{self, Limits};
 use strata_proto::v1::{
     ChatMessage, ChatRequest, GenerateRequest, SamplingParameters, StopSequence, generate_request,
     generate_response, stop_sequence,
 };
+use strata_shared::wire::KV_BLOCK_SIZE;
 use strata_worker::Engine;
 use strata_worker::cli::WorkerArgs;
 use tokio::sync::{mpsc, watch};
@@ -172,28 +171,14 @@ pub struct BenchServeArgs {
     pub json: bool,
 }
 
-/// Configures the compute threads: all parallel work runs on one rayon pool of `n` threads
-/// (default: one per core), and candle's own thread pool gets no threads of its own (candle then
-/// runs inline on the calling thread), so two pools never compete for the cores. Must run before
-/// any other thread starts.
-#[allow(unsafe_code)]
-pub fn configure_threads(n: Option<usize>) {
-    // SAFETY: called from `main` before the runtime or any other thread exists, so nothing can
-    // read the environment concurrently.
-    unsafe {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-        if let Some(n) = n {
-            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
-        }
-    }
-}
-
 pub fn run(cli: Cli) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        Command::Serve(a) => rt.block_on(serve(a, cli.threads)),
+        Command::Serve(a) => rt.block_on(serve(a)),
         Command::Gateway(a) => rt.block_on(gateway(a)),
-        Command::Worker(a) => Ok(rt.block_on(strata_worker::cli::run(a, strata_shared::shutdown_signal()))?),
+        Command::Worker(a) => {
+            Ok(rt.block_on(strata_worker::cli::run(a, strata_shared::shutdown_signal()))?)
+        }
         Command::Plan(a) => plan(a),
         Command::Generate(a) => rt.block_on(generate(a)),
         Command::Perplexity(a) => perplexity(a),
@@ -208,15 +193,12 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
+async fn serve(a: ServeArgs) -> Result<()> {
     let program = std::env::current_exe().context("locating the strata executable")?;
     // Workers inherit this process's environment, thread settings included.
-    let _ = threads;
-    let env = Vec::new();
     let cmd = WorkerCommand {
         program,
         args: vec!["worker".into()],
-        env,
     };
     let cfg = gateway_config(
         &a.model,
@@ -229,9 +211,8 @@ async fn serve(a: ServeArgs, threads: Option<usize>) -> Result<()> {
 }
 
 async fn gateway(a: GatewayArgs) -> Result<()> {
-    Ok(strata_gateway::server::run(a.config(), strata_shared::shutdown_signal()).await?)
+    Ok(strata_gateway::server::run(a.config()?, strata_shared::shutdown_signal()).await?)
 }
-
 
 fn plan(a: PlanArgs) -> Result<()> {
     let r = strata_gateway::server::resolve(&a.model.choice())?;
@@ -264,13 +245,22 @@ fn load_engine(r: &Resolved, kv_tokens: usize) -> Result<Engine> {
     if !std::io::stderr().is_terminal() {
         let mut decile = usize::MAX;
         let started = Instant::now();
-        let engine = Engine::load(&r.meta, &r.plan, kv_tokens.div_ceil(KV_BLOCK_SIZE), &mut |tensor, done, total| {
-            if done * 10 / total.max(1) != decile {
-                decile = done * 10 / total.max(1);
-                tracing::info!(done, total, tensor, "loading");
-            }
-        })?;
-        tracing::info!(seconds = started.elapsed().as_secs_f64(), weight_bytes = engine.weight_bytes(), "loaded");
+        let engine = Engine::load(
+            &r.meta,
+            &r.plan,
+            kv_tokens.div_ceil(KV_BLOCK_SIZE),
+            &mut |tensor, done, total| {
+                if done * 10 / total.max(1) != decile {
+                    decile = done * 10 / total.max(1);
+                    tracing::info!(done, total, tensor, "loading");
+                }
+            },
+        )?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            weight_bytes = engine.weight_bytes(),
+            "loaded"
+        );
         return Ok(engine);
     }
     let bar = indicatif::ProgressBar::new(0);
@@ -519,7 +509,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 "gen_tokens": a.gen_tokens, "prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode,
                 "load_seconds": load_seconds, "weight_bytes": engine.weight_bytes(),
                 "rss_after_load_bytes": rss_after_load.current, "peak_rss_bytes": rss.peak,
-                "cpu_kernels": strata_kernels_features()})
+                "cpu_kernels": strata_worker::cpu_features()})
         )?;
     } else {
         writeln!(
@@ -558,7 +548,9 @@ async fn bench_serve(a: BenchServeArgs) -> Result<()> {
     let (mut best_ttft, mut best_decode) = (f64::INFINITY, 0f64);
     for rep in 0..=a.reps.max(1) {
         let req = GenerateRequest {
-            input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt.clone() })),
+            input: Some(generate_request::Input::TokenIds(TokenIds {
+                ids: prompt.clone(),
+            })),
             parameters: Some(SamplingParameters {
                 max_tokens: Some(a.gen_tokens),
                 temperature: Some(0.0),
@@ -583,24 +575,27 @@ async fn bench_serve(a: BenchServeArgs) -> Result<()> {
         }
         best_ttft = best_ttft.min(first.duration_since(start).as_secs_f64() * 1e3);
         if n > 1 {
-            best_decode = best_decode.max((n - 1) as f64 / last.duration_since(first).as_secs_f64());
+            best_decode =
+                best_decode.max((n - 1) as f64 / last.duration_since(first).as_secs_f64());
         }
     }
     // Bytes one decode step of one sequence sends over each hop, from the frame encoder itself.
-    let step = |hidden: Option<strata_shared::wire::Activations>| strata_shared::wire::Frame::Step(strata_shared::wire::StepFrame {
-        step_id: 1,
-        stage: 1,
-        releases: vec![],
-        seqs: vec![strata_shared::wire::SeqStep {
-            seq_id: 1,
-            pos0: prompt.len() as u32,
-            prompt_len: prompt.len() as u32,
-            tokens: vec![0],
-            sample: true,
-            params: Default::default(),
-        }],
-        hidden,
-    });
+    let step = |hidden: Option<strata_shared::wire::Activations>| {
+        strata_shared::wire::Frame::Step(strata_shared::wire::StepFrame {
+            step_id: 1,
+            stage: 1,
+            releases: vec![],
+            seqs: vec![strata_shared::wire::SeqStep {
+                seq_id: 1,
+                pos0: prompt.len() as u32,
+                prompt_len: prompt.len() as u32,
+                tokens: vec![0],
+                sample: true,
+                params: Default::default(),
+            }],
+            hidden,
+        })
+    };
     let frame_len = |f: strata_shared::wire::Frame| {
         let (head, payload) = f.encode();
         head.len() + payload.map_or(0, |p| p.len())
@@ -613,15 +608,17 @@ async fn bench_serve(a: BenchServeArgs) -> Result<()> {
     };
     let into_first = frame_len(step(None));
     let between = frame_len(step(Some(activations)));
-    let back = frame_len(strata_shared::wire::Frame::Samples(strata_shared::wire::SamplesFrame {
-        step_id: 1,
-        samples: vec![strata_shared::wire::Sample {
-            seq_id: 1,
-            token: 0,
-            logprob: 0.0,
-            top: vec![],
-        }],
-    }));
+    let back = frame_len(strata_shared::wire::Frame::Samples(
+        strata_shared::wire::SamplesFrame {
+            step_id: 1,
+            samples: vec![strata_shared::wire::Sample {
+                seq_id: 1,
+                token: 0,
+                logprob: 0.0,
+                top: vec![],
+            }],
+        },
+    ));
     let mut out = std::io::stdout().lock();
     let workers = info.workers.len();
     let stages = info.route.len();
@@ -642,10 +639,6 @@ async fn bench_serve(a: BenchServeArgs) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-fn strata_kernels_features() -> &'static str {
-    strata_worker::cpu_features()
 }
 
 /// Compute threads of this process.

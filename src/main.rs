@@ -13,15 +13,17 @@ mod local;
 
 use clap::Parser;
 
+#[allow(unsafe_code)]
 fn main() -> std::process::ExitCode {
     let cli = commands::Cli::parse();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { strata_worker::configure_threads(cli.threads) };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_filter()));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    commands::configure_threads(cli.threads);
     match commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -128,17 +128,32 @@ fn every_shipped_topology_plans_against_the_default_model() {
         assert!(out.status.success(), "{}: {}", f.display(), stderr(&out));
     }
     // The documented shape: cpu[0] runs 0-8 and 24-30, cpu[1] 8-24.
-    let out = run(&["plan", "--json", "--topology", dir.join("isq_and_device.yml").to_str().unwrap()]);
+    let out = run(&[
+        "plan",
+        "--json",
+        "--topology",
+        dir.join("isq_and_device.yml").to_str().unwrap(),
+    ]);
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let route: Vec<(String, u64, u64)> = plan["route"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["device"].as_str().unwrap().to_string(), s["layer_start"].as_u64().unwrap(), s["layer_end"].as_u64().unwrap()))
+        .map(|s| {
+            (
+                s["device"].as_str().unwrap().to_string(),
+                s["layer_start"].as_u64().unwrap(),
+                s["layer_end"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         route,
-        vec![("cpu[0]".to_string(), 0, 8), ("cpu[1]".to_string(), 8, 24), ("cpu[0]".to_string(), 24, 30)]
+        vec![
+            ("cpu[0]".to_string(), 0, 8),
+            ("cpu[1]".to_string(), 8, 24),
+            ("cpu[0]".to_string(), 24, 30)
+        ]
     );
 }
 

@@ -9,6 +9,7 @@ use strata_shared::device::DeviceSpec;
 use strata_shared::isq::IsqType;
 use strata_shared::plan::FloatType;
 
+use crate::error::GatewayError;
 use crate::server::{GatewayConfig, ModelChoice, TopologyChoice, WorkerSource};
 
 /// Which model, topology and quantization.
@@ -106,18 +107,25 @@ fn parse_worker(s: &str) -> Result<(DeviceSpec, String), String> {
     Ok((device, a.to_string()))
 }
 
-
 impl GatewayArgs {
     /// The configuration of a gateway for workers started elsewhere.
-    pub fn config(&self) -> GatewayConfig {
-        let map: HashMap<DeviceSpec, String> = self.workers.iter().cloned().collect();
-        gateway_config(
+    pub fn config(&self) -> Result<GatewayConfig, GatewayError> {
+        let mut map: HashMap<DeviceSpec, String> = HashMap::new();
+        for (device, address) in &self.workers {
+            if let Some(first) = map.insert(*device, address.clone()) {
+                return Err(GatewayError::invalid(
+                    "--worker",
+                    format!("{device} is given twice ({first} and {address})"),
+                ));
+            }
+        }
+        Ok(gateway_config(
             &self.model,
             &self.serving,
             WorkerSource::Remote(map),
             self.data_listen.clone(),
             self.advertise_host.clone(),
-        )
+        ))
     }
 }
 
@@ -143,4 +151,3 @@ pub fn gateway_config(
         workers,
     }
 }
-

@@ -20,8 +20,6 @@ use crate::error::GatewayError;
 pub struct WorkerCommand {
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// Extra environment (e.g. `CANDLE_NUM_THREADS`).
-    pub env: Vec<(String, String)>,
 }
 
 /// A worker process started by the launcher.
@@ -52,7 +50,6 @@ pub async fn spawn_workers(
         command
             .args(&cmd.args)
             .args(["--listen", "127.0.0.1:0", "--exit-with-stdin"])
-            .envs(cmd.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -6,7 +6,11 @@ use clap::Parser;
 use strata_gateway::cli::GatewayArgs;
 
 #[derive(Parser)]
-#[command(name = "strata-gateway", version, about = "Strata gateway: serves the gRPC API over remote workers")]
+#[command(
+    name = "strata-gateway",
+    version,
+    about = "Strata gateway: serves the gRPC API over remote workers"
+)]
 struct Cli {
     #[command(flatten)]
     gateway: GatewayArgs,
@@ -21,7 +25,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(strata_gateway::server::run(cli.gateway.config(), strata_shared::shutdown_signal()))?;
+    rt.block_on(strata_gateway::server::run(
+        cli.gateway.config()?,
+        strata_shared::shutdown_signal(),
+    ))?;
     Ok(())
 }
-

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use strata_shared::transport::{FrameListener, FrameReceiver, FrameSender, Transport};
+use strata_shared::transport::{FrameSender, Transport, accept_frames};
 use strata_shared::wire::{Frame, SamplesFrame, StepFrame, WireError};
 use tokio::sync::{mpsc, watch};
 
@@ -45,7 +45,7 @@ impl<T: Transport> RingPipeline<T> {
             .await
             .map_err(|e| GatewayError::Unavailable(format!("data plane: {e}")))?;
         let (tx, results) = mpsc::channel(64);
-        tokio::spawn(accept_loop(listener, tx));
+        tokio::spawn(accept_frames(listener, tx, |r| r));
         Ok(RingPipeline {
             first,
             first_addr: first_addr.to_string(),
@@ -53,41 +53,6 @@ impl<T: Transport> RingPipeline<T> {
             failures,
             step_timeout,
         })
-    }
-}
-
-/// Accepts connections from last stages and forwards their frames.
-async fn accept_loop<L: FrameListener>(
-    mut listener: L,
-    tx: mpsc::Sender<Result<Frame, WireError>>,
-) {
-    loop {
-        let (mut rx, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "data plane: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        tracing::debug!(%peer, "data plane: last stage connected");
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(Some(f)) => {
-                        if tx.send(Ok(f)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                }
-            }
-        });
     }
 }
 

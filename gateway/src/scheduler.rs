@@ -351,6 +351,12 @@ impl SchedulerState {
         }
     }
 
+    /// Releases to send again (a failed step may not have reached every stage; releasing twice
+    /// is harmless).
+    pub fn requeue_releases(&mut self, ids: Vec<u64>) {
+        self.releases.extend(ids);
+    }
+
     /// Ends every running sequence with an error (the pipeline failed under them); their KV is
     /// released on the next step.
     pub fn fail_running(&mut self, err: &GatewayError) {
@@ -477,13 +483,18 @@ async fn run<P: Pipeline>(
         state.reap_disconnected();
         state.publish();
         match state.next_step() {
-            Some(step) => match pipeline.step(step).await {
-                Ok(samples) => state.on_samples(samples),
-                Err(e) => {
-                    tracing::error!(error = %e, "step failed; failing the running requests");
-                    state.fail_running(&e);
+            Some(step) => {
+                let releases = step.releases.clone();
+                match pipeline.step(step).await {
+                    Ok(samples) => state.on_samples(samples),
+                    Err(e) => {
+                        tracing::error!(error = %e, "step failed; failing the running requests");
+                        // Stages past the failure never saw the releases: send them again.
+                        state.requeue_releases(releases);
+                        state.fail_running(&e);
+                    }
                 }
-            },
+            }
             None => {
                 state.publish();
                 tokio::select! {

@@ -19,7 +19,8 @@ use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{FloatType, Plan, PlanOptions};
 use strata_shared::source::{DEFAULT_MODEL_SPEC, ModelFiles};
 use strata_shared::topology::Topology;
-use strata_shared::transport::{FrameListener, TcpTransport, Transport};
+use strata_shared::transport::{FrameListener, TcpTransport, Transport, advertised_address};
+use strata_shared::wire::{DEFAULT_MAX_FRAME_BYTES, KV_BLOCK_SIZE};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -148,7 +149,7 @@ pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
     })?;
     if let Some(d) = plan.devices.iter().find(|d| !d.is_cpu()) {
         return Err(GatewayError::FailedPrecondition(format!(
-            "the topology places layers on {d}, but this build runs CPU workers only (build with the `cuda` feature for GPUs)"
+            "the topology places layers on {d}, but this release runs CPU workers only (`cpu` or `cpu[N]`)"
         )));
     }
     let tokenizer = Arc::new(ModelTokenizer::load(
@@ -247,9 +248,6 @@ fn model_info(
     }
 }
 
-/// KV cache block size, in tokens (must match the workers').
-pub const KV_BLOCK_SIZE: usize = 16;
-
 /// Runs the gateway until `shutdown` resolves. Prints `{"event":"ready","listen":ADDR}` on
 /// stdout once it serves.
 pub async fn run(
@@ -266,6 +264,17 @@ pub async fn run(
         ));
     }
     let resolved = resolve(&cfg.model)?;
+    // The largest step must fit one data-plane frame (activations are f32).
+    let step_bytes = cfg.max_batch_tokens as u64 * resolved.meta.config.hidden_size as u64 * 4;
+    if step_bytes + (1 << 20) > DEFAULT_MAX_FRAME_BYTES as u64 {
+        return Err(GatewayError::invalid(
+            "--max-batch-tokens",
+            format!(
+                "{} tokens of activations take {step_bytes} bytes, more than a data-plane frame holds ({DEFAULT_MAX_FRAME_BYTES})",
+                cfg.max_batch_tokens
+            ),
+        ));
+    }
     tracing::info!(model = %cfg.model.model, layers = resolved.meta.config.num_layers, "serving\n{}", route_summary(&resolved.plan));
 
     let (failures_tx, failures_rx) = watch::channel::<Option<String>>(None);
@@ -291,7 +300,8 @@ pub async fn run(
     let data_listener = transport.bind(&cfg.data_listen).await.map_err(|e| {
         GatewayError::Unavailable(format!("--data-listen {}: {e}", cfg.data_listen))
     })?;
-    let data_address = advertised(&data_listener.local_addr(), cfg.advertise_host.as_deref());
+    let data_address =
+        advertised_address(&data_listener.local_addr(), cfg.advertise_host.as_deref());
 
     let kv_blocks = cfg.kv_cache_tokens.div_ceil(KV_BLOCK_SIZE).max(1);
     let workers = load_and_link(&Deployment {
@@ -428,13 +438,6 @@ pub async fn run(
     // Give workers a moment to exit on their own before their handles are dropped (and killed).
     tokio::time::sleep(Duration::from_millis(200)).await;
     served.map_err(|e| GatewayError::Internal(format!("gRPC server: {e}")))
-}
-
-fn advertised(local: &str, host: Option<&str>) -> String {
-    match (host, local.rsplit_once(':')) {
-        (Some(h), Some((_, port))) => format!("{h}:{port}"),
-        _ => local.to_string(),
-    }
 }
 
 /// One line per route stage.

@@ -24,6 +24,8 @@ pub struct Message {
 pub struct ModelTokenizer {
     inner: tokenizers::Tokenizer,
     chat_template: Option<String>,
+    /// The chat template, compiled on first use.
+    compiled: std::sync::OnceLock<Result<minijinja::Environment<'static>, String>>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     eos_ids: Vec<u32>,
@@ -122,6 +124,7 @@ impl ModelTokenizer {
         ModelTokenizer {
             inner,
             chat_template: None,
+            compiled: std::sync::OnceLock::new(),
             bos_token: None,
             eos_token: None,
             eos_ids: Vec::new(),
@@ -281,7 +284,7 @@ impl ModelTokenizer {
         self.inner
             .encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| GatewayError::Internal(format!("tokenizing: {e}")))
+            .map_err(|e| GatewayError::invalid("text", format!("cannot be tokenized: {e}")))
     }
 
     /// Token strings of `ids`.
@@ -308,21 +311,15 @@ impl ModelTokenizer {
         let template = self.chat_template.as_deref().ok_or_else(|| {
             GatewayError::FailedPrecondition("the model has no chat template; use Generate".into())
         })?;
-        let mut env = minijinja::Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
+        let env = self
+            .compiled
+            .get_or_init(|| compile_chat_template(template))
+            .as_ref()
+            .map_err(|e| {
+                GatewayError::FailedPrecondition(format!(
+                    "the model's chat template does not compile: {e}"
                 ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| GatewayError::Model(format!("chat template: {e}")))?;
+            })?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| GatewayError::Model(format!("chat template: {e}")))?;
@@ -353,6 +350,27 @@ impl ModelTokenizer {
             skip_special_tokens,
         }
     }
+}
+
+/// A Jinja environment with the chat template as Hugging Face renders it: `trim_blocks`,
+/// `lstrip_blocks`, Python string methods and `raise_exception`.
+fn compile_chat_template(template: &str) -> Result<minijinja::Environment<'static>, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", template.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(env)
 }
 
 /// `bos_token` / `eos_token` of a tokenizer_config.json: a string or an AddedToken object.

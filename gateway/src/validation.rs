@@ -10,6 +10,9 @@ use strata_shared::wire::SamplingParams;
 use crate::error::GatewayError;
 use crate::tokenizer::{Message, ModelTokenizer};
 
+/// Longest stop sequence accepted, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+
 /// Server-side limits requests are checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -131,6 +134,19 @@ fn finish(
     limits: &Limits,
 ) -> Result<ValidRequest, GatewayError> {
     let p = params.unwrap_or_default();
+    // Ids from text too: a tokenizer may know more tokens than the model embeds.
+    if let Some(id) = input_ids
+        .iter()
+        .find(|id| **id as usize >= limits.vocab_size)
+    {
+        return Err(GatewayError::invalid(
+            input_field,
+            format!(
+                "tokenizes to id {id}, outside the model's vocabulary of {} tokens",
+                limits.vocab_size
+            ),
+        ));
+    }
     let prompt_len = input_ids.len();
     if prompt_len >= limits.context_length {
         return Err(GatewayError::invalid(
@@ -217,6 +233,12 @@ fn finish(
                 return Err(GatewayError::invalid(
                     format!("parameters.stop[{i}].text"),
                     "must not be empty",
+                ));
+            }
+            Some(stop_sequence::Kind::Text(t)) if t.len() > MAX_STOP_BYTES => {
+                return Err(GatewayError::invalid(
+                    format!("parameters.stop[{i}].text"),
+                    format!("{} bytes long; at most {MAX_STOP_BYTES}", t.len()),
                 ));
             }
             Some(stop_sequence::Kind::Text(t)) => stop.push(t),

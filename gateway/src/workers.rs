@@ -302,10 +302,16 @@ pub async fn supervise(workers: Workers, failures: watch::Sender<Option<String>>
             }
             let client = match clients.get_mut(&w.address) {
                 Some(c) => c,
-                None => match WorkerClient::connect(w.address.clone()).await {
-                    Ok(c) => clients.entry(w.address.clone()).or_insert(c),
-                    Err(e) => {
+                None => match tokio::time::timeout(every, WorkerClient::connect(w.address.clone()))
+                    .await
+                {
+                    Ok(Ok(c)) => clients.entry(w.address.clone()).or_insert(c),
+                    Ok(Err(e)) => {
                         report(&workers, &failures, &w, &format!("unreachable: {e}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        report(&workers, &failures, &w, "unreachable: connecting timed out");
                         continue;
                     }
                 },

@@ -82,6 +82,47 @@ impl ModelConfig {
                 return bad(key, "must be greater than zero".into());
             }
         }
+        // Bounds far beyond any real model, so that sizes computed from them never overflow.
+        for (key, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 18),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
+        ] {
+            if v > max {
+                return bad(key, format!("{v} is larger than Strata supports ({max})"));
+            }
+        }
+        if self.num_kv_heads > self.num_heads {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{} is more than the {} attention heads",
+                    self.num_kv_heads, self.num_heads
+                ),
+            );
+        }
+        if let Some(id) = self
+            .bos_token_id
+            .iter()
+            .chain(&self.eos_token_ids)
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            return bad(
+                "eos_token_id",
+                format!(
+                    "token {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                ),
+            );
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_key_value_heads",
@@ -172,7 +213,11 @@ impl ModelConfig {
         };
         let eos = g.opt_u64("tokenizer.ggml.eos_token_id")?;
         let eot = g.opt_u64("tokenizer.ggml.eot_token_id")?;
-        let mut eos_token_ids: Vec<u32> = eos.into_iter().chain(eot).map(|v| v as u32).collect();
+        let mut eos_token_ids: Vec<u32> = eos
+            .into_iter()
+            .chain(eot)
+            .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+            .collect();
         eos_token_ids.dedup();
         let cfg = ModelConfig {
             arch,
@@ -194,7 +239,9 @@ impl ModelConfig {
             sliding_window: g
                 .opt_u64(&k("attention.sliding_window"))?
                 .map(|v| v as usize),
-            bos_token_id: g.opt_u64("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
+            bos_token_id: g
+                .opt_u64("tokenizer.ggml.bos_token_id")?
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
             eos_token_ids,
         };
         cfg.validate(path)?;
@@ -240,13 +287,14 @@ impl ModelConfig {
         };
         let eos_token_ids = match &raw.eos_token_id {
             None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-            }
+            Some(serde_json::Value::Number(n)) => n
+                .as_u64()
+                .map(|v| vec![u32::try_from(v).unwrap_or(u32::MAX)])
+                .unwrap_or_default(),
             Some(serde_json::Value::Array(a)) => a
                 .iter()
                 .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
                 .collect(),
             Some(other) => {
                 return Err(ModelError::meta(

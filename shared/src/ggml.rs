@@ -126,11 +126,13 @@ impl GgmlType {
     /// split into whole blocks.
     pub fn bytes_for(self, shape: &[usize]) -> Option<u64> {
         let cols = *shape.last()?;
-        if cols % self.block_size() != 0 {
+        if !cols.is_multiple_of(self.block_size()) {
             return None;
         }
-        let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        Some(numel / self.block_size() as u64 * self.block_bytes() as u64)
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))?;
+        (numel / self.block_size() as u64).checked_mul(self.block_bytes() as u64)
     }
 
     /// Whether this is a plain float type (no blocks).

@@ -120,6 +120,9 @@ pub struct GgufFile {
     tensors: Vec<GgufTensorInfo>,
 }
 
+/// Most items an array may hold (vocabularies have a few hundred thousand).
+const MAX_ARRAY: usize = 1 << 22;
+
 /// Longest string the reader accepts (a corrupt length must not allocate gigabytes).
 const MAX_STRING: u64 = 1 << 26;
 
@@ -225,6 +228,13 @@ impl<R: Read> HeaderReader<R> {
                 }
                 let elem_ty = self.u32(key)?;
                 let n = self.count(key, 1)?;
+                if n > MAX_ARRAY {
+                    return Err(ModelError::meta(
+                        &self.path,
+                        key,
+                        format!("array of {n} items (at most {MAX_ARRAY})"),
+                    ));
+                }
                 let mut items = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
                     items.push(self.value(elem_ty, key, depth + 1)?);

@@ -23,6 +23,9 @@ pub mod transport;
 pub mod wire;
 
 pub use error::ModelError;
+pub use plan::PlanError;
+pub use topology::TopologyError;
+pub use wire::WireError;
 
 /// Resolves when the process is asked to stop: Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -38,17 +41,4 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
-}
-
-/// Any error of this crate.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Topology(#[from] topology::TopologyError),
-    #[error(transparent)]
-    Plan(#[from] plan::PlanError),
-    #[error(transparent)]
-    Wire(#[from] wire::WireError),
 }

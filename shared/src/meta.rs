@@ -75,7 +75,8 @@ impl ModelMeta {
                         tracing::debug!(tensor = %t.name, "ignoring tensor Strata does not use");
                         continue;
                     };
-                    tensors.insert(
+                    insert_unique(
+                        &mut tensors,
                         role,
                         TensorMeta {
                             name: role.hf_name(),
@@ -87,7 +88,7 @@ impl ModelMeta {
                             offset: t.offset,
                             n_bytes: t.n_bytes,
                         },
-                    );
+                    )?;
                 }
                 // llama.cpp's converter permutes q/k rows for Llama-architecture models only.
                 let permuted = matches!(config.arch, Arch::Llama | Arch::Mistral);
@@ -106,7 +107,8 @@ impl ModelMeta {
                             tracing::debug!(tensor = %t.name, "ignoring tensor Strata does not use");
                             continue;
                         };
-                        tensors.insert(
+                        insert_unique(
+                            &mut tensors,
                             role,
                             TensorMeta {
                                 name: t.name.clone(),
@@ -118,7 +120,7 @@ impl ModelMeta {
                                 offset: t.offset,
                                 n_bytes: t.n_bytes,
                             },
-                        );
+                        )?;
                     }
                 }
                 (config, None, false)
@@ -246,4 +248,26 @@ impl ModelMeta {
         }
         Ok(())
     }
+}
+
+/// Adds a tensor, refusing a second tensor with the same role (a duplicated name across
+/// shards, or two GGUF names for one weight).
+fn insert_unique(
+    tensors: &mut BTreeMap<TensorRole, TensorMeta>,
+    role: TensorRole,
+    t: TensorMeta,
+) -> Result<(), ModelError> {
+    if let Some(first) = tensors.get(&role) {
+        return Err(ModelError::tensor(
+            &t.file,
+            &t.stored_name,
+            format!(
+                "is the same weight as `{}` in {}",
+                first.stored_name,
+                first.file.display()
+            ),
+        ));
+    }
+    tensors.insert(role, t);
+    Ok(())
 }

@@ -11,7 +11,7 @@ use crate::device::DeviceSpec;
 use crate::ggml::GgmlType;
 use crate::isq::IsqType;
 use crate::meta::{ModelMeta, TensorMeta};
-use crate::names::{LayerTensor, TensorRole};
+use crate::names::TensorRole;
 use crate::topology::{Topology, TopologyError};
 
 /// A float type weights may be converted to at load.
@@ -404,7 +404,10 @@ impl Plan {
                 && req != got
             {
                 let cols = t.shape.last().copied().unwrap_or(0);
-                match seen.iter_mut().find(|s| s.0 == req && s.1 == got && s.3 == cols) {
+                match seen
+                    .iter_mut()
+                    .find(|s| s.0 == req && s.1 == got && s.3 == cols)
+                {
                     Some(s) => s.2 += 1,
                     None => seen.push((req, got, 1, cols)),
                 }
@@ -544,9 +547,4 @@ fn stage_of(route: &[StagePlan], role: TensorRole) -> usize {
         TensorRole::Layer(i, _) => find(&|s| (s.layer_start..s.layer_end).contains(&i)),
         TensorRole::RopeFreqs => 0,
     }
-}
-
-/// Whether a role is one of a layer's linear weights (what `--isq` quantizes).
-pub fn is_isq_target(role: TensorRole) -> bool {
-    matches!(role, TensorRole::Layer(_, lt) if LayerTensor::is_linear_weight(lt))
 }

@@ -86,8 +86,12 @@ impl SafetensorsFile {
                 })
                 .collect::<Result<_, _>>()?;
             let [begin, end] = raw.data_offsets;
-            let want =
-                shape.iter().map(|&d| d as u64).product::<u64>() * dtype.block_bytes() as u64;
+            let want = shape
+                .iter()
+                .try_fold(dtype.block_bytes() as u64, |a, &d| a.checked_mul(d as u64))
+                .ok_or_else(|| {
+                    ModelError::tensor(path, &name, format!("shape {shape:?} is too large"))
+                })?;
             if end < begin || end - begin != want {
                 return Err(ModelError::tensor(
                     path,
@@ -142,7 +146,24 @@ pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
         what: format!("invalid index: {e}"),
     })?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+    let mut files = Vec::with_capacity(idx.weight_map.len());
+    for (tensor, file) in &idx.weight_map {
+        let rel = Path::new(file);
+        // Shards live beside the index: a bare file name, nothing else.
+        if rel.components().count() != 1
+            || !matches!(
+                rel.components().next(),
+                Some(std::path::Component::Normal(_))
+            )
+        {
+            return Err(ModelError::tensor(
+                index,
+                tensor,
+                format!("shard `{file}` is not a file name beside the index"),
+            ));
+        }
+        files.push(dir.join(rel));
+    }
     files.sort();
     files.dedup();
     Ok(files)

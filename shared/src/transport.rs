@@ -59,6 +59,7 @@ impl Default for TcpTransport {
 pub struct TcpFrameSender {
     peer: String,
     writer: BufWriter<OwnedWriteHalf>,
+    max_frame_bytes: usize,
 }
 
 /// The receiving half of a TCP frame connection.
@@ -99,6 +100,7 @@ impl Transport for TcpTransport {
         Ok(TcpFrameSender {
             peer: addr.to_string(),
             writer: BufWriter::with_capacity(1 << 16, write),
+            max_frame_bytes: self.max_frame_bytes,
         })
     }
 
@@ -115,7 +117,16 @@ impl Transport for TcpTransport {
 
 impl FrameSender for TcpFrameSender {
     async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
-        let (head, payload) = frame.encode();
+        let encoded = frame.encode();
+        // Refuse here what the peer would refuse, rather than have it drop the connection.
+        let size = Frame::encoded_len(&encoded);
+        if size > self.max_frame_bytes as u64 {
+            return Err(WireError::TooLarge {
+                size,
+                limit: self.max_frame_bytes,
+            });
+        }
+        let (head, payload) = encoded;
         let ctx = || format!("sending a frame to {}", self.peer);
         self.writer.write_all(&head).await.map_err(io_err(ctx()))?;
         if let Some(p) = payload {
@@ -183,6 +194,52 @@ impl FrameListener for TcpFrameListener {
     }
 }
 
+/// Accepts peers on `listener` forever; every frame any of them sends (and the error that ends a
+/// connection, if any) goes to `sink`, wrapped by `wrap`. Ends when `sink` closes.
+pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
+    mut listener: L,
+    sink: tokio::sync::mpsc::Sender<T>,
+    wrap: fn(Result<Frame, WireError>) -> T,
+) {
+    loop {
+        let (mut rx, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "data plane: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if sink.is_closed() {
+            return;
+        }
+        tracing::debug!(%peer, "data plane: inbound connection");
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            loop {
+                let item = match rx.recv().await {
+                    Ok(Some(f)) => Ok(f),
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                let last = item.is_err();
+                if sink.send(wrap(item)).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// The address peers should use for a listener bound to `local`: its port on `host` when one is
+/// given (needed when listening on 0.0.0.0), else `local` itself.
+pub fn advertised_address(local: &str, host: Option<&str>) -> String {
+    match (host, local.rsplit_once(':')) {
+        (Some(h), Some((_, port))) => format!("{h}:{port}"),
+        _ => local.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +269,7 @@ mod tests {
             .chain([Frame::Error(ErrorFrame {
                 step_id: 9,
                 stage: 1,
+                to: 2,
                 message: "x".into(),
             })])
             .collect();
@@ -220,6 +278,33 @@ mod tests {
         }
         drop(s);
         assert_eq!(recv.await.unwrap(), frames);
+    }
+
+    #[tokio::test]
+    async fn a_sender_refuses_frames_over_its_limit() {
+        let mut listener = TcpTransport::default().bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr();
+        let small = TcpTransport {
+            max_frame_bytes: 16,
+            ..Default::default()
+        };
+        let mut s = small.connect(&addr).await.unwrap();
+        let (mut r, _) = listener.accept().await.unwrap();
+        let big = Frame::Error(ErrorFrame {
+            step_id: 1,
+            stage: 0,
+            to: 1,
+            message: "a message longer than sixteen bytes".into(),
+        });
+        let err = s.send(&big).await.unwrap_err();
+        assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
+        // The connection stays usable for frames within the limit.
+        let ok = Frame::Samples(SamplesFrame {
+            step_id: 2,
+            samples: vec![],
+        });
+        s.send(&ok).await.unwrap();
+        assert_eq!(r.recv().await.unwrap(), Some(ok));
     }
 
     #[tokio::test]
@@ -238,6 +323,7 @@ mod tests {
         s.send(&Frame::Error(ErrorFrame {
             step_id: 1,
             stage: 0,
+            to: 1,
             message: "a message longer than sixteen bytes".into(),
         }))
         .await

@@ -21,6 +21,9 @@ pub const MAGIC: [u8; 4] = *b"STRF";
 pub const VERSION: u16 = 1;
 /// Prelude length in bytes.
 pub const PRELUDE_LEN: usize = 24;
+/// Tokens per KV cache block. The gateway reserves and the stages allocate in these blocks, so
+/// both sides must agree.
+pub const KV_BLOCK_SIZE: usize = 16;
 /// Default limit on one frame's header + payload.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 256 << 20;
 /// Limit on a header alone.
@@ -172,11 +175,15 @@ pub struct SamplesFrame {
     pub samples: Vec<Sample>,
 }
 
-/// A stage's failure on a step, sent on to the gateway instead of the step.
+/// A stage's failure on a step, sent on to the gateway instead of the step: every later stage
+/// passes it along untouched (addressed by `to`, like a step) until it reaches the gateway.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ErrorFrame {
     pub step_id: u64,
+    /// The stage that failed.
     pub stage: u32,
+    /// Route index of the stage this frame is addressed to (the gateway past the last stage).
+    pub to: u32,
     pub message: String,
 }
 
@@ -235,6 +242,11 @@ impl Prelude {
 }
 
 impl Frame {
+    /// Bytes of header and payload (what a frame-size limit counts).
+    pub fn encoded_len(encoded: &(BytesMut, Option<Bytes>)) -> u64 {
+        (encoded.0.len() - PRELUDE_LEN) as u64 + encoded.1.as_ref().map_or(0, |p| p.len() as u64)
+    }
+
     /// Encodes into (prelude + header, payload); the payload is shared, not copied.
     pub fn encode(&self) -> (BytesMut, Option<Bytes>) {
         let mut h = BytesMut::with_capacity(256);
@@ -299,6 +311,7 @@ impl Frame {
             Frame::Error(e) => {
                 h.put_u64_le(e.step_id);
                 h.put_u32_le(e.stage);
+                h.put_u32_le(e.to);
                 h.put_u32_le(e.message.len() as u32);
                 h.put_slice(e.message.as_bytes());
                 (KIND_ERROR, None)
@@ -414,11 +427,13 @@ impl Frame {
             KIND_ERROR => {
                 let step_id = r.u64()?;
                 let stage = r.u32()?;
+                let to = r.u32()?;
                 let n = r.count(1)?;
                 let bytes = r.take(n)?;
                 Frame::Error(ErrorFrame {
                     step_id,
                     stage,
+                    to,
                     message: String::from_utf8_lossy(bytes).into_owned(),
                 })
             }
@@ -534,6 +549,7 @@ mod tests {
         let err = Frame::Error(ErrorFrame {
             step_id: 1,
             stage: 0,
+            to: 3,
             message: "boom ✗".into(),
         });
         assert_eq!(round_trip(&err), err);
@@ -544,6 +560,7 @@ mod tests {
         let (head, _) = Frame::Error(ErrorFrame {
             step_id: 1,
             stage: 0,
+            to: 1,
             message: "x".into(),
         })
         .encode();

@@ -41,12 +41,22 @@ pub async fn run(
     let control = listener
         .local_addr()
         .map_err(|e| WorkerError::Load(format!("control listener: {e}")))?;
+    let max_frame = args
+        .max_frame_mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| {
+            WorkerError::Load(format!(
+                "--max-frame-mib {} is out of range",
+                args.max_frame_mib
+            ))
+        })?;
     let data_listen = args
         .data_listen
         .clone()
         .unwrap_or_else(|| format!("{}:0", control.ip()));
     let transport = TcpTransport {
-        max_frame_bytes: args.max_frame_mib << 20,
+        max_frame_bytes: max_frame,
         ..TcpTransport::default()
     };
     let (service, data) =
@@ -57,7 +67,8 @@ pub async fn run(
         .await;
     tracing::info!(%control, %data, cpu = strata_kernels::cpu::features(), "worker listening");
     // The launcher reads this line to learn the addresses.
-    let line = serde_json_line(&control.to_string(), &data);
+    let line =
+        serde_json::json!({"event": "listening", "control": control.to_string(), "data": data});
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     drop(out);
@@ -73,16 +84,24 @@ pub async fn run(
             shutdown.await;
         }
     };
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(strata_proto::WORKER_V1_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| WorkerError::Load(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| WorkerError::Load(format!("reflection: {e}")))?;
     tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
         .map_err(|e| WorkerError::Load(format!("control plane: {e}")))
-}
-
-fn serde_json_line(control: &str, data: &str) -> String {
-    format!(r#"{{"event":"listening","control":"{control}","data":"{data}"}}"#)
 }
 
 async fn stdin_closed() {

@@ -56,6 +56,9 @@ pub struct SeqBlocks {
 pub struct KvCache {
     shape: AttentionShape,
     num_blocks: usize,
+    /// Blocks `next_fresh..num_blocks` were never handed out.
+    next_fresh: usize,
+    /// Blocks handed back.
     free: Vec<u32>,
     seqs: HashMap<u64, SeqBlocks>,
     layers: Vec<LayerKv>,
@@ -64,14 +67,27 @@ pub struct KvCache {
 impl KvCache {
     /// A cache of `num_blocks` blocks for `n_layers` layers.
     pub fn new(shape: AttentionShape, n_layers: usize, num_blocks: usize) -> Result<Self> {
-        let per_layer = num_blocks * shape.n_kv_heads * shape.block_size * shape.head_dim;
+        let too_big = || {
+            WorkerError::Load(format!(
+                "a KV cache of {num_blocks} blocks does not fit in memory"
+            ))
+        };
+        let per_layer = [shape.n_kv_heads, shape.block_size, shape.head_dim]
+            .iter()
+            .try_fold(num_blocks, |a, &b| a.checked_mul(b))
+            .filter(|f| f.checked_mul(4 * 2 * n_layers.max(1)).is_some())
+            .ok_or_else(too_big)?;
+        if u32::try_from(num_blocks).is_err() {
+            return Err(too_big());
+        }
         let layers = (0..n_layers)
             .map(|_| LayerKv::new(per_layer))
             .collect::<Result<_>>()?;
         Ok(KvCache {
             shape,
             num_blocks,
-            free: (0..num_blocks as u32).rev().collect(),
+            next_fresh: 0,
+            free: Vec::new(),
             seqs: HashMap::new(),
             layers,
         })
@@ -82,7 +98,7 @@ impl KvCache {
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + (self.num_blocks - self.next_fresh)
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -109,8 +125,8 @@ impl KvCache {
         let seq = self.seqs.entry(seq_id).or_default();
         let want = (pos0 + n).div_ceil(self.shape.block_size);
         let needed = want.saturating_sub(seq.blocks.len());
-        if needed > self.free.len() {
-            let free = self.free.len();
+        let free = self.free.len() + (self.num_blocks - self.next_fresh);
+        if needed > free {
             if seq.blocks.is_empty() {
                 self.seqs.remove(&seq_id);
             }
@@ -120,8 +136,16 @@ impl KvCache {
                 free,
             });
         }
-        let at = self.free.len() - needed;
-        seq.blocks.extend(self.free.drain(at..).rev());
+        for _ in 0..needed {
+            let block = match self.free.pop() {
+                Some(b) => b,
+                None => {
+                    self.next_fresh += 1;
+                    (self.next_fresh - 1) as u32
+                }
+            };
+            seq.blocks.push(block);
+        }
         Ok(())
     }
 

@@ -272,14 +272,13 @@ impl RmsNorm {
 /// Rotary position embedding tables (Hugging Face's rotate-half layout).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    inv_freq: Vec<f32>,
     max_positions: usize,
 }
 
 impl Rope {
-    /// Builds cos/sin tables for every position up to the model's context length, in f32 as
-    /// Hugging Face does. `freq_factors` are GGUF's `rope_freqs.weight` (Llama 3), if present.
+    /// Inverse frequencies in f32 as Hugging Face computes them (with Linear or Llama 3
+    /// scaling). `freq_factors` are GGUF's `rope_freqs.weight` (Llama 3), if present.
     pub fn new(cfg: &ModelConfig, freq_factors: Option<&[f32]>) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let base = cfg.rope_theta as f32;
@@ -325,21 +324,9 @@ impl Rope {
             }
             inv_freq.iter_mut().zip(ff).for_each(|(f, d)| *f /= *d);
         }
-        let max_positions = cfg.max_position_embeddings;
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for f in &inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let ctx = || "rope tables".to_string();
         Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_positions, half), &Device::Cpu).ctx(ctx)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), &Device::Cpu).ctx(ctx)?,
-            max_positions,
+            inv_freq,
+            max_positions: cfg.max_position_embeddings,
         })
     }
 
@@ -354,11 +341,21 @@ impl Rope {
                 self.max_positions
             )));
         }
+        // Angles in f32, as Hugging Face computes them: position times inverse frequency.
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
         let ctx = || "rope tables".to_string();
-        let idx = Tensor::new(positions, &Device::Cpu).ctx(ctx)?;
         Ok((
-            self.cos.index_select(&idx, 0).ctx(ctx)?,
-            self.sin.index_select(&idx, 0).ctx(ctx)?,
+            Tensor::from_vec(cos, (positions.len(), half), &Device::Cpu).ctx(ctx)?,
+            Tensor::from_vec(sin, (positions.len(), half), &Device::Cpu).ctx(ctx)?,
         ))
     }
 

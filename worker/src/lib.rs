@@ -19,6 +19,25 @@ pub mod weights;
 pub use engine::Engine;
 pub use error::{Result, WorkerError};
 
+/// Sets up compute threads for this process: all parallel work runs on one rayon pool of `n`
+/// threads (default: one per core), and candle's own pool gets no threads (candle then runs inline
+/// on the calling thread), so two pools never compete for the cores.
+///
+/// # Safety
+///
+/// It writes environment variables: call it before any other thread of the process exists (first
+/// thing in `main`).
+#[allow(unsafe_code)]
+pub unsafe fn configure_threads(n: Option<usize>) {
+    // SAFETY: the caller guarantees no other thread exists to read the environment concurrently.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        if let Some(n) = n {
+            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+        }
+    }
+}
+
 /// The SIMD level Strata's own kernels run at on this CPU (`avx512`, `avx2`, `scalar`).
 pub fn cpu_features() -> &'static str {
     strata_kernels::cpu::features()

@@ -11,29 +11,28 @@ use strata_worker::cli::WorkerArgs;
     about = "Strata worker: runs the layers the gateway assigns"
 )]
 struct Cli {
+    /// Compute threads (default: one per core).
+    #[arg(long, env = "STRATA_THREADS")]
+    threads: Option<usize>,
     #[command(flatten)]
     worker: WorkerArgs,
 }
 
+#[allow(unsafe_code)]
 fn main() -> anyhow::Result<()> {
-    configure_threads();
+    let cli = Cli::parse();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    unsafe { strata_worker::configure_threads(cli.threads) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(strata_worker::cli::run(cli.worker, strata_shared::shutdown_signal()))?;
+    rt.block_on(strata_worker::cli::run(
+        cli.worker,
+        strata_shared::shutdown_signal(),
+    ))?;
     Ok(())
-}
-
-
-/// All parallel work runs on one rayon pool; candle's own pool gets no threads (it then runs
-/// inline), so two pools never compete for the cores. Runs before any other thread starts.
-#[allow(unsafe_code)]
-fn configure_threads() {
-    // SAFETY: called first thing in `main`, before any other thread exists.
-    unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
 }

@@ -4,21 +4,19 @@
 
 use std::collections::HashMap;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use strata_kernels::attention::{self, AttentionShape};
 use strata_shared::config::ModelConfig;
 use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
 use strata_shared::names::{LayerTensor, TensorRole};
 use strata_shared::plan::{FloatType, Plan};
+use strata_shared::wire::KV_BLOCK_SIZE;
 
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::kv::KvCache;
 use crate::layers::{Embedding, Linear, RmsNorm, Rope};
 use crate::weights::{self, LoadSpec, Weight};
-
-/// KV cache block size, in tokens.
-pub const KV_BLOCK_SIZE: usize = 16;
 
 /// How one tensor use is loaded (from the plan).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +169,16 @@ impl Loader<'_> {
             unpermute_heads: weights::unpermute_heads(self.meta, source_role),
         };
         Ok((meta, spec))
+    }
+
+    /// Whether the head reads the embedding tensor with the same load plan (a tied head).
+    fn shares_embedding(&self) -> bool {
+        let embed = self.spec.tensors.get(&TensorRole::Embedding.hf_name());
+        let head = self.spec.tensors.get(&TensorRole::LmHead.hf_name());
+        match (embed, head) {
+            (Some(e), Some(h)) => h.source == e.source && h.isq == e.isq && h.dtype == e.dtype,
+            _ => false,
+        }
     }
 
     fn tick(&mut self, name: &str) {
@@ -436,8 +444,14 @@ impl ModelSlice {
             )));
         }
         let n_layers = spec.layer_end - spec.layer_start;
-        let per_layer = 9 + if cfg.attention_bias { 3 } else { 0 };
-        let total = n_layers * per_layer + usize::from(spec.embed) + 2 * usize::from(spec.head);
+        // One tick per tensor use the slice loads (the tied head counts once more).
+        let total = spec
+            .tensors
+            .keys()
+            .filter(|name| {
+                TensorRole::from_hf_name(name).is_some_and(|r| r != TensorRole::RopeFreqs)
+            })
+            .count();
         let mut l = Loader {
             meta,
             spec,
@@ -446,15 +460,14 @@ impl ModelSlice {
             total,
             bytes: 0,
         };
-        let embed_tokens = if spec.embed {
-            Some(Embedding::new(
-                l.matrix(TensorRole::Embedding)?,
-                cfg.vocab_size,
-                cfg.hidden_size,
-            ))
+        let embed_weight = if spec.embed {
+            Some(l.matrix(TensorRole::Embedding)?)
         } else {
             None
         };
+        let embed_tokens = embed_weight
+            .clone()
+            .map(|w| Embedding::new(w, cfg.vocab_size, cfg.hidden_size));
         let mut layers = Vec::with_capacity(n_layers);
         for i in spec.layer_start..spec.layer_end {
             layers.push(DecoderLayer::load(&mut l, i, &cfg)?);
@@ -474,7 +487,15 @@ impl ModelSlice {
         };
         let (norm, lm_head) = if spec.head {
             let norm = RmsNorm::new(l.vector(TensorRole::FinalNorm)?, cfg.rms_norm_eps);
-            let head = Linear::new("lm_head.weight", l.matrix(TensorRole::LmHead)?, None)?;
+            // A tied head loaded the same way as this slice's embedding shares its weights.
+            let head_weight = match (embed_weight, l.shares_embedding()) {
+                (Some(w), true) => {
+                    l.tick("lm_head.weight");
+                    w
+                }
+                _ => l.matrix(TensorRole::LmHead)?,
+            };
+            let head = Linear::new("lm_head.weight", head_weight, None)?;
             (Some(norm), Some(head))
         } else {
             (None, None)
@@ -559,11 +580,6 @@ impl ModelSlice {
         let ctx = || "selecting rows".to_string();
         let idx = Tensor::new(rows, &Device::Cpu).ctx(ctx)?;
         x.index_select(&idx, 0).ctx(ctx)
-    }
-
-    /// Log-softmax over the vocabulary.
-    pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::log_softmax(logits, D::Minus1).ctx(|| "log-softmax".into())
     }
 }
 

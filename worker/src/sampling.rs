@@ -125,22 +125,26 @@ fn top_k_logprobs(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
 /// Probabilities after temperature, top-k, top-p and min-p (in that order), as
 /// (token, probability) pairs sorted by decreasing probability.
 fn truncated_probs(scores: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
-    let t = p.temperature as f64;
-    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
-    order.sort_by(|a, b| {
+    let t = f64::from(p.temperature);
+    let by_score = |a: &u32, b: &u32| {
         scores[*b as usize]
             .total_cmp(&scores[*a as usize])
             .then(a.cmp(b))
-    });
-    if p.top_k > 0 {
-        order.truncate(p.top_k as usize);
+    };
+    let mut order: Vec<u32> = (0..scores.len() as u32).collect();
+    let k = p.top_k as usize;
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_score);
+        order.truncate(k);
     }
+    order.sort_by(by_score);
+    // (score - max) / t, never score / t - max / t: no overflow to infinity at tiny temperatures.
     let max = order
         .first()
-        .map_or(0.0, |&i| scores[i as usize] as f64 / t);
+        .map_or(0.0, |&i| f64::from(scores[i as usize]));
     let mut probs: Vec<(u32, f64)> = order
         .iter()
-        .map(|&i| (i, (scores[i as usize] as f64 / t - max).exp()))
+        .map(|&i| (i, ((f64::from(scores[i as usize]) - max) / t).exp()))
         .collect();
     let total: f64 = probs.iter().map(|x| x.1).sum();
     probs.iter_mut().for_each(|x| x.1 /= total);
@@ -259,6 +263,26 @@ mod tests {
             },
         );
         assert!((probs.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tiny_temperatures_are_nearly_greedy_not_nan() {
+        let scores = [1.0f32, 3.0, 2.0];
+        let probs = truncated_probs(
+            &scores,
+            &SamplingParams {
+                temperature: 1e-30,
+                ..params()
+            },
+        );
+        assert_eq!(probs[0], (1, 1.0));
+        assert!(probs.iter().all(|p| p.1.is_finite()));
+        let mut s = SeqSampler::new(3, 0);
+        let p = SamplingParams {
+            temperature: 1e-30,
+            ..params()
+        };
+        assert!((0..10).all(|_| s.sample(0, &scores, &p).token == 1));
     }
 
     #[test]

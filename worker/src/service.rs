@@ -18,9 +18,9 @@ use strata_proto::worker::v1::{
 use strata_shared::meta::ModelMeta;
 use strata_shared::source::ModelFiles;
 use strata_shared::transport::{
-    FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport,
+    FrameListener, FrameSender, TcpTransport, Transport, accept_frames, advertised_address,
 };
-use strata_shared::wire::{ErrorFrame, Frame};
+use strata_shared::wire::{ErrorFrame, Frame, KV_BLOCK_SIZE, WireError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -38,6 +38,8 @@ enum Job {
     Route(HashMap<u32, mpsc::Sender<Frame>>),
     /// A frame from the data plane.
     Frame(Frame),
+    /// An inbound data-plane connection broke.
+    PeerLost(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,16 +97,17 @@ pub async fn start(
 ) -> Result<(WorkerServer<WorkerService>, String), WorkerError> {
     let listener = transport.bind(data_listen).await?;
     let local = listener.local_addr();
-    let data_address = match (advertise_host, local.rsplit_once(':')) {
-        (Some(host), Some((_, port))) => format!("{host}:{port}"),
-        _ => local.clone(),
-    };
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(256);
+    let data_address = advertised_address(&local, advertise_host);
+    // One step is in flight per ring; a short queue bounds what frames can hold in memory.
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(8);
     std::thread::Builder::new()
         .name("strata-compute".into())
         .spawn(move || compute_loop(jobs_rx))
         .map_err(|e| WorkerError::Load(format!("cannot start the compute thread: {e}")))?;
-    tokio::spawn(accept_loop(listener, jobs_tx.clone()));
+    tokio::spawn(accept_frames(listener, jobs_tx.clone(), |r| match r {
+        Ok(frame) => Job::Frame(frame),
+        Err(e) => Job::PeerLost(e.to_string()),
+    }));
     let shared = Arc::new(Shared {
         phase: Mutex::new(Phase::Idle),
         device: Mutex::new(String::new()),
@@ -114,37 +117,6 @@ pub async fn start(
         transport,
     });
     Ok((WorkerServer::new(WorkerService { shared }), data_address))
-}
-
-async fn accept_loop<L: FrameListener>(mut listener: L, jobs: mpsc::Sender<Job>) {
-    loop {
-        match listener.accept().await {
-            Ok((mut rx, peer)) => {
-                tracing::debug!(%peer, "data plane: inbound connection");
-                let jobs = jobs.clone();
-                tokio::spawn(async move {
-                    loop {
-                        match rx.recv().await {
-                            Ok(Some(frame)) => {
-                                if jobs.send(Job::Frame(frame)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => return,
-                            Err(e) => {
-                                tracing::warn!(%peer, error = %e, "data plane: dropping connection");
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "data plane: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 /// Runs frames through the stages, in arrival order.
@@ -157,18 +129,23 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
                 stages = list.into_iter().map(|s| (s.index(), s)).collect();
             }
             Job::Route(r) => routes = r,
+            Job::PeerLost(why) => {
+                tracing::warn!(error = %why, "data plane: dropping a broken connection")
+            }
             Job::Frame(frame) => {
-                let stage = match &frame {
+                // Steps and errors are addressed to a stage on this worker; its route says where
+                // the result (or the error, passed along untouched) goes next.
+                let to = match &frame {
                     Frame::Step(s) => s.stage,
-                    Frame::Error(e) => e.stage,
+                    Frame::Error(e) => e.to,
                     Frame::Samples(_) => {
                         tracing::warn!("data plane: a samples frame reached a worker; dropping it");
                         continue;
                     }
                 };
-                let Some(out) = routes.get(&stage) else {
+                let Some(out) = routes.get(&to) else {
                     tracing::error!(
-                        stage,
+                        stage = to,
                         "data plane: frame for a stage this worker does not route; dropping it"
                     );
                     continue;
@@ -176,30 +153,30 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
                 let next = match frame {
                     Frame::Step(step) => {
                         let step_id = step.step_id;
-                        match stages.get_mut(&stage) {
-                            Some(s) => match s.run(step) {
-                                Ok(f) => f,
-                                Err(e) => {
-                                    tracing::error!(stage, step_id, error = %e, "step failed");
-                                    Frame::Error(ErrorFrame {
-                                        step_id,
-                                        stage,
-                                        message: e.to_string(),
-                                    })
-                                }
-                            },
-                            None => Frame::Error(ErrorFrame {
+                        let result = match stages.get_mut(&to) {
+                            Some(s) => s.run(step),
+                            None => Err(WorkerError::Step(format!(
+                                "stage {to} is not loaded on this worker"
+                            ))),
+                        };
+                        result.unwrap_or_else(|e| {
+                            tracing::error!(stage = to, step_id, error = %e, "step failed");
+                            Frame::Error(ErrorFrame {
                                 step_id,
-                                stage,
-                                message: format!("stage {stage} is not loaded on this worker"),
-                            }),
-                        }
+                                stage: to,
+                                to: to + 1,
+                                message: e.to_string(),
+                            })
+                        })
                     }
-                    // Errors travel on to the gateway untouched.
-                    other => other,
+                    Frame::Error(mut e) => {
+                        e.to = to + 1;
+                        Frame::Error(e)
+                    }
+                    Frame::Samples(_) => continue,
                 };
                 if out.blocking_send(next).is_err() {
-                    tracing::error!(stage, "data plane: the outbound connection is gone");
+                    tracing::error!(stage = to, "data plane: the outbound connection is gone");
                 }
             }
         }
@@ -209,9 +186,29 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
 /// Sends frames queued for one peer over one persistent connection.
 async fn outbound(mut sender: impl FrameSender, addr: String, mut rx: mpsc::Receiver<Frame>) {
     while let Some(frame) = rx.recv().await {
-        if let Err(e) = sender.send(&frame).await {
-            tracing::error!(%addr, error = %e, "data plane: sending failed");
-            return;
+        match sender.send(&frame).await {
+            Ok(()) => {}
+            // A frame over the peer's limit never left: say so down the ring instead.
+            Err(e @ WireError::TooLarge { .. }) => {
+                let Frame::Step(step) = &frame else {
+                    tracing::error!(%addr, error = %e, "data plane: dropping an oversized frame");
+                    continue;
+                };
+                let error = Frame::Error(ErrorFrame {
+                    step_id: step.step_id,
+                    stage: step.stage.saturating_sub(1),
+                    to: step.stage,
+                    message: format!("the step's activations cannot be sent to {addr}: {e}"),
+                });
+                if let Err(e) = sender.send(&error).await {
+                    tracing::error!(%addr, error = %e, "data plane: sending failed");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "data plane: sending failed");
+                return;
+            }
         }
     }
 }
@@ -275,25 +272,26 @@ impl Worker for WorkerService {
         request: Request<LoadRequest>,
     ) -> Result<Response<Self::LoadStream>, Status> {
         let req = request.into_inner();
+        if req.kv_block_size as usize != KV_BLOCK_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "kv_block_size: {} tokens, but this worker's KV blocks hold {KV_BLOCK_SIZE}",
+                req.kv_block_size
+            )));
+        }
         {
+            // A loaded worker may be loaded again (a restarted gateway): the new stages replace
+            // the old ones, and with them every sequence the old gateway left behind.
             let mut phase = self
                 .shared
                 .phase
                 .lock()
                 .map_err(|_| Status::internal("state lock poisoned"))?;
-            match &*phase {
-                Phase::Idle | Phase::Failed(_) => *phase = Phase::Loading,
-                other => {
-                    return Err(Status::failed_precondition(format!(
-                        "this worker is already {}",
-                        if *other == Phase::Loading {
-                            "loading"
-                        } else {
-                            "loaded"
-                        }
-                    )));
-                }
+            if *phase == Phase::Loading {
+                return Err(Status::failed_precondition(
+                    "this worker is already loading",
+                ));
             }
+            *phase = Phase::Loading;
         }
         if req.stages.is_empty() {
             self.shared.set_phase(Phase::Idle);

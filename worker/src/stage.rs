@@ -13,6 +13,9 @@ use crate::kv::KvCache;
 use crate::model::{Batch, ModelSlice};
 use crate::sampling::SeqSampler;
 
+/// Most tokens one step may carry through a stage (all sequences together).
+pub const MAX_STEP_TOKENS: usize = 1 << 16;
+
 /// A loaded stage.
 #[derive(Debug)]
 pub struct Stage {
@@ -123,11 +126,9 @@ impl Stage {
                 .iter()
                 .map(|s| (s.seq_id, s.pos0 as usize, s.tokens.len())),
         );
-        if let Some(s) = step.seqs.iter().find(|s| s.tokens.is_empty()) {
-            return Err(WorkerError::Sequence {
-                seq_id: s.seq_id,
-                problem: "step carries no tokens".into(),
-            });
+        self.check(step)?;
+        for s in &batch.spans {
+            self.kv.reserve(s.seq_id, s.pos0, s.len)?;
         }
         let x = match input {
             None if self.slice.has_embedding() => {
@@ -146,14 +147,45 @@ impl Stage {
             }
             Some(x) => x,
         };
-        for s in &batch.spans {
-            self.kv.reserve(s.seq_id, s.pos0, s.len)?;
-        }
         let x = self.slice.forward_layers(x, &batch, &mut self.kv)?;
         for s in &batch.spans {
             self.kv.commit(s.seq_id, s.pos0 + s.len);
         }
         Ok(Some(x))
+    }
+
+    /// Checks a step against this stage before any work: token counts, positions within the
+    /// context, each sequence at most once.
+    fn check(&self, step: &StepFrame) -> Result<()> {
+        let context = self.slice.config().max_position_embeddings;
+        let mut total = 0usize;
+        let mut seen = std::collections::HashSet::with_capacity(step.seqs.len());
+        for s in &step.seqs {
+            let fail = |problem: String| WorkerError::Sequence {
+                seq_id: s.seq_id,
+                problem,
+            };
+            if s.tokens.is_empty() {
+                return Err(fail("step carries no tokens".into()));
+            }
+            if !seen.insert(s.seq_id) {
+                return Err(fail("appears twice in one step".into()));
+            }
+            let end = s.pos0 as usize + s.tokens.len();
+            if end > context {
+                return Err(fail(format!(
+                    "positions {}..{end} run past the model's context length {context}",
+                    s.pos0
+                )));
+            }
+            total += s.tokens.len();
+        }
+        if total > MAX_STEP_TOKENS {
+            return Err(WorkerError::Step(format!(
+                "{total} tokens in one step; a step carries at most {MAX_STEP_TOKENS}"
+            )));
+        }
+        Ok(())
     }
 
     pub(crate) fn sample(&mut self, step: &StepFrame, x: &Tensor) -> Result<Vec<Sample>> {

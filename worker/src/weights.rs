@@ -1,6 +1,7 @@
 //! Turning a stored tensor into what a layer runs: read only its bytes, un-permute GGUF q/k
-//! rows, then keep it as stored, convert it to a float type, or quantize it (ISQ) — one
-//! tensor at a time, so that at most one tensor is ever held in full precision.
+//! rows, then keep it as stored, convert it to a float type, or quantize it (ISQ) — one tensor
+//! at a time, so that full-precision copies of a single tensor are all a load ever holds beside
+//! the weights already loaded.
 
 use std::borrow::Cow;
 use std::os::unix::fs::FileExt;
@@ -81,15 +82,28 @@ const KQUANT_CHUNK_ROWS: usize = 64;
 
 impl std::fmt::Debug for KQuantWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KQuantWeight[{:?}; {}x{}]", self.dtype, self.rows, self.cols)
+        write!(
+            f,
+            "KQuantWeight[{:?}; {}x{}]",
+            self.dtype, self.rows, self.cols
+        )
     }
 }
 
 impl KQuantWeight {
     /// From 8-byte aligned GGML block bytes (`bytes` long) of a `[rows, cols]` matrix.
-    fn new(dtype: GgmlDType, rows: usize, cols: usize, aligned: &[u64], bytes: usize) -> Option<Self> {
+    fn new(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        aligned: &[u64],
+        bytes: usize,
+    ) -> Option<Self> {
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
-        if !cols.is_multiple_of(dtype.block_size()) || bytes != rows * row_bytes || aligned.len() * 8 < bytes {
+        if !cols.is_multiple_of(dtype.block_size())
+            || bytes != rows * row_bytes
+            || aligned.len() * 8 < bytes
+        {
             return None;
         }
         let raw: &[u8] = &bytemuck::cast_slice(aligned)[..bytes];
@@ -100,7 +114,9 @@ impl KQuantWeight {
                 KQuantChunk {
                     row0,
                     rows: n,
-                    blocks: dtype.from_data(Cow::Borrowed(&raw[row0 * row_bytes..(row0 + n) * row_bytes])),
+                    blocks: dtype.from_data(Cow::Borrowed(
+                        &raw[row0 * row_bytes..(row0 + n) * row_bytes],
+                    )),
                 }
             })
             .collect();
@@ -117,7 +133,10 @@ impl KQuantWeight {
     }
 
     pub fn storage_bytes(&self) -> usize {
-        self.chunks.iter().map(|c| c.blocks.storage_size_in_bytes()).sum()
+        self.chunks
+            .iter()
+            .map(|c| c.blocks.storage_size_in_bytes())
+            .sum()
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ`.
@@ -157,7 +176,10 @@ impl KQuantWeight {
             let Some(c) = self.chunks.get(id / KQUANT_CHUNK_ROWS) else {
                 candle_core::bail!("row {id} is out of range for {} rows", self.rows)
             };
-            match c.blocks.embedding(&[(id - c.row0) as u32], c.rows, self.cols)? {
+            match c
+                .blocks
+                .embedding(&[(id - c.row0) as u32], c.rows, self.cols)?
+            {
                 candle_core::CpuStorage::F32(v) => out.extend_from_slice(&v),
                 _ => candle_core::bail!("k-quant rows did not dequantize to f32"),
             }

@@ -1,0 +1,204 @@
+//! The data plane between real worker processes, with this test as the gateway: bad steps fail
+//! with an error frame that travels the rest of the ring to the gateway, and the ring keeps
+//! working afterwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use strata_proto::worker::v1::worker_client::WorkerClient;
+use strata_proto::worker::v1::{
+    LinkRequest, LoadRequest, NextHop, StageSpec, TensorLoad, load_event,
+};
+use strata_shared::device::DeviceSpec;
+use strata_shared::meta::ModelMeta;
+use strata_shared::plan::{Plan, PlanOptions};
+use strata_shared::source::ModelFiles;
+use strata_shared::topology::Topology;
+use strata_shared::transport::{
+    FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport,
+};
+use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplingParams, SeqStep, StepFrame};
+
+struct Worker {
+    child: Child,
+    control: String,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn worker() -> Worker {
+    let mut child = Command::new(support::strata())
+        .args(["worker", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    Worker {
+        control: format!("http://{}", v["control"].as_str().unwrap()),
+        child,
+    }
+}
+
+fn step(step_id: u64, seq_id: u64, pos0: u32, tokens: Vec<u32>) -> StepFrame {
+    StepFrame {
+        step_id,
+        stage: 0,
+        releases: vec![],
+        seqs: vec![SeqStep {
+            seq_id,
+            pos0,
+            prompt_len: tokens.len() as u32,
+            tokens,
+            sample: true,
+            params: SamplingParams::default(),
+        }],
+        hidden: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
+    let path = strata_shared::source::fetch_default_model().unwrap();
+    let meta = ModelMeta::open(ModelFiles::resolve(path.to_str().unwrap(), None).unwrap()).unwrap();
+    let topology = Topology::parse(
+        "0-15: {device: 'cpu[0]'}\n15-30: {device: 'cpu[1]'}\n",
+        "t.yml",
+    )
+    .unwrap();
+    let plan = Plan::resolve(&meta, &topology, &PlanOptions::default()).unwrap();
+    let (a, b) = (worker(), worker());
+
+    // Load stage 0 on a, stage 1 on b.
+    let mut data = Vec::new();
+    for (w, device) in [(&a, DeviceSpec::Cpu(0)), (&b, DeviceSpec::Cpu(1))] {
+        let s = plan.route.iter().find(|s| s.device == device).unwrap();
+        let mut client = WorkerClient::connect(w.control.clone()).await.unwrap();
+        let mut stream = client
+            .load(LoadRequest {
+                model: path.to_str().unwrap().into(),
+                revision: String::new(),
+                device: device.to_string(),
+                stages: vec![StageSpec {
+                    index: s.index as u32,
+                    layer_start: s.layer_start as u32,
+                    layer_end: s.layer_end as u32,
+                    embed: s.embed,
+                    head: s.head,
+                    tensors: plan
+                        .stage_tensors(s.index)
+                        .map(|t| TensorLoad {
+                            name: t.name.clone(),
+                            source: t.source.clone(),
+                            isq: String::new(),
+                            dtype: String::new(),
+                        })
+                        .collect(),
+                }],
+                kv_blocks: 8,
+                kv_block_size: KV_BLOCK_SIZE as u32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            match stream.message().await.unwrap().and_then(|e| e.event) {
+                Some(load_event::Event::Loaded(l)) => {
+                    data.push((client, s.index as u32, l.data_address));
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("load stream ended early"),
+            }
+        }
+    }
+    let transport = TcpTransport::default();
+    let mut listener = transport.bind("127.0.0.1:0").await.unwrap();
+    let gateway = listener.local_addr();
+    let b_data = data[1].2.clone();
+    let first = data[0].2.clone();
+    let (client_a, ..) = &mut data[0];
+    client_a
+        .link(LinkRequest {
+            hops: vec![NextHop {
+                stage: 0,
+                address: b_data,
+            }],
+        })
+        .await
+        .unwrap();
+    let (client_b, ..) = &mut data[1];
+    client_b
+        .link(LinkRequest {
+            hops: vec![NextHop {
+                stage: 1,
+                address: gateway,
+            }],
+        })
+        .await
+        .unwrap();
+    let mut to_first = transport.connect(&first).await.unwrap();
+    let (mut back, _) = listener.accept().await.unwrap();
+
+    let mut round_trip = async |frame: StepFrame| {
+        to_first.send(&Frame::Step(frame)).await.unwrap();
+        back.recv().await.unwrap().unwrap()
+    };
+    // A token outside the vocabulary fails stage 0; stage 1 passes the error on.
+    match round_trip(step(1, 7, 0, vec![1, 999_999])).await {
+        Frame::Error(e) => {
+            assert_eq!((e.step_id, e.stage, e.to), (1, 0, 2));
+            assert!(
+                e.message.contains("999999") && e.message.contains("vocabulary"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    // Positions past the context, and one sequence twice, fail before any work.
+    match round_trip(step(2, 8, 8190, vec![1, 2, 3])).await {
+        Frame::Error(e) => assert!(
+            e.message.contains("past the model's context length 8192"),
+            "{}",
+            e.message
+        ),
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    let mut twice = step(3, 9, 0, vec![1]);
+    twice.seqs.push(twice.seqs[0].clone());
+    match round_trip(twice).await {
+        Frame::Error(e) => assert!(
+            e.message.contains("sequence 9: appears twice"),
+            "{}",
+            e.message
+        ),
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    // More than the KV cache holds (8 blocks of 16 tokens).
+    match round_trip(step(4, 10, 0, vec![1; 200])).await {
+        Frame::Error(e) => assert!(e.message.contains("KV cache is full"), "{}", e.message),
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    // The ring still works: "The capital of France is" → " Paris".
+    match round_trip(step(5, 11, 0, vec![504, 3575, 282, 4649, 314])).await {
+        Frame::Samples(s) => {
+            assert_eq!(s.step_id, 5);
+            assert_eq!(s.samples[0].token, 7042);
+        }
+        other => panic!("expected samples, got {other:?}"),
+    }
+}
