@@ -25,7 +25,7 @@ trap 'for p in "${pid[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait' 
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   echo -n "single process: "
-  "$strata" bench --topology topologies/bench/one-worker.yml --prompt-tokens "$prompt" --gen-tokens "$gen" --reps 1
+  "$strata" bench --topology topologies/bench/one-worker.yml --prompt-tokens "$prompt" --gen-tokens "$gen" --reps 1 2>/dev/null
   for name in one two three; do
     "$strata" bench-serve --addr "${addr[$name]}" --prompt-tokens "$prompt" --gen-tokens "$gen" --reps 1
   done

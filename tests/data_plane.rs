@@ -9,10 +9,9 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use strata_gateway::workers::stage_spec;
 use strata_proto::worker::v1::worker_client::WorkerClient;
-use strata_proto::worker::v1::{
-    LinkRequest, LoadRequest, NextHop, StageSpec, TensorLoad, load_event,
-};
+use strata_proto::worker::v1::{LinkRequest, LoadRequest, NextHop, load_event};
 use strata_shared::device::DeviceSpec;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{Plan, PlanOptions};
@@ -92,22 +91,7 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
                 model: path.to_str().unwrap().into(),
                 revision: String::new(),
                 device: device.to_string(),
-                stages: vec![StageSpec {
-                    index: s.index as u32,
-                    layer_start: s.layer_start as u32,
-                    layer_end: s.layer_end as u32,
-                    embed: s.embed,
-                    head: s.head,
-                    tensors: plan
-                        .stage_tensors(s.index)
-                        .map(|t| TensorLoad {
-                            name: t.name.clone(),
-                            source: t.source.clone(),
-                            isq: String::new(),
-                            dtype: String::new(),
-                        })
-                        .collect(),
-                }],
+                stages: vec![stage_spec(&plan, s.index).unwrap()],
                 kv_blocks: 8,
                 kv_block_size: KV_BLOCK_SIZE as u32,
             })

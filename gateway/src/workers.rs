@@ -108,6 +108,27 @@ pub struct Deployment<'a> {
     pub connect_timeout: Duration,
 }
 
+/// What a worker needs to load route stage `index` of `plan`.
+pub fn stage_spec(plan: &Plan, index: usize) -> Option<StageSpec> {
+    let s = plan.route.get(index)?;
+    Some(StageSpec {
+        index: s.index as u32,
+        layer_start: s.layer_start as u32,
+        layer_end: s.layer_end as u32,
+        embed: s.embed,
+        head: s.head,
+        tensors: plan
+            .stage_tensors(s.index)
+            .map(|t| TensorLoad {
+                name: t.name.clone(),
+                source: t.source.clone(),
+                isq: t.isq.map(|q| q.to_string()).unwrap_or_default(),
+                dtype: t.dtype.map(|d| d.name().to_string()).unwrap_or_default(),
+            })
+            .collect(),
+    })
+}
+
 /// Loads every stage of the plan on the worker that owns its device, all workers at once, and
 /// links the ring. Any failure names the worker and stops everything.
 pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> {
@@ -160,23 +181,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
             stages: info
                 .stages
                 .iter()
-                .filter_map(|&i| plan.route.get(i as usize))
-                .map(|s| StageSpec {
-                    index: s.index as u32,
-                    layer_start: s.layer_start as u32,
-                    layer_end: s.layer_end as u32,
-                    embed: s.embed,
-                    head: s.head,
-                    tensors: plan
-                        .stage_tensors(s.index)
-                        .map(|t| TensorLoad {
-                            name: t.name.clone(),
-                            source: t.source.clone(),
-                            isq: t.isq.map(|q| q.to_string()).unwrap_or_default(),
-                            dtype: t.dtype.map(|d| d.name().to_string()).unwrap_or_default(),
-                        })
-                        .collect(),
-                })
+                .filter_map(|&i| stage_spec(plan, i as usize))
                 .collect(),
             kv_blocks,
             kv_block_size,

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
+use crate::matrix::check_len;
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -72,18 +73,6 @@ impl AttentionShape {
 
 fn overflow(what: &str) -> KernelError {
     KernelError::InvalidShape(format!("{what} size overflows usize"))
-}
-
-fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), KernelError> {
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            what,
-            expected,
-            actual,
-        })
-    }
 }
 
 /// `n_tokens * heads * head_dim`, the length of a per-token tensor.

@@ -45,6 +45,9 @@ pub enum KernelError {
         /// The byte itself.
         code: u8,
     },
+    /// A matrix implemented outside this crate (over another library) failed.
+    #[error("{0}")]
+    Backend(String),
     /// A row index past the end of a matrix.
     #[error("row {row} is out of range for a matrix of {rows} rows")]
     RowOutOfRange {

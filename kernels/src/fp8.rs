@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
+use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row};
 use crate::rowwise;
 
 /// The largest finite E4M3 magnitude.
@@ -172,23 +173,6 @@ fn checked_shape(rows: usize, cols: usize) -> Result<usize, KernelError> {
         .ok_or_else(|| KernelError::InvalidShape(format!("{rows}x{cols} elements overflow usize")))
 }
 
-fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), KernelError> {
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
-fn checked_len(what: &str, a: usize, b: usize) -> Result<usize, KernelError> {
-    a.checked_mul(b)
-        .ok_or_else(|| KernelError::InvalidShape(format!("{what}: {a}x{b} overflows usize")))
-}
-
 impl Fp8Weight {
     /// Reassembles a weight from its parts, as returned by [`Fp8Weight::data`] and
     /// [`Fp8Weight::scales`] (for deserialization): `rows * cols` E4M3 bytes, row-major, and
@@ -229,16 +213,6 @@ impl Fp8Weight {
         })
     }
 
-    /// Number of rows (output features).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns (input features).
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// The E4M3 codes, row-major.
     pub fn data(&self) -> &[u8] {
         &self.data
@@ -247,38 +221,6 @@ impl Fp8Weight {
     /// The scale of every row.
     pub fn scales(&self) -> &[f32] {
         &self.scales
-    }
-
-    /// Bytes of storage: codes and scales.
-    pub fn storage_bytes(&self) -> usize {
-        self.data.len() + size_of::<f32>() * self.scales.len()
-    }
-
-    /// The whole matrix in f32, row-major `[rows, cols]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.rows * self.cols];
-        out.par_chunks_mut(self.cols)
-            .enumerate()
-            .for_each(|(row, out)| self.dequantize_into(row, out));
-        out
-    }
-
-    /// Writes row `row` in f32 to `out` (`cols` values).
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::RowOutOfRange`] if `row >= rows`, [`KernelError::LengthMismatch`] if
-    /// `out.len() != cols`.
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        if row >= self.rows {
-            return Err(KernelError::RowOutOfRange {
-                row,
-                rows: self.rows,
-            });
-        }
-        check_len("output row", out.len(), self.cols)?;
-        self.dequantize_into(row, out);
-        Ok(())
     }
 
     /// `dequantize_row` without the checks; `row < rows` and `out.len() == cols`.
@@ -294,20 +236,6 @@ impl Fp8Weight {
         &self.data[row * self.cols..][..self.cols]
     }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ`, i.e. `out[i][j] = Σ_k x[i][k] · W[j][k]`, with W the
-    /// dequantized weight.
-    ///
-    /// Uses the best SIMD level of the CPU (see [`crate::cpu::features`]), and rayon when the
-    /// product is large. Deterministic: `out[i][j]` depends only on row `i` of `x` and row `j`
-    /// of the weight, not on `m` or on the number of threads.
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::LengthMismatch`] if `x.len() != m * cols` or `out.len() != m * rows`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_at(cpu::level(), x, m, out)
-    }
-
     /// [`Fp8Weight::matmul`] at a given SIMD level.
     pub(crate) fn matmul_at(
         &self,
@@ -316,12 +244,7 @@ impl Fp8Weight {
         m: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        check_len(
-            "activations",
-            x.len(),
-            checked_len("activations", m, self.cols)?,
-        )?;
-        check_len("output", out.len(), checked_len("output", m, self.rows)?)?;
+        check_matmul(self.rows, self.cols, x, m, out)?;
         rowwise::for_each_weight_row(self.rows, self.cols, m, out, |row, col| {
             let codes = self.row_codes(row);
             match level {
@@ -344,9 +267,38 @@ impl Fp8Weight {
     }
 }
 
+impl QuantMatrix for Fp8Weight {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.data.len() + size_of::<f32>() * self.scales.len()
+    }
+
+    fn format(&self) -> String {
+        "FP8".to_string()
+    }
+
+    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        check_row(self.rows, self.cols, row, out)?;
+        self.dequantize_into(row, out);
+        Ok(())
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_at(cpu::level(), x, m, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::QuantMatrix;
     use crate::cpu::supported_levels;
     use crate::test_util::{Rng, assert_close_dot, naive_matmul};
     use half::f16;
@@ -472,7 +424,7 @@ mod tests {
         w[5] = 0.0;
         w[cols + 7] = 1e-4; // subnormal after scaling
         let q = quantize(&w, rows, cols).unwrap();
-        let deq = q.dequantize();
+        let deq = q.dequantize().unwrap();
         for (row, (orig, back)) in w.chunks(cols).zip(deq.chunks(cols)).enumerate() {
             let scale = q.scales()[row];
             let abs_max = orig.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -485,7 +437,7 @@ mod tests {
         }
         let zero = quantize(&[0.0; 4], 1, 4).unwrap();
         assert_eq!(zero.scales(), &[1.0]);
-        assert_eq!(zero.dequantize(), vec![0.0; 4]);
+        assert_eq!(zero.dequantize().unwrap(), vec![0.0; 4]);
         assert_eq!(zero.storage_bytes(), 4 + 4);
     }
 
@@ -494,7 +446,7 @@ mod tests {
         let mut rng = Rng::new(12);
         for (rows, cols) in [(37, 256), (5, 16), (9, 100), (3, 7), (20, 1000)] {
             let q = quantize(&rng.normal_vec(rows * cols, 0.3), rows, cols).unwrap();
-            let deq = q.dequantize();
+            let deq = q.dequantize().unwrap();
             for m in [1, 3, 4, 9] {
                 let x = rng.normal_vec(m * cols, 1.0);
                 let expected = naive_matmul(&x, &deq, m, rows, cols);
@@ -588,6 +540,6 @@ mod tests {
             Err(KernelError::RowOutOfRange { row: 2, rows: 2 })
         );
         q.dequantize_row(1, &mut row).unwrap();
-        assert_eq!(row, q.dequantize()[3..]);
+        assert_eq!(row, q.dequantize().unwrap()[3..]);
     }
 }

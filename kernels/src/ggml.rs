@@ -37,6 +37,7 @@ use half::f16;
 
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
+use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
 use crate::rowwise;
 
 /// Weights per `Q8_K` block (ggml's `QK_K`).
@@ -111,23 +112,6 @@ impl fmt::Debug for BlockWeight {
     }
 }
 
-fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), KernelError> {
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
-fn checked_len(what: &str, a: usize, b: usize) -> Result<usize, KernelError> {
-    a.checked_mul(b)
-        .ok_or_else(|| KernelError::InvalidShape(format!("{what}: {a}x{b} overflows usize")))
-}
-
 /// The f16 stored little-endian in `bytes`, in f32 (exact).
 fn f16_le(bytes: [u8; 2]) -> f32 {
     f16::from_le_bytes(bytes).to_f32()
@@ -179,24 +163,9 @@ impl BlockWeight {
         self.dtype
     }
 
-    /// Number of rows (output features).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns (input features), a multiple of the block size.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// The blocks, row-major, as passed to [`BlockWeight::new`].
     pub fn data(&self) -> &[u8] {
         &self.data
-    }
-
-    /// Bytes of storage: the blocks.
-    pub fn storage_bytes(&self) -> usize {
-        self.data.len()
     }
 
     /// Bytes of one row of blocks.
@@ -210,59 +179,6 @@ impl BlockWeight {
         &self.data[row * row_bytes..][..row_bytes]
     }
 
-    /// Writes row `row` in f32 to `out` (`cols` values), with the arithmetic of ggml's
-    /// `dequantize_row_*`: the integer `q` (minus 8 or 16 for `Q4_0` and `Q5_0`) converted to
-    /// f32, multiplied by the f32 value of `d`, then, for `Q4_1` and `Q5_1`, `m` added (two
-    /// roundings, no fused multiply-add).
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::RowOutOfRange`] if `row >= rows`, [`KernelError::LengthMismatch`] if
-    /// `out.len() != cols`.
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        if row >= self.rows {
-            return Err(KernelError::RowOutOfRange {
-                row,
-                rows: self.rows,
-            });
-        }
-        check_len("output row", out.len(), self.cols)?;
-        let (size, bytes) = (self.dtype.block_size(), self.dtype.block_bytes());
-        let mut codes = [0.0; QK_K];
-        for (block, out) in self
-            .row_data(row)
-            .chunks_exact(bytes)
-            .zip(out.chunks_exact_mut(size))
-        {
-            let (d, m) = decode_block(self.dtype, block, &mut codes);
-            if self.dtype.has_min() {
-                for (w, &q) in out.iter_mut().zip(&codes) {
-                    *w = q * d + m;
-                }
-            } else {
-                for (w, &q) in out.iter_mut().zip(&codes) {
-                    *w = q * d;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// `out[m, rows] = x[m, cols] · Wᵀ`, i.e. `out[i][j] = Σ_k x[i][k] · W[j][k]`, with W the
-    /// dequantized weight. The activations are not quantized.
-    ///
-    /// Uses the best SIMD level of the CPU (see [`crate::cpu::features`]), and rayon when the
-    /// product is large. Deterministic: `out[i][j]` depends only on row `i` of `x` and row `j`
-    /// of the weight, not on `m` or on the number of threads.
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::LengthMismatch`] if `x.len() != m * cols` or `out.len() != m * rows`;
-    /// [`KernelError::InvalidShape`] if one of these products overflows `usize`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_at(cpu::level(), x, m, out)
-    }
-
     /// [`BlockWeight::matmul`] at a given SIMD level.
     pub(crate) fn matmul_at(
         &self,
@@ -271,12 +187,7 @@ impl BlockWeight {
         m: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        check_len(
-            "activations",
-            x.len(),
-            checked_len("activations", m, self.cols)?,
-        )?;
-        check_len("output", out.len(), checked_len("output", m, self.rows)?)?;
+        check_matmul(self.rows, self.cols, x, m, out)?;
         let size = self.dtype.block_size();
         let n_blocks = self.cols / size;
         // The block sums of `x`, for the `m · Σ x` term of the types with a minimum.
@@ -332,6 +243,51 @@ impl BlockWeight {
             }
         }
         total + correction
+    }
+}
+
+impl QuantMatrix for BlockWeight {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn format(&self) -> String {
+        format!("{:?}", self.dtype)
+    }
+
+    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        check_row(self.rows, self.cols, row, out)?;
+        let (size, bytes) = (self.dtype.block_size(), self.dtype.block_bytes());
+        let mut codes = [0.0; QK_K];
+        for (block, out) in self
+            .row_data(row)
+            .chunks_exact(bytes)
+            .zip(out.chunks_exact_mut(size))
+        {
+            let (d, m) = decode_block(self.dtype, block, &mut codes);
+            if self.dtype.has_min() {
+                for (w, &q) in out.iter_mut().zip(&codes) {
+                    *w = q * d + m;
+                }
+            } else {
+                for (w, &q) in out.iter_mut().zip(&codes) {
+                    *w = q * d;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_at(cpu::level(), x, m, out)
     }
 }
 

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
+use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row};
 use crate::rowwise;
 
 /// Exponent p of the ℓp reconstruction loss (hqq's `lp_norm`).
@@ -283,23 +284,6 @@ fn checked_shape(rows: usize, cols: usize, bits: u8, group: usize) -> Result<usi
         .ok_or_else(|| KernelError::InvalidShape(format!("{rows}x{cols} elements overflow usize")))
 }
 
-fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), KernelError> {
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
-fn checked_len(what: &str, a: usize, b: usize) -> Result<usize, KernelError> {
-    a.checked_mul(b)
-        .ok_or_else(|| KernelError::InvalidShape(format!("{what}: {a}x{b} overflows usize")))
-}
-
 /// Bytes taken by `len` codes of `bits` bits.
 fn code_bytes(len: usize, bits: u8) -> usize {
     if bits == 4 { len.div_ceil(2) } else { len }
@@ -346,16 +330,6 @@ impl HqqWeight {
         })
     }
 
-    /// Number of rows (output features).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Number of columns (input features).
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Bits per code: 4 or 8.
     pub fn bits(&self) -> u8 {
         self.bits
@@ -379,38 +353,6 @@ impl HqqWeight {
     /// The zero point of every group, row-major.
     pub fn zeros(&self) -> &[f16] {
         &self.zeros
-    }
-
-    /// Bytes of storage: codes, scales and zero points.
-    pub fn storage_bytes(&self) -> usize {
-        self.codes.len() + size_of::<f16>() * (self.scales.len() + self.zeros.len())
-    }
-
-    /// The whole matrix in f32, row-major `[rows, cols]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.rows * self.cols];
-        out.par_chunks_mut(self.cols)
-            .enumerate()
-            .for_each(|(row, out)| self.dequantize_into(row, out));
-        out
-    }
-
-    /// Writes row `row` in f32 to `out` (`cols` values).
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::RowOutOfRange`] if `row >= rows`, [`KernelError::LengthMismatch`] if
-    /// `out.len() != cols`.
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        if row >= self.rows {
-            return Err(KernelError::RowOutOfRange {
-                row,
-                rows: self.rows,
-            });
-        }
-        check_len("output row", out.len(), self.cols)?;
-        self.dequantize_into(row, out);
-        Ok(())
     }
 
     /// `dequantize_row` without the checks; `row < rows` and `out.len() == cols`.
@@ -438,20 +380,6 @@ impl HqqWeight {
         }
     }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ`, i.e. `out[i][j] = Σ_k x[i][k] · W[j][k]`, with W the
-    /// dequantized weight.
-    ///
-    /// Uses the best SIMD level of the CPU (see [`crate::cpu::features`]), and rayon when the
-    /// product is large. Deterministic: `out[i][j]` depends only on row `i` of `x` and row `j`
-    /// of the weight, not on `m` or on the number of threads.
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::LengthMismatch`] if `x.len() != m * cols` or `out.len() != m * rows`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_at(cpu::level(), x, m, out)
-    }
-
     /// [`HqqWeight::matmul`] at a given SIMD level.
     pub(crate) fn matmul_at(
         &self,
@@ -460,12 +388,7 @@ impl HqqWeight {
         m: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        check_len(
-            "activations",
-            x.len(),
-            checked_len("activations", m, self.cols)?,
-        )?;
-        check_len("output", out.len(), checked_len("output", m, self.rows)?)?;
+        check_matmul(self.rows, self.cols, x, m, out)?;
         let sums: Vec<f32> = x
             .chunks_exact(self.group)
             .map(|group| group.iter().sum())
@@ -540,6 +463,34 @@ impl HqqWeight {
     }
 }
 
+impl QuantMatrix for HqqWeight {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.codes.len() + size_of::<f16>() * (self.scales.len() + self.zeros.len())
+    }
+
+    fn format(&self) -> String {
+        format!("HQQ{}", self.bits)
+    }
+
+    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        check_row(self.rows, self.cols, row, out)?;
+        self.dequantize_into(row, out);
+        Ok(())
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_at(cpu::level(), x, m, out)
+    }
+}
+
 /// One weight row, for the SIMD kernels.
 #[cfg(target_arch = "x86_64")]
 struct PackedRow<'a> {
@@ -575,6 +526,7 @@ impl Activations<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::QuantMatrix;
     use crate::cpu::supported_levels;
     use crate::test_util::{Rng, assert_close_dot, naive_matmul};
 
@@ -611,7 +563,10 @@ mod tests {
         let (rows, cols) = (64, 512);
         let w = Rng::new(1).normal_vec(rows * cols, 0.02);
         for bits in [4, 8] {
-            let hqq = quantize(&w, rows, cols, bits, 64).unwrap().dequantize();
+            let hqq = quantize(&w, rows, cols, bits, 64)
+                .unwrap()
+                .dequantize()
+                .unwrap();
             let rtn = rtn_dequantized(&w, bits, 64);
             let (hqq_l1, rtn_l1) = (mean_abs_error(&w, &hqq), mean_abs_error(&w, &rtn));
             let (hqq_l2, rtn_l2) = (mean_sq_error(&w, &hqq), mean_sq_error(&w, &rtn));
@@ -657,7 +612,7 @@ mod tests {
         let (rows, cols) = (16, 256);
         let w = Rng::new(3).normal_vec(rows * cols, 1.0);
         let q = quantize(&w, rows, cols, 8, 64).unwrap();
-        let deq = q.dequantize();
+        let deq = q.dequantize().unwrap();
         for (g, (orig, back)) in w.chunks(64).zip(deq.chunks(64)).enumerate() {
             let scale = q.scales()[g].to_f32();
             for (a, b) in orig.iter().zip(back) {
@@ -712,7 +667,7 @@ mod tests {
         for bits in [4, 8] {
             let w: Vec<f32> = cases.iter().flat_map(|&(v, _)| [v; 16]).collect();
             let q = quantize(&w, cases.len(), 16, bits, 16).unwrap();
-            let deq = q.dequantize();
+            let deq = q.dequantize().unwrap();
             for (&(v, relative), back) in cases.iter().zip(deq.chunks(16)) {
                 for &b in back {
                     assert!(
@@ -737,7 +692,7 @@ mod tests {
                 .iter()
                 .all(|z| z.is_finite() && z.to_f32().abs() <= MAX_ABS_ZERO)
         );
-        for (a, b) in w.iter().zip(q.dequantize()) {
+        for (a, b) in w.iter().zip(q.dequantize().unwrap()) {
             assert!((a - b).abs() <= 1e-3 * a.abs(), "{a} vs {b}");
         }
     }
@@ -750,7 +705,7 @@ mod tests {
         assert_eq!(q.scales(), &[f16::ONE, f16::ONE]);
         assert_eq!(q.zeros(), &[f16::ZERO, f16::ZERO]);
         assert_eq!(&q.codes()[..3], &[0x10, 0x32, 0x54]);
-        assert_eq!(q.dequantize(), w);
+        assert_eq!(q.dequantize().unwrap(), w);
         assert_eq!(q.storage_bytes(), 16 + 2 * 2 + 2 * 2);
     }
 
@@ -760,7 +715,7 @@ mod tests {
         let w = Rng::new(5).normal_vec(21, 1.0);
         let q = quantize(&w, 3, 7, 4, 7).unwrap();
         assert_eq!(q.codes().len(), 11);
-        let deq = q.dequantize();
+        let deq = q.dequantize().unwrap();
         let mut row = vec![0.0; 7];
         for r in 0..3 {
             q.dequantize_row(r, &mut row).unwrap();
@@ -794,7 +749,7 @@ mod tests {
         for (rows, cols, bits, group) in cases {
             let w = rng.normal_vec(rows * cols, 0.5);
             let q = quantize(&w, rows, cols, bits, group).unwrap();
-            let deq = q.dequantize();
+            let deq = q.dequantize().unwrap();
             for m in [1, 3, 4, 9] {
                 let x = rng.normal_vec(m * cols, 1.0);
                 let expected = naive_matmul(&x, &deq, m, rows, cols);

@@ -20,6 +20,7 @@ pub mod error;
 pub mod fp8;
 pub mod ggml;
 pub mod hqq;
+pub mod matrix;
 
 mod rowwise;
 #[cfg(target_arch = "x86_64")]
@@ -29,3 +30,4 @@ mod x86;
 mod test_util;
 
 pub use error::KernelError;
+pub use matrix::QuantMatrix;

@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ggml::GgmlType;
+
 /// One of the fifteen ISQ types a topology or `--isq` may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
@@ -86,45 +88,23 @@ impl IsqType {
 
     /// Number of weights one quantization block covers along a row.
     pub fn block_size(self) -> usize {
-        match self {
-            IsqType::Q4_0
-            | IsqType::Q4_1
-            | IsqType::Q5_0
-            | IsqType::Q5_1
-            | IsqType::Q8_0
-            | IsqType::Q8_1 => 32,
-            IsqType::Q2K
-            | IsqType::Q3K
-            | IsqType::Q4K
-            | IsqType::Q5K
-            | IsqType::Q6K
-            | IsqType::Q8K => 256,
-            IsqType::Hqq4 => HQQ4_GROUP,
-            IsqType::Hqq8 => HQQ8_GROUP,
-            IsqType::Fp8 => 1,
+        match (GgmlType::from_isq(self), self) {
+            (Some(g), _) => g.block_size(),
+            (None, IsqType::Hqq4) => HQQ4_GROUP,
+            (None, IsqType::Hqq8) => HQQ8_GROUP,
+            (None, _) => 1,
         }
     }
 
     /// Bytes one block takes (for FP8: one weight; its per-row scale is counted by
     /// [`IsqType::storage_bytes`]).
     pub fn block_bytes(self) -> usize {
-        match self {
-            IsqType::Q4_0 => 18,
-            IsqType::Q4_1 => 20,
-            IsqType::Q5_0 => 22,
-            IsqType::Q5_1 => 24,
-            IsqType::Q8_0 => 34,
-            IsqType::Q8_1 => 36,
-            IsqType::Q2K => 84,
-            IsqType::Q3K => 110,
-            IsqType::Q4K => 144,
-            IsqType::Q5K => 176,
-            IsqType::Q6K => 210,
-            IsqType::Q8K => 292,
+        match (GgmlType::from_isq(self), self) {
+            (Some(g), _) => g.block_bytes(),
             // packed codes + f16 scale + f16 zero per group
-            IsqType::Hqq4 => HQQ4_GROUP / 2 + 4,
-            IsqType::Hqq8 => HQQ8_GROUP + 4,
-            IsqType::Fp8 => 1,
+            (None, IsqType::Hqq4) => HQQ4_GROUP / 2 + 4,
+            (None, IsqType::Hqq8) => HQQ8_GROUP + 4,
+            (None, _) => 1,
         }
     }
 

@@ -1,63 +1,31 @@
 //! The building blocks a decoder layer is made of: linear projections over any weight form,
 //! token embeddings, RMS norms and rotary position embeddings.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor};
-use strata_kernels::fp8::Fp8Weight;
-use strata_kernels::ggml::BlockWeight;
-use strata_kernels::hqq::HqqWeight;
+use strata_kernels::QuantMatrix;
 use strata_shared::config::{ModelConfig, RopeScaling};
 
 use crate::error::{CandleContext, Result, WorkerError};
-use crate::weights::{KQuantWeight, Weight};
+use crate::weights::Weight;
 
 /// `y = x Wᵀ (+ b)` for a weight in any form. Activations are f32 `[n, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     name: String,
-    op: LinearOp,
+    weight: Weight,
     bias: Option<Tensor>,
     out_features: usize,
 }
 
-#[derive(Debug, Clone)]
-enum LinearOp {
-    Dense(Tensor),
-    Blocks(Arc<BlockWeight>),
-    KQuant(Arc<KQuantWeight>),
-    Hqq(Arc<HqqWeight>),
-    Fp8(Arc<Fp8Weight>),
-}
-
 impl Linear {
     pub fn new(name: &str, weight: Weight, bias: Option<Tensor>) -> Result<Self> {
-        let ctx = || format!("`{name}`");
-        let (op, out_features) = match weight {
-            Weight::Dense(t) => {
-                let out = t.dim(0).ctx(ctx)?;
-                (LinearOp::Dense(t), out)
-            }
-            Weight::Blocks(w) => {
-                let out = w.rows();
-                (LinearOp::Blocks(w), out)
-            }
-            Weight::KQuant(w) => {
-                let out = w.rows();
-                (LinearOp::KQuant(w), out)
-            }
-            Weight::Hqq(w) => {
-                let out = w.rows();
-                (LinearOp::Hqq(w), out)
-            }
-            Weight::Fp8(w) => {
-                let out = w.rows();
-                (LinearOp::Fp8(w), out)
-            }
+        let out_features = match &weight {
+            Weight::Dense(t) => t.dim(0).ctx(|| format!("`{name}`"))?,
+            Weight::Matrix(w) => w.rows(),
         };
         Ok(Linear {
             name: name.to_string(),
-            op,
+            weight,
             bias,
             out_features,
         })
@@ -70,8 +38,8 @@ impl Linear {
     /// Row `row` of the weight, dequantized to f32 (`out` holds `in_features` values).
     pub fn row_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
         let ctx = || format!("`{}` row {row}", self.name);
-        match &self.op {
-            LinearOp::Dense(w) => {
+        match &self.weight {
+            Weight::Dense(w) => {
                 let v = w
                     .get(row)
                     .and_then(|r| r.to_dtype(DType::F32))
@@ -88,50 +56,21 @@ impl Linear {
                 out.copy_from_slice(&v);
                 Ok(())
             }
-            LinearOp::Blocks(w) => w.dequantize_row(row, out).ctx(ctx),
-            LinearOp::KQuant(w) => {
-                let v = w.rows_f32(&[row as u32]).ctx(ctx)?;
-                if v.len() != out.len() {
-                    return Err(WorkerError::Step(format!(
-                        "{}: {} columns, not {}",
-                        ctx(),
-                        v.len(),
-                        out.len()
-                    )));
-                }
-                out.copy_from_slice(&v);
-                Ok(())
-            }
-            LinearOp::Hqq(w) => w.dequantize_row(row, out).ctx(ctx),
-            LinearOp::Fp8(w) => w.dequantize_row(row, out).ctx(ctx),
+            Weight::Matrix(w) => w.dequantize_row(row, out).ctx(ctx),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ctx = || format!("`{}` forward", self.name);
-        let y = match &self.op {
-            LinearOp::Dense(w) => {
-                if w.dtype() == DType::F32 {
-                    x.matmul(&w.t().ctx(ctx)?).ctx(ctx)?
-                } else {
-                    let xw = x.to_dtype(w.dtype()).ctx(ctx)?;
-                    xw.matmul(&w.t().ctx(ctx)?)
-                        .and_then(|y| y.to_dtype(DType::F32))
-                        .ctx(ctx)?
-                }
+        let y = match &self.weight {
+            Weight::Dense(w) if w.dtype() == DType::F32 => x.matmul(&w.t().ctx(ctx)?).ctx(ctx)?,
+            Weight::Dense(w) => {
+                let xw = x.to_dtype(w.dtype()).ctx(ctx)?;
+                xw.matmul(&w.t().ctx(ctx)?)
+                    .and_then(|y| y.to_dtype(DType::F32))
+                    .ctx(ctx)?
             }
-            LinearOp::Blocks(w) => {
-                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
-            }
-            LinearOp::KQuant(w) => {
-                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
-            }
-            LinearOp::Hqq(w) => {
-                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
-            }
-            LinearOp::Fp8(w) => {
-                kernel_matmul(x, w.rows(), |xs, m, out| Ok(w.matmul(xs, m, out)?)).ctx(ctx)?
-            }
+            Weight::Matrix(w) => matrix_matmul(w.as_ref(), x).ctx(ctx)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).ctx(ctx),
@@ -140,20 +79,16 @@ impl Linear {
     }
 }
 
-/// Runs a slice-level matmul (`out[m, rows] = x[m, cols] · Wᵀ`) on a candle tensor.
-fn kernel_matmul(
-    x: &Tensor,
-    rows: usize,
-    f: impl Fn(&[f32], usize, &mut [f32]) -> std::result::Result<(), KernelOrCandle>,
-) -> std::result::Result<Tensor, KernelOrCandle> {
+/// Runs a quantized matrix's product on a candle tensor.
+fn matrix_matmul(w: &dyn QuantMatrix, x: &Tensor) -> std::result::Result<Tensor, KernelOrCandle> {
     let m = x.dim(0)?;
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; m * rows];
-    f(&xs, m, &mut out)?;
-    Ok(Tensor::from_vec(out, (m, rows), &Device::Cpu)?)
+    let mut out = vec![0f32; m * w.rows()];
+    w.matmul(&xs, m, &mut out)?;
+    Ok(Tensor::from_vec(out, (m, w.rows()), &Device::Cpu)?)
 }
 
-/// Either error of [`kernel_matmul`].
+/// Either error of [`matrix_matmul`].
 #[derive(Debug, thiserror::Error)]
 pub enum KernelOrCandle {
     #[error(transparent)]
@@ -180,29 +115,13 @@ impl<T> CandleContext<T> for std::result::Result<T, KernelOrCandle> {
 /// Token embeddings; quantized tables stay quantized and dequantize only the rows looked up.
 #[derive(Debug, Clone)]
 pub struct Embedding {
-    table: EmbeddingTable,
+    table: Weight,
     vocab: usize,
     hidden: usize,
 }
 
-#[derive(Debug, Clone)]
-enum EmbeddingTable {
-    Dense(Tensor),
-    Blocks(Arc<BlockWeight>),
-    KQuant(Arc<KQuantWeight>),
-    Hqq(Arc<HqqWeight>),
-    Fp8(Arc<Fp8Weight>),
-}
-
 impl Embedding {
-    pub fn new(weight: Weight, vocab: usize, hidden: usize) -> Self {
-        let table = match weight {
-            Weight::Dense(t) => EmbeddingTable::Dense(t),
-            Weight::Blocks(w) => EmbeddingTable::Blocks(w),
-            Weight::KQuant(w) => EmbeddingTable::KQuant(w),
-            Weight::Hqq(w) => EmbeddingTable::Hqq(w),
-            Weight::Fp8(w) => EmbeddingTable::Fp8(w),
-        };
+    pub fn new(table: Weight, vocab: usize, hidden: usize) -> Self {
         Embedding {
             table,
             vocab,
@@ -219,33 +138,19 @@ impl Embedding {
             )));
         }
         let ctx = || "token embedding".to_string();
-        let ids = || Tensor::new(tokens, &Device::Cpu);
         match &self.table {
-            EmbeddingTable::Dense(t) => ids()
+            Weight::Dense(t) => Tensor::new(tokens, &Device::Cpu)
                 .and_then(|ids| t.index_select(&ids, 0))
                 .and_then(|e| e.to_dtype(DType::F32))
                 .ctx(ctx),
-            EmbeddingTable::KQuant(w) => w
-                .rows_f32(tokens)
-                .and_then(|v| Tensor::from_vec(v, (tokens.len(), self.hidden), &Device::Cpu))
-                .ctx(ctx),
-            EmbeddingTable::Blocks(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
-            EmbeddingTable::Hqq(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
-            EmbeddingTable::Fp8(w) => self.rows(tokens, |r, out| w.dequantize_row(r, out)),
+            Weight::Matrix(w) => {
+                let mut out = vec![0f32; tokens.len() * self.hidden];
+                for (t, row) in tokens.iter().zip(out.chunks_exact_mut(self.hidden)) {
+                    w.dequantize_row(*t as usize, row).ctx(ctx)?;
+                }
+                Tensor::from_vec(out, (tokens.len(), self.hidden), &Device::Cpu).ctx(ctx)
+            }
         }
-    }
-
-    fn rows(
-        &self,
-        tokens: &[u32],
-        f: impl Fn(usize, &mut [f32]) -> std::result::Result<(), strata_kernels::KernelError>,
-    ) -> Result<Tensor> {
-        let mut out = vec![0f32; tokens.len() * self.hidden];
-        for (t, row) in tokens.iter().zip(out.chunks_exact_mut(self.hidden)) {
-            f(*t as usize, row).ctx(|| "token embedding".into())?;
-        }
-        Tensor::from_vec(out, (tokens.len(), self.hidden), &Device::Cpu)
-            .ctx(|| "token embedding".into())
     }
 }
 

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor, QuantizedType};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
-use strata_kernels::fp8::Fp8Weight;
 use strata_kernels::ggml::{BlockType, BlockWeight};
-use strata_kernels::hqq::HqqWeight;
+use strata_kernels::{KernelError, QuantMatrix};
 use strata_shared::ggml::GgmlType;
 use strata_shared::isq::IsqType;
 use strata_shared::meta::{ModelMeta, TensorMeta};
@@ -24,16 +23,11 @@ use crate::error::{CandleContext, Result, WorkerError};
 /// A weight matrix (or vector) in the form a layer runs it.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// A float tensor (f32, f16 or bf16).
+    /// A float tensor (f32, f16 or bf16), run with candle.
     Dense(Tensor),
-    /// A GGML 32-block type (or Q8K), run with Strata's f32-activation kernel.
-    Blocks(Arc<BlockWeight>),
-    /// A GGML k-quant (Q2K to Q6K), run with candle's per-row quantized dot products.
-    KQuant(Arc<KQuantWeight>),
-    /// HQQ 4/8-bit, run with Strata's kernel.
-    Hqq(Arc<HqqWeight>),
-    /// FP8 E4M3 with per-row scales, run with Strata's kernel.
-    Fp8(Arc<Fp8Weight>),
+    /// A quantized matrix: GGML block types, HQQ and FP8 run with Strata's kernels, k-quants
+    /// with candle's per-row products.
+    Matrix(Arc<dyn QuantMatrix>),
 }
 
 impl Weight {
@@ -41,10 +35,7 @@ impl Weight {
     pub fn bytes(&self) -> usize {
         match self {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            Weight::Blocks(w) => w.storage_bytes(),
-            Weight::KQuant(w) => w.storage_bytes(),
-            Weight::Hqq(w) => w.storage_bytes(),
-            Weight::Fp8(w) => w.storage_bytes(),
+            Weight::Matrix(w) => w.storage_bytes(),
         }
     }
 
@@ -52,10 +43,7 @@ impl Weight {
     pub fn kind(&self) -> String {
         match self {
             Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
-            Weight::Blocks(w) => format!("{:?}", w.dtype()),
-            Weight::KQuant(w) => format!("{:?}", w.dtype),
-            Weight::Hqq(w) => format!("HQQ{}", w.bits()),
-            Weight::Fp8(_) => "FP8".into(),
+            Weight::Matrix(w) => w.format(),
         }
     }
 }
@@ -127,38 +115,77 @@ impl KQuantWeight {
             chunks,
         })
     }
+}
 
-    pub fn rows(&self) -> usize {
+impl QuantMatrix for KQuantWeight {
+    fn rows(&self) -> usize {
         self.rows
     }
 
-    pub fn storage_bytes(&self) -> usize {
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn storage_bytes(&self) -> usize {
         self.chunks
             .iter()
             .map(|c| c.blocks.storage_size_in_bytes())
             .sum()
     }
 
-    /// `out[m, rows] = x[m, cols] · Wᵀ`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
+    fn format(&self) -> String {
+        format!("{:?}", self.dtype)
+    }
+
+    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        let c = self
+            .chunks
+            .get(row / KQUANT_CHUNK_ROWS)
+            .ok_or(KernelError::RowOutOfRange {
+                row,
+                rows: self.rows,
+            })?;
+        if out.len() != self.cols {
+            return Err(KernelError::LengthMismatch {
+                what: "output row",
+                expected: self.cols,
+                actual: out.len(),
+            });
+        }
+        match c
+            .blocks
+            .embedding(&[(row - c.row0) as u32], c.rows, self.cols)
+        {
+            Ok(candle_core::CpuStorage::F32(v)) if v.len() == out.len() => {
+                out.copy_from_slice(&v);
+                Ok(())
+            }
+            Ok(_) => Err(KernelError::Backend(
+                "a k-quant row did not dequantize to f32".into(),
+            )),
+            Err(e) => Err(KernelError::Backend(e.to_string())),
+        }
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
         if x.len() != m * self.cols || out.len() != m * self.rows {
-            candle_core::bail!(
-                "k-quant matmul: {} activations of {} for a {}x{} weight",
-                x.len(),
-                m,
-                self.rows,
-                self.cols
-            )
+            return Err(KernelError::LengthMismatch {
+                what: "k-quant product",
+                expected: m * self.cols,
+                actual: x.len(),
+            });
         }
         let parts: Vec<Vec<f32>> = self
             .chunks
             .par_iter()
             .map(|c| {
                 let mut part = vec![0f32; m * c.rows];
-                c.blocks.matmul_t((m, self.cols, c.rows), x, &mut part)?;
+                c.blocks
+                    .matmul_t((m, self.cols, c.rows), x, &mut part)
+                    .map_err(|e| KernelError::Backend(e.to_string()))?;
                 Ok(part)
             })
-            .collect::<candle_core::Result<_>>()?;
+            .collect::<Result<_, KernelError>>()?;
         for (c, part) in self.chunks.iter().zip(&parts) {
             for i in 0..m {
                 out[i * self.rows + c.row0..i * self.rows + c.row0 + c.rows]
@@ -166,25 +193,6 @@ impl KQuantWeight {
             }
         }
         Ok(())
-    }
-
-    /// The rows `ids`, dequantized: `[ids.len(), cols]`.
-    pub fn rows_f32(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(ids.len() * self.cols);
-        for &id in ids {
-            let id = id as usize;
-            let Some(c) = self.chunks.get(id / KQUANT_CHUNK_ROWS) else {
-                candle_core::bail!("row {id} is out of range for {} rows", self.rows)
-            };
-            match c
-                .blocks
-                .embedding(&[(id - c.row0) as u32], c.rows, self.cols)?
-            {
-                candle_core::CpuStorage::F32(v) => out.extend_from_slice(&v),
-                _ => candle_core::bail!("k-quant rows did not dequantize to f32"),
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -366,10 +374,10 @@ fn packed_weight(
         drop(aligned);
         let w = BlockWeight::new(bt, rows, cols, data)
             .ctx(|| format!("{}: tensor `{}`", meta.file.display(), meta.stored_name))?;
-        return Ok(Weight::Blocks(Arc::new(w)));
+        return Ok(Weight::Matrix(Arc::new(w)));
     }
     KQuantWeight::new(to_candle_ggml(dtype), rows, cols, &aligned, bytes)
-        .map(|w| Weight::KQuant(Arc::new(w)))
+        .map(|w| Weight::Matrix(Arc::new(w)))
         .ok_or_else(|| {
             tensor_err(
                 meta,
@@ -485,9 +493,9 @@ pub fn quantize(
             let bits = if isq == IsqType::Hqq4 { 4 } else { 8 };
             let w =
                 strata_kernels::hqq::quantize(data, rows, cols, bits, isq.block_size()).ctx(ctx)?;
-            Ok(Weight::Hqq(Arc::new(w)))
+            Ok(Weight::Matrix(Arc::new(w)))
         }
-        IsqType::Fp8 => Ok(Weight::Fp8(Arc::new(
+        IsqType::Fp8 => Ok(Weight::Matrix(Arc::new(
             strata_kernels::fp8::quantize(data, rows, cols).ctx(ctx)?,
         ))),
         _ => {
