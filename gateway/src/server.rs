@@ -304,12 +304,18 @@ pub async fn run(
         advertised_address(&data_listener.local_addr(), cfg.advertise_host.as_deref());
 
     let kv_blocks = cfg.kv_cache_tokens.div_ceil(KV_BLOCK_SIZE).max(1);
+    let kv_blocks_wire = u32::try_from(kv_blocks).map_err(|_| {
+        GatewayError::invalid(
+            "--kv-cache-tokens",
+            format!("{} tokens is too many", cfg.kv_cache_tokens),
+        )
+    })?;
     let workers = load_and_link(&Deployment {
         plan: &resolved.plan,
         model: &cfg.model.model,
         revision: cfg.model.revision.as_deref(),
         addresses: &addresses,
-        kv_blocks: kv_blocks as u32,
+        kv_blocks: kv_blocks_wire,
         kv_block_size: KV_BLOCK_SIZE as u32,
         gateway_data_address: &data_address,
         connect_timeout: cfg.connect_timeout,
@@ -395,11 +401,6 @@ pub async fn run(
             }
         }
     });
-    fn reflection() -> tonic_reflection::server::Builder<'static> {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(strata_proto::STRATA_V1_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    }
     let reflection_v1 = reflection()
         .build_v1()
         .map_err(|e| GatewayError::Internal(format!("reflection: {e}")))?;
@@ -416,8 +417,8 @@ pub async fn run(
     tracing::info!(listen = %local_addr, "gateway ready");
     {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, r#"{{"event":"ready","listen":"{local_addr}"}}"#)
-            .and_then(|()| out.flush());
+        let line = serde_json::json!({"event": "ready", "listen": local_addr.to_string()});
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     }
 
     let served = tonic::transport::Server::builder()
@@ -438,6 +439,13 @@ pub async fn run(
     // Give workers a moment to exit on their own before their handles are dropped (and killed).
     tokio::time::sleep(Duration::from_millis(200)).await;
     served.map_err(|e| GatewayError::Internal(format!("gRPC server: {e}")))
+}
+
+/// Server reflection for the public API and health, as grpcurl and other tools discover them.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(strata_proto::STRATA_V1_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// One line per route stage.
