@@ -376,6 +376,7 @@ impl Activations<'_> {
 mod tests {
     use super::*;
     use crate::cpu::supported_levels;
+    use crate::test_util::assert_shape_checks;
     use crate::test_util::{Rng, assert_close_dot, naive_matmul};
 
     const ALL: [BlockType; 7] = [
@@ -709,28 +710,6 @@ mod tests {
         );
 
         let w = q4(4, 64, 4 * 36).unwrap();
-        let mut out = vec![0.0; 8];
-        assert!(matches!(
-            w.matmul(&[0.0; 64], 2, &mut out),
-            Err(KernelError::LengthMismatch { .. })
-        ));
-        assert!(matches!(
-            w.matmul(&[0.0; 128], 2, &mut out[..7]),
-            Err(KernelError::LengthMismatch { .. })
-        ));
-        assert!(w.matmul(&[], 0, &mut []).is_ok());
-        assert!(matches!(
-            w.matmul(&[], usize::MAX, &mut []),
-            Err(KernelError::InvalidShape(_))
-        ));
-        let mut row = vec![0.0; 64];
-        assert_eq!(
-            w.dequantize_row(4, &mut row),
-            Err(KernelError::RowOutOfRange { row: 4, rows: 4 })
-        );
-        assert!(matches!(
-            w.dequantize_row(0, &mut row[..63]),
-            Err(KernelError::LengthMismatch { .. })
-        ));
+        assert_shape_checks(&w);
     }
 }

@@ -528,6 +528,7 @@ mod tests {
     use super::*;
     use crate::QuantMatrix;
     use crate::cpu::supported_levels;
+    use crate::test_util::assert_shape_checks;
     use crate::test_util::{Rng, assert_close_dot, naive_matmul};
 
     fn mean_abs_error(a: &[f32], b: &[f32]) -> f64 {
@@ -854,29 +855,7 @@ mod tests {
         );
 
         let q = quantize(&w, 4, 64, 4, 64).unwrap();
-        let mut out = vec![0.0; 8];
-        assert!(matches!(
-            q.matmul(&[0.0; 64], 2, &mut out),
-            Err(KernelError::LengthMismatch { .. })
-        ));
-        assert!(matches!(
-            q.matmul(&[0.0; 128], 2, &mut out[..7]),
-            Err(KernelError::LengthMismatch { .. })
-        ));
-        assert!(q.matmul(&[], 0, &mut []).is_ok());
-        assert!(matches!(
-            q.matmul(&[], usize::MAX, &mut []),
-            Err(KernelError::InvalidShape(_))
-        ));
-        let mut row = vec![0.0; 64];
-        assert_eq!(
-            q.dequantize_row(4, &mut row),
-            Err(KernelError::RowOutOfRange { row: 4, rows: 4 })
-        );
-        assert!(matches!(
-            q.dequantize_row(0, &mut row[..63]),
-            Err(KernelError::LengthMismatch { .. })
-        ));
+        assert_shape_checks(&q);
 
         let parts = || (q.codes().to_vec(), q.scales().to_vec(), q.zeros().to_vec());
         let (codes, scales, zeros) = parts();

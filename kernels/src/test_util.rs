@@ -82,3 +82,32 @@ pub(crate) fn assert_close_dot(
         }
     }
 }
+
+/// The shape checks every [`crate::QuantMatrix`] shares, on a 4 x 64 matrix.
+pub(crate) fn assert_shape_checks(w: &dyn crate::QuantMatrix) {
+    use crate::KernelError;
+    assert_eq!((w.rows(), w.cols()), (4, 64));
+    let mut out = vec![0.0; 8];
+    assert!(matches!(
+        w.matmul(&[0.0; 64], 2, &mut out),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        w.matmul(&[0.0; 128], 2, &mut out[..7]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert!(w.matmul(&[], 0, &mut []).is_ok());
+    assert!(matches!(
+        w.matmul(&[], usize::MAX, &mut []),
+        Err(KernelError::InvalidShape(_))
+    ));
+    let mut row = vec![0.0; 64];
+    assert_eq!(
+        w.dequantize_row(4, &mut row),
+        Err(KernelError::RowOutOfRange { row: 4, rows: 4 })
+    );
+    assert!(matches!(
+        w.dequantize_row(0, &mut row[..63]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+}
