@@ -5,8 +5,6 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::isq::IsqType;
-
 /// A stored tensor element type. Float types come from both GGUF and safetensors files;
 /// block-quantized types only from GGUF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -138,25 +136,6 @@ impl GgmlType {
     /// Whether this is a plain float type (no blocks).
     pub fn is_float(self) -> bool {
         matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
-    }
-
-    /// The GGML block type an ISQ type is stored as, if it is one.
-    pub fn from_isq(isq: IsqType) -> Option<Self> {
-        Some(match isq {
-            IsqType::Q4_0 => GgmlType::Q4_0,
-            IsqType::Q4_1 => GgmlType::Q4_1,
-            IsqType::Q5_0 => GgmlType::Q5_0,
-            IsqType::Q5_1 => GgmlType::Q5_1,
-            IsqType::Q8_0 => GgmlType::Q8_0,
-            IsqType::Q8_1 => GgmlType::Q8_1,
-            IsqType::Q2K => GgmlType::Q2K,
-            IsqType::Q3K => GgmlType::Q3K,
-            IsqType::Q4K => GgmlType::Q4K,
-            IsqType::Q5K => GgmlType::Q5K,
-            IsqType::Q6K => GgmlType::Q6K,
-            IsqType::Q8K => GgmlType::Q8K,
-            IsqType::Hqq4 | IsqType::Hqq8 | IsqType::Fp8 => return None,
-        })
     }
 }
 

@@ -86,9 +86,28 @@ impl IsqType {
             .join(", ")
     }
 
+    /// The GGML block type an ISQ type is stored as, if it is one.
+    pub fn ggml(self) -> Option<GgmlType> {
+        Some(match self {
+            IsqType::Q4_0 => GgmlType::Q4_0,
+            IsqType::Q4_1 => GgmlType::Q4_1,
+            IsqType::Q5_0 => GgmlType::Q5_0,
+            IsqType::Q5_1 => GgmlType::Q5_1,
+            IsqType::Q8_0 => GgmlType::Q8_0,
+            IsqType::Q8_1 => GgmlType::Q8_1,
+            IsqType::Q2K => GgmlType::Q2K,
+            IsqType::Q3K => GgmlType::Q3K,
+            IsqType::Q4K => GgmlType::Q4K,
+            IsqType::Q5K => GgmlType::Q5K,
+            IsqType::Q6K => GgmlType::Q6K,
+            IsqType::Q8K => GgmlType::Q8K,
+            IsqType::Hqq4 | IsqType::Hqq8 | IsqType::Fp8 => return None,
+        })
+    }
+
     /// Number of weights one quantization block covers along a row.
     pub fn block_size(self) -> usize {
-        match (GgmlType::from_isq(self), self) {
+        match (self.ggml(), self) {
             (Some(g), _) => g.block_size(),
             (None, IsqType::Hqq4) => HQQ4_GROUP,
             (None, IsqType::Hqq8) => HQQ8_GROUP,
@@ -99,7 +118,7 @@ impl IsqType {
     /// Bytes one block takes (for FP8: one weight; its per-row scale is counted by
     /// [`IsqType::storage_bytes`]).
     pub fn block_bytes(self) -> usize {
-        match (GgmlType::from_isq(self), self) {
+        match (self.ggml(), self) {
             (Some(g), _) => g.block_bytes(),
             // packed codes + f16 scale + f16 zero per group
             (None, IsqType::Hqq4) => HQQ4_GROUP / 2 + 4,

@@ -293,7 +293,7 @@ impl Plan {
             };
             let cols = t.shape.last().copied().unwrap_or(0);
             let isq = match requested.value {
-                Some(q) if GgmlType::from_isq(q) == Some(t.dtype) => {
+                Some(q) if q.ggml() == Some(t.dtype) => {
                     note = Some(format!("already stored as {q}: kept as stored"));
                     None
                 }
@@ -314,15 +314,12 @@ impl Plan {
                 },
                 None => None,
             };
-            let dtype = if isq.is_none()
-                && requested
-                    .value
-                    .is_none_or(|q| GgmlType::from_isq(q) != Some(t.dtype))
-            {
-                opts.dtype
-            } else {
-                None
-            };
+            let dtype =
+                if isq.is_none() && requested.value.is_none_or(|q| q.ggml() != Some(t.dtype)) {
+                    opts.dtype
+                } else {
+                    None
+                };
             let rows = t.numel() / cols.max(1);
             let bytes_loaded = match (isq, dtype) {
                 (Some(q), _) => q.storage_bytes(rows, cols).unwrap_or(0) as u64,

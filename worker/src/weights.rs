@@ -499,7 +499,8 @@ pub fn quantize(
             strata_kernels::fp8::quantize(data, rows, cols).ctx(ctx)?,
         ))),
         _ => {
-            let dtype = GgmlType::from_isq(isq)
+            let dtype = isq
+                .ggml()
                 .map(to_candle_ggml)
                 .ok_or_else(|| tensor_err(meta, format!("{isq} is not a GGML type")))?;
             // Rows quantize independently: split into chunks, quantize in parallel, concatenate.
@@ -533,7 +534,8 @@ pub fn quantize(
                     .copy_from_slice(&p);
                 at += p.len();
             }
-            let gt = GgmlType::from_isq(isq)
+            let gt = isq
+                .ggml()
                 .ok_or_else(|| tensor_err(meta, format!("{isq} is not a GGML type")))?;
             packed_weight(meta, gt, aligned, bytes)
         }
