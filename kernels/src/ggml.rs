@@ -38,7 +38,7 @@ use half::f16;
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
-use crate::rowwise;
+use crate::rowwise::{self, Activations};
 
 /// Weights per `Q8_K` block (ggml's `QK_K`).
 const QK_K: usize = 256;
@@ -201,7 +201,7 @@ impl BlockWeight {
             x,
             sums: &sums,
             cols: self.cols,
-            sums_stride,
+            stride: sums_stride,
         };
         rowwise::for_each_weight_row(self.rows, self.cols, m, out, |row, col| {
             self.row_products(level, row, &acts, col);
@@ -349,26 +349,6 @@ fn decode_nibbles(qs: &[u8], qh: u32, offset: i32, codes: &mut [f32; QK_K]) {
 fn decode_bytes(qs: &[u8], codes: &mut [f32; QK_K]) {
     for (code, &q) in codes.iter_mut().zip(qs) {
         *code = f32::from(q as i8);
-    }
-}
-
-/// The activations of one product: `x` is `[m, cols]`, and `sums[i * sums_stride + b]` is the
-/// sum of block `b` of row `i` of `x` (`sums_stride` is 0, and `sums` empty, for the types
-/// without a minimum).
-struct Activations<'a> {
-    x: &'a [f32],
-    sums: &'a [f32],
-    cols: usize,
-    sums_stride: usize,
-}
-
-impl Activations<'_> {
-    /// Row `i` of `x` and its block sums.
-    fn row(&self, i: usize) -> (&[f32], &[f32]) {
-        (
-            &self.x[i * self.cols..][..self.cols],
-            &self.sums[i * self.sums_stride..][..self.sums_stride],
-        )
     }
 }
 

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row};
-use crate::rowwise;
+use crate::rowwise::{self, Activations};
 
 /// Exponent p of the ℓp reconstruction loss (hqq's `lp_norm`).
 const LP_NORM: f32 = 0.7;
@@ -397,7 +397,7 @@ impl HqqWeight {
             x,
             sums: &sums,
             cols: self.cols,
-            n_groups: self.cols / self.group,
+            stride: self.cols / self.group,
         };
         let level = if self.group.is_multiple_of(SIMD_GROUP_MULTIPLE) {
             level
@@ -502,25 +502,6 @@ struct PackedRow<'a> {
     bits: u8,
     /// A multiple of 16.
     group: usize,
-}
-
-/// The activations of one product: `x` is `[m, cols]`, and `sums[i * n_groups + g]` is the sum
-/// of group `g` of row `i` of `x`.
-struct Activations<'a> {
-    x: &'a [f32],
-    sums: &'a [f32],
-    cols: usize,
-    n_groups: usize,
-}
-
-impl Activations<'_> {
-    /// Row `i` of `x` and its group sums.
-    fn row(&self, i: usize) -> (&[f32], &[f32]) {
-        (
-            &self.x[i * self.cols..][..self.cols],
-            &self.sums[i * self.n_groups..][..self.n_groups],
-        )
-    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,26 @@ where
     }
 }
 
+/// The activations of one product: `x` is `[m, cols]`, and `sums[i * stride + g]` is the sum of
+/// group (or block) `g` of row `i` of `x`, for the formats that fold a per-group offset into the
+/// product (`stride` is 0, and `sums` empty, for those that do not).
+pub(crate) struct Activations<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) sums: &'a [f32],
+    pub(crate) cols: usize,
+    pub(crate) stride: usize,
+}
+
+impl Activations<'_> {
+    /// Row `i` of `x` and its group sums.
+    pub(crate) fn row(&self, i: usize) -> (&[f32], &[f32]) {
+        (
+            &self.x[i * self.cols..][..self.cols],
+            &self.sums[i * self.stride..][..self.stride],
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,8 +19,9 @@
 
 #![allow(unsafe_code)]
 
-use super::{Activations, BlockType};
+use super::BlockType;
 use crate::cpu::{Avx2, Avx512};
+use crate::rowwise::Activations;
 use crate::rowwise::TILE;
 #[cfg(test)]
 use crate::x86::store_f32x16;

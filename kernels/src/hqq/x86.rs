@@ -18,8 +18,9 @@ use std::arch::x86_64::{
 };
 use std::array;
 
-use super::{Activations, PackedRow};
+use super::PackedRow;
 use crate::cpu::{Avx2, Avx512};
+use crate::rowwise::Activations;
 use crate::rowwise::TILE;
 use crate::x86::{hsum_f32x8, load_f32x8, load_f32x16, load_u8x16};
 
