@@ -96,6 +96,10 @@ fn f32_logits_and_greedy_match_the_reference() {
             .zip(&reference[i])
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
+        eprintln!(
+            "prompt {}: max |logit - reference| = {max_diff:.2e}",
+            p.name
+        );
         assert!(
             max_diff <= 5e-3,
             "prompt {}: max |logit diff| = {max_diff}",
