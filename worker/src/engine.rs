@@ -75,13 +75,9 @@ impl Engine {
     /// Final hidden states of a step (before the final norm), `None` for an empty step.
     fn hidden(&mut self, step: &StepFrame) -> Result<Option<Tensor>> {
         let mut x = None;
-        for (i, stage) in self.stages.iter_mut().enumerate() {
-            let mut s = step.clone();
-            s.stage = i as u32;
-            for id in &s.releases {
-                stage.release(*id);
-            }
-            x = stage.forward_tensor(&s, x)?;
+        for stage in &mut self.stages {
+            stage.release_all(&step.releases);
+            x = stage.forward_tensor(step, x)?;
         }
         Ok(x)
     }

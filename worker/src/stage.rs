@@ -54,6 +54,13 @@ impl Stage {
         self.samplers.remove(&seq_id);
     }
 
+    /// Frees every sequence a step releases.
+    pub fn release_all(&mut self, seq_ids: &[u64]) {
+        for id in seq_ids {
+            self.release(*id);
+        }
+    }
+
     /// Runs one step addressed to this stage.
     pub fn run(&mut self, step: StepFrame) -> Result<Frame> {
         if step.stage != self.index {
@@ -62,9 +69,7 @@ impl Stage {
                 step.stage, self.index
             )));
         }
-        for id in &step.releases {
-            self.release(*id);
-        }
+        self.release_all(&step.releases);
         let hidden = self.forward(&step)?;
         self.finish(step, hidden)
     }
@@ -121,12 +126,12 @@ impl Stage {
         if step.seqs.is_empty() {
             return Ok(None);
         }
+        self.check(step)?;
         let batch = Batch::new(
             step.seqs
                 .iter()
                 .map(|s| (s.seq_id, s.pos0 as usize, s.tokens.len())),
         );
-        self.check(step)?;
         for s in &batch.spans {
             self.kv.reserve(s.seq_id, s.pos0, s.len)?;
         }
