@@ -287,13 +287,11 @@ async fn generate(a: GenerateArgs) -> Result<()> {
     let r = strata_gateway::server::resolve(&a.model.choice())?;
     let kv_tokens = r.meta.config.max_position_embeddings.min(1 << 15);
     let engine = load_engine(&r, kv_tokens)?;
-    let limits = Limits {
-        context_length: r.meta.config.max_position_embeddings.min(kv_tokens),
-        vocab_size: r.meta.config.vocab_size,
-        default_max_tokens: a.max_tokens,
-        max_stop_sequences: 16,
-        max_top_logprobs: 20,
-    };
+    let limits = Limits::new(
+        r.meta.config.max_position_embeddings.min(kv_tokens),
+        r.meta.config.vocab_size,
+        a.max_tokens,
+    );
     let params = SamplingParameters {
         max_tokens: Some(a.max_tokens),
         temperature: Some(a.temperature),

@@ -351,13 +351,11 @@ pub async fn run(
 
     let kv_tokens = kv_blocks * KV_BLOCK_SIZE;
     let context = resolved.meta.config.max_position_embeddings.min(kv_tokens);
-    let limits = Limits {
-        context_length: context,
-        vocab_size: resolved.meta.config.vocab_size,
-        default_max_tokens: cfg.default_max_tokens,
-        max_stop_sequences: 16,
-        max_top_logprobs: 20,
-    };
+    let limits = Limits::new(
+        context,
+        resolved.meta.config.vocab_size,
+        cfg.default_max_tokens,
+    );
     let state = SchedulerState::new(
         SchedulerConfig {
             kv_blocks,

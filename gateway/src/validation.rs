@@ -25,6 +25,20 @@ pub struct Limits {
     pub max_top_logprobs: u32,
 }
 
+impl Limits {
+    /// The service's limits for a context window and vocabulary: at most 16 stop sequences and
+    /// 20 top log-probabilities per token.
+    pub fn new(context_length: usize, vocab_size: usize, default_max_tokens: u32) -> Self {
+        Limits {
+            context_length,
+            vocab_size,
+            default_max_tokens,
+            max_stop_sequences: 16,
+            max_top_logprobs: 20,
+        }
+    }
+}
+
 /// A request ready to schedule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
