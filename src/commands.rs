@@ -16,6 +16,7 @@ use strata_proto::v1::{
     ChatMessage, ChatRequest, GenerateRequest, SamplingParameters, StopSequence, generate_request,
     generate_response, stop_sequence,
 };
+use strata_shared::isq::IsqType;
 use strata_shared::wire::KV_BLOCK_SIZE;
 use strata_worker::Engine;
 use strata_worker::cli::WorkerArgs;
@@ -106,6 +107,10 @@ pub struct GenerateArgs {
     pub min_p: Option<f32>,
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub presence_penalty: Option<f32>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Stop sequence (repeatable).
@@ -114,6 +119,9 @@ pub struct GenerateArgs {
     /// Keep going past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Keep special tokens (e.g. `<|im_end|>`) in the printed text.
+    #[arg(long)]
+    pub include_special_tokens: bool,
 }
 
 #[derive(Args)]
@@ -126,7 +134,8 @@ pub struct PerplexityArgs {
     /// Tokens per window (default: the model's context length).
     #[arg(long)]
     pub context: Option<usize>,
-    /// Tokens the window advances by (default: half a window).
+    /// Tokens the window advances by (default: half a window; at most one less than the window,
+    /// so that windows overlap and every token is scored).
     #[arg(long)]
     pub stride: Option<usize>,
     /// Print the result as JSON.
@@ -234,14 +243,19 @@ fn plan(a: PlanArgs) -> Result<()> {
             TopologyChoice::parse(&a.model.topology).describe(&a.model.model)
         )?;
         write!(out, "{}", r.plan.table())?;
+        if let Err(e) = r.check_runnable() {
+            writeln!(out, "\nnote: `strata serve` would refuse this plan: {e}")?;
+        }
     }
     Ok(())
 }
 
 /// Loads every stage of the plan in this process, with a progress bar on a terminal and log
 /// lines otherwise.
-fn load_engine(r: &Resolved, kv_tokens: usize) -> Result<Engine> {
+fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) -> Result<Engine> {
     use std::io::IsTerminal;
+    r.check_runnable()?;
+    r.log_plan_notes(isq);
     if !std::io::stderr().is_terminal() {
         let mut decile = usize::MAX;
         let started = Instant::now();
@@ -269,13 +283,19 @@ fn load_engine(r: &Resolved, kv_tokens: usize) -> Result<Engine> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("loading");
+    bar.set_length(r.plan.tensors.len() as u64);
+    // Stages report their own counts, one stage after another: one bar over all of them.
+    let (mut base, mut prev) = (0, (0, 0));
     let engine = Engine::load(
         &r.meta,
         &r.plan,
         kv_tokens.div_ceil(KV_BLOCK_SIZE),
         &mut |tensor, done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
+            if done < prev.0 {
+                base += prev.1;
+            }
+            prev = (done, total);
+            bar.set_position((base + done) as u64);
             bar.set_prefix(tensor.to_string());
         },
     )?;
@@ -286,7 +306,7 @@ fn load_engine(r: &Resolved, kv_tokens: usize) -> Result<Engine> {
 async fn generate(a: GenerateArgs) -> Result<()> {
     let r = strata_gateway::server::resolve(&a.model.choice())?;
     let kv_tokens = r.meta.config.max_position_embeddings.min(1 << 15);
-    let engine = load_engine(&r, kv_tokens)?;
+    let engine = load_engine(&r, a.model.isq, kv_tokens)?;
     let limits = Limits::new(
         r.meta.config.max_position_embeddings.min(kv_tokens),
         r.meta.config.vocab_size,
@@ -299,6 +319,8 @@ async fn generate(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         min_p: a.min_p,
         repetition_penalty: a.repetition_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
         seed: a.seed,
         stop: a
             .stop
@@ -308,6 +330,7 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             })
             .collect(),
         ignore_eos: a.ignore_eos,
+        include_special_tokens: a.include_special_tokens,
         ..Default::default()
     };
     let req = match (&a.prompt, &a.chat) {
@@ -402,32 +425,16 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     if context < 2 {
         bail!("--context must be at least 2");
     }
-    let stride = a.stride.unwrap_or(context / 2).clamp(1, context);
+    let stride = a.stride.unwrap_or(context / 2).clamp(1, context - 1);
     let load_start = Instant::now();
-    let mut engine = load_engine(&r, context)?;
+    let mut engine = load_engine(&r, a.model.isq, context)?;
     let load_seconds = load_start.elapsed().as_secs_f64();
     let start = Instant::now();
-    // Sliding windows: each scores only the tokens no earlier window scored.
-    let (mut sum, mut scored, mut windows) = (0f64, 0usize, 0usize);
-    let mut begin = 0;
-    let mut done_until = 1; // token 0 has no prefix
-    loop {
-        let end = (begin + context).min(ids.len());
-        let nll = engine.token_nll(&ids[begin..end])?;
-        for (i, v) in nll.iter().enumerate() {
-            if begin + i + 1 >= done_until {
-                sum += v;
-                scored += 1;
-            }
-        }
-        done_until = end;
-        windows += 1;
-        if end == ids.len() {
-            break;
-        }
-        begin += stride;
-    }
-    let ppl = (sum / scored as f64).exp();
+    let strata_worker::engine::Perplexity {
+        perplexity: ppl,
+        scored,
+        windows,
+    } = engine.perplexity(&ids, context, stride)?;
     let seconds = start.elapsed().as_secs_f64();
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -452,7 +459,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let r = strata_gateway::server::resolve(&a.model.choice())?;
     let kv = a.prompt_tokens + a.gen_tokens + KV_BLOCK_SIZE;
-    let mut engine = load_engine(&r, kv)?;
+    let mut engine = load_engine(&r, a.model.isq, kv)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let rss_after_load = strata_worker::memory::rss();
     let seed_text = "The history of computing is a story of layers, from machines programmed by rewiring panels to compilers, operating systems and networks. ";

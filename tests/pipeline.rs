@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use strata_gateway::server::{ModelChoice, TopologyChoice};
 use strata_proto::v1::{GenerateRequest, SamplingParameters, TokenIds, generate_request};
 use strata_shared::plan::FloatType;
@@ -91,13 +89,13 @@ fn request(p: &Prompt) -> GenerateRequest {
 }
 
 /// Serves `topology`, runs every prompt (one at a time, then all at once) and checks each
-/// against `want`.
+/// against `want`. Returns the route served: (device, first layer, end layer) per stage.
 async fn check_served(
     topology: &std::path::Path,
     extra: &[&str],
     want: &[Vec<(u32, f32)>],
     workers: usize,
-) {
+) -> Vec<(String, u32, u32)> {
     let t = topology.to_str().expect("utf-8 path");
     let mut args = vec!["serve", "--topology", t];
     args.extend_from_slice(extra);
@@ -109,6 +107,11 @@ async fn check_served(
         .expect("model info")
         .into_inner();
     assert_eq!(info.workers.len(), workers, "{info:?}");
+    let route = info
+        .route
+        .iter()
+        .map(|s| (s.device.clone(), s.layer_start, s.layer_end))
+        .collect();
     let prompts = prompts();
     let compare = |name: &str, got: &[strata_proto::v1::Token], want: &[(u32, f32)]| {
         let ids: Vec<u32> = got.iter().map(|t| t.id).collect();
@@ -150,17 +153,22 @@ async fn check_served(
         "clean shutdown: {status}\n{}",
         server.log()
     );
+    route
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_two_and_three_workers_give_the_single_process_tokens() {
-    let (_d1, one) = topology_file(&layout("cpu[0]", "cpu[0]", "cpu[0]"));
-    let want = Arc::new(engine_greedy(&one, None, &prompts()));
-    check_served(&one, &[], &want, 1).await;
-    let (_d2, two) = topology_file(&layout("cpu[0]", "cpu[0]", "cpu[1]"));
-    check_served(&two, &[], &want, 2).await;
-    let (_d3, three) = topology_file(&layout("cpu[0]", "cpu[1]", "cpu[2]"));
-    check_served(&three, &[], &want, 3).await;
+    // Each served topology against the single-process engine loading the same topology.
+    for (devices, workers) in [
+        (["cpu[0]", "cpu[0]", "cpu[0]"], 1),
+        (["cpu[0]", "cpu[0]", "cpu[1]"], 2),
+        (["cpu[0]", "cpu[1]", "cpu[2]"], 3),
+    ] {
+        let (_dir, topology) = topology_file(&layout(devices[0], devices[1], devices[2]));
+        let want = engine_greedy(&topology, None, &prompts());
+        let route = check_served(&topology, &[], &want, workers).await;
+        assert_eq!(route.len(), workers, "{route:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,7 +177,14 @@ async fn a_route_that_visits_a_worker_twice_gives_the_contiguous_tokens() {
     let (_d, revisit) = topology_file(&layout("cpu[0]", "cpu[1]", "cpu[0]"));
     let (_c, contiguous) = topology_file(&layout("cpu[0]", "cpu[1]", "cpu[1]"));
     let want = engine_greedy(&contiguous, None, &prompts());
-    check_served(&revisit, &[], &want, 2).await;
+    let route = check_served(&revisit, &[], &want, 2).await;
+    assert_eq!(
+        route,
+        [("cpu[0]", 0, 10), ("cpu[1]", 10, 20), ("cpu[0]", 20, 30)]
+            .map(|(d, a, b)| (d.to_string(), a, b))
+            .to_vec(),
+        "the route visits cpu[0] twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

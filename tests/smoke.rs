@@ -1,5 +1,6 @@
 //! The running service driven by real peers: the `grpcurl` binary (server reflection v1alpha,
-//! health, a streaming Generate) and a Python grpcio client generated from `proto/`.
+//! health, a streaming Generate) and a Python grpcio client generated from `proto/`; reflection
+//! v1 from a tonic client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -27,6 +28,39 @@ fn grpcurl(venv: &Path, flags: &[&str], addr: &str, rest: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The services `grpc.reflection.v1.ServerReflection` lists.
+fn reflection_v1_services(addr: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection v1")
+            .into_inner();
+        let reply = replies.message().await.expect("reply").expect("one reply");
+        match reply.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("reflection v1 answered {other:?}"),
+        }
+    })
+}
+
 #[test]
 fn grpcurl_and_a_python_client_drive_the_service() {
     let venv = peers_venv();
@@ -43,6 +77,11 @@ fn grpcurl_and_a_python_client_drive_the_service() {
             services.lines().any(|l| l == s),
             "`grpcurl list` lacks {s}:\n{services}"
         );
+    }
+    // Reflection v1 too (newer tools speak it): the same services, from a tonic client.
+    let v1 = reflection_v1_services(&addr);
+    for s in ["strata.v1.Strata", "grpc.health.v1.Health"] {
+        assert!(v1.iter().any(|l| l == s), "reflection v1 lacks {s}: {v1:?}");
     }
     let described = grpcurl(&venv, &[], &addr, &["describe", "strata.v1.Strata"]);
     for rpc in [

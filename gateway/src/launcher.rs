@@ -2,8 +2,11 @@
 //! its own process, learns nothing but its listen address, and exits when the gateway's end of
 //! its stdin closes, so workers never outlive the gateway.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -11,6 +14,7 @@ use strata_shared::device::DeviceSpec;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::error::GatewayError;
 
@@ -29,6 +33,10 @@ pub struct LocalWorker {
     pub control: String,
     pub pid: Option<u32>,
     stdin: Option<ChildStdin>,
+    /// Set before the worker is asked to exit, so that its exit is not reported as a failure.
+    stopping: Arc<AtomicBool>,
+    /// The task that owns the child process and waits for it.
+    exited: JoinHandle<()>,
 }
 
 #[derive(Deserialize)]
@@ -36,15 +44,16 @@ struct Ready {
     control: String,
 }
 
-/// Starts one worker per device and waits until each reports its addresses. Returns the
-/// workers and a task that publishes on `failures` when any of them exits.
+/// Starts one worker per device and waits until each reports its addresses, pushing each onto
+/// `out` as soon as it runs (so that the caller stops it whatever happens next). When a worker
+/// exits on its own, `failures` says so.
 pub async fn spawn_workers(
     cmd: &WorkerCommand,
     devices: &[DeviceSpec],
     failures: watch::Sender<Option<String>>,
     start_timeout: Duration,
-) -> Result<Vec<LocalWorker>, GatewayError> {
-    let mut out = Vec::new();
+    out: &mut Vec<LocalWorker>,
+) -> Result<(), GatewayError> {
     for &device in devices {
         let mut command = Command::new(&cmd.program);
         command
@@ -53,7 +62,15 @@ pub async fn spawn_workers(
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            // A process group of its own: a terminal's Ctrl-C reaches the gateway alone, which
+            // then ends the streams and stops its workers in order.
+            .process_group(0)
             .kill_on_drop(true);
+        // On a terminal the gateway draws the workers' load progress; their own info lines
+        // would only break up the bars (RUST_LOG, when set, still decides).
+        if std::io::stderr().is_terminal() && std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
         let mut child = command.spawn().map_err(|e| {
             GatewayError::Unavailable(format!(
                 "cannot start the worker for {device} ({}): {e}",
@@ -95,24 +112,41 @@ pub async fn spawn_workers(
         };
         tracing::info!(%device, control = %ready.control, pid, "worker started");
         let stdin = child.stdin.take();
-        tokio::spawn(watch_exit(child, device, failures.clone()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let exited = tokio::spawn(watch_exit(
+            child,
+            device,
+            failures.clone(),
+            Arc::clone(&stopping),
+        ));
         out.push(LocalWorker {
             device,
             control: ready.control,
             pid,
             stdin,
+            stopping,
+            exited,
         });
     }
-    Ok(out)
+    Ok(())
 }
 
-async fn watch_exit(mut child: Child, device: DeviceSpec, failures: watch::Sender<Option<String>>) {
+async fn watch_exit(
+    mut child: Child,
+    device: DeviceSpec,
+    failures: watch::Sender<Option<String>>,
+    stopping: Arc<AtomicBool>,
+) {
     let status = child.wait().await;
+    if stopping.load(Ordering::SeqCst) {
+        tracing::info!(%device, status = ?status, "worker stopped");
+        return;
+    }
     let msg = match status {
         Ok(s) => format!("the worker process for {device} exited ({s})"),
         Err(e) => format!("the worker process for {device} is lost: {e}"),
     };
-    tracing::warn!("{msg}");
+    tracing::error!("{msg}");
     failures.send_if_modified(|f| {
         if f.is_none() {
             *f = Some(msg.clone());
@@ -124,8 +158,16 @@ async fn watch_exit(mut child: Child, device: DeviceSpec, failures: watch::Sende
 }
 
 impl LocalWorker {
-    /// Asks the worker to exit by closing its stdin.
-    pub fn stop(&mut self) {
+    /// Asks the worker to exit by closing its stdin, and waits up to `grace` for it; a worker
+    /// still running then is killed.
+    pub async fn stop(mut self, grace: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
         self.stdin = None;
+        if tokio::time::timeout(grace, &mut self.exited).await.is_err() {
+            tracing::warn!(device = %self.device, "worker did not exit in {grace:?}; killing it");
+            // Dropping the child (owned by the aborted task) kills it.
+            self.exited.abort();
+            let _ = self.exited.await;
+        }
     }
 }

@@ -171,7 +171,12 @@ impl SchedulerState {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty() && self.releases.is_empty()
+        !self.has_requests() && self.releases.is_empty()
+    }
+
+    /// Whether any request waits or runs (as opposed to only releases left to send).
+    pub fn has_requests(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
     }
 
     /// Drops sequences whose client has gone.
@@ -473,6 +478,10 @@ async fn run<P: Pipeline>(
     mut rx: mpsc::Receiver<NewRequest>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // After a failed step, releases alone are retried only this much later: a broken ring
+    // fails every step at once, and must not be asked again in a hot loop.
+    const RELEASE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+    let mut retry_releases_at: Option<tokio::time::Instant> = None;
     loop {
         if *shutdown.borrow() {
             break;
@@ -482,16 +491,33 @@ async fn run<P: Pipeline>(
         }
         state.reap_disconnected();
         state.publish();
+        if let Some(at) = retry_releases_at
+            && !state.has_requests()
+        {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => state.enqueue(r),
+                    None => break,
+                },
+                _ = shutdown.changed() => {}
+                () = tokio::time::sleep_until(at) => retry_releases_at = None,
+            }
+            continue;
+        }
         match state.next_step() {
             Some(step) => {
                 let releases = step.releases.clone();
                 match pipeline.step(step).await {
-                    Ok(samples) => state.on_samples(samples),
+                    Ok(samples) => {
+                        retry_releases_at = None;
+                        state.on_samples(samples);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "step failed; failing the running requests");
                         // Stages past the failure never saw the releases: send them again.
                         state.requeue_releases(releases);
                         state.fail_running(&e);
+                        retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
                     }
                 }
             }
@@ -1185,5 +1211,46 @@ mod tests {
         feed(&mut st, &step, vec![sample(99, 500), sample(1, 501)]);
         assert_eq!(drain(&mut rx).tokens.len(), 1);
         assert_eq!(st.running.len(), 1);
+    }
+
+    /// A ring that is broken for good: every step fails at once.
+    struct BrokenRing {
+        steps: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl crate::pipeline::Pipeline for BrokenRing {
+        async fn step(&mut self, _step: StepFrame) -> Result<SamplesFrame, GatewayError> {
+            self.steps.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Err(GatewayError::Unavailable(
+                "the worker for cpu[1] exited".into(),
+            ))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_ring_fails_requests_without_spinning_on_releases() {
+        let steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let pipeline = BrokenRing {
+            steps: Arc::clone(&steps),
+        };
+        let (scheduler, task) = Scheduler::spawn(pipeline, state(64, 64, 4), stop_rx);
+        let (tx, mut rx) = mpsc::channel(16);
+        scheduler.submit(request(3, 4), tx).await.unwrap();
+        let err = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("cpu[1] exited"), "{err:?}");
+        // The failed sequence's release is pending, and the ring still fails: it is retried
+        // once a second, not in a loop.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let n = steps.load(Ordering::SeqCst);
+        assert!(n <= 2, "{n} steps in 300 ms");
+        // A new request still gets its answer at once.
+        let (tx, mut rx) = mpsc::channel(16);
+        scheduler.submit(request(3, 4), tx).await.unwrap();
+        assert!(rx.recv().await.unwrap().is_err());
+        drop(scheduler);
+        task.await.unwrap();
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::GatewayError;
-use crate::launcher::{WorkerCommand, spawn_workers};
+use crate::launcher::{LocalWorker, WorkerCommand, spawn_workers};
 use crate::pipeline::RingPipeline;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerState, SchedulerStats};
 use crate::service::StrataService;
@@ -126,6 +126,7 @@ pub struct GatewayConfig {
 pub struct Resolved {
     pub meta: ModelMeta,
     pub plan: Plan,
+    pub topology: Topology,
     pub tokenizer: Arc<ModelTokenizer>,
 }
 
@@ -147,11 +148,6 @@ pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
         field: "--topology".into(),
         message: e.to_string(),
     })?;
-    if let Some(d) = plan.devices.iter().find(|d| !d.is_cpu()) {
-        return Err(GatewayError::FailedPrecondition(format!(
-            "the topology places layers on {d}, but this release runs CPU workers only (`cpu` or `cpu[N]`)"
-        )));
-    }
     let tokenizer = Arc::new(ModelTokenizer::load(
         &meta.files,
         meta.gguf.as_ref(),
@@ -160,8 +156,55 @@ pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
     Ok(Resolved {
         meta,
         plan,
+        topology,
         tokenizer,
     })
+}
+
+impl Resolved {
+    /// Logs what the plan changed from what was asked: block-size fallbacks, and a `--isq` that
+    /// no tensor takes because the topology covers every layer.
+    pub fn log_plan_notes(&self, isq: Option<IsqType>) {
+        for line in self.plan.fallbacks() {
+            tracing::warn!("ISQ fallback: {line}");
+        }
+        if let Some(q) = isq
+            && !self.plan.tensors.iter().any(|t| t.reason == "--isq")
+        {
+            tracing::warn!(
+                "--isq {q} applies to no tensor: the topology covers every layer (only layers no range covers take --isq)"
+            );
+        }
+    }
+
+    /// Checks that this build can run every device of the plan (a dry run such as `strata plan`
+    /// need not). The error points at the topology entry that asked for the device.
+    pub fn check_runnable(&self) -> Result<(), GatewayError> {
+        let Some(d) = self.plan.devices.iter().find(|d| !d.is_cpu()) else {
+            return Ok(());
+        };
+        let entry = self
+            .topology
+            .ranges()
+            .iter()
+            .filter(|r| r.entry.device == Some(*d))
+            .map(|r| (r.line, r.key.as_str()))
+            .chain(
+                self.topology
+                    .selectors()
+                    .iter()
+                    .filter(|s| s.entry.device == Some(*d))
+                    .map(|s| (s.line, s.key.as_str())),
+            )
+            .next();
+        let at = match entry {
+            Some((line, key)) => format!("{}:{line}: key `{key}`: ", self.topology.origin()),
+            None => String::new(),
+        };
+        Err(GatewayError::FailedPrecondition(format!(
+            "{at}device {d}: this build runs CPU workers only (`cpu` or `cpu[N]`); `strata plan` shows the plan without running it"
+        )))
+    }
 }
 
 fn model_info(
@@ -254,6 +297,49 @@ pub async fn run(
     cfg: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), GatewayError> {
+    // Listen for the stop signal from the very start: Ctrl-C or SIGTERM while workers load
+    // stops the startup cleanly instead of killing the process mid-way.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = stop_rx.clone();
+    let mut local = Vec::new();
+    let started = tokio::select! {
+        r = start(&cfg, &mut local) => r?,
+        _ = stopped.wait_for(|s| *s) => {
+            tracing::info!("stopped before serving");
+            stop_local_workers(local).await;
+            return Ok(());
+        }
+    };
+    let served = serve(&cfg, started, stop_rx).await;
+    stop_local_workers(local).await;
+    served
+}
+
+/// Closes the local workers' stdin and waits (a while) for each to exit.
+async fn stop_local_workers(local: Vec<LocalWorker>) {
+    for w in local {
+        w.stop(Duration::from_secs(10)).await;
+    }
+}
+
+/// What startup hands to serving.
+struct Started {
+    resolved: Resolved,
+    workers: Workers,
+    pipeline: RingPipeline<TcpTransport>,
+    failures: watch::Receiver<Option<String>>,
+    kv_blocks: usize,
+}
+
+/// Resolves the plan, starts or reaches the workers, loads and links them and connects the
+/// ring. Local workers are pushed onto `local` as they start, so the caller stops them whatever
+/// happens here.
+async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Started, GatewayError> {
     if cfg.max_running == 0 || cfg.max_batch_tokens < cfg.max_running {
         return Err(GatewayError::invalid(
             "--max-batch-tokens",
@@ -264,6 +350,7 @@ pub async fn run(
         ));
     }
     let resolved = resolve(&cfg.model)?;
+    resolved.check_runnable()?;
     // The largest step must fit one data-plane frame (activations are f32).
     let step_bytes = cfg.max_batch_tokens as u64 * resolved.meta.config.hidden_size as u64 * 4;
     if step_bytes + (1 << 20) > DEFAULT_MAX_FRAME_BYTES as u64 {
@@ -277,15 +364,17 @@ pub async fn run(
     }
     tracing::info!(model = %cfg.model.model, layers = resolved.meta.config.num_layers, "serving\n{}", route_summary(&resolved.plan));
 
+    resolved.log_plan_notes(cfg.model.isq);
+
     let (failures_tx, failures_rx) = watch::channel::<Option<String>>(None);
-    let mut local = Vec::new();
     let addresses: HashMap<DeviceSpec, String> = match &cfg.workers {
         WorkerSource::Spawn(cmd) => {
-            local = spawn_workers(
+            spawn_workers(
                 cmd,
                 &resolved.plan.devices,
                 failures_tx.clone(),
                 cfg.connect_timeout,
+                local,
             )
             .await?;
             local
@@ -321,13 +410,13 @@ pub async fn run(
         connect_timeout: cfg.connect_timeout,
     })
     .await?;
-    if matches!(cfg.workers, WorkerSource::Remote(_)) {
-        tokio::spawn(supervise(
-            workers.clone(),
-            failures_tx.clone(),
-            Duration::from_secs(5),
-        ));
-    }
+    // Local workers are also watched for exiting (at once), but only a status poll sees a
+    // worker that is alive and failed, and keeps each worker's memory figures current.
+    tokio::spawn(supervise(
+        workers.clone(),
+        failures_tx.clone(),
+        Duration::from_secs(5),
+    ));
 
     let first = workers
         .snapshot()
@@ -348,7 +437,28 @@ pub async fn run(
         cfg.step_timeout,
     )
     .await?;
+    Ok(Started {
+        resolved,
+        workers,
+        pipeline,
+        failures: failures_rx,
+        kv_blocks,
+    })
+}
 
+/// Serves the API over a started ring until `stop` turns true.
+async fn serve(
+    cfg: &GatewayConfig,
+    started: Started,
+    stop: watch::Receiver<bool>,
+) -> Result<(), GatewayError> {
+    let Started {
+        resolved,
+        workers,
+        pipeline,
+        failures: failures_rx,
+        kv_blocks,
+    } = started;
     let kv_tokens = kv_blocks * KV_BLOCK_SIZE;
     let context = resolved.meta.config.max_position_embeddings.min(kv_tokens);
     let limits = Limits::new(
@@ -366,8 +476,7 @@ pub async fn run(
         Arc::clone(&resolved.tokenizer),
     );
     let stats = state.stats();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop_rx);
+    let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop.clone());
 
     let tokenizer = Arc::clone(&resolved.tokenizer);
     let info_cfg = cfg.model.clone();
@@ -393,8 +502,13 @@ pub async fn run(
     tokio::spawn(async move {
         while failures.changed().await.is_ok() {
             if failures.borrow().is_some() {
+                // Both the API's own status and the server's overall one (the empty name, which
+                // plain `grpc.health.v1.Health/Check` calls and Kubernetes probes ask about).
                 health_watch
                     .set_not_serving::<StrataServer<StrataService>>()
+                    .await;
+                health_watch
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
             }
         }
@@ -425,17 +539,12 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(StrataServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            let _ = stop_tx.send(true);
+            let mut stop = stop;
+            let _ = stop.wait_for(|s| *s).await;
         })
         .await;
+    // The scheduler has cancelled every stream and told the workers to free their sequences.
     let _ = tokio::time::timeout(Duration::from_secs(10), scheduler_task).await;
-    for w in &mut local {
-        w.stop();
-    }
-    // Give workers a moment to exit on their own before their handles are dropped (and killed).
-    tokio::time::sleep(Duration::from_millis(200)).await;
     served.map_err(|e| GatewayError::Internal(format!("gRPC server: {e}")))
 }
 

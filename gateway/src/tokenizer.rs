@@ -101,15 +101,43 @@ impl ModelTokenizer {
                 .map_err(|e| GatewayError::Model(e.to_string()))?
                 .map(str::to_string);
         }
+        // Generation ends at any of: the config's ids, `generation_config.json`'s (chat models
+        // often end a turn with a token the config does not name, e.g. Llama 3's `<|eot_id|>`),
+        // and the tokenizer's own EOS token.
         tok.eos_ids = eos_ids.to_vec();
-        if tok.eos_ids.is_empty()
-            && let Some(id) = tok
-                .eos_token
-                .as_deref()
-                .and_then(|t| tok.inner.token_to_id(t))
+        if let Some(path) = &files.generation_config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| GatewayError::Model(format!("{}: {e}", path.display())))?;
+            let cfg: Value = serde_json::from_str(&text).map_err(|e| {
+                GatewayError::Model(format!("{}: invalid JSON: {e}", path.display()))
+            })?;
+            let ids = match &cfg["eos_token_id"] {
+                Value::Array(list) => list.iter().collect(),
+                Value::Null => Vec::new(),
+                one => vec![one],
+            };
+            for v in ids {
+                let id = v
+                    .as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .ok_or_else(|| {
+                        GatewayError::Model(format!(
+                            "{}: key `eos_token_id`: expected token ids, found {v}",
+                            path.display()
+                        ))
+                    })?;
+                tok.eos_ids.push(id);
+            }
+        }
+        if let Some(id) = tok
+            .eos_token
+            .as_deref()
+            .and_then(|t| tok.inner.token_to_id(t))
         {
             tok.eos_ids.push(id);
         }
+        let mut seen = std::collections::HashSet::new();
+        tok.eos_ids.retain(|id| seen.insert(*id));
         Ok(tok)
     }
 
@@ -208,7 +236,9 @@ impl ModelTokenizer {
                 json!({
                     "version": "1.0", "truncation": null, "padding": null,
                     "added_tokens": added, "normalizer": null,
-                    "pre_tokenizer": gpt2_pre_tokenizer(pre),
+                    "pre_tokenizer": gpt2_pre_tokenizer(pre).map_err(|supported| GatewayError::Model(format!(
+                        "{origin}: metadata key `tokenizer.ggml.pre` is `{pre}`, a pre-tokenizer Strata does not know (it knows {supported}); tokenizing with other rules would give wrong ids"
+                    )))?,
                     "post_processor": post,
                     "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
                     "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -385,8 +415,9 @@ fn special_token_text(v: &Value) -> Option<String> {
     }
 }
 
-/// llama.cpp's pre-tokenizer for a GGUF `tokenizer.ggml.pre` value, as a tokenizers config.
-fn gpt2_pre_tokenizer(pre: &str) -> Value {
+/// llama.cpp's pre-tokenizer for a GGUF `tokenizer.ggml.pre` value, as a tokenizers config;
+/// for a value it does not know, the list of those it does.
+fn gpt2_pre_tokenizer(pre: &str) -> Result<Value, &'static str> {
     let split = |pattern: &str| {
         json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
@@ -395,7 +426,7 @@ fn gpt2_pre_tokenizer(pre: &str) -> Value {
     };
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    match pre {
+    Ok(match pre {
         "llama3" | "llama-bpe" | "llama-v3" => split(LLAMA3),
         "qwen2" | "deepseek-r1-qwen" => split(QWEN2),
         // SmolLM splits every digit before the GPT-2 rules (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
@@ -403,16 +434,13 @@ fn gpt2_pre_tokenizer(pre: &str) -> Value {
             {"type": "Digits", "individual_digits": true},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
         ]}),
-        other => {
-            if !matches!(other, "default" | "gpt2" | "gpt-2") {
-                tracing::warn!(
-                    pre = other,
-                    "unknown GGUF pre-tokenizer; using the GPT-2 rules"
-                );
-            }
+        "default" | "gpt2" | "gpt-2" => {
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
         }
-    }
+        _ => {
+            return Err("default, gpt2, llama-bpe (llama3), qwen2, deepseek-r1-qwen and smollm");
+        }
+    })
 }
 
 /// BPE merges for a SentencePiece vocabulary (transformers' `SentencePieceExtractor`): every
@@ -462,8 +490,16 @@ impl StreamDecoder {
         let full = self
             .tok
             .decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            let delta = full.get(prefix.len()..).unwrap_or_default().to_string();
+        // A prefix that ends inside a character (a prompt cut mid-character) decodes with a
+        // trailing U+FFFD that the full text replaces by the character: emit from where the
+        // two part, so the completed character is not lost.
+        let start = if prefix.ends_with('\u{FFFD}') {
+            common_prefix_len(&prefix, &full)
+        } else {
+            prefix.len()
+        };
+        if full.len() > start && !full.ends_with('\u{FFFD}') {
+            let delta = full.get(start..).unwrap_or_default().to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
             Ok(delta)
@@ -471,6 +507,15 @@ impl StreamDecoder {
             Ok(String::new())
         }
     }
+}
+
+/// Bytes of the longest common prefix of `a` and `b`, on a character boundary.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.chars()
+        .zip(b.chars())
+        .take_while(|(x, y)| x == y)
+        .map(|(c, _)| c.len_utf8())
+        .sum()
 }
 
 /// Stop-sequence matching on the output text. Text that could still be the start of a stop

@@ -2,6 +2,7 @@
 //! progress), point every stage at its next hop, and watch the workers afterwards.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,8 @@ use strata_proto::worker::v1::{
 use strata_shared::device::DeviceSpec;
 use strata_shared::plan::Plan;
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::error::GatewayError;
 
@@ -67,6 +69,17 @@ impl Workers {
     }
 }
 
+/// The causes under a transport error (tonic's own message is only "transport error").
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        parts.push(c.to_string());
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
 fn normalize(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
@@ -77,11 +90,16 @@ fn normalize(addr: &str) -> String {
 
 /// Connects to a worker's control plane, retrying until `deadline`.
 async fn connect(address: &str, deadline: Instant) -> Result<WorkerClient<Channel>, GatewayError> {
+    let endpoint = Endpoint::from_shared(address.to_string())
+        .map_err(|e| GatewayError::invalid("--worker", format!("`{address}`: {e}")))?;
     let mut last = String::new();
-    while Instant::now() < deadline {
-        match WorkerClient::connect(address.to_string()).await {
-            Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
-            Err(e) => last = e.to_string(),
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        // An address that drops packets must not hold the attempt past the deadline.
+        match endpoint.clone().connect_timeout(left).connect().await {
+            Ok(channel) => {
+                return Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20));
+            }
+            Err(e) => last = format!("{e}: {}", source_chain(&e)),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -172,8 +190,23 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
         inner: Arc::new(Mutex::new(infos.clone())),
     };
     let deadline = Instant::now() + connect_timeout;
-    let mut tasks = Vec::new();
+    // One progress bar per worker on a terminal; log lines otherwise.
+    let bars = std::io::stderr()
+        .is_terminal()
+        .then(indicatif::MultiProgress::new);
+    let mut tasks = JoinSet::new();
     for info in infos {
+        let bar = bars.as_ref().map(|m| {
+            let bar = m.add(indicatif::ProgressBar::new(0));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>10} [{bar:40}] {pos}/{len} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(info.device.to_string());
+            bar
+        });
         let req = LoadRequest {
             model: model.to_string(),
             revision: revision.unwrap_or_default().to_string(),
@@ -187,32 +220,24 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
             kv_block_size,
         };
         let workers = workers.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let address = info.address.clone();
-            let result = load_one(&info, req, deadline, &workers).await;
+            let result = load_one(&info, req, deadline, &workers, bar.as_ref()).await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
             if let Err(e) = &result {
                 workers.fail(&address, &e.to_string());
             }
             result
-        }));
+        });
     }
+    // The first failure stops the others at once (dropping a load stream tells its worker).
     let mut clients = HashMap::new();
-    let mut first_error = None;
-    for t in tasks {
-        match t.await {
-            Ok(Ok((address, client))) => {
-                clients.insert(address, client);
-            }
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                first_error.get_or_insert(GatewayError::Internal(format!("load task: {e}")));
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
+    while let Some(joined) = tasks.join_next().await {
+        let (address, client) =
+            joined.map_err(|e| GatewayError::Internal(format!("load task: {e}")))??;
+        clients.insert(address, client);
     }
     // Link: each stage sends to the worker of the next stage, the last one to the gateway.
     let snapshot = workers.snapshot();
@@ -253,6 +278,7 @@ async fn load_one(
     req: LoadRequest,
     deadline: Instant,
     workers: &Workers,
+    bar: Option<&indicatif::ProgressBar>,
 ) -> Result<(String, WorkerClient<Channel>), GatewayError> {
     let who = format!("worker {} ({})", info.address, info.device);
     let mut client = connect(&info.address, deadline).await?;
@@ -269,7 +295,11 @@ async fn load_one(
         match event.and_then(|e| e.event) {
             Some(load_event::Event::Progress(p)) => {
                 let decile = p.done * 10 / p.total.max(1);
-                if last_decile != Some(decile) {
+                if let Some(bar) = bar {
+                    bar.set_length(u64::from(p.total));
+                    bar.set_position(u64::from(p.done));
+                    bar.set_message(p.tensor);
+                } else if last_decile != Some(decile) {
                     last_decile = Some(decile);
                     tracing::info!(worker = %info.address, device = %info.device, done = p.done, total = p.total, tensor = %p.tensor, "loading");
                 }

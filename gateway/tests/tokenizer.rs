@@ -126,6 +126,32 @@ fn hf_dir_files(dir: &Path) -> ModelFiles {
 }
 
 #[test]
+fn generation_ends_at_every_eos_the_model_files_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = hf_dir_files(dir.path());
+    // A chat model whose turns end with a token config.json does not name (`<|im_end|>` is 2
+    // here, `<|endoftext|>` 0): generation_config.json adds it, tokenizer_config.json's
+    // `eos_token` adds its own, and each id counts once.
+    let gen_cfg = dir.path().join("generation_config.json");
+    std::fs::write(&gen_cfg, r#"{"bos_token_id": 1, "eos_token_id": [0, 7]}"#).unwrap();
+    files.generation_config = Some(gen_cfg.clone());
+    let tok = ModelTokenizer::load(&files, None, &[0]).unwrap();
+    assert_eq!(tok.eos_ids(), &[0, 7, 2]);
+    std::fs::write(&gen_cfg, r#"{"eos_token_id": 5}"#).unwrap();
+    let tok = ModelTokenizer::load(&files, None, &[]).unwrap();
+    assert_eq!(tok.eos_ids(), &[5, 2]);
+    // A malformed file names itself and the key.
+    std::fs::write(&gen_cfg, r#"{"eos_token_id": "x"}"#).unwrap();
+    let e = ModelTokenizer::load(&files, None, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("generation_config.json") && e.contains("eos_token_id"),
+        "{e}"
+    );
+}
+
+#[test]
 fn both_sources_encode_every_prompt_to_the_golden_ids() {
     for p in prompts() {
         for (source, tok) in sources() {
@@ -340,20 +366,26 @@ fn streaming_splits_multibyte_characters_only_between_deltas() {
             "{source}: a partial character is held back"
         );
         assert_eq!(deltas.concat(), p.prompt_text, "{source}");
-        // Primed with a prompt that ends on a whole character, the rest streams exactly.
+        // Primed with any prefix of the prompt, the rest streams exactly: after a prompt that
+        // ends inside a character, the output starts with that whole character.
+        let mut mid_character = 0;
         for cut in 1..p.prompt_ids.len() {
-            if tok
-                .decode(&p.prompt_ids[..cut], false)
-                .unwrap()
-                .ends_with('\u{FFFD}')
-            {
-                continue;
-            }
+            let head = tok.decode(&p.prompt_ids[..cut], false).unwrap();
+            let whole = head.trim_end_matches('\u{FFFD}');
+            mid_character += usize::from(whole.len() < head.len());
             let deltas = stream(tok, &p.prompt_ids[..cut], &p.prompt_ids[cut..], false);
             check_deltas(&deltas, source);
-            let want = tok.decode(&p.prompt_ids[cut..], false).unwrap();
-            assert_eq!(deltas.concat(), want, "{source}: cut at {cut}");
+            assert!(p.prompt_text.starts_with(whole), "{source}: cut at {cut}");
+            assert_eq!(
+                deltas.concat(),
+                p.prompt_text[whole.len()..],
+                "{source}: cut at {cut}"
+            );
         }
+        assert!(
+            mid_character > 0,
+            "{source}: some cut falls inside a character"
+        );
     }
 }
 
@@ -538,4 +570,26 @@ fn an_unsupported_gguf_tokenizer_model_is_an_error() {
         err.contains("nomerges.gguf") && err.contains("tokenizer.ggml.merges"),
         "{err}"
     );
+    // A pre-tokenizer Strata does not know: an error, never silently different ids.
+    let gpt2 = |pre: &str| {
+        vec![
+            ("tokenizer.ggml.model", GgufValue::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", str_array(&["a", "b", "ab"])),
+            ("tokenizer.ggml.merges", str_array(&["a b"])),
+            ("tokenizer.ggml.pre", GgufValue::String(pre.into())),
+        ]
+    };
+    let g = gguf_with(dir.path(), "tekken.gguf", &gpt2("tekken"));
+    let err = ModelTokenizer::from_gguf(&g).unwrap_err().to_string();
+    assert!(
+        err.contains("tekken.gguf")
+            && err.contains("`tokenizer.ggml.pre` is `tekken`")
+            && err.contains("smollm"),
+        "{err}"
+    );
+    for known in ["gpt2", "llama-bpe", "qwen2", "smollm"] {
+        let g = gguf_with(dir.path(), "known.gguf", &gpt2(known));
+        let tok = ModelTokenizer::from_gguf(&g).unwrap();
+        assert_eq!(tok.encode("ab", false).unwrap(), vec![2], "pre `{known}`");
+    }
 }

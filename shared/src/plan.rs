@@ -148,24 +148,6 @@ impl Plan {
         }
         topology.validate(n_layers, &names)?;
 
-        // Devices of the route units: embedding, each layer, head.
-        let layer_device: Vec<Resolved<DeviceSpec>> = (0..n_layers)
-            .map(|i| match topology.layer(i) {
-                Some(r) => Resolved {
-                    value: r.entry.device.unwrap_or(opts.default_device),
-                    reason: format!("range {} (line {})", r.key, r.line),
-                },
-                None => Resolved {
-                    value: opts.default_device,
-                    reason: "default device".into(),
-                },
-            })
-            .collect();
-        let first_dev = layer_device
-            .first()
-            .map_or(opts.default_device, |d| d.value);
-        let last_dev = layer_device.last().map_or(opts.default_device, |d| d.value);
-
         // Uses of stored tensors, in route order: embedding, layers, final norm, head.
         let mut uses: Vec<(TensorRole, &TensorMeta)> = meta
             .tensors
@@ -186,6 +168,30 @@ impl Plan {
         };
         uses.sort_by_key(|(role, _)| rank(*role));
 
+        // Devices of the route units: embedding, each layer, head.
+        let mut layer_device: Vec<Resolved<DeviceSpec>> = (0..n_layers)
+            .map(|i| match topology.layer(i) {
+                Some(r) => Resolved {
+                    value: r.entry.device.unwrap_or(opts.default_device),
+                    reason: format!("range {} (line {})", r.key, r.line),
+                },
+                None => Resolved {
+                    value: opts.default_device,
+                    reason: "default device".into(),
+                },
+            })
+            .collect();
+        // Selectors may move a layer too, but only whole: a layer's tensors share one device.
+        for (i, layer) in layer_device.iter_mut().enumerate() {
+            if let Some(d) = selected_layer_device(topology, &uses, i, layer)? {
+                *layer = d;
+            }
+        }
+        let first_dev = layer_device
+            .first()
+            .map_or(opts.default_device, |d| d.value);
+        let last_dev = layer_device.last().map_or(opts.default_device, |d| d.value);
+
         let mut embed_dev: Option<(DeviceSpec, Option<(usize, String)>)> = None;
         let mut head_dev: Option<(DeviceSpec, Option<(usize, String)>)> = None;
         let mut plans = Vec::with_capacity(uses.len());
@@ -196,24 +202,7 @@ impl Plan {
 
             // Device.
             let device = match role.layer() {
-                Some(i) => {
-                    let layer = &layer_device[i];
-                    if let Some(s) = selector
-                        && let Some(d) = s.entry.device
-                        && d != layer.value
-                    {
-                        return Err(PlanError::Conflict {
-                            origin: topology.origin().to_string(),
-                            line: s.line,
-                            key: s.key.clone(),
-                            message: format!(
-                                "puts `{}` on {d}, but layer {i} runs on {} ({}); a layer's tensors share one device, so move the whole layer with a range key",
-                                use_names[0], layer.value, layer.reason
-                            ),
-                        });
-                    }
-                    layer.value
-                }
+                Some(i) => layer_device[i].value,
                 None => {
                     let is_embed = *role == TensorRole::Embedding;
                     let default = if is_embed { first_dev } else { last_dev };
@@ -379,6 +368,28 @@ impl Plan {
             let role = TensorRole::from_hf_name(&p.name).unwrap_or(TensorRole::LmHead);
             p.stage = stage_of(&route, role);
         }
+        // A tied head loaded by the embedding's stage, the same way, shares its weights: it
+        // costs no memory of its own (as the worker loads it).
+        let embedding = plans
+            .iter()
+            .find(|p| p.name == TensorRole::Embedding.hf_name())
+            .map(|e| (e.source.clone(), e.stage, e.isq, e.dtype));
+        if let Some((source, stage, isq, dtype)) = embedding
+            && let Some(head) = plans.iter_mut().find(|p| {
+                p.name == TensorRole::LmHead.hf_name()
+                    && p.source == source
+                    && p.stage == stage
+                    && p.isq == isq
+                    && p.dtype == dtype
+            })
+        {
+            head.bytes_loaded = 0;
+            let shared = "shares the embedding's weights (same stage, same type)".to_string();
+            head.note = Some(match head.note.take() {
+                Some(n) => format!("{n}; {shared}"),
+                None => shared,
+            });
+        }
         let mut devices = Vec::new();
         for s in &route {
             if !devices.contains(&s.device) {
@@ -525,6 +536,69 @@ impl Plan {
         );
         out
     }
+}
+
+/// The device selectors give layer `i`, if any selector names a device for one of its
+/// tensors. Every tensor of the layer must then end up on that device: the selectors must move
+/// all of them (or the range already puts the layer there).
+fn selected_layer_device(
+    topology: &Topology,
+    uses: &[(TensorRole, &TensorMeta)],
+    i: usize,
+    layer: &Resolved<DeviceSpec>,
+) -> Result<Option<Resolved<DeviceSpec>>, PlanError> {
+    let conflict = |s: &crate::topology::SelectorEntry, message: String| PlanError::Conflict {
+        origin: topology.origin().to_string(),
+        line: s.line,
+        key: s.key.clone(),
+        message,
+    };
+    let mut moved: Option<(DeviceSpec, &crate::topology::SelectorEntry, String)> = None;
+    let mut unmoved: Option<String> = None;
+    for (role, t) in uses.iter().filter(|(r, _)| r.layer() == Some(i)) {
+        let names = use_names(*role, t);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let name = names.first().cloned().unwrap_or_default();
+        match topology
+            .selector_for(&refs)
+            .and_then(|s| s.entry.device.map(|d| (d, s)))
+        {
+            Some((d, s)) => match &moved {
+                Some((prev, prev_s, prev_name)) if *prev != d => {
+                    return Err(conflict(
+                        s,
+                        format!(
+                            "puts `{name}` on {d}, but selector {} (line {}) puts `{prev_name}` of the same layer on {prev}; a layer's tensors share one device",
+                            prev_s.key, prev_s.line
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => moved = Some((d, s, name)),
+            },
+            None => {
+                unmoved.get_or_insert(name);
+            }
+        }
+    }
+    let Some((d, s, name)) = moved else {
+        return Ok(None);
+    };
+    if d != layer.value
+        && let Some(other) = unmoved
+    {
+        return Err(conflict(
+            s,
+            format!(
+                "puts `{name}` on {d}, but `{other}` of the same layer stays on {} ({}); a layer's tensors share one device: select all of them, or move the whole layer with a range key",
+                layer.value, layer.reason
+            ),
+        ));
+    }
+    Ok(Some(Resolved {
+        value: d,
+        reason: format!("selector {} (line {})", s.key, s.line),
+    }))
 }
 
 /// The names a selector matches for one use of `t`.

@@ -54,6 +54,8 @@ pub struct HubOptions {
     pub cache_dir: PathBuf,
     /// Never download (`HF_HUB_OFFLINE=1`).
     pub offline: bool,
+    /// The hub to download from (`HF_ENDPOINT`; default `https://huggingface.co`).
+    pub endpoint: Option<String>,
 }
 
 impl HubOptions {
@@ -62,6 +64,7 @@ impl HubOptions {
         HubOptions {
             cache_dir: hf_hub::Cache::from_env().path().clone(),
             offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0"),
+            endpoint: std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()),
         }
     }
 }
@@ -169,17 +172,31 @@ impl ModelFiles {
             Some(rev) => Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string()),
             None => Repo::new(repo_id.to_string(), RepoType::Model),
         };
-        let hub = Hub {
+        let mut hub = Hub {
             spec: spec.to_string(),
             repo,
             opts: opts.clone(),
+            complete: false,
         };
         if let Some(file) = gguf_file {
             let path = hub.get(file)?;
             return Ok(Self::gguf(spec, path));
         }
+        // A repo whose config is already cached is taken as fully cached: optional files it
+        // lacks are not asked of the network (offline use never waits on it). Decided before the
+        // config itself is fetched.
+        hub.complete = hub.cached("config.json").is_some();
         let config = hub.get("config.json")?;
-        let weights = match hub.cached_or_fetched("model.safetensors") {
+        let single = match hub.cached("model.safetensors") {
+            Some(p) => Some(p),
+            // Sharded checkpoints have an index instead; only ask the hub for the single file
+            // when no index is cached either.
+            None if hub.cached("model.safetensors.index.json").is_some() || hub.opts.offline => {
+                None
+            }
+            None => hub.get("model.safetensors").ok(),
+        };
+        let weights = match single {
             Some(single) => vec![single],
             None => {
                 let index = hub.get("model.safetensors.index.json")?;
@@ -240,6 +257,8 @@ struct Hub {
     spec: String,
     repo: Repo,
     opts: HubOptions,
+    /// The repo was in the cache before this resolution began.
+    complete: bool,
 }
 
 impl Hub {
@@ -265,26 +284,29 @@ impl Hub {
                 ),
             });
         }
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache())
-            .with_progress(false)
-            .build()
-            .map_err(|e| ModelError::Source {
-                spec: self.spec.clone(),
-                problem: format!("cannot reach the Hugging Face hub: {e}"),
-            })?;
+        let mut builder =
+            hf_hub::api::sync::ApiBuilder::from_cache(self.cache()).with_progress(false);
+        if let Some(endpoint) = &self.opts.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let api = builder.build().map_err(|e| ModelError::Source {
+            spec: self.spec.clone(),
+            problem: format!("cannot reach the Hugging Face hub: {e}"),
+        })?;
         api.repo(self.repo.clone()).get(file).map_err(|e| ModelError::Source {
             spec: self.spec.clone(),
             problem: format!("`{file}` is not in the Hugging Face cache at {cache_dir} and downloading it failed: {e}"),
         })
     }
 
-    /// An optional file: from the cache; downloaded only when the repo's config is not cached
-    /// either (a populated cache is taken as complete, so offline use never waits on the network).
+    /// An optional file: from the cache; downloaded only when the repo was not in the cache
+    /// before (a populated cache is taken as complete, so offline use never waits on the
+    /// network). A file the repo does not have is simply absent.
     fn cached_or_fetched(&self, file: &str) -> Option<PathBuf> {
         if let Some(p) = self.cached(file) {
             return Some(p);
         }
-        if self.opts.offline || self.cached("config.json").is_some() {
+        if self.opts.offline || self.complete {
             return None;
         }
         self.get(file).ok()

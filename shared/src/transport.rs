@@ -138,15 +138,26 @@ impl FrameSender for TcpFrameSender {
 
 impl FrameReceiver for TcpFrameReceiver {
     async fn recv(&mut self) -> Result<Option<Frame>, WireError> {
+        let ctx = || format!("reading a frame from {}", self.peer);
+        // A clean close comes between frames; one inside a frame (even inside its prelude)
+        // is an error.
         let mut pre = [0u8; PRELUDE_LEN];
-        match self.reader.read_exact(&mut pre).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(io_err(format!("reading a frame from {}", self.peer))(e)),
+        let mut got = 0;
+        while got < PRELUDE_LEN {
+            match self.reader.read(&mut pre[got..]).await {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => {
+                    return Err(io_err(ctx())(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the connection closed {got} bytes into a frame"),
+                    )));
+                }
+                Ok(n) => got += n,
+                Err(e) => return Err(io_err(ctx())(e)),
+            }
         }
         let prelude = Prelude::parse(&pre, self.max_frame_bytes)?;
         let mut header = vec![0u8; prelude.header_len as usize];
-        let ctx = || format!("reading a frame from {}", self.peer);
         self.reader
             .read_exact(&mut header)
             .await
@@ -330,5 +341,29 @@ mod tests {
         .unwrap();
         let err = recv.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_inside_a_frame_is_an_error_not_a_close() {
+        let mut listener = TcpTransport::default().bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr();
+        let frame = Frame::Samples(SamplesFrame {
+            step_id: 7,
+            samples: vec![],
+        });
+        let (head, _) = frame.encode();
+        for cut in [1, PRELUDE_LEN - 1, PRELUDE_LEN + 1] {
+            let mut raw = TcpStream::connect(&addr).await.unwrap();
+            let (mut r, _) = listener.accept().await.unwrap();
+            raw.write_all(&head[..cut]).await.unwrap();
+            drop(raw);
+            let err = r.recv().await.unwrap_err().to_string();
+            assert!(err.contains("reading a frame from"), "cut at {cut}: {err}");
+        }
+        // Closed between frames: a clean end.
+        let raw = TcpStream::connect(&addr).await.unwrap();
+        let (mut r, _) = listener.accept().await.unwrap();
+        drop(raw);
+        assert_eq!(r.recv().await.unwrap(), None);
     }
 }

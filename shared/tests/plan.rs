@@ -501,11 +501,30 @@ fn requesting_the_stored_type_keeps_the_tensor_as_stored() {
     );
     // No topology and no --isq: everything as stored, one stage on the default device.
     let p = plan("", &PlanOptions::default()).unwrap();
-    assert!(
-        p.tensors
-            .iter()
-            .all(|t| t.isq.is_none() && t.requested.is_none() && t.bytes_loaded == t.bytes_stored)
+    assert!(p.tensors.iter().all(|t| t.isq.is_none()
+        && t.requested.is_none()
+        && (t.name == "lm_head.weight" || t.bytes_loaded == t.bytes_stored)));
+    // The tied head on the embedding's stage shares its weights: no memory of its own.
+    let head = tensor(&p, "lm_head.weight");
+    assert_eq!(
+        (head.source.as_str(), head.bytes_loaded),
+        ("model.embed_tokens.weight", 0)
     );
+    assert!(
+        head.note
+            .as_deref()
+            .is_some_and(|n| n.contains("shares the embedding"))
+    );
+    // On another stage than the embedding, the head is loaded again.
+    let p = plan(
+        "0-15: {device: 'cpu[0]'}\n15-30: {device: 'cpu[1]'}\n",
+        &PlanOptions::default(),
+    )
+    .unwrap();
+    let head = tensor(&p, "lm_head.weight");
+    assert_eq!(head.bytes_loaded, head.bytes_stored);
+    assert_eq!(p.route.len(), 2);
+    let p = plan("", &PlanOptions::default()).unwrap();
     assert_eq!(p.route.len(), 1);
     assert_eq!(p.devices, vec![DeviceSpec::Cpu(0)]);
 }
@@ -605,7 +624,22 @@ fn moving_one_tensor_of_a_layer_is_a_conflict() {
         "{msg}"
     );
     assert!(
-        msg.contains("layer 3 runs on cpu[0] (range 0-30 (line 1))"),
+        msg.contains(
+            "`model.layers.3.input_layernorm.weight` of the same layer stays on cpu[0] (range 0-30 (line 1))"
+        ),
+        "{msg}"
+    );
+
+    // Two selectors that split one layer between them: the error names both.
+    let msg = err(
+        "'/layers\\.4\\.mlp/':\n  device: cpu[1]\n'/layers\\.4\\.self_attn/':\n  device: cpu[2]\n",
+    );
+    assert!(
+        msg.starts_with(r"t.yml:1: key `/layers\.4\.mlp/`: "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(r"selector /layers\.4\.self_attn/ (line 3)") && msg.contains("cpu[2]"),
         "{msg}"
     );
 
@@ -615,6 +649,32 @@ fn moving_one_tensor_of_a_layer_is_a_conflict() {
         &OPTS,
     )
     .unwrap();
+}
+
+#[test]
+fn a_selector_moves_whole_layers() {
+    // "Regex selectors may override both isq and device": every tensor of layers 10-12 moves.
+    let p = plan(
+        "0-30:\n  device: cpu[0]\n'/layers\\.1[0-2]\\./':\n  device: cpu[1]\n",
+        &OPTS,
+    )
+    .unwrap();
+    let route: Vec<_> = p
+        .route
+        .iter()
+        .map(|s| (s.device, s.layer_start, s.layer_end))
+        .collect();
+    assert_eq!(
+        route,
+        vec![
+            (DeviceSpec::Cpu(0), 0, 10),
+            (DeviceSpec::Cpu(1), 10, 13),
+            (DeviceSpec::Cpu(0), 13, 30)
+        ]
+    );
+    let t = tensor(&p, &layer(11, "input_layernorm.weight"));
+    assert_eq!((t.device, t.stage), (DeviceSpec::Cpu(1), 1));
+    assert_eq!(p.devices, vec![DeviceSpec::Cpu(0), DeviceSpec::Cpu(1)]);
 }
 
 #[test]

@@ -29,6 +29,7 @@ pub struct Prompt {
     pub prompt_text: String,
     pub prompt_ids: Vec<u32>,
     pub greedy_ids: Vec<u32>,
+    pub greedy_text: String,
     #[serde(default)]
     pub messages: Vec<serde_json::Value>,
 }
@@ -59,11 +60,14 @@ impl Server {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+        use std::os::unix::process::CommandExt;
         let mut child = Command::new(strata())
             .args(args)
             .args(["--listen", "127.0.0.1:0"])
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            // A process group of its own, as a shell gives a job: `interrupt_group` is Ctrl-C.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -133,10 +137,22 @@ impl Server {
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        signal("-TERM", &self.child.id().to_string());
+        self.wait_exit()
+    }
+
+    /// Sends SIGINT to the server's whole process group, as Ctrl-C in a terminal does.
+    pub fn interrupt_group(&mut self) {
+        signal("-INT", &format!("-{}", self.child.id()));
+    }
+
+    /// The worker processes the server started (its children).
+    pub fn children(&self) -> Vec<u32> {
+        children_of(self.child.id())
+    }
+
+    /// Waits (up to 10 s, then kills) for the server to exit; returns its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         for _ in 0..100 {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
@@ -155,6 +171,47 @@ impl Drop for Server {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `kill SIG TARGET`.
+pub fn signal(sig: &str, target: &str) {
+    let status = Command::new("kill")
+        .args([sig, "--", target])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} {target}");
+}
+
+/// Processes whose parent is `pid` (from `/proc/*/stat`).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces, so parse after its last `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Whether process `pid` still runs (a zombie does not count).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 fn log_text(log: &Arc<Mutex<String>>) -> String {

@@ -171,4 +171,107 @@ impl Engine {
         })?;
         Ok(nll)
     }
+
+    /// Perplexity of `tokens` over sliding windows of `context` tokens, `stride` apart: each
+    /// window scores only the tokens no earlier window scored, so every token but the first is
+    /// scored exactly once, given up to `context - 1` tokens before it.
+    pub fn perplexity(
+        &mut self,
+        tokens: &[u32],
+        context: usize,
+        stride: usize,
+    ) -> Result<Perplexity> {
+        let mut sum = 0f64;
+        let mut scored = 0usize;
+        let plan = windows(tokens.len(), context, stride);
+        for w in &plan {
+            let nll = self.token_nll(&tokens[w.begin..w.end])?;
+            // nll[i] scores token begin + i + 1.
+            for v in nll.iter().skip(w.first_scored - w.begin - 1) {
+                sum += v;
+                scored += 1;
+            }
+        }
+        Ok(Perplexity {
+            perplexity: (sum / scored.max(1) as f64).exp(),
+            scored,
+            windows: plan.len(),
+        })
+    }
+}
+
+/// A perplexity measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Perplexity {
+    pub perplexity: f64,
+    /// Tokens scored (all but the first).
+    pub scored: usize,
+    pub windows: usize,
+}
+
+/// One window of a sliding-window evaluation: tokens `[begin, end)` are fed, and tokens
+/// `[first_scored, end)` are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub begin: usize,
+    pub end: usize,
+    pub first_scored: usize,
+}
+
+/// The windows over `n` tokens: `context` tokens each (at least 2), starting `stride` apart
+/// (clamped to `1..=context - 1`, so that consecutive windows overlap and no token goes
+/// unscored).
+pub fn windows(n: usize, context: usize, stride: usize) -> Vec<Window> {
+    let context = context.max(2);
+    let stride = stride.clamp(1, context - 1);
+    let mut out = Vec::new();
+    let (mut begin, mut done_until) = (0, 1); // token 0 has no prefix
+    while done_until < n {
+        let end = (begin + context).min(n);
+        out.push(Window {
+            begin,
+            end,
+            first_scored: done_until,
+        });
+        done_until = end;
+        begin += stride;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::windows;
+
+    #[test]
+    fn windows_score_every_token_but_the_first_exactly_once() {
+        for n in [0, 1, 2, 3, 10, 100, 1191] {
+            for context in [2, 3, 7, 64, 256, 2048] {
+                for stride in [1, 2, 5, 32, 128, 256, 4096] {
+                    let ws = windows(n, context, stride);
+                    let mut scored = vec![0u32; n];
+                    for w in &ws {
+                        assert!(w.end - w.begin <= context.max(2), "{w:?}");
+                        assert!(w.begin < w.first_scored && w.first_scored < w.end, "{w:?}");
+                        for count in &mut scored[w.first_scored..w.end] {
+                            *count += 1;
+                        }
+                    }
+                    let want: Vec<u32> = (0..n).map(|t| u32::from(t > 0)).collect();
+                    assert_eq!(scored, want, "n {n}, context {context}, stride {stride}");
+                }
+            }
+        }
+        // One window when the text fits; half-overlapping windows otherwise.
+        assert_eq!(windows(1191, 2048, 1024).len(), 1);
+        let ws = windows(1000, 256, 128);
+        assert_eq!(ws.len(), 7);
+        assert_eq!(
+            (ws[1].begin, ws[1].end, ws[1].first_scored),
+            (128, 384, 256)
+        );
+        // A stride as long as the context still leaves no token unscored.
+        let ws = windows(10, 4, 4);
+        assert_eq!(ws.iter().map(|w| w.begin).collect::<Vec<_>>(), [0, 3, 6]);
+    }
 }

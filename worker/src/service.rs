@@ -183,8 +183,27 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
-/// Sends frames queued for one peer over one persistent connection.
-async fn outbound(mut sender: impl FrameSender, addr: String, mut rx: mpsc::Receiver<Frame>) {
+/// Sends frames queued for one peer over one persistent connection. If the connection breaks,
+/// the ring is broken: the worker reports itself failed, which the gateway's supervisor sees.
+async fn outbound(
+    sender: impl FrameSender,
+    addr: String,
+    rx: mpsc::Receiver<Frame>,
+    shared: Arc<Shared>,
+) {
+    if let Err(e) = send_all(sender, &addr, rx).await {
+        tracing::error!(%addr, error = %e, "data plane: sending failed; this worker's ring is broken");
+        shared.set_phase(Phase::Failed(format!(
+            "data plane: sending to the next hop {addr} failed: {e}"
+        )));
+    }
+}
+
+async fn send_all(
+    mut sender: impl FrameSender,
+    addr: &str,
+    mut rx: mpsc::Receiver<Frame>,
+) -> Result<(), WireError> {
     while let Some(frame) = rx.recv().await {
         match sender.send(&frame).await {
             Ok(()) => {}
@@ -200,17 +219,12 @@ async fn outbound(mut sender: impl FrameSender, addr: String, mut rx: mpsc::Rece
                     to: step.stage,
                     message: format!("the step's activations cannot be sent to {addr}: {e}"),
                 });
-                if let Err(e) = sender.send(&error).await {
-                    tracing::error!(%addr, error = %e, "data plane: sending failed");
-                    return;
-                }
+                sender.send(&error).await?;
             }
-            Err(e) => {
-                tracing::error!(%addr, error = %e, "data plane: sending failed");
-                return;
-            }
+            Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 fn to_spec(s: &strata_proto::worker::v1::StageSpec) -> Result<SliceSpec, Status> {
@@ -419,7 +433,12 @@ impl Worker for WorkerService {
                                 ))
                             })?;
                     let (tx, rx) = mpsc::channel(64);
-                    tokio::spawn(outbound(sender, hop.address.clone(), rx));
+                    tokio::spawn(outbound(
+                        sender,
+                        hop.address.clone(),
+                        rx,
+                        Arc::clone(&self.shared),
+                    ));
                     by_addr.insert(hop.address.clone(), tx.clone());
                     tx
                 }

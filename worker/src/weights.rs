@@ -459,6 +459,38 @@ pub fn load_weighted(
 }
 
 /// Loads a 1-D tensor (a norm weight or a bias) as f32.
+/// Writes every tensor of a model, converted to `dtype` in the Hugging Face layout (llama.cpp's
+/// q/k row order undone), under its canonical name as one safetensors file: the weights a
+/// Hugging Face checkpoint of the same model holds (what tests load as a full-precision source).
+pub fn export_safetensors(
+    meta: &ModelMeta,
+    dtype: FloatType,
+    path: &std::path::Path,
+) -> Result<()> {
+    let mut tensors = std::collections::HashMap::new();
+    for (role, t) in &meta.tensors {
+        let spec = LoadSpec {
+            dtype: Some(dtype),
+            unpermute_heads: unpermute_heads(meta, *role),
+            ..LoadSpec::default()
+        };
+        match load(t, &spec)? {
+            Weight::Dense(w) => {
+                tensors.insert(t.name.clone(), w);
+            }
+            Weight::Matrix(_) => {
+                return Err(WorkerError::Load(format!(
+                    "{}: `{}` did not convert to {}",
+                    meta.files.spec,
+                    t.name,
+                    dtype.name()
+                )));
+            }
+        }
+    }
+    candle_core::safetensors::save(&tensors, path).ctx(|| format!("writing {}", path.display()))
+}
+
 pub fn load_vector_f32(meta: &TensorMeta) -> Result<Tensor> {
     read_source(meta, &LoadSpec::default())?.to_f32(meta)
 }

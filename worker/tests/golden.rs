@@ -11,11 +11,13 @@ use strata_shared::plan::FloatType;
 use strata_shared::plan::{Plan, PlanOptions};
 use strata_shared::source::{HubOptions, ModelFiles, fetch_default_model};
 use strata_shared::topology::Topology;
-use strata_shared::wire::{SamplingParams, SeqStep, StepFrame};
+use strata_shared::wire::{
+    DEFAULT_MAX_FRAME_BYTES, Frame, PRELUDE_LEN, Prelude, SamplingParams, SeqStep, StepFrame,
+};
 use strata_worker::Engine;
 use strata_worker::model::{ModelSlice, SliceSpec};
 use strata_worker::stage::Stage;
-use strata_worker::weights::{self, LoadSpec, Weight};
+use strata_worker::weights;
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2")
@@ -54,26 +56,37 @@ fn reference_logits(name: &str) -> Vec<Vec<f32>> {
     t["last_logits"].to_vec2::<f32>().unwrap()
 }
 
+/// A step of one sequence on stage 0: `tokens` from position `pos0`, sampled greedily.
+fn one_seq_step(
+    step_id: u64,
+    seq_id: u64,
+    pos0: u32,
+    prompt_len: usize,
+    tokens: &[u32],
+) -> StepFrame {
+    StepFrame {
+        step_id,
+        stage: 0,
+        releases: vec![],
+        seqs: vec![SeqStep {
+            seq_id,
+            pos0,
+            prompt_len: prompt_len as u32,
+            tokens: tokens.to_vec(),
+            sample: true,
+            params: SamplingParams::default(),
+        }],
+        hidden: None,
+    }
+}
+
 /// Greedy decoding of `n` tokens, not stopping at EOS.
 fn greedy(engine: &mut Engine, seq_id: u64, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::new();
     let mut feed = prompt.to_vec();
     let mut pos = 0u32;
     while out.len() < n {
-        let step = StepFrame {
-            step_id: out.len() as u64,
-            stage: 0,
-            releases: vec![],
-            seqs: vec![SeqStep {
-                seq_id,
-                pos0: pos,
-                prompt_len: prompt.len() as u32,
-                tokens: feed.clone(),
-                sample: true,
-                params: SamplingParams::default(),
-            }],
-            hidden: None,
-        };
+        let step = one_seq_step(out.len() as u64, seq_id, pos, prompt.len(), &feed);
         pos += feed.len() as u32;
         let s = engine.step(step).unwrap();
         let tok = s.samples[0].token;
@@ -138,51 +151,146 @@ fn plan(meta: &ModelMeta, yaml: &str) -> Plan {
     Plan::resolve(meta, &topology, &PlanOptions::default()).unwrap()
 }
 
+/// A frame as the next hop receives it: encoded, then decoded from its bytes.
+fn over_the_wire(frame: Frame) -> Frame {
+    let (head, payload) = frame.encode();
+    let prelude_bytes: [u8; PRELUDE_LEN] = head[..PRELUDE_LEN].try_into().unwrap();
+    let prelude = Prelude::parse(&prelude_bytes, DEFAULT_MAX_FRAME_BYTES).unwrap();
+    Frame::decode(&prelude, &head[PRELUDE_LEN..], payload.unwrap_or_default()).unwrap()
+}
+
+/// Greedy decoding through `stages` chained by hand, each frame crossing the wire format;
+/// returns each generated token with its log-probability.
+fn greedy_through(stages: &mut [Stage], seq_id: u64, prompt: &[u32], n: usize) -> Vec<(u32, f32)> {
+    let mut out = Vec::new();
+    let mut feed = prompt.to_vec();
+    let mut pos = 0u32;
+    while out.len() < n {
+        let mut frame = Frame::Step(one_seq_step(
+            out.len() as u64,
+            seq_id,
+            pos,
+            prompt.len(),
+            &feed,
+        ));
+        for stage in stages.iter_mut() {
+            let Frame::Step(step) = over_the_wire(frame) else {
+                panic!("a step reaches every stage")
+            };
+            frame = stage.run(step).unwrap();
+        }
+        let Frame::Samples(samples) = over_the_wire(frame) else {
+            panic!("the last stage returns samples")
+        };
+        let s = &samples.samples[0];
+        out.push((s.token, s.logprob));
+        pos += feed.len() as u32;
+        feed = vec![s.token];
+    }
+    for stage in stages.iter_mut() {
+        stage.release(seq_id);
+    }
+    out
+}
+
+/// The stages of `plan`, each loaded on its own; also checks that each loads exactly the
+/// tensors the plan gives it (by the names its progress reports) and holds exactly their bytes.
+fn load_stages(meta: &ModelMeta, plan: &Plan) -> Vec<Stage> {
+    (0..plan.route.len())
+        .map(|i| {
+            let spec = SliceSpec::from_plan(plan, i).unwrap();
+            let mut loaded = Vec::new();
+            let slice =
+                ModelSlice::load(meta, &spec, &mut |name, _, _| loaded.push(name.to_string()))
+                    .unwrap();
+            let mut owned: Vec<String> = plan.stage_tensors(i).map(|t| t.name.clone()).collect();
+            loaded.sort();
+            owned.sort();
+            assert_eq!(loaded, owned, "stage {i} loads exactly its own tensors");
+            assert_eq!(
+                slice.weight_bytes() as u64,
+                plan.stage_bytes(i),
+                "stage {i} holds exactly its own weights"
+            );
+            Stage::new(i as u32, slice, 64).unwrap()
+        })
+        .collect()
+}
+
 #[test]
-fn three_chained_slices_equal_one_slice_bit_for_bit() {
+fn three_slices_chained_by_hand_equal_one_slice_bit_for_bit() {
     let meta = meta();
     let three = plan(
         &meta,
         "0-10: {device: 'cpu[0]'}\n10-20: {device: 'cpu[1]'}\n20-30: {device: 'cpu[2]'}\n",
     );
     assert_eq!(three.route.len(), 3);
-    let mut chained = Engine::load(&meta, &three, 64, &mut |_, _, _| {}).unwrap();
-    let [a, b, c] = chained.stages() else {
+    let mut chained = load_stages(&meta, &three);
+    let [a, b, c] = &chained[..] else {
         panic!("three stages")
     };
     // Each slice holds only what it owns: the middle one has neither embedding nor head.
     assert!(a.slice().has_embedding() && !a.slice().has_head());
     assert!(!b.slice().has_embedding() && !b.slice().has_head() && b.slice().n_layers() == 10);
     assert!(c.slice().has_head() && !c.slice().has_embedding());
-    assert!(b.slice().weight_bytes() < a.slice().weight_bytes());
-    let mut one = Engine::load(&meta, &plan(&meta, ""), 64, &mut |_, _, _| {}).unwrap();
-    assert_eq!(one.stages().len(), 1);
-    for p in prompts() {
+    let mut one = load_stages(&meta, &plan(&meta, ""));
+    assert_eq!(one.len(), 1);
+    for (i, p) in prompts().iter().enumerate() {
+        // Prefill, then 16 decode steps over each stage's own KV cache.
         assert_eq!(
-            chained.last_logits(&p.prompt_ids).unwrap(),
-            one.last_logits(&p.prompt_ids).unwrap(),
+            greedy_through(&mut chained, i as u64, &p.prompt_ids, 16),
+            greedy_through(&mut one, i as u64, &p.prompt_ids, 16),
             "{}",
             p.name
         );
     }
 }
 
+#[test]
+fn a_slice_never_depends_on_tensors_it_does_not_own() {
+    // A copy of the model whose layers 10-29 and final norm hold garbage: the slice of layers
+    // 0-10 (with the embedding) must compute exactly what it computes from the real file.
+    let meta = meta();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("garbled.gguf");
+    let mut bytes = std::fs::read(&meta.files.weights[0]).unwrap();
+    let mut garbled = 0;
+    for t in meta.tensors.values() {
+        let foreign = match t.role {
+            strata_shared::names::TensorRole::Layer(i, _) => i >= 10,
+            strata_shared::names::TensorRole::FinalNorm => true,
+            _ => false,
+        };
+        if foreign {
+            let at = t.offset as usize;
+            bytes[at..at + t.n_bytes as usize].fill(0xff);
+            garbled += 1;
+        }
+    }
+    assert_eq!(garbled, 20 * 9 + 1);
+    std::fs::write(&path, bytes).unwrap();
+    let garbled_meta =
+        ModelMeta::open(ModelFiles::resolve(path.to_str().unwrap(), None).unwrap()).unwrap();
+    let split = "0-10: {device: 'cpu[0]'}\n10-30: {device: 'cpu[1]'}\n";
+    let run_first = |meta: &ModelMeta| {
+        let plan = plan(meta, split);
+        let spec = SliceSpec::from_plan(&plan, 0).unwrap();
+        let slice = ModelSlice::load(meta, &spec, &mut |_, _, _| {}).unwrap();
+        let mut stage = Stage::new(0, slice, 64).unwrap();
+        let p = &prompts()[0];
+        let step = one_seq_step(0, 1, 0, p.prompt_ids.len(), &p.prompt_ids);
+        match stage.run(step).unwrap() {
+            Frame::Step(s) => s.hidden.expect("activations"),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(run_first(&garbled_meta), run_first(&meta));
+}
+
 /// Writes the model's weights, dequantized to f32 in the Hugging Face layout, as a Hugging Face
 /// directory with the reference config and tokenizer.
 fn write_hf_dir(meta: &ModelMeta, dir: &std::path::Path) {
-    let mut tensors = std::collections::HashMap::new();
-    for (role, t) in &meta.tensors {
-        let spec = LoadSpec {
-            dtype: Some(FloatType::F32),
-            unpermute_heads: weights::unpermute_heads(meta, *role),
-            ..Default::default()
-        };
-        let Weight::Dense(w) = weights::load(t, &spec).unwrap() else {
-            panic!("dense")
-        };
-        tensors.insert(t.name.clone(), w);
-    }
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    weights::export_safetensors(meta, FloatType::F32, &dir.join("model.safetensors")).unwrap();
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(golden_dir().join("hf").join(f), dir.join(f)).unwrap();
     }
@@ -199,9 +307,47 @@ fn hf_directory_and_hub_cache_give_the_gguf_logits() {
     assert_eq!(hf.config.num_layers, 30);
     let mut from_gguf = engine(&meta, Some(FloatType::F32));
     let mut from_hf = engine(&hf, None);
+    for p in prompts() {
+        assert_eq!(
+            from_hf.last_logits(&p.prompt_ids).unwrap(),
+            from_gguf.last_logits(&p.prompt_ids).unwrap(),
+            "{}",
+            p.name
+        );
+    }
     let p = &prompts()[1];
     let want = from_gguf.last_logits(&p.prompt_ids).unwrap();
-    assert_eq!(from_hf.last_logits(&p.prompt_ids).unwrap(), want);
+
+    // The same weights as a sharded checkpoint (two files and an index).
+    let sharded = tmp.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    let all = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (k, half) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
+        let part: std::collections::HashMap<_, _> = half
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&part, sharded.join(&file)).unwrap();
+        for n in half {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(dir.join(f), sharded.join(f)).unwrap();
+    }
+    let files = ModelFiles::resolve(sharded.to_str().unwrap(), None).unwrap();
+    assert_eq!(files.weights.len(), 2);
+    let mut from_shards = engine(&ModelMeta::open(files).unwrap(), None);
+    assert_eq!(from_shards.last_logits(&p.prompt_ids).unwrap(), want);
 
     // The same directory as a hub id in a Hugging Face cache, resolved offline.
     let home = tmp.path().join("hf-home");
@@ -217,6 +363,7 @@ fn hf_directory_and_hub_cache_give_the_gguf_logits() {
     let hub_opts = HubOptions {
         cache_dir: home.join("hub"),
         offline: true,
+        endpoint: None,
     };
     let files =
         ModelFiles::resolve_with("HuggingFaceTB/SmolLM2-135M-Instruct", None, &hub_opts).unwrap();
@@ -233,4 +380,42 @@ fn hf_directory_and_hub_cache_give_the_gguf_logits() {
             && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
+}
+
+#[test]
+fn half_precision_weights_stay_close_to_f32() {
+    let meta = meta();
+    let mut f32 = engine(&meta, Some(FloatType::F32));
+    for (dtype, tolerance) in [(FloatType::F16, 0.2), (FloatType::BF16, 1.0)] {
+        let mut e = engine(&meta, Some(dtype));
+        for p in prompts() {
+            let want = f32.last_logits(&p.prompt_ids).unwrap();
+            let got = e.last_logits(&p.prompt_ids).unwrap();
+            let max_diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "{}: prompt {}: max |logit diff| = {max_diff:.3}",
+                dtype.name(),
+                p.name
+            );
+            assert!(
+                max_diff <= tolerance,
+                "{}: prompt {}: max |logit diff| {max_diff}",
+                dtype.name(),
+                p.name
+            );
+            // The top token may change only between near-ties.
+            let best = want[strata_worker::sampling::argmax(&want) as usize];
+            let chosen = want[strata_worker::sampling::argmax(&got) as usize];
+            assert!(
+                best - chosen <= tolerance,
+                "{}: prompt {}: top token {chosen} vs {best}",
+                dtype.name(),
+                p.name
+            );
+        }
+    }
 }

@@ -1,0 +1,220 @@
+//! The service's life around its worker processes: Ctrl-C ends every stream as cancelled and
+//! stops every worker; a worker that dies turns the service NOT_SERVING and fails requests with
+//! UNAVAILABLE naming it; a client that leaves frees its KV cache on every worker of the ring.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use strata_proto::v1::strata_client::StrataClient;
+use strata_proto::v1::{
+    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
+    SamplingParameters, WorkerState, generate_request, generate_response,
+};
+use support::{Server, alive, generate};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn long_story(max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(generate_request::Input::Prompt(
+            "Tell me a long story about".into(),
+        )),
+        parameters: Some(SamplingParameters {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..SamplingParameters::default()
+        }),
+        add_special_tokens: false,
+    }
+}
+
+/// Serves `args`, starts a long generation and reads `tokens` of it.
+async fn serve_and_stream(
+    args: &[&str],
+    max_tokens: u32,
+    tokens: usize,
+) -> (
+    Server,
+    StrataClient<Channel>,
+    tonic::Streaming<GenerateResponse>,
+) {
+    let server = Server::start(args).unwrap_or_else(|log| panic!("server failed: {log}"));
+    let mut client = server.client().await;
+    let mut stream = client
+        .generate(long_story(max_tokens))
+        .await
+        .expect("generate")
+        .into_inner();
+    for _ in 0..tokens {
+        stream.message().await.expect("token").expect("stream open");
+    }
+    (server, client, stream)
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Polls ModelInfo until `check` holds of it or `limit` passes.
+async fn info_until(
+    client: &StrataClient<Channel>,
+    limit: Duration,
+    check: impl Fn(&ModelInfoResponse) -> bool,
+) -> bool {
+    let check = &check;
+    eventually(limit, || {
+        let mut client = client.clone();
+        async move {
+            let info = client
+                .model_info(ModelInfoRequest {})
+                .await
+                .expect("info")
+                .into_inner();
+            check(&info)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_the_streams_and_stops_every_worker() {
+    let (mut server, _client, mut stream) = serve_and_stream(&["serve"], 500, 2).await;
+    let workers = server.children();
+    assert_eq!(workers.len(), 2, "the default topology runs two workers");
+
+    // Ctrl-C in a terminal signals the whole foreground group; only the gateway must act on it.
+    server.interrupt_group();
+    let mut finished = None;
+    while let Some(msg) = stream.message().await.expect("the stream ends cleanly") {
+        if let Some(generate_response::Event::Finished(f)) = msg.event {
+            finished = Some(f);
+        }
+    }
+    let finished = finished.expect("a final message");
+    assert_eq!(
+        finished.reason,
+        FinishReason::Cancelled as i32,
+        "{finished:?}"
+    );
+    let status = server.wait_exit();
+    assert!(status.success(), "exit status {status}\n{}", server.log());
+    let mut gone = false;
+    for _ in 0..50 {
+        gone = workers.iter().all(|&w| !alive(w));
+        if gone {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gone, "workers {workers:?} outlived the gateway");
+    let log = server.log();
+    assert!(
+        !log.contains("exited (signal"),
+        "a worker was killed rather than stopped:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_turns_the_service_unhealthy_and_fails_requests_naming_it() {
+    let server = Server::start(&["serve"]).unwrap_or_else(|log| panic!("server failed: {log}"));
+    let workers = server.children();
+    assert_eq!(workers.len(), 2);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    for service in ["", "strata.v1.Strata"] {
+        let s = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(s.status, ServingStatus::Serving as i32, "`{service}`");
+    }
+
+    support::signal("-KILL", &workers[1].to_string());
+
+    // The overall status (what probes ask) and the API's own both turn NOT_SERVING.
+    for service in ["", "strata.v1.Strata"] {
+        let turned = eventually(Duration::from_secs(10), || {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == ServingStatus::NotServing as i32)
+            }
+        })
+        .await;
+        assert!(
+            turned,
+            "health of `{service}` stays SERVING\n{}",
+            server.log()
+        );
+    }
+    let mut client = server.client().await;
+    let err = generate(&mut client, long_story(4))
+        .await
+        .expect_err("no ring, no tokens");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("the worker process for cpu[") && err.message().contains("exited"),
+        "{}",
+        err.message()
+    );
+    // ModelInfo shows which worker failed (the supervisor polls every 5 s).
+    let failed = info_until(&client, Duration::from_secs(15), |info| {
+        info.workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Failed as i32 && !w.error.is_empty())
+            .count()
+            == 1
+    })
+    .await;
+    assert!(failed, "ModelInfo never shows the dead worker as FAILED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_client_frees_its_kv_cache_on_every_worker() {
+    // 512 tokens (32 blocks) of KV cache; a 400-token generation needs 26 blocks. The first
+    // one leaves after 150 tokens, holding 10 blocks on every worker: if any worker kept them,
+    // the second generation would run out of blocks there.
+    let (server, mut client, stream) =
+        serve_and_stream(&["serve", "--kv-cache-tokens", "512"], 400, 150).await;
+    drop(stream);
+    let released = info_until(&client, Duration::from_secs(10), |info| {
+        info.running == 0 && info.kv_cache_reserved_tokens == 0
+    })
+    .await;
+    assert!(released, "the gateway still holds the departed sequence");
+    let (tokens, fin) = generate(&mut client, long_story(400))
+        .await
+        .unwrap_or_else(|e| panic!("the second generation: {e:?}\n{}", server.log()));
+    assert_eq!(tokens.len(), 400);
+    assert_eq!(fin.reason, FinishReason::Length as i32);
+}
