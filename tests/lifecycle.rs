@@ -131,6 +131,10 @@ async fn ctrl_c_cancels_the_streams_and_stops_every_worker() {
         !log.contains("exited (signal"),
         "a worker was killed rather than stopped:\n{log}"
     );
+    assert!(
+        !log.contains("ERROR") && log.matches("worker stopped").count() == 2,
+        "a clean stop logs no error:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

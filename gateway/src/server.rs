@@ -315,7 +315,10 @@ pub async fn run(
             return Ok(());
         }
     };
+    let supervisor = started.supervisor.abort_handle();
     let served = serve(&cfg, started, stop_rx).await;
+    // Workers stopping now is no failure.
+    supervisor.abort();
     stop_local_workers(local).await;
     served
 }
@@ -334,6 +337,7 @@ struct Started {
     pipeline: RingPipeline<TcpTransport>,
     failures: watch::Receiver<Option<String>>,
     kv_blocks: usize,
+    supervisor: tokio::task::JoinHandle<()>,
 }
 
 /// Resolves the plan, starts or reaches the workers, loads and links them and connects the
@@ -412,7 +416,7 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
     .await?;
     // Local workers are also watched for exiting (at once), but only a status poll sees a
     // worker that is alive and failed, and keeps each worker's memory figures current.
-    tokio::spawn(supervise(
+    let supervisor = tokio::spawn(supervise(
         workers.clone(),
         failures_tx.clone(),
         Duration::from_secs(5),
@@ -443,6 +447,7 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
         pipeline,
         failures: failures_rx,
         kv_blocks,
+        supervisor,
     })
 }
 
@@ -458,6 +463,7 @@ async fn serve(
         pipeline,
         failures: failures_rx,
         kv_blocks,
+        supervisor: _,
     } = started;
     let kv_tokens = kv_blocks * KV_BLOCK_SIZE;
     let context = resolved.meta.config.max_position_embeddings.min(kv_tokens);

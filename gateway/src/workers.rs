@@ -232,7 +232,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
             result
         });
     }
-    // The first failure stops the others at once (dropping a load stream tells its worker).
+    // The first failure ends startup at once; the other loads are abandoned.
     let mut clients = HashMap::new();
     while let Some(joined) = tasks.join_next().await {
         let (address, client) =

@@ -187,19 +187,34 @@ impl ModelFiles {
         // config itself is fetched.
         hub.complete = hub.cached("config.json").is_some();
         let config = hub.get("config.json")?;
+        // Sharded checkpoints have an index instead; the hub is asked for the single file only
+        // when no index is cached either.
+        let mut single_err = None;
         let single = match hub.cached("model.safetensors") {
             Some(p) => Some(p),
-            // Sharded checkpoints have an index instead; only ask the hub for the single file
-            // when no index is cached either.
             None if hub.cached("model.safetensors.index.json").is_some() || hub.opts.offline => {
                 None
             }
-            None => hub.get("model.safetensors").ok(),
+            None => hub
+                .get("model.safetensors")
+                .map_err(|e| single_err = Some(e))
+                .ok(),
         };
         let weights = match single {
             Some(single) => vec![single],
             None => {
-                let index = hub.get("model.safetensors.index.json")?;
+                let index = hub.get("model.safetensors.index.json").map_err(|e| {
+                    match single_err.take() {
+                        // Say why neither form of the weights could be had.
+                        Some(first) => ModelError::Source {
+                            spec: spec.to_string(),
+                            problem: format!(
+                                "neither `model.safetensors` nor `model.safetensors.index.json` could be had: {first}; {e}"
+                            ),
+                        },
+                        None => e,
+                    }
+                })?;
                 let mut files = Vec::new();
                 for shard in crate::safetensors::shard_files(&index)? {
                     let name = shard

@@ -246,6 +246,19 @@ fn a_sharded_hub_checkpoint_downloads_every_shard() {
     assert_eq!(names, ["a.safetensors", "b.safetensors"]);
     assert!(files.weights.iter().all(|p| p.is_file()));
 
+    // A repo with a config but neither form of the weights: both are named.
+    let bare = tmp.path().join("remote/acme/bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::write(bare.join("config.json"), config()).unwrap();
+    let err = ModelFiles::resolve_with("acme/bare", None, &online)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("acme/bare")
+            && err.contains("neither `model.safetensors` nor `model.safetensors.index.json`"),
+        "{err}"
+    );
+
     // A repo that is not there: the error names the id and the file.
     let err = ModelFiles::resolve_with("acme/missing", None, &online)
         .unwrap_err()
