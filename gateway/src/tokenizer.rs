@@ -184,7 +184,14 @@ impl ModelTokenizer {
             None => vec![1; tokens.len()],
         };
         let id = |key: &str| -> Result<Option<u32>, GatewayError> {
-            Ok(g.opt_u64(key).map_err(meta_err)?.map(|v| v as u32))
+            match g.opt_u64(key).map_err(meta_err)? {
+                Some(v) => u32::try_from(v).map(Some).map_err(|_| {
+                    GatewayError::Model(format!(
+                        "{origin}: metadata key `{key}`: token id {v} is out of range"
+                    ))
+                }),
+                None => Ok(None),
+            }
         };
         let name_of = |i: Option<u32>| {
             i.and_then(|i| tokens.get(i as usize))

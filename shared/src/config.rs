@@ -123,6 +123,12 @@ impl ModelConfig {
                 ),
             );
         }
+        if self.sliding_window == Some(0) {
+            return bad(
+                "sliding_window",
+                "must be greater than zero (leave it out for full attention)".into(),
+            );
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_key_value_heads",
@@ -429,6 +435,25 @@ mod tests {
         let err = ModelConfig::from_hf_config(&p).unwrap_err().to_string();
         assert!(
             err.contains("num_attention_heads") && err.contains("missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_zero_sliding_window_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(
+            &p,
+            r#"{"model_type": "mistral", "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "vocab_size": 4, "max_position_embeddings": 32, "rms_norm_eps": 1e-5,
+                "sliding_window": 0}"#,
+        )
+        .unwrap();
+        let err = ModelConfig::from_hf_config(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json") && err.contains("sliding_window"),
             "{err}"
         );
     }
