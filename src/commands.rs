@@ -283,19 +283,13 @@ fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) -> Result<E
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("loading");
-    bar.set_length(r.plan.tensors.len() as u64);
-    // Stages report their own counts, one stage after another: one bar over all of them.
-    let (mut base, mut prev) = (0, (0, 0));
     let engine = Engine::load(
         &r.meta,
         &r.plan,
         kv_tokens.div_ceil(KV_BLOCK_SIZE),
         &mut |tensor, done, total| {
-            if done < prev.0 {
-                base += prev.1;
-            }
-            prev = (done, total);
-            bar.set_position((base + done) as u64);
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
             bar.set_prefix(tensor.to_string());
         },
     )?;

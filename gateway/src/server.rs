@@ -323,11 +323,13 @@ pub async fn run(
     served
 }
 
-/// Closes the local workers' stdin and waits (a while) for each to exit.
+/// Closes the local workers' stdin and waits (a while) for all of them to exit.
 async fn stop_local_workers(local: Vec<LocalWorker>) {
+    let mut stopping = tokio::task::JoinSet::new();
     for w in local {
-        w.stop(Duration::from_secs(10)).await;
+        stopping.spawn(w.stop(Duration::from_secs(10)));
     }
+    while stopping.join_next().await.is_some() {}
 }
 
 /// What startup hands to serving.

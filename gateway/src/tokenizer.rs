@@ -42,6 +42,14 @@ impl std::fmt::Debug for ModelTokenizer {
     }
 }
 
+/// A JSON file of the model's, errors naming it.
+fn read_json(path: &std::path::Path) -> Result<Value, GatewayError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| GatewayError::Model(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| GatewayError::Model(format!("{}: invalid JSON: {e}", path.display())))
+}
+
 fn tok_err(origin: &str) -> impl Fn(tokenizers::Error) -> GatewayError + '_ {
     move |e| GatewayError::Model(format!("{origin}: {e}"))
 }
@@ -70,11 +78,7 @@ impl ModelTokenizer {
         };
         // Chat template and special tokens: tokenizer_config.json, chat_template.jinja, GGUF.
         if let Some(cfg_path) = &files.tokenizer_config {
-            let text = std::fs::read_to_string(cfg_path)
-                .map_err(|e| GatewayError::Model(format!("{}: {e}", cfg_path.display())))?;
-            let cfg: Value = serde_json::from_str(&text).map_err(|e| {
-                GatewayError::Model(format!("{}: invalid JSON: {e}", cfg_path.display()))
-            })?;
+            let cfg = read_json(cfg_path)?;
             tok.bos_token = special_token_text(&cfg["bos_token"]).or(tok.bos_token);
             tok.eos_token = special_token_text(&cfg["eos_token"]).or(tok.eos_token);
             tok.chat_template = match &cfg["chat_template"] {
@@ -106,11 +110,7 @@ impl ModelTokenizer {
         // and the tokenizer's own EOS token.
         tok.eos_ids = eos_ids.to_vec();
         if let Some(path) = &files.generation_config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| GatewayError::Model(format!("{}: {e}", path.display())))?;
-            let cfg: Value = serde_json::from_str(&text).map_err(|e| {
-                GatewayError::Model(format!("{}: invalid JSON: {e}", path.display()))
-            })?;
+            let cfg = read_json(path)?;
             let ids = match &cfg["eos_token_id"] {
                 Value::Array(list) => list.iter().collect(),
                 Value::Null => Vec::new(),

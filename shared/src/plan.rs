@@ -182,8 +182,12 @@ impl Plan {
             })
             .collect();
         // Selectors may move a layer too, but only whole: a layer's tensors share one device.
-        for (i, layer) in layer_device.iter_mut().enumerate() {
-            if let Some(d) = selected_layer_device(topology, &uses, i, layer)? {
+        // (`uses` is sorted, so each layer's tensors are adjacent.)
+        for group in uses.chunk_by(|a, b| a.0.layer() == b.0.layer()) {
+            if let Some(i) = group.first().and_then(|(role, _)| role.layer())
+                && let Some(layer) = layer_device.get_mut(i)
+                && let Some(d) = selected_layer_device(topology, group, layer)?
+            {
                 *layer = d;
             }
         }
@@ -538,13 +542,12 @@ impl Plan {
     }
 }
 
-/// The device selectors give layer `i`, if any selector names a device for one of its
-/// tensors. Every tensor of the layer must then end up on that device: the selectors must move
-/// all of them (or the range already puts the layer there).
+/// The device selectors give the layer whose tensor uses are `uses`, if any selector names a
+/// device for one of them. Every tensor of the layer must then end up on that device: the
+/// selectors must move all of them (or the range already puts the layer there).
 fn selected_layer_device(
     topology: &Topology,
     uses: &[(TensorRole, &TensorMeta)],
-    i: usize,
     layer: &Resolved<DeviceSpec>,
 ) -> Result<Option<Resolved<DeviceSpec>>, PlanError> {
     let conflict = |s: &crate::topology::SelectorEntry, message: String| PlanError::Conflict {
@@ -555,7 +558,7 @@ fn selected_layer_device(
     };
     let mut moved: Option<(DeviceSpec, &crate::topology::SelectorEntry, String)> = None;
     let mut unmoved: Option<String> = None;
-    for (role, t) in uses.iter().filter(|(r, _)| r.layer() == Some(i)) {
+    for (role, t) in uses {
         let names = use_names(*role, t);
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let name = names.first().cloned().unwrap_or_default();

@@ -158,6 +158,14 @@ fn config() -> String {
     .to_string()
 }
 
+/// A repo on the fake hub under `root/remote`, holding the tiny model's config.
+fn remote_repo(root: &Path, id: &str) -> std::path::PathBuf {
+    let repo = root.join("remote").join(id);
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("config.json"), config()).unwrap();
+    repo
+}
+
 fn offline(cache: &Path) -> HubOptions {
     HubOptions {
         cache_dir: cache.to_path_buf(),
@@ -166,12 +174,19 @@ fn offline(cache: &Path) -> HubOptions {
     }
 }
 
+/// Resolution into `cache`, downloading from `hub`.
+fn online(cache: &Path, hub: &FakeHub) -> HubOptions {
+    HubOptions {
+        cache_dir: cache.to_path_buf(),
+        offline: false,
+        endpoint: Some(hub.endpoint.clone()),
+    }
+}
+
 #[test]
 fn a_hub_id_downloads_what_the_model_needs_then_serves_offline() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("remote/acme/tiny");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(repo.join("config.json"), config()).unwrap();
+    let repo = remote_repo(tmp.path(), "acme/tiny");
     std::fs::write(repo.join("tokenizer.json"), "{}").unwrap();
     std::fs::write(
         repo.join("generation_config.json"),
@@ -181,11 +196,7 @@ fn a_hub_id_downloads_what_the_model_needs_then_serves_offline() {
     std::fs::write(repo.join("model.safetensors"), tiny_llama()).unwrap();
     let hub = FakeHub::start(&tmp.path().join("remote"));
     let cache = tmp.path().join("cache");
-    let online = HubOptions {
-        cache_dir: cache.clone(),
-        offline: false,
-        endpoint: Some(hub.endpoint.clone()),
-    };
+    let online = online(&cache, &hub);
     let files = ModelFiles::resolve_with("acme/tiny", None, &online).unwrap();
     assert_eq!(files.weights.len(), 1);
     assert!(files.weights[0].starts_with(&cache));
@@ -221,9 +232,7 @@ fn a_hub_id_downloads_what_the_model_needs_then_serves_offline() {
 #[test]
 fn a_sharded_hub_checkpoint_downloads_every_shard() {
     let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("remote/acme/sharded");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(repo.join("config.json"), config()).unwrap();
+    let repo = remote_repo(tmp.path(), "acme/sharded");
     std::fs::write(repo.join("a.safetensors"), safetensors(&[("x", &[4])])).unwrap();
     std::fs::write(repo.join("b.safetensors"), safetensors(&[("y", &[4])])).unwrap();
     std::fs::write(
@@ -232,11 +241,7 @@ fn a_sharded_hub_checkpoint_downloads_every_shard() {
     )
     .unwrap();
     let hub = FakeHub::start(&tmp.path().join("remote"));
-    let online = HubOptions {
-        cache_dir: tmp.path().join("cache"),
-        offline: false,
-        endpoint: Some(hub.endpoint.clone()),
-    };
+    let online = online(&tmp.path().join("cache"), &hub);
     let files = ModelFiles::resolve_with("acme/sharded", None, &online).unwrap();
     let names: Vec<_> = files
         .weights
@@ -247,9 +252,7 @@ fn a_sharded_hub_checkpoint_downloads_every_shard() {
     assert!(files.weights.iter().all(|p| p.is_file()));
 
     // A repo with a config but neither form of the weights: both are named.
-    let bare = tmp.path().join("remote/acme/bare");
-    std::fs::create_dir_all(&bare).unwrap();
-    std::fs::write(bare.join("config.json"), config()).unwrap();
+    remote_repo(tmp.path(), "acme/bare");
     let err = ModelFiles::resolve_with("acme/bare", None, &online)
         .unwrap_err()
         .to_string();

@@ -182,36 +182,31 @@ pub fn signal(sig: &str, target: &str) {
     assert!(status.success(), "kill {sig} {target}");
 }
 
-/// Processes whose parent is `pid` (from `/proc/*/stat`).
+/// A process's state and parent from `/proc/PID/stat` (`pid (comm) state ppid ...`; comm may
+/// hold spaces, so the fields are read after its last `)`).
+fn state_and_parent(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.to_string();
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Processes whose parent is `pid`.
 pub fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid ...`: comm may hold spaces, so parse after its last `)`.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(child);
-        }
-    }
+    let mut out: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&p| state_and_parent(p).is_some_and(|(_, ppid)| ppid == pid))
+        .collect();
     out.sort_unstable();
     out
 }
 
 /// Whether process `pid` still runs (a zombie does not count).
 pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
+    state_and_parent(pid).is_some_and(|(state, _)| state != "Z" && state != "X")
 }
 
 fn log_text(log: &Arc<Mutex<String>>) -> String {

@@ -18,17 +18,25 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads every stage of `plan`, each with a KV cache of `kv_blocks` blocks.
+    /// Loads every stage of `plan`, each with a KV cache of `kv_blocks` blocks. `progress`
+    /// counts tensors over all stages together.
     pub fn load(
         meta: &ModelMeta,
         plan: &Plan,
         kv_blocks: usize,
         progress: Progress<'_>,
     ) -> Result<Self> {
+        let total = plan.tensors.len();
+        let mut before = 0;
         let mut stages = Vec::with_capacity(plan.route.len());
         for s in &plan.route {
             let spec = SliceSpec::from_plan(plan, s.index)?;
-            let slice = ModelSlice::load(meta, &spec, &mut *progress)?;
+            let mut done_here = 0;
+            let slice = ModelSlice::load(meta, &spec, &mut |name, done, _| {
+                done_here = done;
+                progress(name, before + done, total);
+            })?;
+            before += done_here;
             stages.push(Stage::new(s.index as u32, slice, kv_blocks)?);
         }
         Self::from_stages(stages)

@@ -12,7 +12,8 @@ use strata_shared::plan::{Plan, PlanOptions};
 use strata_shared::source::{HubOptions, ModelFiles, fetch_default_model};
 use strata_shared::topology::Topology;
 use strata_shared::wire::{
-    DEFAULT_MAX_FRAME_BYTES, Frame, PRELUDE_LEN, Prelude, SamplingParams, SeqStep, StepFrame,
+    DEFAULT_MAX_FRAME_BYTES, Frame, PRELUDE_LEN, Prelude, Sample, SamplingParams, SeqStep,
+    StepFrame,
 };
 use strata_worker::Engine;
 use strata_worker::model::{ModelSlice, SliceSpec};
@@ -80,21 +81,39 @@ fn one_seq_step(
     }
 }
 
-/// Greedy decoding of `n` tokens, not stopping at EOS.
-fn greedy(engine: &mut Engine, seq_id: u64, prompt: &[u32], n: usize) -> Vec<u32> {
+/// Greedy decoding of `n` tokens, not stopping at EOS: `run` takes each step and returns the
+/// sequence's sample. Returns each token with its log-probability.
+fn greedy_with(
+    seq_id: u64,
+    prompt: &[u32],
+    n: usize,
+    mut run: impl FnMut(StepFrame) -> Sample,
+) -> Vec<(u32, f32)> {
     let mut out = Vec::new();
     let mut feed = prompt.to_vec();
     let mut pos = 0u32;
     while out.len() < n {
-        let step = one_seq_step(out.len() as u64, seq_id, pos, prompt.len(), &feed);
+        let s = run(one_seq_step(
+            out.len() as u64,
+            seq_id,
+            pos,
+            prompt.len(),
+            &feed,
+        ));
+        out.push((s.token, s.logprob));
         pos += feed.len() as u32;
-        let s = engine.step(step).unwrap();
-        let tok = s.samples[0].token;
-        out.push(tok);
-        feed = vec![tok];
+        feed = vec![s.token];
     }
-    engine.release(seq_id);
     out
+}
+
+/// Greedy decoding of `n` tokens through the engine.
+fn greedy(engine: &mut Engine, seq_id: u64, prompt: &[u32], n: usize) -> Vec<u32> {
+    let out = greedy_with(seq_id, prompt, n, |step| {
+        engine.step(step).unwrap().samples.remove(0)
+    });
+    engine.release(seq_id);
+    out.into_iter().map(|(token, _)| token).collect()
 }
 
 #[test]
@@ -162,31 +181,19 @@ fn over_the_wire(frame: Frame) -> Frame {
 /// Greedy decoding through `stages` chained by hand, each frame crossing the wire format;
 /// returns each generated token with its log-probability.
 fn greedy_through(stages: &mut [Stage], seq_id: u64, prompt: &[u32], n: usize) -> Vec<(u32, f32)> {
-    let mut out = Vec::new();
-    let mut feed = prompt.to_vec();
-    let mut pos = 0u32;
-    while out.len() < n {
-        let mut frame = Frame::Step(one_seq_step(
-            out.len() as u64,
-            seq_id,
-            pos,
-            prompt.len(),
-            &feed,
-        ));
+    let out = greedy_with(seq_id, prompt, n, |step| {
+        let mut frame = Frame::Step(step);
         for stage in stages.iter_mut() {
             let Frame::Step(step) = over_the_wire(frame) else {
                 panic!("a step reaches every stage")
             };
             frame = stage.run(step).unwrap();
         }
-        let Frame::Samples(samples) = over_the_wire(frame) else {
+        let Frame::Samples(mut samples) = over_the_wire(frame) else {
             panic!("the last stage returns samples")
         };
-        let s = &samples.samples[0];
-        out.push((s.token, s.logprob));
-        pos += feed.len() as u32;
-        feed = vec![s.token];
-    }
+        samples.samples.remove(0)
+    });
     for stage in stages.iter_mut() {
         stage.release(seq_id);
     }
