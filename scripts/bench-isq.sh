@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Per ISQ type on the default model (every decoder linear weight quantized at load, one process,
 # 2 threads): load time, weight bytes, peak RSS, prefill and decode tokens/s, and perplexity over
-# ../shared/golden/smollm2/ppl_text.txt. Prints a Markdown table.
+# tests/golden/smollm2/ppl_text.txt. Prints a Markdown table.
 # Usage: scripts/bench-isq.sh [TYPES...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 strata=${STRATA:-${CARGO_TARGET_DIR:-target}/release/strata}
 [ -x "$strata" ] || cargo build --release --quiet
-text=../shared/golden/smollm2/ppl_text.txt
+text=tests/golden/smollm2/ppl_text.txt
 types=("$@")
 [ ${#types[@]} -gt 0 ] || types=(as-stored f32 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q2K Q3K Q4K Q5K Q6K Q8K HQQ4 HQQ8 FP8)
 lscpu | grep -E '^Model name' || true

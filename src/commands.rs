@@ -2,14 +2,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use strata_gateway::cli::{GatewayArgs, ModelArgs, ServingArgs, gateway_config};
 use strata_gateway::launcher::WorkerCommand;
-use strata_gateway::scheduler::{Scheduler, SchedulerConfig, SchedulerState};
+use strata_gateway::progress::Progress;
+use strata_gateway::scheduler::{Scheduler, SchedulerConfig, SchedulerState, StreamOutput};
 use strata_gateway::server::{Resolved, TopologyChoice, WorkerSource};
 use strata_gateway::validation::{self, Limits};
 use strata_proto::v1::{
@@ -253,47 +253,22 @@ fn plan(a: PlanArgs) -> Result<()> {
 /// Loads every stage of the plan in this process, with a progress bar on a terminal and log
 /// lines otherwise.
 fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) -> Result<Engine> {
-    use std::io::IsTerminal;
     r.check_runnable()?;
     r.log_plan_notes(isq);
-    if !std::io::stderr().is_terminal() {
-        let mut decile = usize::MAX;
-        let started = Instant::now();
-        let engine = Engine::load(
-            &r.meta,
-            &r.plan,
-            kv_tokens.div_ceil(KV_BLOCK_SIZE),
-            &mut |tensor, done, total| {
-                if done * 10 / total.max(1) != decile {
-                    decile = done * 10 / total.max(1);
-                    tracing::info!(done, total, tensor, "loading");
-                }
-            },
-        )?;
-        tracing::info!(
-            seconds = started.elapsed().as_secs_f64(),
-            weight_bytes = engine.weight_bytes(),
-            "loaded"
-        );
-        return Ok(engine);
-    }
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {prefix}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message("loading");
+    let started = Instant::now();
+    let mut task = Progress::new().task("local");
     let engine = Engine::load(
         &r.meta,
         &r.plan,
         kv_tokens.div_ceil(KV_BLOCK_SIZE),
-        &mut |tensor, done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-            bar.set_prefix(tensor.to_string());
-        },
+        &mut |tensor, done, total| task.update(done, total, tensor),
     )?;
-    bar.finish_and_clear();
+    drop(task);
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        weight_bytes = engine.weight_bytes(),
+        "loaded"
+    );
     Ok(engine)
 }
 
@@ -358,12 +333,13 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             max_batch_tokens: 4096,
             max_running: 1,
         },
-        Arc::clone(&r.tokenizer),
+        r.tokenizer.eos_ids().to_vec(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let (scheduler, task) = Scheduler::spawn(LocalPipeline::new(engine), state, stop_rx);
     let (tx, mut rx) = mpsc::channel(a.max_tokens as usize + 2);
-    scheduler.submit(req, tx).await?;
+    let output = StreamOutput::new(&r.tokenizer, &req, tx);
+    scheduler.submit(req, output).await?;
     let mut out = std::io::stdout();
     while let Some(event) = rx.recv().await {
         match event?.event {
@@ -595,10 +571,7 @@ async fn bench_serve(a: BenchServeArgs) -> Result<()> {
             hidden,
         })
     };
-    let frame_len = |f: strata_shared::wire::Frame| {
-        let (head, payload) = f.encode();
-        head.len() + payload.map_or(0, |p| p.len())
-    };
+    let frame_len = |f: strata_shared::wire::Frame| f.to_bytes().map_or(0, |b| b.len());
     let activations = strata_shared::wire::Activations {
         dtype: strata_shared::wire::ActDType::F32,
         rows: 1,

@@ -2,7 +2,6 @@
 //! its own process, learns nothing but its listen address, and exits when the gateway's end of
 //! its stdin closes, so workers never outlive the gateway.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::GatewayError;
+use crate::progress::Progress;
 
 /// How to start a worker process: a program and the arguments before the worker's own
 /// (`strata` + `["worker"]`, or `strata-worker` + `[]`).
@@ -68,7 +68,7 @@ pub async fn spawn_workers(
             .kill_on_drop(true);
         // On a terminal the gateway draws the workers' load progress; their own info lines
         // would only break up the bars (RUST_LOG, when set, still decides).
-        if std::io::stderr().is_terminal() && std::env::var_os("RUST_LOG").is_none() {
+        if Progress::new().draws_bars() && std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "warn");
         }
         let mut child = command.spawn().map_err(|e| {

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod error;
 pub mod launcher;
 pub mod pipeline;
+pub mod progress;
 pub mod scheduler;
 pub mod server;
 pub mod service;

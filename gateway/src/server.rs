@@ -481,7 +481,7 @@ async fn serve(
             max_batch_tokens: cfg.max_batch_tokens,
             max_running: cfg.max_running,
         },
-        Arc::clone(&resolved.tokenizer),
+        resolved.tokenizer.eos_ids().to_vec(),
     );
     let stats = state.stats();
     let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop.clone());

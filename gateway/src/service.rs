@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::GatewayError;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Scheduler, StreamOutput};
 use crate::tokenizer::ModelTokenizer;
 use crate::validation::{self, Limits, ValidRequest};
 
@@ -51,7 +51,8 @@ impl StrataService {
     ) -> Result<Response<ReceiverStream<Result<GenerateResponse, Status>>>, Status> {
         // Room for every token event and the final message: a full channel never blocks the scheduler.
         let (tx, rx) = mpsc::channel(req.max_new_tokens as usize + 2);
-        self.scheduler.submit(req, tx).await?;
+        let output = StreamOutput::new(&self.tokenizer, &req, tx);
+        self.scheduler.submit(req, output).await?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

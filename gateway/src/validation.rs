@@ -292,7 +292,7 @@ mod tests {
 
     fn tok() -> ModelTokenizer {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/golden/smollm2/hf/tokenizer.json");
+            .join("../tests/golden/smollm2/hf/tokenizer.json");
         ModelTokenizer::from_tokenizer_json(&std::fs::read(path).unwrap(), "tokenizer.json")
             .unwrap()
     }

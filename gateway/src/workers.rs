@@ -2,7 +2,6 @@
 //! progress), point every stage at its next hop, and watch the workers afterwards.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::GatewayError;
+use crate::progress::{Progress, ProgressTask};
 
 /// What the gateway knows about one worker.
 #[derive(Debug, Clone)]
@@ -191,22 +191,10 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
     };
     let deadline = Instant::now() + connect_timeout;
     // One progress bar per worker on a terminal; log lines otherwise.
-    let bars = std::io::stderr()
-        .is_terminal()
-        .then(indicatif::MultiProgress::new);
+    let progress = Progress::new();
     let mut tasks = JoinSet::new();
     for info in infos {
-        let bar = bars.as_ref().map(|m| {
-            let bar = m.add(indicatif::ProgressBar::new(0));
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix:>10} [{bar:40}] {pos}/{len} {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar.set_prefix(info.device.to_string());
-            bar
-        });
+        let mut task = progress.task(info.device.to_string());
         let req = LoadRequest {
             model: model.to_string(),
             revision: revision.unwrap_or_default().to_string(),
@@ -222,10 +210,8 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
         let workers = workers.clone();
         tasks.spawn(async move {
             let address = info.address.clone();
-            let result = load_one(&info, req, deadline, &workers, bar.as_ref()).await;
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
+            let result = load_one(&info, req, deadline, &workers, &mut task).await;
+            drop(task);
             if let Err(e) = &result {
                 workers.fail(&address, &e.to_string());
             }
@@ -278,7 +264,7 @@ async fn load_one(
     req: LoadRequest,
     deadline: Instant,
     workers: &Workers,
-    bar: Option<&indicatif::ProgressBar>,
+    progress: &mut ProgressTask,
 ) -> Result<(String, WorkerClient<Channel>), GatewayError> {
     let who = format!("worker {} ({})", info.address, info.device);
     let mut client = connect(&info.address, deadline).await?;
@@ -287,22 +273,13 @@ async fn load_one(
         .await
         .map_err(|s| GatewayError::Unavailable(format!("{who} refused to load: {}", s.message())))?
         .into_inner();
-    let mut last_decile = None;
     loop {
         let event = stream.message().await.map_err(|s| {
             GatewayError::Unavailable(format!("{who} failed to load: {}", s.message()))
         })?;
         match event.and_then(|e| e.event) {
             Some(load_event::Event::Progress(p)) => {
-                let decile = p.done * 10 / p.total.max(1);
-                if let Some(bar) = bar {
-                    bar.set_length(u64::from(p.total));
-                    bar.set_position(u64::from(p.done));
-                    bar.set_message(p.tensor);
-                } else if last_decile != Some(decile) {
-                    last_decile = Some(decile);
-                    tracing::info!(worker = %info.address, device = %info.device, done = p.done, total = p.total, tensor = %p.tensor, "loading");
-                }
+                progress.update(p.done as usize, p.total as usize, &p.tensor);
             }
             Some(load_event::Event::Loaded(l)) => {
                 tracing::info!(worker = %info.address, device = %info.device, data = %l.data_address, weight_bytes = l.weight_bytes, seconds = l.load_seconds, "worker loaded");

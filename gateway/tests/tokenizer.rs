@@ -1,5 +1,5 @@
 //! The tokenizer against the reference tokenizer's golden outputs for SmolLM2-135M-Instruct
-//! (`../shared/golden/smollm2/prompts.json`): token ids from both tokenizer sources (the GGUF
+//! (`tests/golden/smollm2/prompts.json`): token ids from both tokenizer sources (the GGUF
 //! metadata of the default model, and `hf/tokenizer.json`), chat template rendering from both
 //! sources, decoding and streaming detokenization; plus a SentencePiece (`llama`) vocabulary
 //! rebuilt from GGUF metadata.
@@ -17,7 +17,7 @@ use strata_shared::meta::ModelMeta;
 use strata_shared::source::{ModelFiles, WeightFormat, fetch_default_model};
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/smollm2")
 }
 
 #[derive(serde::Deserialize)]

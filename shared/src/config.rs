@@ -402,8 +402,8 @@ mod tests {
 
     #[test]
     fn reads_golden_hf_config() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/golden/smollm2/hf/config.json");
+        let p =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/smollm2/hf/config.json");
         let c = ModelConfig::from_hf_config(&p).unwrap();
         assert_eq!(c.arch, Arch::Llama);
         assert_eq!(

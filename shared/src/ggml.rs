@@ -27,6 +27,25 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type.
+    pub const ALL: [GgmlType; 15] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::Q8K,
+    ];
+
     /// Maps a GGUF `ggml_type` id; `Err(name)` for types Strata cannot run (IQ*, integer types).
     pub fn from_gguf_id(id: u32) -> Result<Self, String> {
         Ok(match id {
@@ -69,16 +88,6 @@ impl GgmlType {
                 return Err(format!("{name} (ggml type {other})"));
             }
         })
-    }
-
-    /// Maps a safetensors dtype string; `Err` for dtypes Strata cannot run.
-    pub fn from_safetensors(dtype: &str) -> Result<Self, String> {
-        match dtype {
-            "F32" => Ok(GgmlType::F32),
-            "F16" => Ok(GgmlType::F16),
-            "BF16" => Ok(GgmlType::BF16),
-            other => Err(format!("dtype {other} (expected F32, F16 or BF16)")),
-        }
     }
 
     /// Weights per block.

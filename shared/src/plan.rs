@@ -12,7 +12,7 @@ use crate::ggml::GgmlType;
 use crate::isq::IsqType;
 use crate::meta::{ModelMeta, TensorMeta};
 use crate::names::TensorRole;
-use crate::topology::{Topology, TopologyError};
+use crate::topology::{SelectorEntry, Topology, TopologyError};
 
 /// A float type weights may be converted to at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,252 +148,44 @@ impl Plan {
         }
         topology.validate(n_layers, &names)?;
 
-        // Uses of stored tensors, in route order: embedding, layers, final norm, head.
-        let mut uses: Vec<(TensorRole, &TensorMeta)> = meta
-            .tensors
-            .iter()
-            .filter(|(role, _)| {
-                **role != TensorRole::RopeFreqs && !(tied && **role == TensorRole::LmHead)
-            })
-            .map(|(role, t)| (*role, t))
-            .collect();
-        if tied {
-            uses.push((TensorRole::LmHead, meta.require(TensorRole::Embedding)?));
-        }
-        let rank = |r: TensorRole| match r {
-            TensorRole::Embedding => (0, 0, None),
-            TensorRole::Layer(i, t) => (1, i, Some(t)),
-            TensorRole::FinalNorm => (2, 0, None),
-            _ => (3, 0, None),
-        };
-        uses.sort_by_key(|(role, _)| rank(*role));
-
-        // Devices of the route units: embedding, each layer, head.
-        let mut layer_device: Vec<Resolved<DeviceSpec>> = (0..n_layers)
-            .map(|i| match topology.layer(i) {
-                Some(r) => Resolved {
-                    value: r.entry.device.unwrap_or(opts.default_device),
-                    reason: format!("range {} (line {})", r.key, r.line),
-                },
-                None => Resolved {
-                    value: opts.default_device,
-                    reason: "default device".into(),
-                },
-            })
-            .collect();
-        // Selectors may move a layer too, but only whole: a layer's tensors share one device.
-        // (`uses` is sorted, so each layer's tensors are adjacent.)
-        for group in uses.chunk_by(|a, b| a.0.layer() == b.0.layer()) {
-            if let Some(i) = group.first().and_then(|(role, _)| role.layer())
-                && let Some(layer) = layer_device.get_mut(i)
-                && let Some(d) = selected_layer_device(topology, group, layer)?
-            {
-                *layer = d;
-            }
-        }
+        let uses = tensor_uses(meta)?;
+        let layer_device = layer_devices(topology, opts, &uses, n_layers)?;
         let first_dev = layer_device
             .first()
             .map_or(opts.default_device, |d| d.value);
         let last_dev = layer_device.last().map_or(opts.default_device, |d| d.value);
+        let mut embed = EdgeDevice::new(first_dev);
+        let mut head = EdgeDevice::new(last_dev);
 
-        let mut embed_dev: Option<(DeviceSpec, Option<(usize, String)>)> = None;
-        let mut head_dev: Option<(DeviceSpec, Option<(usize, String)>)> = None;
         let mut plans = Vec::with_capacity(uses.len());
         for (role, t) in &uses {
             let use_names = use_names(*role, t);
             let name_refs: Vec<&str> = use_names.iter().map(String::as_str).collect();
             let selector = topology.selector_for(&name_refs);
-
-            // Device.
             let device = match role.layer() {
                 Some(i) => layer_device[i].value,
-                None => {
-                    let is_embed = *role == TensorRole::Embedding;
-                    let default = if is_embed { first_dev } else { last_dev };
-                    // The device, and the selector that set it (if one did).
-                    let (d, by) = match selector.and_then(|s| s.entry.device.map(|d| (d, s))) {
-                        Some((d, s)) => (d, Some((s.line, s.key.clone()))),
-                        None => (default, None),
-                    };
-                    let slot = if is_embed {
-                        &mut embed_dev
-                    } else {
-                        &mut head_dev
-                    };
-                    match slot {
-                        Some((prev, prev_by)) if *prev != d => {
-                            // Point at whichever selector split the head: this tensor's, or the
-                            // one that placed the rest of it. (Without selectors both take the
-                            // same default device, so one of the two is always set.)
-                            let (line, key) =
-                                by.clone().or_else(|| prev_by.clone()).unwrap_or_default();
-                            let other = match prev_by {
-                                Some((l, k)) => format!(" (selector {k}, line {l})"),
-                                None => String::new(),
-                            };
-                            return Err(PlanError::Conflict {
-                                origin: topology.origin().to_string(),
-                                line,
-                                key,
-                                message: format!(
-                                    "puts `{}` on {d}, but the rest of the output head is on {prev}{other}; the final norm and the head share one device",
-                                    use_names[0]
-                                ),
-                            });
-                        }
-                        _ => *slot = Some((d, by)),
-                    }
-                    d
+                None if *role == TensorRole::Embedding => {
+                    embed.place(topology, selector, &use_names[0])?
                 }
+                None => head.place(topology, selector, &use_names[0])?,
             };
-
-            // ISQ.
-            let is_matrix = t.shape.len() == 2;
-            let base: Resolved<Option<IsqType>> = match role {
-                TensorRole::Layer(i, lt) if lt.is_linear_weight() => match topology.layer(*i) {
-                    Some(r) => Resolved {
-                        value: r.entry.isq,
-                        reason: format!("range {} (line {})", r.key, r.line),
-                    },
-                    None => Resolved {
-                        value: opts.isq,
-                        reason: if opts.isq.is_some() {
-                            "--isq".into()
-                        } else {
-                            String::new()
-                        },
-                    },
-                },
-                _ => Resolved {
-                    value: None,
-                    reason: String::new(),
-                },
-            };
-            let mut note = None;
-            let requested = match selector.and_then(|s| s.entry.isq.map(|q| (q, s))) {
-                Some((q, s)) if is_matrix => Resolved {
-                    value: Some(q),
-                    reason: format!("selector {} (line {})", s.key, s.line),
-                },
-                Some((_, s)) => {
-                    note = Some(format!(
-                        "selector {} names an ISQ type, but 1-D tensors stay as stored",
-                        s.key
-                    ));
-                    base
-                }
-                None => base,
-            };
-            let cols = t.shape.last().copied().unwrap_or(0);
-            let isq = match requested.value {
-                Some(q) if q.ggml() == Some(t.dtype) => {
-                    note = Some(format!("already stored as {q}: kept as stored"));
-                    None
-                }
-                Some(q) => match q.resolve_for(cols) {
-                    Some(actual) => {
-                        if actual != q {
-                            note = Some(format!(
-                                "{cols}-wide rows do not split into {q}'s {}-wide blocks: using {actual}",
-                                q.block_size()
-                            ));
-                        }
-                        Some(actual)
-                    }
-                    None => {
-                        note = Some(format!("no ISQ type fits {cols}-wide rows: kept as stored"));
-                        None
-                    }
-                },
-                None => None,
-            };
-            let dtype =
-                if isq.is_none() && requested.value.is_none_or(|q| q.ggml() != Some(t.dtype)) {
-                    opts.dtype
-                } else {
-                    None
-                };
-            let rows = t.numel() / cols.max(1);
-            let bytes_loaded = match (isq, dtype) {
-                (Some(q), _) => q.storage_bytes(rows, cols).unwrap_or(0) as u64,
-                (None, Some(f)) => (t.numel() * f.size()) as u64,
-                (None, None) => t.n_bytes,
-            };
-            plans.push(TensorPlan {
-                name: use_names[0].clone(),
-                source: t.name.clone(),
-                shape: t.shape.clone(),
-                stored: t.dtype,
-                requested: requested.value,
-                isq,
-                dtype,
-                reason: requested.reason,
-                note,
+            plans.push(tensor_plan(
+                topology,
+                opts,
+                *role,
+                t,
+                selector,
+                &use_names[0],
                 device,
-                stage: 0,
-                bytes_stored: t.n_bytes,
-                bytes_loaded,
-            });
+            ));
         }
 
-        // Route: merge consecutive units on one device into stages.
-        let embed_device = embed_dev.map_or(first_dev, |d| d.0);
-        let head_device = head_dev.map_or(last_dev, |d| d.0);
-        let mut route: Vec<StagePlan> = Vec::new();
-        let mut push =
-            |device: DeviceSpec, layer: Option<usize>, embed: bool, head: bool| match route
-                .last_mut()
-            {
-                Some(s) if s.device == device => {
-                    if let Some(i) = layer {
-                        s.layer_end = i + 1;
-                    }
-                    s.head |= head;
-                }
-                _ => {
-                    let start = layer.unwrap_or_else(|| route.last().map_or(0, |s| s.layer_end));
-                    route.push(StagePlan {
-                        index: route.len(),
-                        device,
-                        layer_start: start,
-                        layer_end: layer.map_or(start, |i| i + 1),
-                        embed,
-                        head,
-                    });
-                }
-            };
-        push(embed_device, None, true, false);
-        for (i, d) in layer_device.iter().enumerate() {
-            push(d.value, Some(i), false, false);
-        }
-        push(head_device, None, false, true);
-
+        let route = build_route(embed.device(), &layer_device, head.device());
         for p in &mut plans {
             let role = TensorRole::from_hf_name(&p.name).unwrap_or(TensorRole::LmHead);
             p.stage = stage_of(&route, role);
         }
-        // A tied head loaded by the embedding's stage, the same way, shares its weights: it
-        // costs no memory of its own (as the worker loads it).
-        let embedding = plans
-            .iter()
-            .find(|p| p.name == TensorRole::Embedding.hf_name())
-            .map(|e| (e.source.clone(), e.stage, e.isq, e.dtype));
-        if let Some((source, stage, isq, dtype)) = embedding
-            && let Some(head) = plans.iter_mut().find(|p| {
-                p.name == TensorRole::LmHead.hf_name()
-                    && p.source == source
-                    && p.stage == stage
-                    && p.isq == isq
-                    && p.dtype == dtype
-            })
-        {
-            head.bytes_loaded = 0;
-            let shared = "shares the embedding's weights (same stage, same type)".to_string();
-            head.note = Some(match head.note.take() {
-                Some(n) => format!("{n}; {shared}"),
-                None => shared,
-            });
-        }
+        share_tied_head(&mut plans);
         let mut devices = Vec::new();
         for s in &route {
             if !devices.contains(&s.device) {
@@ -542,6 +334,295 @@ impl Plan {
     }
 }
 
+/// Uses of stored tensors, in route order: embedding, layers, final norm, head (a tied head
+/// is a second use of the embedding).
+fn tensor_uses(meta: &ModelMeta) -> Result<Vec<(TensorRole, &TensorMeta)>, PlanError> {
+    let tied = meta.tied_head();
+    let mut uses: Vec<(TensorRole, &TensorMeta)> = meta
+        .tensors
+        .iter()
+        .filter(|(role, _)| {
+            **role != TensorRole::RopeFreqs && !(tied && **role == TensorRole::LmHead)
+        })
+        .map(|(role, t)| (*role, t))
+        .collect();
+    if tied {
+        uses.push((TensorRole::LmHead, meta.require(TensorRole::Embedding)?));
+    }
+    let rank = |r: TensorRole| match r {
+        TensorRole::Embedding => (0, 0, None),
+        TensorRole::Layer(i, t) => (1, i, Some(t)),
+        TensorRole::FinalNorm => (2, 0, None),
+        _ => (3, 0, None),
+    };
+    uses.sort_by_key(|(role, _)| rank(*role));
+    Ok(uses)
+}
+
+/// Each layer's device: its winning range's (or the default), unless selectors move the whole
+/// layer. `uses` is in route order, so each layer's tensors are adjacent.
+fn layer_devices(
+    topology: &Topology,
+    opts: &PlanOptions,
+    uses: &[(TensorRole, &TensorMeta)],
+    n_layers: usize,
+) -> Result<Vec<Resolved<DeviceSpec>>, PlanError> {
+    let mut layer_device: Vec<Resolved<DeviceSpec>> = (0..n_layers)
+        .map(|i| match topology.layer(i) {
+            Some(r) => Resolved {
+                value: r.entry.device.unwrap_or(opts.default_device),
+                reason: format!("range {} (line {})", r.key, r.line),
+            },
+            None => Resolved {
+                value: opts.default_device,
+                reason: "default device".into(),
+            },
+        })
+        .collect();
+    for group in uses.chunk_by(|a, b| a.0.layer() == b.0.layer()) {
+        if let Some(i) = group.first().and_then(|(role, _)| role.layer())
+            && let Some(layer) = layer_device.get_mut(i)
+            && let Some(d) = selected_layer_device(topology, group, layer)?
+        {
+            *layer = d;
+        }
+    }
+    Ok(layer_device)
+}
+
+/// The device of the embedding, or of the final norm and the head (which share one): the
+/// first (last) layer's by default, or a selector's.
+struct EdgeDevice {
+    default: DeviceSpec,
+    /// The device placed so far, and the selector (line, key) that chose it, if one did.
+    placed: Option<(DeviceSpec, Option<(usize, String)>)>,
+}
+
+impl EdgeDevice {
+    fn new(default: DeviceSpec) -> Self {
+        EdgeDevice {
+            default,
+            placed: None,
+        }
+    }
+
+    fn device(&self) -> DeviceSpec {
+        self.placed.as_ref().map_or(self.default, |p| p.0)
+    }
+
+    /// Places one tensor use (`name`), whose last matching selector is `selector`; every use
+    /// must land on the same device.
+    fn place(
+        &mut self,
+        topology: &Topology,
+        selector: Option<&SelectorEntry>,
+        name: &str,
+    ) -> Result<DeviceSpec, PlanError> {
+        let (d, by) = match selector.and_then(|s| s.entry.device.map(|d| (d, s))) {
+            Some((d, s)) => (d, Some((s.line, s.key.clone()))),
+            None => (self.default, None),
+        };
+        if let Some((prev, prev_by)) = &self.placed
+            && *prev != d
+        {
+            // Point at whichever selector split the head: this tensor's, or the one that
+            // placed the rest of it. (Without selectors both take the same default device, so
+            // one of the two is always set.)
+            let (line, key) = by.or_else(|| prev_by.clone()).unwrap_or_default();
+            let other = match prev_by {
+                Some((l, k)) => format!(" (selector {k}, line {l})"),
+                None => String::new(),
+            };
+            return Err(PlanError::Conflict {
+                origin: topology.origin().to_string(),
+                line,
+                key,
+                message: format!(
+                    "puts `{name}` on {d}, but the rest of the output head is on {prev}{other}; the final norm and the head share one device"
+                ),
+            });
+        }
+        self.placed = Some((d, by));
+        Ok(d)
+    }
+}
+
+/// The ISQ type a use asks for and why: its layer's winning range (or `--isq` for an uncovered
+/// layer's linear weights), overridden by a selector for matrices.
+fn requested_isq(
+    topology: &Topology,
+    opts: &PlanOptions,
+    role: TensorRole,
+    t: &TensorMeta,
+    selector: Option<&SelectorEntry>,
+) -> (Resolved<Option<IsqType>>, Option<String>) {
+    let base: Resolved<Option<IsqType>> = match role {
+        TensorRole::Layer(i, lt) if lt.is_linear_weight() => match topology.layer(i) {
+            Some(r) => Resolved {
+                value: r.entry.isq,
+                reason: format!("range {} (line {})", r.key, r.line),
+            },
+            None => Resolved {
+                value: opts.isq,
+                reason: if opts.isq.is_some() {
+                    "--isq".into()
+                } else {
+                    String::new()
+                },
+            },
+        },
+        _ => Resolved {
+            value: None,
+            reason: String::new(),
+        },
+    };
+    match selector.and_then(|s| s.entry.isq.map(|q| (q, s))) {
+        Some((q, s)) if t.shape.len() == 2 => (
+            Resolved {
+                value: Some(q),
+                reason: format!("selector {} (line {})", s.key, s.line),
+            },
+            None,
+        ),
+        Some((_, s)) => (
+            base,
+            Some(format!(
+                "selector {} names an ISQ type, but 1-D tensors stay as stored",
+                s.key
+            )),
+        ),
+        None => (base, None),
+    }
+}
+
+/// The ISQ type applied for a request: none when the tensor is already stored so, the nearest
+/// type whose blocks fit its rows otherwise; with a note when it differs.
+fn applied_isq(requested: Option<IsqType>, t: &TensorMeta) -> (Option<IsqType>, Option<String>) {
+    let cols = t.shape.last().copied().unwrap_or(0);
+    match requested {
+        Some(q) if q.ggml() == Some(t.dtype) => {
+            (None, Some(format!("already stored as {q}: kept as stored")))
+        }
+        Some(q) => match q.resolve_for(cols) {
+            Some(actual) if actual != q => (
+                Some(actual),
+                Some(format!(
+                    "{cols}-wide rows do not split into {q}'s {}-wide blocks: using {actual}",
+                    q.block_size()
+                )),
+            ),
+            Some(actual) => (Some(actual), None),
+            None => (
+                None,
+                Some(format!("no ISQ type fits {cols}-wide rows: kept as stored")),
+            ),
+        },
+        None => (None, None),
+    }
+}
+
+/// How one use of `t` is loaded on `device` (its stage is set once the route is known).
+fn tensor_plan(
+    topology: &Topology,
+    opts: &PlanOptions,
+    role: TensorRole,
+    t: &TensorMeta,
+    selector: Option<&SelectorEntry>,
+    name: &str,
+    device: DeviceSpec,
+) -> TensorPlan {
+    let (requested, selector_note) = requested_isq(topology, opts, role, t, selector);
+    let (isq, isq_note) = applied_isq(requested.value, t);
+    let dtype = if isq.is_none() && requested.value.is_none_or(|q| q.ggml() != Some(t.dtype)) {
+        opts.dtype
+    } else {
+        None
+    };
+    let cols = t.shape.last().copied().unwrap_or(0);
+    let rows = t.numel() / cols.max(1);
+    let bytes_loaded = match (isq, dtype) {
+        (Some(q), _) => q.storage_bytes(rows, cols).unwrap_or(0) as u64,
+        (None, Some(f)) => (t.numel() * f.size()) as u64,
+        (None, None) => t.n_bytes,
+    };
+    TensorPlan {
+        name: name.to_string(),
+        source: t.name.clone(),
+        shape: t.shape.clone(),
+        stored: t.dtype,
+        requested: requested.value,
+        isq,
+        dtype,
+        reason: requested.reason,
+        note: isq_note.or(selector_note),
+        device,
+        stage: 0,
+        bytes_stored: t.n_bytes,
+        bytes_loaded,
+    }
+}
+
+/// The route: consecutive units (embedding, each layer, head) on one device merge into a stage.
+fn build_route(
+    embed_device: DeviceSpec,
+    layer_device: &[Resolved<DeviceSpec>],
+    head_device: DeviceSpec,
+) -> Vec<StagePlan> {
+    let mut route: Vec<StagePlan> = Vec::new();
+    let mut push = |device: DeviceSpec, layer: Option<usize>, embed: bool, head: bool| match route
+        .last_mut()
+    {
+        Some(s) if s.device == device => {
+            if let Some(i) = layer {
+                s.layer_end = i + 1;
+            }
+            s.head |= head;
+        }
+        _ => {
+            let start = layer.unwrap_or_else(|| route.last().map_or(0, |s| s.layer_end));
+            route.push(StagePlan {
+                index: route.len(),
+                device,
+                layer_start: start,
+                layer_end: layer.map_or(start, |i| i + 1),
+                embed,
+                head,
+            });
+        }
+    };
+    push(embed_device, None, true, false);
+    for (i, d) in layer_device.iter().enumerate() {
+        push(d.value, Some(i), false, false);
+    }
+    push(head_device, None, false, true);
+    route
+}
+
+/// A tied head loaded by the embedding's stage, the same way, shares its weights: it costs no
+/// memory of its own (as the worker loads it).
+fn share_tied_head(plans: &mut [TensorPlan]) {
+    let embedding = plans
+        .iter()
+        .find(|p| p.name == TensorRole::Embedding.hf_name())
+        .map(|e| (e.source.clone(), e.stage, e.isq, e.dtype));
+    if let Some((source, stage, isq, dtype)) = embedding
+        && let Some(head) = plans.iter_mut().find(|p| {
+            p.name == TensorRole::LmHead.hf_name()
+                && p.source == source
+                && p.stage == stage
+                && p.isq == isq
+                && p.dtype == dtype
+        })
+    {
+        head.bytes_loaded = 0;
+        let shared = "shares the embedding's weights (same stage, same type)".to_string();
+        head.note = Some(match head.note.take() {
+            Some(n) => format!("{n}; {shared}"),
+            None => shared,
+        });
+    }
+}
+
 /// The device selectors give the layer whose tensor uses are `uses`, if any selector names a
 /// device for one of them. Every tensor of the layer must then end up on that device: the
 /// selectors must move all of them (or the range already puts the layer there).
@@ -550,13 +631,13 @@ fn selected_layer_device(
     uses: &[(TensorRole, &TensorMeta)],
     layer: &Resolved<DeviceSpec>,
 ) -> Result<Option<Resolved<DeviceSpec>>, PlanError> {
-    let conflict = |s: &crate::topology::SelectorEntry, message: String| PlanError::Conflict {
+    let conflict = |s: &SelectorEntry, message: String| PlanError::Conflict {
         origin: topology.origin().to_string(),
         line: s.line,
         key: s.key.clone(),
         message,
     };
-    let mut moved: Option<(DeviceSpec, &crate::topology::SelectorEntry, String)> = None;
+    let mut moved: Option<(DeviceSpec, &SelectorEntry, String)> = None;
     let mut unmoved: Option<String> = None;
     for (role, t) in uses {
         let names = use_names(*role, t);

@@ -1,13 +1,14 @@
 //! A reader for safetensors headers (the JSON table of tensor names, dtypes, shapes and byte
-//! ranges). Tensor data is not read here.
+//! ranges), on the `safetensors` crate's own types and validation. Tensor data is not read here.
 //!
 //! Format: <https://github.com/huggingface/safetensors#format>.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use serde::Deserialize;
 
 use crate::error::ModelError;
@@ -30,17 +31,23 @@ pub struct SafetensorsFile {
     tensors: Vec<SafetensorsTensorInfo>,
 }
 
-#[derive(Deserialize)]
-struct RawInfo {
-    dtype: String,
-    shape: Vec<u64>,
-    data_offsets: [u64; 2],
-}
-
 /// Largest header accepted (the format's own limit is 100 MB).
 const MAX_HEADER: u64 = 100 << 20;
 
+/// The element types Strata loads from safetensors.
+fn ggml_type(dtype: Dtype) -> Result<GgmlType, String> {
+    match dtype {
+        Dtype::F32 => Ok(GgmlType::F32),
+        Dtype::F16 => Ok(GgmlType::F16),
+        Dtype::BF16 => Ok(GgmlType::BF16),
+        other => Err(format!("dtype {other:?} (expected F32, F16 or BF16)")),
+    }
+}
+
 impl SafetensorsFile {
+    /// Reads and checks the header of `path`: every tensor's dtype, shape and byte range (each
+    /// tensor's range holds exactly its shape, the ranges tile the data with no gap or
+    /// overlap, and the data lies inside the file).
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let corrupt = |what: String| ModelError::Corrupt {
             path: path.to_path_buf(),
@@ -63,29 +70,27 @@ impl SafetensorsFile {
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header)
             .map_err(|e| ModelError::io(path, e))?;
+        // Entry by entry, so that an error names its tensor.
         let table: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
             .map_err(|e| corrupt(format!("header is not valid JSON: {e}")))?;
         let data_start = 8 + header_len;
         let data_len = file_len - data_start;
-        let mut tensors = Vec::with_capacity(table.len());
+        let mut metadata: Option<HashMap<String, String>> = None;
+        let mut infos: Vec<(String, TensorInfo, GgmlType)> = Vec::with_capacity(table.len());
         for (name, value) in table {
             if name == "__metadata__" {
+                metadata = Some(serde_json::from_value(value).map_err(|e| {
+                    corrupt(format!("`__metadata__` is not a map of strings: {e}"))
+                })?);
                 continue;
             }
-            let raw: RawInfo = serde_json::from_value(value).map_err(|e| {
+            let info: TensorInfo = serde_json::from_value(value).map_err(|e| {
                 ModelError::tensor(path, &name, format!("invalid header entry: {e}"))
             })?;
-            let dtype = GgmlType::from_safetensors(&raw.dtype)
+            let dtype = ggml_type(info.dtype)
                 .map_err(|e| ModelError::tensor(path, &name, format!("unsupported {e}")))?;
-            let shape: Vec<usize> = raw
-                .shape
-                .iter()
-                .map(|&d| {
-                    usize::try_from(d)
-                        .map_err(|_| ModelError::tensor(path, &name, format!("dimension {d}")))
-                })
-                .collect::<Result<_, _>>()?;
-            let [begin, end] = raw.data_offsets;
+            let shape = &info.shape;
+            let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
             let want = shape
                 .iter()
                 .try_fold(dtype.block_bytes() as u64, |a, &d| a.checked_mul(d as u64))
@@ -111,14 +116,32 @@ impl SafetensorsFile {
                     ),
                 ));
             }
-            tensors.push(SafetensorsTensorInfo {
-                name,
-                shape,
-                dtype,
-                offset: data_start + begin,
-                n_bytes: want,
-            });
+            infos.push((name, info, dtype));
         }
+        // The crate's own check that the ranges, in offset order, tile the data.
+        infos.sort_by_key(|(_, info, _)| info.data_offsets);
+        let tensors = infos
+            .iter()
+            .map(|(name, info, dtype)| SafetensorsTensorInfo {
+                name: name.clone(),
+                shape: info.shape.clone(),
+                dtype: *dtype,
+                offset: data_start + info.data_offsets.0 as u64,
+                n_bytes: (info.data_offsets.1 - info.data_offsets.0) as u64,
+            })
+            .collect();
+        let infos = infos
+            .into_iter()
+            .map(|(name, info, _)| (name, info))
+            .collect();
+        Metadata::new(metadata, infos).map_err(|e| match e {
+            safetensors::SafeTensorError::InvalidOffset(name) => ModelError::tensor(
+                path,
+                &name,
+                "byte range leaves a gap after the previous tensor or overlaps it".to_string(),
+            ),
+            other => corrupt(format!("invalid header: {other}")),
+        })?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             tensors,
@@ -209,6 +232,18 @@ mod tests {
         let err = SafetensorsFile::open(&p).unwrap_err().to_string();
         assert!(
             err.contains("tensor `a`") && err.contains("[2, 3]"),
+            "{err}"
+        );
+
+        let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        std::fs::write(&p, file_with(gap, &[0u8; 12])).unwrap();
+        let err = SafetensorsFile::open(&p).unwrap_err().to_string();
+        assert!(err.contains("tensor `b`") && err.contains("gap"), "{err}");
+        let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        std::fs::write(&p, file_with(overlap, &[0u8; 8])).unwrap();
+        let err = SafetensorsFile::open(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("tensor `b`") && err.contains("overlaps"),
             "{err}"
         );
 

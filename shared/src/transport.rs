@@ -5,12 +5,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::wire::{DEFAULT_MAX_FRAME_BYTES, Frame, PRELUDE_LEN, Prelude, WireError};
+use crate::wire::{DEFAULT_MAX_FRAME_BYTES, Frame, FrameCodec, WireError};
 
 /// Sends frames to one peer, in order.
 pub trait FrameSender: Send + 'static {
@@ -58,15 +58,13 @@ impl Default for TcpTransport {
 /// The sending half of a TCP frame connection.
 pub struct TcpFrameSender {
     peer: String,
-    writer: BufWriter<OwnedWriteHalf>,
-    max_frame_bytes: usize,
+    writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
 }
 
 /// The receiving half of a TCP frame connection.
 pub struct TcpFrameReceiver {
     peer: String,
-    reader: OwnedReadHalf,
-    max_frame_bytes: usize,
+    reader: FramedRead<OwnedReadHalf, FrameCodec>,
 }
 
 /// A TCP listener for frame connections.
@@ -78,6 +76,17 @@ pub struct TcpFrameListener {
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> WireError {
     let context = context.into();
     move |source| WireError::Io { context, source }
+}
+
+/// Gives an I/O error from the codec the context of the connection it happened on.
+fn in_context(e: WireError, context: impl FnOnce() -> String) -> WireError {
+    match e {
+        WireError::Io { source, .. } => WireError::Io {
+            context: context(),
+            source,
+        },
+        other => other,
+    }
 }
 
 impl Transport for TcpTransport {
@@ -99,8 +108,7 @@ impl Transport for TcpTransport {
         let (_, write) = stream.into_split();
         Ok(TcpFrameSender {
             peer: addr.to_string(),
-            writer: BufWriter::with_capacity(1 << 16, write),
-            max_frame_bytes: self.max_frame_bytes,
+            writer: FramedWrite::new(write, FrameCodec::new(self.max_frame_bytes)),
         })
     }
 
@@ -117,57 +125,26 @@ impl Transport for TcpTransport {
 
 impl FrameSender for TcpFrameSender {
     async fn send(&mut self, frame: &Frame) -> Result<(), WireError> {
-        let encoded = frame.encode();
-        // Refuse here what the peer would refuse, rather than have it drop the connection.
-        let size = Frame::encoded_len(&encoded);
-        if size > self.max_frame_bytes as u64 {
-            return Err(WireError::TooLarge {
-                size,
-                limit: self.max_frame_bytes,
-            });
-        }
-        let (head, payload) = encoded;
-        let ctx = || format!("sending a frame to {}", self.peer);
-        self.writer.write_all(&head).await.map_err(io_err(ctx()))?;
-        if let Some(p) = payload {
-            self.writer.write_all(&p).await.map_err(io_err(ctx()))?;
-        }
-        self.writer.flush().await.map_err(io_err(ctx()))
+        // The codec refuses what the peer would refuse, before a byte is written; the
+        // connection stays usable.
+        let peer = &self.peer;
+        self.writer
+            .send(frame)
+            .await
+            .map_err(|e| in_context(e, || format!("sending a frame to {peer}")))
     }
 }
 
 impl FrameReceiver for TcpFrameReceiver {
     async fn recv(&mut self) -> Result<Option<Frame>, WireError> {
-        let ctx = || format!("reading a frame from {}", self.peer);
         // A clean close comes between frames; one inside a frame (even inside its prelude)
         // is an error.
-        let mut pre = [0u8; PRELUDE_LEN];
-        let mut got = 0;
-        while got < PRELUDE_LEN {
-            match self.reader.read(&mut pre[got..]).await {
-                Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => {
-                    return Err(io_err(ctx())(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the connection closed {got} bytes into a frame"),
-                    )));
-                }
-                Ok(n) => got += n,
-                Err(e) => return Err(io_err(ctx())(e)),
-            }
-        }
-        let prelude = Prelude::parse(&pre, self.max_frame_bytes)?;
-        let mut header = vec![0u8; prelude.header_len as usize];
+        let peer = &self.peer;
         self.reader
-            .read_exact(&mut header)
+            .next()
             .await
-            .map_err(io_err(ctx()))?;
-        let mut payload = BytesMut::zeroed(prelude.payload_len as usize);
-        self.reader
-            .read_exact(&mut payload)
-            .await
-            .map_err(io_err(ctx()))?;
-        Frame::decode(&prelude, &header, Bytes::from(payload)).map(Some)
+            .transpose()
+            .map_err(|e| in_context(e, || format!("reading a frame from {peer}")))
     }
 }
 
@@ -190,8 +167,7 @@ impl FrameListener for TcpFrameListener {
         Ok((
             TcpFrameReceiver {
                 peer: peer.clone(),
-                reader: read,
-                max_frame_bytes: self.max_frame_bytes,
+                reader: FramedRead::new(read, FrameCodec::new(self.max_frame_bytes)),
             },
             peer,
         ))
@@ -253,8 +229,10 @@ pub fn advertised_address(local: &str, host: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
-    use crate::wire::{ErrorFrame, SamplesFrame};
+    use crate::wire::{ErrorFrame, PRELUDE_LEN, SamplesFrame};
 
     #[tokio::test]
     async fn frames_cross_a_tcp_connection_in_order() {
@@ -351,7 +329,7 @@ mod tests {
             step_id: 7,
             samples: vec![],
         });
-        let (head, _) = frame.encode();
+        let head = frame.to_bytes().unwrap();
         for cut in [1, PRELUDE_LEN - 1, PRELUDE_LEN + 1] {
             let mut raw = TcpStream::connect(&addr).await.unwrap();
             let (mut r, _) = listener.accept().await.unwrap();

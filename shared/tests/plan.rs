@@ -14,7 +14,7 @@ use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{Plan, PlanError, PlanOptions, StagePlan, TensorPlan};
 use strata_shared::source::{ModelFiles, fetch_default_model};
-use strata_shared::topology::Topology;
+use strata_shared::topology::{LayerTopology, Topology};
 
 fn meta() -> &'static ModelMeta {
     static META: OnceLock<ModelMeta> = OnceLock::new();
@@ -720,4 +720,36 @@ fn head_conflict_is_located_at_the_selector_that_split_it() {
     .unwrap_err();
     let msg = e.to_string();
     assert!(msg.starts_with(r"t.yml:3: key `/^model\.norm/`: "), "{msg}");
+}
+
+#[test]
+fn a_topology_built_in_code_plans_as_its_yaml() {
+    let lt = |isq, device| LayerTopology {
+        isq: Some(isq),
+        device,
+    };
+    let built = Topology::empty()
+        .with_range(0..20, lt(IsqType::Q4K, None))
+        .with_range(10..20, lt(IsqType::Q5_0, None))
+        .with_range(15..25, lt(IsqType::Hqq4, Some(DeviceSpec::Cpu(1))))
+        .with_layer(27, lt(IsqType::Q6K, None))
+        .with_selector(r"self_attn\.(q|k)_proj", lt(IsqType::Q8_0, None))
+        .with_selector(r"layers\.2[0-9]\.mlp\.down_proj", lt(IsqType::Q2K, None))
+        .build()
+        .unwrap();
+    assert_eq!(built.to_yaml().unwrap(), TOPOLOGY);
+    let from_code = Plan::resolve(meta(), &built, &OPTS).unwrap();
+    let from_yaml = plan(TOPOLOGY, &OPTS).unwrap();
+    assert_eq!(from_code, from_yaml);
+    // What `strata plan` prints.
+    assert_eq!(from_code.table(), from_yaml.table());
+    check(
+        &from_code,
+        &layer(3, "self_attn.q_proj.weight"),
+        IsqType::Q8_0,
+        IsqType::Q8_0,
+        QK_SELECTOR,
+        DeviceSpec::Cpu(0),
+        0,
+    );
 }

@@ -18,9 +18,9 @@ pub fn strata() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_strata"))
 }
 
-/// `../shared/golden/smollm2` from the project root.
+/// The reference outputs in `tests/golden/smollm2` (copied from the reference implementation).
 pub fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/smollm2")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/smollm2")
 }
 
 #[derive(serde::Deserialize, Clone)]

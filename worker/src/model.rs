@@ -307,18 +307,17 @@ impl Attention {
                 span.len,
             )
             .ctx(ctx)?;
-            attention::paged_attention(
-                s,
-                &q[rows.start * q_width..rows.end * q_width],
-                span.len,
-                span.pos0,
+            attention::PagedAttention {
+                shape: *s,
+                q: &q[rows.start * q_width..rows.end * q_width],
+                pos0: span.pos0,
                 k_pool,
                 v_pool,
-                blocks,
-                self.scale,
-                self.sliding_window,
-                &mut out[rows.start * q_width..rows.end * q_width],
-            )
+                block_table: blocks,
+                scale: self.scale,
+                window: self.sliding_window,
+            }
+            .run(span.len, &mut out[rows.start * q_width..rows.end * q_width])
             .ctx(ctx)?;
         }
         let out = Tensor::from_vec(out, (batch.rows(), q_width), &Device::Cpu).ctx(ctx)?;

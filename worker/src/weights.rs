@@ -596,4 +596,26 @@ mod tests {
         assert_eq!(unpermute_rows(&gguf, 8, heads).unwrap(), hf);
         assert!(unpermute_rows(&gguf, 8, 3).is_none());
     }
+
+    /// The GGML block geometry lives in three tables: `strata-shared` sizes tensors from file
+    /// headers, `strata-kernels` runs the blocks, candle runs the k-quants. They must agree.
+    #[test]
+    fn the_ggml_block_tables_agree() {
+        for t in GgmlType::ALL {
+            let geometry = (t.block_size(), t.block_bytes());
+            let c = to_candle_ggml(t);
+            assert_eq!(
+                geometry,
+                (c.block_size(), c.type_size()),
+                "{t}: shared vs candle"
+            );
+            if let Some(b) = block_type(t) {
+                assert_eq!(
+                    geometry,
+                    (b.block_size(), b.block_bytes()),
+                    "{t}: shared vs kernels"
+                );
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The engine against the reference implementation's golden outputs for SmolLM2-135M
-//! (`../shared/golden/smollm2/`, Hugging Face transformers in float32).
+//! (`tests/golden/smollm2/`, Hugging Face transformers in float32).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,8 +12,7 @@ use strata_shared::plan::{Plan, PlanOptions};
 use strata_shared::source::{HubOptions, ModelFiles, fetch_default_model};
 use strata_shared::topology::Topology;
 use strata_shared::wire::{
-    DEFAULT_MAX_FRAME_BYTES, Frame, PRELUDE_LEN, Prelude, Sample, SamplingParams, SeqStep,
-    StepFrame,
+    DEFAULT_MAX_FRAME_BYTES, Frame, Sample, SamplingParams, SeqStep, StepFrame,
 };
 use strata_worker::Engine;
 use strata_worker::model::{ModelSlice, SliceSpec};
@@ -21,7 +20,7 @@ use strata_worker::stage::Stage;
 use strata_worker::weights;
 
 fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/smollm2")
 }
 
 #[derive(serde::Deserialize)]
@@ -172,10 +171,8 @@ fn plan(meta: &ModelMeta, yaml: &str) -> Plan {
 
 /// A frame as the next hop receives it: encoded, then decoded from its bytes.
 fn over_the_wire(frame: Frame) -> Frame {
-    let (head, payload) = frame.encode();
-    let prelude_bytes: [u8; PRELUDE_LEN] = head[..PRELUDE_LEN].try_into().unwrap();
-    let prelude = Prelude::parse(&prelude_bytes, DEFAULT_MAX_FRAME_BYTES).unwrap();
-    Frame::decode(&prelude, &head[PRELUDE_LEN..], payload.unwrap_or_default()).unwrap()
+    let bytes = frame.to_bytes().unwrap();
+    Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap()
 }
 
 /// Greedy decoding through `stages` chained by hand, each frame crossing the wire format;

@@ -1,6 +1,6 @@
 //! AVX2 and AVX-512 versions of the attention kernel.
 //!
-//! The kernel itself is the generic [`Request::attend`]; here it is instantiated inside
+//! The kernel itself is the generic [`PagedAttention::attend`]; here it is instantiated inside
 //! functions compiled with the right target features, with the SIMD tokens as its
 //! [`VectorOps`]. Everything inlines into those functions, so the primitives compile to plain
 //! vector code without per-call dispatch.
@@ -13,14 +13,14 @@ use std::arch::x86_64::{
     _mm512_setzero_ps,
 };
 
-use super::{Request, VectorOps};
+use super::{PagedAttention, VectorOps};
 use crate::cpu::{Avx2, Avx512};
 use crate::x86::{hsum_f32x8, load_f32x8, load_f32x16, store_f32x8, store_f32x16};
 
-/// AVX-512 version of [`Request::attend`].
+/// AVX-512 version of [`PagedAttention::attend`].
 pub(super) fn attend_avx512(
     simd: Avx512,
-    request: &Request<'_>,
+    request: &PagedAttention<'_>,
     token: usize,
     first_head: usize,
     out: &mut [f32],
@@ -29,10 +29,10 @@ pub(super) fn attend_avx512(
     unsafe { attend_avx512_impl(simd, request, token, first_head, out) }
 }
 
-/// AVX2 version of [`Request::attend`].
+/// AVX2 version of [`PagedAttention::attend`].
 pub(super) fn attend_avx2(
     simd: Avx2,
-    request: &Request<'_>,
+    request: &PagedAttention<'_>,
     token: usize,
     first_head: usize,
     out: &mut [f32],
@@ -44,7 +44,7 @@ pub(super) fn attend_avx2(
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn attend_avx512_impl(
     simd: Avx512,
-    request: &Request<'_>,
+    request: &PagedAttention<'_>,
     token: usize,
     first_head: usize,
     out: &mut [f32],
@@ -55,7 +55,7 @@ fn attend_avx512_impl(
 #[target_feature(enable = "avx2,fma,f16c")]
 fn attend_avx2_impl(
     simd: Avx2,
-    request: &Request<'_>,
+    request: &PagedAttention<'_>,
     token: usize,
     first_head: usize,
     out: &mut [f32],

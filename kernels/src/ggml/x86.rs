@@ -1,5 +1,8 @@
 //! AVX2 and AVX-512 kernels for products against GGML blocks.
 //!
+//! (Longer than our ~800-line guide: it holds one kernel per block format at both SIMD levels,
+//! which read best side by side, since each AVX-512 kernel mirrors its AVX2 twin.)
+//!
 //! Two ways to turn a block into f32 vectors:
 //!
 //! - 4- and 5-bit formats on AVX-512: the block's scale and minimum are applied to a table of

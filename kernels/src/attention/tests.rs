@@ -1,0 +1,374 @@
+use super::*;
+use crate::cpu::supported_levels;
+use crate::test_util::Rng;
+
+/// A sequence of `len` positions with its K/V written into a pool through a shuffled block
+/// table (so that blocks are not contiguous).
+struct Fixture {
+    shape: AttentionShape,
+    k_pool: Vec<f32>,
+    v_pool: Vec<f32>,
+    block_table: Vec<u32>,
+    /// `[pos][kv_head][head_dim]`, for the reference.
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl Fixture {
+    fn new(shape: AttentionShape, len: usize, rng: &mut Rng) -> Self {
+        let blocks = len.div_ceil(shape.block_size) + 3;
+        let pool_len = blocks * shape.n_kv_heads * shape.block_size * shape.head_dim;
+        // NaN everywhere that is not written: reading it would poison the result.
+        let mut k_pool = vec![f32::NAN; pool_len];
+        let mut v_pool = vec![f32::NAN; pool_len];
+        let mut block_table: Vec<u32> = (0..blocks as u32).collect();
+        rng.shuffle(&mut block_table);
+        block_table.truncate(len.div_ceil(shape.block_size));
+        let kv_len = len * shape.n_kv_heads * shape.head_dim;
+        let keys = rng.normal_vec(kv_len, 1.0);
+        let values = rng.normal_vec(kv_len, 1.0);
+        // Write in two uneven pieces, as prefill followed by decode would.
+        let split = len / 3;
+        let cut = split * shape.n_kv_heads * shape.head_dim;
+        for (pos0, range, n) in [(0, 0..cut, split), (split, cut..kv_len, len - split)] {
+            write_kv(
+                &shape,
+                &mut k_pool,
+                &mut v_pool,
+                &block_table,
+                pos0,
+                &keys[range.clone()],
+                &values[range],
+                n,
+            )
+            .unwrap();
+        }
+        Fixture {
+            shape,
+            k_pool,
+            v_pool,
+            block_table,
+            keys,
+            values,
+        }
+    }
+
+    /// Plain-loop attention in f64.
+    fn reference(
+        &self,
+        q: &[f32],
+        n_tokens: usize,
+        pos0: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim: hd,
+            ..
+        } = self.shape;
+        let mut out = vec![0.0; q.len()];
+        for t in 0..n_tokens {
+            let p = pos0 + t;
+            let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+            for h in 0..n_heads {
+                let kvh = h / (n_heads / n_kv_heads);
+                let qh = &q[(t * n_heads + h) * hd..][..hd];
+                let scores: Vec<f64> = (lo..=p)
+                    .map(|s| {
+                        let k = &self.keys[(s * n_kv_heads + kvh) * hd..][..hd];
+                        qh.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>()
+                            * f64::from(scale)
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..hd {
+                    let acc: f64 = (lo..=p)
+                        .zip(&weights)
+                        .map(|(s, w)| w * f64::from(self.values[(s * n_kv_heads + kvh) * hd + d]))
+                        .sum();
+                    out[(t * n_heads + h) * hd + d] = (acc / total) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn run(
+        &self,
+        level: Level,
+        q: &[f32],
+        n_tokens: usize,
+        pos0: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let mut out = vec![f32::NAN; q.len()];
+        let request = PagedAttention {
+            shape: self.shape,
+            q,
+            pos0,
+            k_pool: &self.k_pool,
+            v_pool: &self.v_pool,
+            block_table: &self.block_table,
+            scale,
+            window,
+        };
+        request.run_at(level, n_tokens, &mut out).unwrap();
+        out
+    }
+}
+
+fn shape(n_heads: usize, n_kv_heads: usize, head_dim: usize, block_size: usize) -> AttentionShape {
+    AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        block_size,
+    }
+}
+
+#[test]
+fn matches_reference_at_every_level() {
+    let mut rng = Rng::new(21);
+    // (shape, sequence length, queries at the end of the sequence, window)
+    let cases = [
+        (shape(4, 4, 16, 4), 13, 13, None),       // full prefill, MHA
+        (shape(8, 2, 64, 16), 40, 40, None),      // GQA, partial last block
+        (shape(8, 2, 64, 16), 40, 1, None),       // decode after prefill
+        (shape(6, 3, 20, 5), 37, 4, None),        // head_dim with a SIMD tail
+        (shape(4, 1, 128, 16), 100, 7, Some(24)), // MQA with a sliding window
+        (shape(2, 2, 8, 3), 29, 29, Some(5)),     // window crossing tiny blocks
+        (shape(2, 1, 32, 128), 300, 3, None),     // runs longer than RUN within a block
+        (shape(4, 2, 48, 16), 33, 9, Some(1)),    // window of one: attends to itself
+        (shape(4, 2, 48, 16), 33, 9, Some(1000)), // window longer than the context
+        (shape(16, 1, 32, 8), 50, 2, None),       // two batches of 8 heads per KV head
+        (shape(24, 2, 16, 4), 21, 5, Some(9)),    // 12 heads per KV head: batches of 6
+    ];
+    for (shape, len, n_tokens, window) in cases {
+        let fixture = Fixture::new(shape, len, &mut rng);
+        let pos0 = len - n_tokens;
+        let q = rng.normal_vec(n_tokens * shape.n_heads * shape.head_dim, 1.0);
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let expected = fixture.reference(&q, n_tokens, pos0, scale, window);
+        for level in supported_levels() {
+            let out = fixture.run(level, &q, n_tokens, pos0, scale, window);
+            for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{shape:?} {level:?} [{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn large_scores_do_not_overflow() {
+    // Scores in the thousands: only max subtraction keeps exp finite.
+    let mut rng = Rng::new(22);
+    let shape = shape(2, 1, 32, 8);
+    let fixture = Fixture::new(shape, 70, &mut rng);
+    let q: Vec<f32> = rng
+        .normal_vec(2 * 2 * 32, 1.0)
+        .iter()
+        .map(|v| v * 300.0)
+        .collect();
+    let expected = fixture.reference(&q, 2, 68, 1.0, None);
+    for level in supported_levels() {
+        let out = fixture.run(level, &q, 2, 68, 1.0, None);
+        assert!(out.iter().all(|v| v.is_finite()));
+        for (a, b) in out.iter().zip(&expected) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{level:?}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn simd_levels_agree_and_threads_do_not_matter() {
+    let mut rng = Rng::new(23);
+    let shape = shape(8, 2, 128, 16);
+    assert_eq!(head_batch(&shape), 4);
+    let fixture = Fixture::new(shape, 200, &mut rng);
+    let q = rng.normal_vec(50 * 8 * 128, 1.0);
+    let scalar = fixture.run(Level::Scalar, &q, 50, 150, 0.09, None);
+    let single_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for level in supported_levels() {
+        let parallel = fixture.run(level, &q, 50, 150, 0.09, None);
+        let serial = single_thread.install(|| fixture.run(level, &q, 50, 150, 0.09, None));
+        assert_eq!(parallel, serial, "{level:?}");
+        for (a, b) in parallel.iter().zip(&scalar) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{level:?}: {a} vs {b}"
+            );
+        }
+        // A token's output does not depend on the other tokens of the call.
+        let last = fixture.run(level, &q[49 * 8 * 128..], 1, 199, 0.09, None);
+        assert_eq!(last, parallel[49 * 8 * 128..], "{level:?}");
+        // Nor does a head's output depend on the heads it was batched with.
+        let request = PagedAttention {
+            shape,
+            q: &q,
+            pos0: 150,
+            k_pool: &fixture.k_pool,
+            v_pool: &fixture.v_pool,
+            block_table: &fixture.block_table,
+            scale: 0.09,
+            window: None,
+        };
+        for (index, expected) in parallel.chunks_exact(128).enumerate().step_by(7) {
+            let mut alone = vec![0.0; 128];
+            request.attend_at(level, index / 8, index % 8, &mut alone);
+            assert_eq!(
+                alone,
+                expected,
+                "{level:?} token {} head {}",
+                index / 8,
+                index % 8
+            );
+        }
+    }
+}
+
+#[test]
+fn write_kv_places_vectors_by_block_table() {
+    let shape = shape(2, 2, 3, 2);
+    let mut k_pool = vec![0.0; 3 * 2 * 2 * 3];
+    let mut v_pool = k_pool.clone();
+    let table = [2, 0];
+    // Three tokens at positions 1, 2, 3: block 2 slot 1, block 0 slots 0 and 1.
+    let k: Vec<f32> = (0..3 * 2 * 3).map(|i| i as f32 + 1.0).collect();
+    let v: Vec<f32> = k.iter().map(|x| -x).collect();
+    write_kv(&shape, &mut k_pool, &mut v_pool, &table, 1, &k, &v, 3).unwrap();
+    let at = |block: usize, head: usize, slot: usize| shape.offset(block, head, slot);
+    for (t, (block, slot)) in [(2, 1), (0, 0), (0, 1)].into_iter().enumerate() {
+        for head in 0..2 {
+            let src = (t * 2 + head) * 3;
+            assert_eq!(k_pool[at(block, head, slot)..][..3], k[src..src + 3]);
+            assert_eq!(v_pool[at(block, head, slot)..][..3], v[src..src + 3]);
+        }
+    }
+    assert!(k_pool[at(2, 0, 0)..][..3].iter().all(|&x| x == 0.0));
+    assert!(k_pool[at(1, 0, 0)..at(2, 0, 0)].iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let s = shape(4, 2, 8, 4);
+    let block = 2 * 4 * 8;
+    let (k_pool, v_pool) = (vec![0.0; 3 * block], vec![0.0; 3 * block]);
+    let q = vec![0.0; 2 * 4 * 8];
+    let mut out = vec![0.0; q.len()];
+    let attend = |shape: &AttentionShape,
+                  table: &[u32],
+                  pos0: usize,
+                  window: Option<usize>,
+                  out: &mut [f32]| {
+        PagedAttention {
+            shape: *shape,
+            q: &q,
+            pos0,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+            block_table: table,
+            scale: 1.0,
+            window,
+        }
+        .run(2, out)
+    };
+    assert!(attend(&s, &[0, 1], 6, None, &mut out).is_ok());
+    assert_eq!(
+        attend(&s, &[0, 1], 7, None, &mut out),
+        Err(KernelError::BlockTableTooShort { len: 2, needed: 3 })
+    );
+    assert_eq!(
+        attend(&s, &[0, 3], 6, None, &mut out),
+        Err(KernelError::BlockOutOfRange {
+            index: 1,
+            block: 3,
+            num_blocks: 3
+        })
+    );
+    // Blocks that fall out of the window are not read, so they are not checked either.
+    assert!(attend(&s, &[u32::MAX, 1], 6, Some(2), &mut out).is_ok());
+    assert!(matches!(
+        attend(&s, &[0, 1], 6, Some(0), &mut out),
+        Err(KernelError::InvalidShape(_))
+    ));
+    assert!(matches!(
+        attend(&s, &[0, 1], usize::MAX, None, &mut out),
+        Err(KernelError::InvalidShape(_))
+    ));
+    assert!(matches!(
+        attend(&s, &[0, 1], 6, None, &mut out[1..]),
+        Err(KernelError::LengthMismatch { what: "out", .. })
+    ));
+    for bad in [
+        shape(4, 3, 8, 4),
+        shape(0, 1, 8, 4),
+        shape(4, 2, 0, 4),
+        shape(4, 2, 8, 0),
+    ] {
+        assert!(
+            matches!(
+                attend(&bad, &[0, 1], 6, None, &mut out),
+                Err(KernelError::InvalidShape(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    let with_pools = |k_pool, v_pool| PagedAttention {
+        shape: s,
+        q: &q,
+        pos0: 0,
+        k_pool,
+        v_pool,
+        block_table: &[0],
+        scale: 1.0,
+        window: None,
+    };
+    let short_pool = &k_pool[1..];
+    assert!(matches!(
+        with_pools(short_pool, short_pool).run(2, &mut out),
+        Err(KernelError::InvalidShape(_))
+    ));
+    assert!(matches!(
+        with_pools(&k_pool, &v_pool[block..]).run(2, &mut out),
+        Err(KernelError::LengthMismatch { what: "v_pool", .. })
+    ));
+    let empty = PagedAttention {
+        q: &[],
+        block_table: &[],
+        ..with_pools(&k_pool, &v_pool)
+    };
+    assert!(empty.run(0, &mut []).is_ok());
+
+    let (mut kp, mut vp) = (k_pool.clone(), v_pool.clone());
+    let kv = vec![1.0; 2 * 2 * 8];
+    assert!(matches!(
+        write_kv(&s, &mut kp, &mut vp, &[0], 3, &kv, &kv, 2),
+        Err(KernelError::BlockTableTooShort { len: 1, needed: 2 })
+    ));
+    assert!(matches!(
+        write_kv(&s, &mut kp, &mut vp, &[0], 0, &kv[1..], &kv, 2),
+        Err(KernelError::LengthMismatch { what: "k", .. })
+    ));
+    assert!(matches!(
+        write_kv(&s, &mut kp, &mut vp, &[9], 0, &kv, &kv, 2),
+        Err(KernelError::BlockOutOfRange { block: 9, .. })
+    ));
+    assert_eq!(kp, k_pool, "nothing is written on error");
+}

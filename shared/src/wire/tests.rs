@@ -1,0 +1,182 @@
+use super::*;
+
+fn round_trip(f: &Frame) -> Frame {
+    let bytes = f.to_bytes().unwrap();
+    let prelude = Prelude::parse(
+        bytes[..PRELUDE_LEN].try_into().unwrap(),
+        DEFAULT_MAX_FRAME_BYTES,
+    )
+    .unwrap();
+    assert_eq!(
+        PRELUDE_LEN + prelude.header_len as usize + prelude.payload_len as usize,
+        bytes.len()
+    );
+    Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap()
+}
+
+#[test]
+fn frames_round_trip() {
+    let step = Frame::Step(StepFrame {
+        step_id: 7,
+        stage: 2,
+        releases: vec![3, 9],
+        seqs: vec![SeqStep {
+            seq_id: 11,
+            pos0: 5,
+            prompt_len: 5,
+            tokens: vec![1, 2, 3],
+            sample: true,
+            params: SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                seed: 42,
+                top_logprobs: 3,
+                ..Default::default()
+            },
+        }],
+        hidden: Some(Activations {
+            dtype: ActDType::F32,
+            rows: 3,
+            cols: 2,
+            data: Bytes::from(vec![0u8; 24]),
+        }),
+    });
+    assert_eq!(round_trip(&step), step);
+    let samples = Frame::Samples(SamplesFrame {
+        step_id: 7,
+        samples: vec![Sample {
+            seq_id: 11,
+            token: 42,
+            logprob: -0.5,
+            top: vec![(42, -0.5), (7, -1.25)],
+        }],
+    });
+    assert_eq!(round_trip(&samples), samples);
+    let err = Frame::Error(ErrorFrame {
+        step_id: 1,
+        stage: 0,
+        to: 3,
+        message: "boom ✗".into(),
+    });
+    assert_eq!(round_trip(&err), err);
+}
+
+#[test]
+fn rejects_bad_preludes_and_headers() {
+    let head = Frame::Error(ErrorFrame {
+        step_id: 1,
+        stage: 0,
+        to: 1,
+        message: "x".into(),
+    })
+    .to_bytes()
+    .unwrap();
+    let mut p: [u8; PRELUDE_LEN] = head[..PRELUDE_LEN].try_into().unwrap();
+    assert!(
+        Prelude::parse(&p, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds the limit")
+    );
+    p[4] = 9;
+    assert!(matches!(
+        Prelude::parse(&p, 1 << 20),
+        Err(WireError::Version(9))
+    ));
+    p[0] = b'G';
+    assert!(matches!(
+        Prelude::parse(&p, 1 << 20),
+        Err(WireError::Magic(_))
+    ));
+    // A header cut short, or with a count larger than the bytes left.
+    let prelude = Prelude {
+        kind: KIND_SAMPLES,
+        header_len: 12,
+        payload_len: 0,
+    };
+    let mut h = BytesMut::new();
+    h.put_u64_le(1);
+    h.put_u32_le(u32::MAX);
+    let err = Frame::decode(&prelude, &h, Bytes::new()).unwrap_err();
+    assert!(err.to_string().contains("header ends early"), "{err}");
+}
+
+#[test]
+fn the_codec_reassembles_frames_from_any_chunking() {
+    let frames = vec![
+        Frame::Samples(SamplesFrame {
+            step_id: 1,
+            samples: vec![Sample {
+                seq_id: 3,
+                token: 9,
+                logprob: -0.25,
+                top: vec![(9, -0.25)],
+            }],
+        }),
+        Frame::Step(StepFrame {
+            step_id: 2,
+            stage: 1,
+            releases: vec![],
+            seqs: vec![],
+            hidden: Some(Activations {
+                dtype: ActDType::BF16,
+                rows: 2,
+                cols: 3,
+                data: Bytes::from((0u8..12).collect::<Vec<_>>()),
+            }),
+        }),
+    ];
+    let mut stream = BytesMut::new();
+    for f in &frames {
+        FrameCodec::new(DEFAULT_MAX_FRAME_BYTES)
+            .encode(f, &mut stream)
+            .unwrap();
+    }
+    for chunk in [1, 5, 23, 24, 25, 1000] {
+        let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME_BYTES);
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for piece in stream.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(codec.decode_eof(&mut buf).unwrap(), None);
+        assert_eq!(got, frames, "chunks of {chunk}");
+    }
+    // A stream that ends inside a frame is an error.
+    let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME_BYTES);
+    let mut cut = BytesMut::from(&stream[..stream.len() - 1]);
+    assert!(codec.decode(&mut cut).unwrap().is_some());
+    let err = codec.decode_eof(&mut cut).unwrap_err().to_string();
+    assert!(err.contains("into a frame"), "{err}");
+}
+
+#[test]
+fn a_payload_must_match_the_activations_it_claims() {
+    let step = |hidden: Option<Activations>| {
+        Frame::Step(StepFrame {
+            step_id: 1,
+            stage: 0,
+            releases: vec![],
+            seqs: vec![],
+            hidden,
+        })
+    };
+    let mut a = Activations {
+        dtype: ActDType::F32,
+        rows: 1,
+        cols: 2,
+        data: Bytes::from(vec![0u8; 8]),
+    };
+    let bytes = step(Some(a.clone())).to_bytes().unwrap();
+    assert!(Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).is_ok());
+    a.cols = 3;
+    let bytes = step(Some(a)).to_bytes().unwrap();
+    let err = Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap_err();
+    assert!(
+        err.to_string().contains("need 12 bytes, payload has 8"),
+        "{err}"
+    );
+}
