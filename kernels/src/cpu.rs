@@ -41,6 +41,112 @@ impl Avx512 {
     }
 }
 
+/// Proof that the CPU has AVX-512 with byte/word instructions and VNNI (`vpdpbusd` on 512-bit
+/// vectors), in addition to everything [`Avx2`] stands for.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx512Vnni(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx512Vnni {
+    fn detect() -> Option<Self> {
+        Avx512::detect()?;
+        (std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni"))
+        .then_some(Self(()))
+    }
+}
+
+/// Proof that the CPU has AVX-VNNI (`vpdpbusd` on 256-bit vectors, VEX-encoded: Intel since
+/// Alder Lake, AMD since Zen 5) in addition to everything [`Avx2`] stands for.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AvxVnni(());
+
+#[cfg(target_arch = "x86_64")]
+impl AvxVnni {
+    fn detect() -> Option<Self> {
+        Avx2::detect()?;
+        std::arch::is_x86_feature_detected!("avxvnni").then_some(Self(()))
+    }
+}
+
+/// The instruction-set level of the int8 products (activations quantized to 8 bits), carrying
+/// the proof that the CPU supports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Int8Level {
+    /// Portable Rust.
+    Scalar,
+    /// AVX2 byte products (`vpmaddubsw`, `vpmaddwd`).
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2),
+    /// 256-bit VNNI.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni(AvxVnni),
+    /// 512-bit VNNI.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni(Avx512Vnni),
+}
+
+impl Int8Level {
+    /// The short name used in logs.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Int8Level::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Int8Level::Avx2(_) => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Int8Level::AvxVnni(_) => "avx-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Int8Level::Avx512Vnni(_) => "avx512-vnni",
+        }
+    }
+}
+
+/// The best int8 level this CPU supports, detected on first use and cached for the process.
+pub(crate) fn int8_level() -> Int8Level {
+    static LEVEL: OnceLock<Int8Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(token) = Avx512Vnni::detect() {
+                return Int8Level::Avx512Vnni(token);
+            }
+            if let Some(token) = AvxVnni::detect() {
+                return Int8Level::AvxVnni(token);
+            }
+            if let Some(token) = Avx2::detect() {
+                return Int8Level::Avx2(token);
+            }
+        }
+        Int8Level::Scalar
+    })
+}
+
+/// Every int8 level this CPU supports, scalar first; tests run each kernel at each of them.
+#[cfg(test)]
+pub(crate) fn int8_levels() -> Vec<Int8Level> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut levels = vec![Int8Level::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        levels.extend(Avx2::detect().map(Int8Level::Avx2));
+        levels.extend(AvxVnni::detect().map(Int8Level::AvxVnni));
+        levels.extend(Avx512Vnni::detect().map(Int8Level::Avx512Vnni));
+    }
+    levels
+}
+
+/// The levels of [`int8_levels`] this CPU lacks, by name (tests report what they could not run).
+#[cfg(test)]
+pub(crate) fn missing_int8_levels() -> Vec<&'static str> {
+    let have: Vec<&str> = int8_levels().iter().map(|l| l.name()).collect();
+    ["avx2", "avx-vnni", "avx512-vnni"]
+        .into_iter()
+        .filter(|n| !have.contains(n))
+        .collect()
+}
+
 /// An instruction-set level, carrying the proof that the CPU supports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Level {
@@ -99,11 +205,23 @@ pub(crate) fn supported_levels() -> Vec<Level> {
     levels
 }
 
-/// The SIMD level the kernels selected on this machine: `"avx512"`, `"avx2"` or `"scalar"`.
+/// The SIMD level the f32 kernels selected on this machine: `"avx512"`, `"avx2"` or
+/// `"scalar"`.
 ///
 /// Meant for logs; the first call runs the CPU detection.
 pub fn features() -> &'static str {
     level().name()
+}
+
+/// The level the int8 products selected on this machine: `"avx512-vnni"`, `"avx-vnni"`,
+/// `"avx2"` or `"scalar"`.
+pub fn int8_features() -> &'static str {
+    int8_level().name()
+}
+
+/// Both selections, as one line for logs and `ModelInfo`: `f32 avx512, int8 avx512-vnni`.
+pub fn summary() -> String {
+    format!("f32 {}, int8 {}", features(), int8_features())
 }
 
 #[cfg(test)]

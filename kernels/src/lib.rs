@@ -20,7 +20,9 @@ pub mod error;
 pub mod fp8;
 pub mod ggml;
 pub mod hqq;
+pub mod int8;
 pub mod matrix;
+pub mod pool;
 
 mod rowwise;
 #[cfg(target_arch = "x86_64")]

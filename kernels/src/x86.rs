@@ -8,9 +8,10 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m128i, __m256, __m512, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehl_ps,
-    _mm_shuffle_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_loadu_ps,
-    _mm256_storeu_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+    __m128i, __m256, __m256i, __m512, __m512i, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
+    _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps, _mm256_castps256_ps128, _mm256_extractf128_ps,
+    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_storeu_ps, _mm512_loadu_ps, _mm512_loadu_si512,
+    _mm512_storeu_ps,
 };
 
 /// Loads 16 bytes (SSE2, part of the x86-64 baseline).
@@ -18,6 +19,38 @@ use std::arch::x86_64::{
 pub(crate) fn load_u8x16(bytes: &[u8; 16]) -> __m128i {
     // SAFETY: `bytes` is 16 readable bytes, and `_mm_loadu_si128` has no alignment requirement.
     unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
+}
+
+/// Loads 32 bytes.
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) fn load_i256(bytes: &[u8; 32]) -> __m256i {
+    // SAFETY: `bytes` is 32 readable bytes, and `_mm256_loadu_si256` has no alignment requirement.
+    unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+}
+
+/// Loads 64 bytes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn load_i512(bytes: &[u8; 64]) -> __m512i {
+    // SAFETY: `bytes` is 64 readable bytes, and `_mm512_loadu_si512` has no alignment requirement.
+    unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
+}
+
+/// Loads 8 little-endian floats from 32 bytes (x86 is little-endian).
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) fn load_f32x8_le(bytes: &[u8; 32]) -> __m256 {
+    // SAFETY: `bytes` is 32 readable bytes, and `_mm256_loadu_ps` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(bytes.as_ptr().cast()) }
+}
+
+/// Loads 16 little-endian floats from 64 bytes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn load_f32x16_le(bytes: &[u8; 64]) -> __m512 {
+    // SAFETY: `bytes` is 64 readable bytes, and `_mm512_loadu_ps` has no alignment requirement.
+    unsafe { _mm512_loadu_ps(bytes.as_ptr().cast()) }
 }
 
 /// Loads 8 floats.

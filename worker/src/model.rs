@@ -140,7 +140,7 @@ impl Batch {
 }
 
 /// Progress callback: (tensor name, tensors done, tensors total).
-pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
+pub type Progress<'a> = &'a mut (dyn FnMut(&str, usize, usize) + Send);
 
 /// Loads tensors of a slice in a fixed order, reporting progress.
 struct Loader<'a> {
@@ -435,6 +435,10 @@ pub struct ModelSlice {
 impl ModelSlice {
     /// Loads what `spec` names, and nothing else, reporting progress per tensor.
     pub fn load(meta: &ModelMeta, spec: &SliceSpec, progress: Progress<'_>) -> Result<Self> {
+        strata_kernels::pool::install(|| Self::load_here(meta, spec, progress))
+    }
+
+    fn load_here(meta: &ModelMeta, spec: &SliceSpec, progress: Progress<'_>) -> Result<Self> {
         let cfg = meta.config.clone();
         if spec.layer_start > spec.layer_end || spec.layer_end > cfg.num_layers {
             return Err(WorkerError::Load(format!(
@@ -547,7 +551,16 @@ impl ModelSlice {
 
     /// Runs the slice's layers over a batch; the KV cache must have room (see
     /// [`KvCache::reserve`]).
-    pub fn forward_layers(&self, mut x: Tensor, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
+    pub fn forward_layers(&self, x: Tensor, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
+        strata_kernels::pool::install(|| self.forward_layers_here(x, batch, kv))
+    }
+
+    fn forward_layers_here(
+        &self,
+        mut x: Tensor,
+        batch: &Batch,
+        kv: &mut KvCache,
+    ) -> Result<Tensor> {
         let Some(rope) = &self.rope else {
             return Ok(x);
         };
@@ -571,7 +584,7 @@ impl ModelSlice {
         let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
             return Err(WorkerError::Step("this stage has no output head".into()));
         };
-        head.forward(&norm.forward(x)?)
+        strata_kernels::pool::install(|| head.forward(&norm.forward(x)?))
     }
 
     /// Selects rows of `x`.

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor, QuantizedType};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
-use strata_kernels::ggml::{BlockType, BlockWeight};
+use strata_kernels::ggml::BlockType;
+use strata_kernels::int8;
 use strata_kernels::{KernelError, QuantMatrix};
 use strata_shared::ggml::GgmlType;
 use strata_shared::isq::IsqType;
@@ -369,10 +370,11 @@ fn packed_weight(
         }
     };
     if let Some(bt) = block_type(dtype) {
-        let mut data: Vec<u8> = bytemuck::cast_slice::<u64, u8>(&aligned).to_vec();
-        data.truncate(bytes);
-        drop(aligned);
-        let w = BlockWeight::new(bt, rows, cols, data)
+        let raw: &[u8] = bytemuck::cast_slice::<u64, u8>(&aligned);
+        let data = raw
+            .get(..bytes)
+            .ok_or_else(|| tensor_err(meta, format!("{bytes} bytes were not read")))?;
+        let w = int8::from_ggml_blocks(bt, rows, cols, data)
             .ctx(|| format!("{}: tensor `{}`", meta.file.display(), meta.stored_name))?;
         return Ok(Weight::Matrix(Arc::new(w)));
     }

@@ -1,0 +1,259 @@
+//! Repacking weights into int8 tiles: the tile layout, and the GGML block formats as codes,
+//! scales and minimums.
+
+use half::f16;
+
+use super::{PackFormat, PackedMatrix, QBLOCK, TILE_ROWS};
+use crate::error::KernelError;
+use crate::ggml::BlockType;
+use crate::matrix::{check_len, checked_len};
+
+/// How codes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codes {
+    /// Codes below 16, two per byte: within each 32-bit lane, byte `t` of group `k` holds
+    /// code `4k + t` in its low nibble and code `16 + 4k + t` in its high nibble.
+    Nibbles,
+    /// One code per byte: group `k`, lane `r`, byte `t` is code `4k + t` of row `r`.
+    Bytes,
+}
+
+/// Fills one tile (`out`, every block of it) from `row_fn`.
+pub(super) fn pack_tile<F>(
+    format: PackFormat,
+    tile: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut [u8],
+    row_fn: &F,
+) -> Result<(), KernelError>
+where
+    F: Fn(usize, &mut [u8], &mut [f32], &mut [f32]) -> Result<(), KernelError> + Sync,
+{
+    let blocks = cols / QBLOCK;
+    let mut codes = vec![0u8; checked_len("tile codes", TILE_ROWS, cols)?];
+    let mut scales = vec![0f32; TILE_ROWS * blocks];
+    let mut mins = vec![0f32; TILE_ROWS * blocks];
+    for r in 0..TILE_ROWS {
+        let row = tile * TILE_ROWS + r;
+        if row >= rows {
+            break;
+        }
+        let c = &mut codes[r * cols..][..cols];
+        row_fn(
+            row,
+            c,
+            &mut scales[r * blocks..][..blocks],
+            &mut mins[r * blocks..][..blocks],
+        )?;
+        if format.codes == Codes::Nibbles
+            && let Some(bad) = c.iter().find(|&&c| c >= 16)
+        {
+            return Err(KernelError::InvalidShape(format!(
+                "row {row}: code {bad} does not fit in 4 bits"
+            )));
+        }
+    }
+    let stride = format.block_stride();
+    let scale_bytes = format.scale_bytes();
+    for b in 0..blocks {
+        let block = &mut out[b * stride..][..stride];
+        let (code_out, rest) = block.split_at_mut(format.code_bytes());
+        let code = |r: usize, j: usize| codes[r * cols + b * QBLOCK + j];
+        match format.codes {
+            Codes::Nibbles => {
+                for k in 0..4 {
+                    for r in 0..TILE_ROWS {
+                        for t in 0..4 {
+                            code_out[k * 64 + 4 * r + t] =
+                                code(r, 4 * k + t) | (code(r, 16 + 4 * k + t) << 4);
+                        }
+                    }
+                }
+            }
+            Codes::Bytes => {
+                for k in 0..8 {
+                    for r in 0..TILE_ROWS {
+                        for t in 0..4 {
+                            code_out[k * 64 + 4 * r + t] = code(r, 4 * k + t);
+                        }
+                    }
+                }
+            }
+        }
+        let (scale_out, min_out) = rest.split_at_mut(TILE_ROWS * scale_bytes);
+        for r in 0..TILE_ROWS {
+            put_value(
+                format,
+                &mut scale_out[r * scale_bytes..],
+                scales[r * blocks + b],
+            );
+            if format.has_min {
+                put_value(
+                    format,
+                    &mut min_out[r * scale_bytes..],
+                    mins[r * blocks + b],
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn put_value(format: PackFormat, out: &mut [u8], v: f32) {
+    if format.f32_scales {
+        out[..4].copy_from_slice(&v.to_le_bytes());
+    } else {
+        out[..2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    }
+}
+
+/// The codes of one tile's block, per row (the inverse of [`pack_tile`]'s code layout).
+pub(super) fn unpack_codes(kind: Codes, bytes: &[u8], out: &mut [[u8; QBLOCK]; TILE_ROWS]) {
+    match kind {
+        Codes::Nibbles => {
+            for k in 0..4 {
+                for (r, row) in out.iter_mut().enumerate() {
+                    for t in 0..4 {
+                        let b = bytes[k * 64 + 4 * r + t];
+                        row[4 * k + t] = b & 0x0F;
+                        row[16 + 4 * k + t] = b >> 4;
+                    }
+                }
+            }
+        }
+        Codes::Bytes => {
+            for k in 0..8 {
+                for (r, row) in out.iter_mut().enumerate() {
+                    row[4 * k..4 * k + 4].copy_from_slice(&bytes[k * 64 + 4 * r..][..4]);
+                }
+            }
+        }
+    }
+}
+
+/// The packed form of a GGML block format.
+pub fn ggml_format(dtype: BlockType) -> PackFormat {
+    let (name, codes, f32_scales, has_min, offset) = match dtype {
+        BlockType::Q4_0 => ("Q4_0", Codes::Nibbles, false, false, 8),
+        BlockType::Q4_1 => ("Q4_1", Codes::Nibbles, false, true, 0),
+        BlockType::Q5_0 => ("Q5_0", Codes::Bytes, false, false, 16),
+        BlockType::Q5_1 => ("Q5_1", Codes::Bytes, false, true, 0),
+        BlockType::Q8_0 => ("Q8_0", Codes::Bytes, false, false, 128),
+        BlockType::Q8_1 => ("Q8_1", Codes::Bytes, false, false, 128),
+        BlockType::Q8K => ("Q8K", Codes::Bytes, true, false, 128),
+    };
+    PackFormat {
+        name,
+        codes,
+        f32_scales,
+        has_min,
+        offset,
+    }
+}
+
+/// Repacks a `rows × cols` matrix of GGML blocks (row-major, as [`crate::ggml::BlockWeight`]
+/// takes them): the same weights, exactly (`w = (c − offset) · d` or `c · d + m` with the
+/// block's own `d` and `m`).
+///
+/// # Errors
+///
+/// [`KernelError::InvalidShape`] for a zero dimension or a `cols` that is not a multiple of the
+/// block size; [`KernelError::LengthMismatch`] if `data` does not hold exactly the blocks.
+pub fn from_ggml_blocks(
+    dtype: BlockType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+) -> Result<PackedMatrix, KernelError> {
+    let size = dtype.block_size();
+    if rows == 0 || cols == 0 || !cols.is_multiple_of(size) {
+        return Err(KernelError::InvalidShape(format!(
+            "{dtype:?} blocks of {size} weights do not divide a {rows}x{cols} matrix"
+        )));
+    }
+    let row_bytes = checked_len("row bytes", cols / size, dtype.block_bytes())?;
+    check_len(
+        "data",
+        data.len(),
+        checked_len("weight bytes", rows, row_bytes)?,
+    )?;
+    PackedMatrix::pack(
+        ggml_format(dtype),
+        rows,
+        cols,
+        |row, codes, scales, mins| {
+            let row = &data[row * row_bytes..][..row_bytes];
+            for (b, block) in row.chunks_exact(dtype.block_bytes()).enumerate() {
+                let first = b * size / QBLOCK;
+                let codes = &mut codes[b * size..][..size];
+                let (d, m) = decode(dtype, block, codes);
+                for g in 0..size / QBLOCK {
+                    scales[first + g] = d;
+                    mins[first + g] = m;
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+fn f16_at(block: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
+}
+
+/// One GGML block's unsigned codes (into `codes`), scale and minimum.
+fn decode(dtype: BlockType, block: &[u8], codes: &mut [u8]) -> (f32, f32) {
+    let nibbles = |qs: &[u8], codes: &mut [u8]| {
+        for (j, &b) in qs.iter().enumerate().take(16) {
+            codes[j] = b & 0x0F;
+            codes[j + 16] = b >> 4;
+        }
+    };
+    let fifth_bits = |qh: &[u8], codes: &mut [u8]| {
+        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        for (j, c) in codes.iter_mut().enumerate().take(32) {
+            *c |= (((qh >> j) & 1) as u8) << 4;
+        }
+    };
+    let signed = |qs: &[u8], codes: &mut [u8]| {
+        for (c, &q) in codes.iter_mut().zip(qs) {
+            *c = q ^ 0x80;
+        }
+    };
+    match dtype {
+        BlockType::Q4_0 => {
+            nibbles(&block[2..18], codes);
+            (f16_at(block, 0), 0.0)
+        }
+        BlockType::Q4_1 => {
+            nibbles(&block[4..20], codes);
+            (f16_at(block, 0), f16_at(block, 2))
+        }
+        BlockType::Q5_0 => {
+            nibbles(&block[6..22], codes);
+            fifth_bits(&block[2..6], codes);
+            (f16_at(block, 0), 0.0)
+        }
+        BlockType::Q5_1 => {
+            nibbles(&block[8..24], codes);
+            fifth_bits(&block[4..8], codes);
+            (f16_at(block, 0), f16_at(block, 2))
+        }
+        BlockType::Q8_0 => {
+            signed(&block[2..34], codes);
+            (f16_at(block, 0), 0.0)
+        }
+        BlockType::Q8_1 => {
+            signed(&block[4..36], codes);
+            (f16_at(block, 0), 0.0)
+        }
+        BlockType::Q8K => {
+            signed(&block[4..4 + 256], codes);
+            (
+                f32::from_le_bytes([block[0], block[1], block[2], block[3]]),
+                0.0,
+            )
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The process's compute threads: one rayon pool, and [`install`] to run work on it.
+//!
+//! A product called from a thread outside the pool hands its work to the pool and sleeps until
+//! it is done: two thread switches per product, which on a small model cost as much as the
+//! product itself (hundreds per token). Work run through [`install`] runs on a pool thread, so
+//! its products split among the pool's threads without leaving it.
+
+use std::sync::OnceLock;
+
+/// The pool: `RAYON_NUM_THREADS` threads (what `--threads` sets), or one per core.
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("strata-compute-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Runs `f` on a thread of the compute pool (at once if this thread is one), so that the
+/// kernels it calls share out their work without thread switches. Where no pool could be
+/// started, `f` runs here, on rayon's global pool.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match pool() {
+        Some(p) if rayon::current_thread_index().is_none() => p.install(f),
+        _ => f(),
+    }
+}
+
+/// Threads of the compute pool.
+pub fn threads() -> usize {
+    pool().map_or_else(
+        rayon::current_num_threads,
+        rayon::ThreadPool::current_num_threads,
+    )
+}
