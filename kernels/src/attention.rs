@@ -237,6 +237,112 @@ impl PagedAttention<'_> {
         self.run_at(cpu::level(), n_tokens, out)
     }
 
+    /// Attention of several sequences (a step's) in one parallel region: `out` is every
+    /// request's output, stacked in order (request `i` has `q.len() / (n_heads · head_dim)`
+    /// query tokens). Each output element is computed exactly as [`PagedAttention::run`]
+    /// computes it alone. All requests must share one shape.
+    ///
+    /// # Errors
+    ///
+    /// As [`PagedAttention::run`], for the first request that has one; `out` is then
+    /// untouched. [`KernelError::InvalidShape`] if the shapes differ.
+    pub fn run_batch(requests: &[PagedAttention<'_>], out: &mut [f32]) -> Result<(), KernelError> {
+        Self::run_batch_at(cpu::level(), requests, out)
+    }
+
+    fn run_batch_at(
+        level: Level,
+        requests: &[PagedAttention<'_>],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let Some(first) = requests.first() else {
+            return check_len("out", out.len(), 0);
+        };
+        let shape = first.shape;
+        shape.validate()?;
+        let width = shape.n_heads * shape.head_dim;
+        let batch = head_batch(&shape);
+        let chunk = batch * shape.head_dim;
+        // Per request: its first chunk of `out`, and its work (for the parallel threshold).
+        let mut starts = Vec::with_capacity(requests.len() + 1);
+        let (mut chunks, mut work) = (0usize, 0usize);
+        for r in requests {
+            if (
+                r.shape.n_heads,
+                r.shape.n_kv_heads,
+                r.shape.head_dim,
+                r.shape.block_size,
+            ) != (
+                shape.n_heads,
+                shape.n_kv_heads,
+                shape.head_dim,
+                shape.block_size,
+            ) {
+                return Err(KernelError::InvalidShape(
+                    "attention requests of one batch must share their shape".into(),
+                ));
+            }
+            let n_tokens = r.q.len() / width;
+            r.check(n_tokens)?;
+            starts.push(chunks);
+            chunks += n_tokens * (shape.n_heads / batch);
+            let end = r.pos0 + n_tokens;
+            work = work.saturating_add(
+                (n_tokens * width)
+                    .saturating_mul(r.window.map_or(end, |w| w.min(end)))
+                    .saturating_mul(2),
+            );
+        }
+        check_len("out", out.len(), chunks * chunk)?;
+        starts.push(chunks);
+        let batches_per_token = shape.n_heads / batch;
+        let task = |(index, out): (usize, &mut [f32])| {
+            // The request this chunk belongs to: the last start at or before it.
+            let r = starts.partition_point(|&s| s <= index) - 1;
+            let local = index - starts[r];
+            requests[r].attend_at(
+                level,
+                local / batches_per_token,
+                local % batches_per_token * batch,
+                out,
+            );
+        };
+        if work >= PARALLEL_MIN_WORK {
+            out.par_chunks_mut(chunk).enumerate().for_each(task);
+        } else {
+            out.chunks_mut(chunk).enumerate().for_each(task);
+        }
+        Ok(())
+    }
+
+    /// The checks of [`PagedAttention::run`] for `n_tokens` query tokens.
+    fn check(&self, n_tokens: usize) -> Result<(), KernelError> {
+        let shape = &self.shape;
+        shape.validate()?;
+        let num_blocks = pool_blocks(shape, self.k_pool.len(), self.v_pool.len())?;
+        let len = token_tensor_len(n_tokens, shape.n_heads, shape.head_dim)?;
+        check_len("q", self.q.len(), len)?;
+        if self.window == Some(0) {
+            return Err(KernelError::InvalidShape(
+                "a sliding window must hold at least one position".into(),
+            ));
+        }
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let end = self
+            .pos0
+            .checked_add(n_tokens)
+            .ok_or_else(|| overflow("position"))?;
+        check_block_table(
+            self.block_table,
+            shape.block_size,
+            self.first_key(self.pos0),
+            end,
+            num_blocks,
+        )
+    }
+
     /// Validates the request, then computes `out` at the given SIMD level.
     fn run_at(&self, level: Level, n_tokens: usize, out: &mut [f32]) -> Result<(), KernelError> {
         let shape = &self.shape;

@@ -372,7 +372,7 @@ impl HqqWeight {
     }
 
     /// The code of element `index` of the row-major matrix.
-    fn code(&self, index: usize) -> u8 {
+    pub(crate) fn code(&self, index: usize) -> u8 {
         if self.bits == 4 {
             (self.codes[index / 2] >> (4 * (index % 2))) & 0x0F
         } else {

@@ -39,6 +39,12 @@ pub trait QuantMatrix: Send + Sync + fmt::Debug {
     /// [`KernelError::LengthMismatch`] if `x.len() != m * cols` or `out.len() != m * rows`.
     fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError>;
 
+    /// This matrix as int8 tiles, when it is one: its products can then take activations
+    /// quantized once for several matrices, and it can be stacked with others.
+    fn as_int8(&self) -> Option<&crate::int8::PackedMatrix> {
+        None
+    }
+
     /// The whole matrix in f32, row-major `[rows, cols]`.
     fn dequantize(&self) -> Result<Vec<f32>, KernelError> {
         let cols = self.cols();

@@ -2,12 +2,12 @@
 //! `strata perplexity` and the benchmarks, and the reference the distributed pipeline must
 //! match token for token. Stages pass tensors directly instead of frames.
 
-use candle_core::Tensor;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::Plan;
 use strata_shared::wire::{Frame, SamplesFrame, SeqStep, StepFrame};
 
-use crate::error::{CandleContext, Result, WorkerError};
+use crate::error::{Result, WorkerError};
+use crate::layers::Hidden;
 use crate::model::{ModelSlice, Progress, SliceSpec};
 use crate::stage::Stage;
 
@@ -81,7 +81,7 @@ impl Engine {
     }
 
     /// Final hidden states of a step (before the final norm), `None` for an empty step.
-    fn hidden(&mut self, step: &StepFrame) -> Result<Option<Tensor>> {
+    fn hidden(&mut self, step: &StepFrame) -> Result<Option<Hidden>> {
         let mut x = None;
         for stage in &mut self.stages {
             stage.release_all(&step.releases);
@@ -103,13 +103,15 @@ impl Engine {
         }
     }
 
-    /// Runs `tokens` as a new sequence `seq_id` (released afterwards) and returns the logits
-    /// of the rows in `rows`, computed `chunk` rows at a time and handed to `each` as
+    /// Runs `tokens` as a new sequence `seq_id` (released afterwards) whose first `prompt_len`
+    /// tokens are its prompt (the rest count as generated: teacher forcing), and returns the
+    /// logits of the rows in `rows`, computed `chunk` rows at a time and handed to `each` as
     /// (row index, logits).
     pub fn logits_for(
         &mut self,
         seq_id: u64,
         tokens: &[u32],
+        prompt_len: usize,
         rows: &[u32],
         chunk: usize,
         mut each: impl FnMut(usize, &[f32]) -> Result<()>,
@@ -121,7 +123,7 @@ impl Engine {
             seqs: vec![SeqStep {
                 seq_id,
                 pos0: 0,
-                prompt_len: tokens.len() as u32,
+                prompt_len: prompt_len.min(tokens.len()) as u32,
                 tokens: tokens.to_vec(),
                 sample: false,
                 params: Default::default(),
@@ -134,11 +136,10 @@ impl Engine {
                 .ok_or_else(|| WorkerError::Step("empty sequence".into()))?;
             let last = self.last_mut()?;
             for part in rows.chunks(chunk.max(1)) {
-                let sel = ModelSlice::select_rows(&x, part)?;
+                let sel = x.select_rows(part)?;
                 let logits = last.slice().logits(&sel)?;
-                let logits = logits.to_vec2::<f32>().ctx(|| "reading logits".into())?;
-                for (r, l) in part.iter().zip(&logits) {
-                    each(*r as usize, l)?;
+                for (i, r) in part.iter().enumerate() {
+                    each(*r as usize, logits.row(i))?;
                 }
             }
             Ok(())
@@ -154,7 +155,7 @@ impl Engine {
             .checked_sub(1)
             .ok_or_else(|| WorkerError::Step("empty prompt".into()))? as u32;
         let mut out = Vec::new();
-        self.logits_for(u64::MAX, tokens, &[last], 1, |_, l| {
+        self.logits_for(u64::MAX, tokens, tokens.len(), &[last], 1, |_, l| {
             out = l.to_vec();
             Ok(())
         })?;
@@ -169,7 +170,7 @@ impl Engine {
         }
         let rows: Vec<u32> = (0..n as u32 - 1).collect();
         let mut nll = vec![0f64; n - 1];
-        self.logits_for(u64::MAX, tokens, &rows, 64, |r, l| {
+        self.logits_for(u64::MAX, tokens, tokens.len(), &rows, 64, |r, l| {
             let lp = crate::sampling::log_softmax(l);
             let target = tokens[r + 1] as usize;
             nll[r] = -f64::from(*lp.get(target).ok_or_else(|| {

@@ -51,6 +51,17 @@ pub struct SeqBlocks {
     pub len: usize,
 }
 
+/// The block tables of a cache's sequences.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockTables<'a>(&'a HashMap<u64, SeqBlocks>);
+
+impl<'a> BlockTables<'a> {
+    /// A sequence's blocks (none for an unknown one).
+    pub fn get(&self, seq_id: u64) -> &'a [u32] {
+        self.0.get(&seq_id).map_or(&[], |s| &s.blocks)
+    }
+}
+
 /// The paged KV cache of one stage.
 #[derive(Debug)]
 pub struct KvCache {
@@ -176,6 +187,15 @@ impl KvCache {
             .get_mut(layer)
             .ok_or_else(|| WorkerError::Step(format!("KV cache has no layer {layer}")))?;
         Ok((kv, blocks))
+    }
+
+    /// One layer's pools, and every sequence's block table.
+    pub fn layer_and_tables(&mut self, layer: usize) -> Result<(&mut LayerKv, BlockTables<'_>)> {
+        let kv = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| WorkerError::Step(format!("KV cache has no layer {layer}")))?;
+        Ok((kv, BlockTables(&self.seqs)))
     }
 
     /// Sequences holding blocks.

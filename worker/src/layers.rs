@@ -1,38 +1,120 @@
-//! The building blocks a decoder layer is made of: linear projections over any weight form,
-//! token embeddings, RMS norms and rotary position embeddings.
+//! The building blocks a decoder layer is made of, on plain f32 rows: linear projections over
+//! every weight form (one product for several projections of the same input where their weights
+//! stack), token embeddings, RMS norms and rotary position embeddings.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use strata_kernels::QuantMatrix;
+use strata_kernels::int8::{PackedMatrix, Precision, QuantizedActivations};
 use strata_shared::config::{ModelConfig, RopeScaling};
 
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::weights::Weight;
+
+/// Rows of f32 values, row-major: the hidden states of a batch (`[rows, cols]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hidden {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Hidden {
+    /// Wraps `data` as `[rows, cols]`.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<Self> {
+        if rows.checked_mul(cols) != Some(data.len()) {
+            return Err(WorkerError::Step(format!(
+                "{} values do not make {rows} rows of {cols}",
+                data.len()
+            )));
+        }
+        Ok(Hidden { rows, cols, data })
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..][..self.cols]
+    }
+
+    /// The rows `rows`, in that order.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Hidden> {
+        let mut data = Vec::with_capacity(rows.len() * self.cols);
+        for &r in rows {
+            if r as usize >= self.rows {
+                return Err(WorkerError::Step(format!(
+                    "row {r} of {} hidden rows",
+                    self.rows
+                )));
+            }
+            data.extend_from_slice(self.row(r as usize));
+        }
+        Ok(Hidden {
+            rows: rows.len(),
+            cols: self.cols,
+            data,
+        })
+    }
+}
+
+/// Buffers a forward pass reuses from one product to the next.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// The int8 quantization of a product's input.
+    q8: QuantizedActivations,
+    /// The output of stacked projections, before it is split.
+    stacked: Vec<f32>,
+}
 
 /// `y = x Wᵀ (+ b)` for a weight in any form. Activations are f32 `[n, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     name: String,
     weight: Weight,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
     out_features: usize,
+    in_features: usize,
 }
 
 impl Linear {
     pub fn new(name: &str, weight: Weight, bias: Option<Tensor>) -> Result<Self> {
-        let out_features = match &weight {
-            Weight::Dense(t) => t.dim(0).ctx(|| format!("`{name}`"))?,
-            Weight::Matrix(w) => w.rows(),
+        let ctx = || format!("`{name}`");
+        let (out_features, in_features) = match &weight {
+            Weight::Dense(t) => t.dims2().ctx(ctx)?,
+            Weight::Matrix(w) => (w.rows(), w.cols()),
+        };
+        let bias = match bias {
+            Some(b) => {
+                let b = b
+                    .to_dtype(DType::F32)
+                    .and_then(|b| b.to_vec1::<f32>())
+                    .ctx(ctx)?;
+                if b.len() != out_features {
+                    return Err(WorkerError::Load(format!(
+                        "{}: a bias of {} for {out_features} outputs",
+                        ctx(),
+                        b.len()
+                    )));
+                }
+                Some(b)
+            }
+            None => None,
         };
         Ok(Linear {
             name: name.to_string(),
             weight,
             bias,
             out_features,
+            in_features,
         })
     }
 
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
     }
 
     /// Row `row` of the weight, dequantized to f32 (`out` holds `in_features` values).
@@ -60,55 +142,137 @@ impl Linear {
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ctx = || format!("`{}` forward", self.name);
-        let y = match &self.weight {
-            Weight::Dense(w) if w.dtype() == DType::F32 => x.matmul(&w.t().ctx(ctx)?).ctx(ctx)?,
-            Weight::Dense(w) => {
-                let xw = x.to_dtype(w.dtype()).ctx(ctx)?;
-                xw.matmul(&w.t().ctx(ctx)?)
-                    .and_then(|y| y.to_dtype(DType::F32))
-                    .ctx(ctx)?
-            }
-            Weight::Matrix(w) => matrix_matmul(w.as_ref(), x).ctx(ctx)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b).ctx(ctx),
-            None => Ok(y),
+    /// The weight as int8 tiles, when it is.
+    fn int8(&self) -> Option<&PackedMatrix> {
+        match &self.weight {
+            Weight::Matrix(w) => w.as_int8(),
+            Weight::Dense(_) => None,
         }
+    }
+
+    /// `out[m, out_features] = x[m, in_features] Wᵀ (+ b)`, row `i` of `x` quantized at
+    /// `precision[i]` for int8 products (`m = precision.len()`).
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        precision: &[Precision],
+        scratch: &mut Scratch,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let m = precision.len();
+        let ctx = || format!("`{}` forward", self.name);
+        out.clear();
+        out.resize(m * self.out_features, 0.0);
+        match &self.weight {
+            Weight::Matrix(w) => match w.as_int8() {
+                Some(p) => {
+                    scratch
+                        .q8
+                        .quantize_rows(x, m, self.in_features, |i| precision[i])
+                        .ctx(ctx)?;
+                    p.matmul_quantized(&scratch.q8, out).ctx(ctx)?;
+                }
+                None => w.matmul(x, m, out).ctx(ctx)?,
+            },
+            Weight::Dense(w) => {
+                let y = Tensor::from_slice(x, (m, self.in_features), &Device::Cpu)
+                    .and_then(|x| x.to_dtype(w.dtype()))
+                    .and_then(|x| x.matmul(&w.t()?))
+                    .and_then(|y| y.to_dtype(DType::F32))
+                    .and_then(|y| y.flatten_all())
+                    .and_then(|y| y.to_vec1::<f32>())
+                    .ctx(ctx)?;
+                out.copy_from_slice(&y);
+            }
+        }
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(self.out_features) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+        Ok(())
     }
 }
 
-/// Runs a quantized matrix's product on a candle tensor.
-fn matrix_matmul(w: &dyn QuantMatrix, x: &Tensor) -> std::result::Result<Tensor, KernelOrCandle> {
-    let m = x.dim(0)?;
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; m * w.rows()];
-    w.matmul(&xs, m, &mut out)?;
-    Ok(Tensor::from_vec(out, (m, w.rows()), &Device::Cpu)?)
+/// Linear projections of one input (q, k and v; gate and up). When their weights are int8
+/// tiles of one format that stack, they run as one product over one quantization of the input
+/// (and the stacked copy replaces the parts' own weights).
+#[derive(Debug)]
+pub enum Projections {
+    /// One product each.
+    Separate(Vec<Linear>),
+    /// One product for all; each part's name, width and bias.
+    Stacked {
+        weight: Arc<PackedMatrix>,
+        parts: Vec<(String, usize, Option<Vec<f32>>)>,
+    },
 }
 
-/// Either error of [`matrix_matmul`].
-#[derive(Debug, thiserror::Error)]
-pub enum KernelOrCandle {
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    #[error(transparent)]
-    Kernel(#[from] strata_kernels::KernelError),
-}
+impl Projections {
+    pub fn new(parts: Vec<Linear>) -> Self {
+        let int8: Option<Vec<&PackedMatrix>> = parts.iter().map(Linear::int8).collect();
+        match int8
+            .filter(|p| p.len() > 1)
+            .and_then(|p| PackedMatrix::stack(&p).ok())
+        {
+            Some(stacked) => Projections::Stacked {
+                weight: Arc::new(stacked),
+                parts: parts
+                    .into_iter()
+                    .map(|p| (p.name, p.out_features, p.bias))
+                    .collect(),
+            },
+            None => Projections::Separate(parts),
+        }
+    }
 
-impl<T> CandleContext<T> for std::result::Result<T, KernelOrCandle> {
-    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| match e {
-            KernelOrCandle::Candle(source) => WorkerError::Candle {
-                context: context(),
-                source,
-            },
-            KernelOrCandle::Kernel(source) => WorkerError::Kernel {
-                context: context(),
-                source,
-            },
-        })
+    /// `outs[i] = x · W_iᵀ (+ b_i)` for every projection `i` (row `r` of `x` quantized at
+    /// `precision[r]`).
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        precision: &[Precision],
+        scratch: &mut Scratch,
+        outs: &mut [Vec<f32>],
+    ) -> Result<()> {
+        let m = precision.len();
+        let (stacked, parts) = match self {
+            Projections::Separate(parts) => {
+                for (part, out) in parts.iter().zip(outs.iter_mut()) {
+                    part.forward_into(x, precision, scratch, out)?;
+                }
+                return Ok(());
+            }
+            Projections::Stacked { weight, parts } => (weight, parts),
+        };
+        let ctx = || {
+            let names: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+            format!("{names:?} forward")
+        };
+        let total = stacked.rows();
+        scratch
+            .q8
+            .quantize_rows(x, m, stacked.cols(), |i| precision[i])
+            .ctx(ctx)?;
+        scratch.stacked.clear();
+        scratch.stacked.resize(m * total, 0.0);
+        stacked
+            .matmul_quantized(&scratch.q8, &mut scratch.stacked)
+            .ctx(ctx)?;
+        let mut at = 0;
+        for ((_, w, bias), out) in parts.iter().zip(outs.iter_mut()) {
+            out.clear();
+            out.reserve(m * w);
+            for row in scratch.stacked.chunks_exact(total) {
+                let y = &row[at..at + w];
+                match bias {
+                    Some(b) => out.extend(y.iter().zip(b).map(|(y, b)| y + b)),
+                    None => out.extend_from_slice(y),
+                }
+            }
+            at += w;
+        }
+        Ok(())
     }
 }
 
@@ -129,8 +293,8 @@ impl Embedding {
         }
     }
 
-    /// `[tokens.len(), hidden]` f32.
-    pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
+    /// `[tokens.len(), hidden]`.
+    pub fn forward(&self, tokens: &[u32]) -> Result<Hidden> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(WorkerError::Step(format!(
                 "token id {bad} is outside the vocabulary (size {})",
@@ -138,47 +302,79 @@ impl Embedding {
             )));
         }
         let ctx = || "token embedding".to_string();
-        match &self.table {
+        let data = match &self.table {
             Weight::Dense(t) => Tensor::new(tokens, &Device::Cpu)
                 .and_then(|ids| t.index_select(&ids, 0))
                 .and_then(|e| e.to_dtype(DType::F32))
-                .ctx(ctx),
+                .and_then(|e| e.flatten_all())
+                .and_then(|e| e.to_vec1::<f32>())
+                .ctx(ctx)?,
             Weight::Matrix(w) => {
                 let mut out = vec![0f32; tokens.len() * self.hidden];
                 for (t, row) in tokens.iter().zip(out.chunks_exact_mut(self.hidden)) {
                     w.dequantize_row(*t as usize, row).ctx(ctx)?;
                 }
-                Tensor::from_vec(out, (tokens.len(), self.hidden), &Device::Cpu).ctx(ctx)
+                out
             }
-        }
+        };
+        Hidden::new(tokens.len(), self.hidden, data)
     }
 }
 
 /// Root-mean-square layer norm.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Tensor,
+    weight: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
-    pub fn new(weight: Tensor, eps: f64) -> Self {
-        RmsNorm {
-            weight,
+    pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: weight.to_vec1::<f32>().ctx(|| "norm weight".into())?,
             eps: eps as f32,
-        }
+        })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps).ctx(|| "rms norm".into())
+    /// The norm's weights.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
+    /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (`x` holds whole rows).
+    pub fn forward_into(&self, x: &[f32], out: &mut Vec<f32>) {
+        let dim = self.weight.len();
+        out.clear();
+        out.reserve(x.len());
+        for row in x.chunks_exact(dim) {
+            // Eight partial sums: a fixed order, and no single dependency chain.
+            let mut lanes = [0f32; 8];
+            let (chunks, tail) = row.as_chunks::<8>();
+            for c in chunks {
+                for (l, v) in lanes.iter_mut().zip(c) {
+                    *l += v * v;
+                }
+            }
+            let sum2 = lanes.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>();
+            let scale = 1.0 / (sum2 / dim as f32 + self.eps).sqrt();
+            out.extend(row.iter().zip(&self.weight).map(|(v, w)| v * scale * w));
+        }
     }
 }
 
-/// Rotary position embedding tables (Hugging Face's rotate-half layout).
+/// Rotary position embedding (Hugging Face's rotate-half layout).
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
     max_positions: usize,
+}
+
+/// The cos and sin rows of a batch's positions, `[positions][head_dim / 2]` each.
+#[derive(Debug, Clone, Default)]
+pub struct RopeTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
 }
 
 impl Rope {
@@ -236,7 +432,7 @@ impl Rope {
     }
 
     /// cos/sin rows for the given positions.
-    pub fn tables(&self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+    pub fn tables(&self, positions: &[u32]) -> Result<RopeTables> {
         if let Some(&p) = positions
             .iter()
             .find(|&&p| p as usize >= self.max_positions)
@@ -257,20 +453,29 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        let ctx = || "rope tables".to_string();
-        Ok((
-            Tensor::from_vec(cos, (positions.len(), half), &Device::Cpu).ctx(ctx)?,
-            Tensor::from_vec(sin, (positions.len(), half), &Device::Cpu).ctx(ctx)?,
-        ))
+        Ok(RopeTables { cos, sin, half })
     }
 
-    /// Rotates `x` of shape `[n, heads * head_dim]` in place of position.
-    pub fn apply(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let ctx = || "rope".to_string();
-        let (n, width) = x.dims2().ctx(ctx)?;
-        let x4 = x.reshape((1, n, heads, width / heads)).ctx(ctx)?;
-        candle_nn::rotary_emb::rope_thd(&x4, cos, sin)
-            .and_then(|y| y.reshape((n, width)))
-            .ctx(ctx)
+    /// Rotates `x` (`[rows][heads][2 · half]`, one row per position of `t`) in place.
+    pub fn apply(x: &mut [f32], heads: usize, t: &RopeTables) {
+        let half = t.half;
+        let width = heads * 2 * half;
+        if width == 0 {
+            return;
+        }
+        for ((row, cos), sin) in x
+            .chunks_exact_mut(width)
+            .zip(t.cos.chunks_exact(half))
+            .zip(t.sin.chunks_exact(half))
+        {
+            for head in row.chunks_exact_mut(2 * half) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x0, x1) = (a[i], b[i]);
+                    a[i] = x0 * cos[i] - x1 * sin[i];
+                    b[i] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        }
     }
 }

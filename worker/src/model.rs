@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use strata_kernels::attention::{self, AttentionShape};
+use strata_kernels::int8::Precision;
 use strata_shared::config::ModelConfig;
 use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
@@ -15,7 +16,7 @@ use strata_shared::wire::KV_BLOCK_SIZE;
 
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::kv::KvCache;
-use crate::layers::{Embedding, Linear, RmsNorm, Rope};
+use crate::layers::{Embedding, Hidden, Linear, Projections, RmsNorm, Rope, RopeTables, Scratch};
 use crate::weights::{self, LoadSpec, Weight};
 
 /// How one tensor use is loaded (from the plan).
@@ -112,17 +113,55 @@ pub struct Span {
     pub row: usize,
 }
 
+/// How finely rows are quantized for the int8 products (`STRATA_ACTIVATIONS`: `int8x2`, the
+/// default, or `int8`).
+///
+/// Two 8-bit planes keep the model's top-1 choices those of f32 activations (192 of 192 on the
+/// golden prompts, where one plane agrees on 189: llama.cpp's figure); one plane halves the
+/// integer work of compute-bound prefill. The policy is per process, and a row's precision
+/// never depends on its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationPolicy {
+    /// One 8-bit plane for every row (llama.cpp's precision).
+    Int8,
+    /// Two planes for every row.
+    Int8x2,
+}
+
+impl ActivationPolicy {
+    /// The process's policy, from `STRATA_ACTIVATIONS`.
+    pub fn current() -> Self {
+        static POLICY: std::sync::OnceLock<ActivationPolicy> = std::sync::OnceLock::new();
+        *POLICY.get_or_init(|| match std::env::var("STRATA_ACTIVATIONS").as_deref() {
+            Ok("int8") => ActivationPolicy::Int8,
+            _ => ActivationPolicy::Int8x2,
+        })
+    }
+
+    /// The precision of a row at `position` of a sequence whose prompt is `prompt_len` long.
+    pub fn precision(self, _position: usize, _prompt_len: usize) -> Precision {
+        match self {
+            ActivationPolicy::Int8 => Precision::Int8,
+            ActivationPolicy::Int8x2 => Precision::Int8x2,
+        }
+    }
+}
+
 /// The layout of a micro-batch: sequences stacked row-wise.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub spans: Vec<Span>,
     pub positions: Vec<u32>,
+    /// Per row, the precision of its int8 activations.
+    pub precision: Vec<Precision>,
 }
 
 impl Batch {
-    pub fn new(seqs: impl IntoIterator<Item = (u64, usize, usize)>) -> Self {
+    /// Sequences as `(seq_id, pos0, len, prompt_len)`.
+    pub fn new(seqs: impl IntoIterator<Item = (u64, usize, usize, usize)>) -> Self {
+        let policy = ActivationPolicy::current();
         let mut b = Batch::default();
-        for (seq_id, pos0, len) in seqs {
+        for (seq_id, pos0, len, prompt_len) in seqs {
             b.spans.push(Span {
                 seq_id,
                 pos0,
@@ -130,6 +169,8 @@ impl Batch {
                 row: b.positions.len(),
             });
             b.positions.extend((pos0..pos0 + len).map(|p| p as u32));
+            b.precision
+                .extend((pos0..pos0 + len).map(|p| policy.precision(p, prompt_len)));
         }
         b
     }
@@ -226,12 +267,22 @@ impl Loader<'_> {
     }
 }
 
+/// Buffers one forward pass reuses from layer to layer.
+#[derive(Debug, Default)]
+pub struct LayerScratch {
+    products: Scratch,
+    normed: Vec<f32>,
+    /// q, k and v; then gate and up.
+    proj: [Vec<f32>; 3],
+    attn: Vec<f32>,
+    out: Vec<f32>,
+}
+
 /// Multi-head attention with grouped key/value heads over the paged KV cache.
 #[derive(Debug)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj.
+    qkv: Projections,
     o_proj: Linear,
     shape: AttentionShape,
     scale: f32,
@@ -243,30 +294,31 @@ impl Attention {
         l: &mut Loader<'_>,
         layer: usize,
         cfg: &ModelConfig,
-        input_norm: &Tensor,
+        input_norm: &[f32],
     ) -> Result<Self> {
         let bias = cfg.attention_bias;
         let pick = |t| if bias { Some(t) } else { None };
-        let imp = norm_importance(input_norm)?;
+        let imp = norm_importance(input_norm);
+        let q_proj = l.linear(
+            layer,
+            LayerTensor::QProj,
+            pick(LayerTensor::QBias),
+            Some(&imp),
+        )?;
+        let k_proj = l.linear(
+            layer,
+            LayerTensor::KProj,
+            pick(LayerTensor::KBias),
+            Some(&imp),
+        )?;
+        let v_proj = l.linear(
+            layer,
+            LayerTensor::VProj,
+            pick(LayerTensor::VBias),
+            Some(&imp),
+        )?;
         Ok(Attention {
-            q_proj: l.linear(
-                layer,
-                LayerTensor::QProj,
-                pick(LayerTensor::QBias),
-                Some(&imp),
-            )?,
-            k_proj: l.linear(
-                layer,
-                LayerTensor::KProj,
-                pick(LayerTensor::KBias),
-                Some(&imp),
-            )?,
-            v_proj: l.linear(
-                layer,
-                LayerTensor::VProj,
-                pick(LayerTensor::VBias),
-                Some(&imp),
-            )?,
+            qkv: Projections::new(vec![q_proj, k_proj, v_proj]),
             o_proj: l.linear(layer, LayerTensor::OProj, Some(LayerTensor::OBias), None)?,
             shape: attention_shape(cfg),
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
@@ -274,68 +326,76 @@ impl Attention {
         })
     }
 
+    /// Attention over the normed rows in `s.normed`, into `s.out`.
     fn forward(
         &self,
-        x: &Tensor,
         batch: &Batch,
-        rope: (&Tensor, &Tensor),
+        rope: &RopeTables,
         kv: &mut KvCache,
         layer: usize,
-    ) -> Result<Tensor> {
-        let s = &self.shape;
-        let q = Rope::apply(&self.q_proj.forward(x)?, s.n_heads, rope.0, rope.1)?;
-        let k = Rope::apply(&self.k_proj.forward(x)?, s.n_kv_heads, rope.0, rope.1)?;
-        let v = self.v_proj.forward(x)?;
+        s: &mut LayerScratch,
+    ) -> Result<()> {
+        let sh = &self.shape;
+        let m = batch.rows();
+        self.qkv
+            .forward_into(&s.normed, &batch.precision, &mut s.products, &mut s.proj)?;
+        let [q, k, v] = &mut s.proj;
+        Rope::apply(q, sh.n_heads, rope);
+        Rope::apply(k, sh.n_kv_heads, rope);
         let ctx = || format!("layer {layer} attention");
-        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(ctx);
-        let (q, k, v) = (flat(&q)?, flat(&k)?, flat(&v)?);
-        let q_width = s.n_heads * s.head_dim;
-        let kv_width = s.n_kv_heads * s.head_dim;
-        let mut out = vec![0f32; batch.rows() * q_width];
+        let q_width = sh.n_heads * sh.head_dim;
+        let kv_width = sh.n_kv_heads * sh.head_dim;
+        s.attn.clear();
+        s.attn.resize(m * q_width, 0.0);
+        let (pools, tables) = kv.layer_and_tables(layer)?;
+        let (k_pool, v_pool) = pools.pools()?;
         for span in &batch.spans {
-            let (pools, blocks) = kv.layer_mut(layer, span.seq_id)?;
-            let (k_pool, v_pool) = pools.pools()?;
             let rows = span.row..span.row + span.len;
             attention::write_kv(
-                s,
+                sh,
                 k_pool,
                 v_pool,
-                blocks,
+                tables.get(span.seq_id),
                 span.pos0,
                 &k[rows.start * kv_width..rows.end * kv_width],
                 &v[rows.start * kv_width..rows.end * kv_width],
                 span.len,
             )
             .ctx(ctx)?;
-            attention::PagedAttention {
-                shape: *s,
-                q: &q[rows.start * q_width..rows.end * q_width],
+        }
+        // Every sequence's attention in one parallel region.
+        let (k_pool, v_pool) = (&*k_pool, &*v_pool);
+        let requests: Vec<attention::PagedAttention<'_>> = batch
+            .spans
+            .iter()
+            .map(|span| attention::PagedAttention {
+                shape: *sh,
+                q: &q[span.row * q_width..(span.row + span.len) * q_width],
                 pos0: span.pos0,
                 k_pool,
                 v_pool,
-                block_table: blocks,
+                block_table: tables.get(span.seq_id),
                 scale: self.scale,
                 window: self.sliding_window,
-            }
-            .run(span.len, &mut out[rows.start * q_width..rows.end * q_width])
-            .ctx(ctx)?;
-        }
-        let out = Tensor::from_vec(out, (batch.rows(), q_width), &Device::Cpu).ctx(ctx)?;
-        self.o_proj.forward(&out)
+            })
+            .collect();
+        attention::PagedAttention::run_batch(&requests, &mut s.attn).ctx(ctx)?;
+        self.o_proj
+            .forward_into(&s.attn, &batch.precision, &mut s.products, &mut s.out)
     }
 }
 
 /// The gated SiLU feed-forward block.
 #[derive(Debug)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj and up_proj.
+    gate_up: Projections,
     down_proj: Linear,
 }
 
 impl Mlp {
-    fn load(l: &mut Loader<'_>, layer: usize, post_norm: &Tensor) -> Result<Self> {
-        let imp = norm_importance(post_norm)?;
+    fn load(l: &mut Loader<'_>, layer: usize, post_norm: &[f32]) -> Result<Self> {
+        let imp = norm_importance(post_norm);
         let gate_proj = l.linear(layer, LayerTensor::GateProj, None, Some(&imp))?;
         let up_proj = l.linear(layer, LayerTensor::UpProj, None, Some(&imp))?;
         let down = TensorRole::Layer(layer, LayerTensor::DownProj);
@@ -351,19 +411,22 @@ impl Mlp {
         };
         let down_proj = l.linear(layer, LayerTensor::DownProj, None, down_imp.as_deref())?;
         Ok(Mlp {
-            gate_proj,
-            up_proj,
+            gate_up: Projections::new(vec![gate_proj, up_proj]),
             down_proj,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
-        let h = candle_nn::ops::silu(&gate)
-            .and_then(|g| g * up)
-            .ctx(|| "mlp".into())?;
-        self.down_proj.forward(&h)
+    /// The block over the normed rows in `s.normed`, into `s.out`.
+    fn forward(&self, precision: &[Precision], s: &mut LayerScratch) -> Result<()> {
+        self.gate_up
+            .forward_into(&s.normed, precision, &mut s.products, &mut s.proj[..2])?;
+        let [g, u, _] = &s.proj;
+        // silu(gate) · up, into the attention buffer (free at this point).
+        s.attn.clear();
+        s.attn
+            .extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        self.down_proj
+            .forward_into(&s.attn, precision, &mut s.products, &mut s.out)
     }
 }
 
@@ -379,34 +442,42 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     fn load(l: &mut Loader<'_>, layer: usize, cfg: &ModelConfig) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
-        let input_norm = l.vector(TensorRole::Layer(layer, LayerTensor::InputNorm))?;
-        let self_attn = Attention::load(l, layer, cfg, &input_norm)?;
-        let post_norm = l.vector(TensorRole::Layer(layer, LayerTensor::PostAttentionNorm))?;
+        let input_norm = RmsNorm::new(
+            l.vector(TensorRole::Layer(layer, LayerTensor::InputNorm))?,
+            eps,
+        )?;
+        let self_attn = Attention::load(l, layer, cfg, input_norm.weight())?;
+        let post_norm = RmsNorm::new(
+            l.vector(TensorRole::Layer(layer, LayerTensor::PostAttentionNorm))?,
+            eps,
+        )?;
+        let mlp = Mlp::load(l, layer, post_norm.weight())?;
         Ok(DecoderLayer {
-            input_layernorm: RmsNorm::new(input_norm, eps),
+            input_layernorm: input_norm,
             self_attn,
-            post_attention_layernorm: RmsNorm::new(post_norm.clone(), eps),
-            mlp: Mlp::load(l, layer, &post_norm)?,
+            post_attention_layernorm: post_norm,
+            mlp,
         })
     }
 
+    /// `x += attention(norm(x)); x += mlp(norm(x))`, in place.
     fn forward(
         &self,
-        x: &Tensor,
+        x: &mut Hidden,
         batch: &Batch,
-        rope: (&Tensor, &Tensor),
+        rope: &RopeTables,
         kv: &mut KvCache,
         layer: usize,
-    ) -> Result<Tensor> {
-        let ctx = || format!("layer {layer} residual");
-        let h =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, batch, rope, kv, layer)?;
-        let x = (x + h).ctx(ctx)?;
-        let h = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        (x + h).ctx(ctx)
+        s: &mut LayerScratch,
+    ) -> Result<()> {
+        self.input_layernorm.forward_into(&x.data, &mut s.normed);
+        self.self_attn.forward(batch, rope, kv, layer, s)?;
+        x.data.iter_mut().zip(&s.out).for_each(|(x, h)| *x += h);
+        self.post_attention_layernorm
+            .forward_into(&x.data, &mut s.normed);
+        self.mlp.forward(&batch.precision, s)?;
+        x.data.iter_mut().zip(&s.out).for_each(|(x, h)| *x += h);
+        Ok(())
     }
 }
 
@@ -489,7 +560,7 @@ impl ModelSlice {
             None
         };
         let (norm, lm_head) = if spec.head {
-            let norm = RmsNorm::new(l.vector(TensorRole::FinalNorm)?, cfg.rms_norm_eps);
+            let norm = RmsNorm::new(l.vector(TensorRole::FinalNorm)?, cfg.rms_norm_eps)?;
             // A tied head loaded the same way as this slice's embedding shares its weights.
             let head_weight = match (embed_weight, l.shares_embedding()) {
                 (Some(w), true) => {
@@ -542,7 +613,7 @@ impl ModelSlice {
     }
 
     /// Embeds token ids: `[n, hidden]`. Only the first stage can.
-    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+    pub fn embed(&self, tokens: &[u32]) -> Result<Hidden> {
         self.embed_tokens
             .as_ref()
             .ok_or_else(|| WorkerError::Step("this stage has no token embedding".into()))?
@@ -551,25 +622,39 @@ impl ModelSlice {
 
     /// Runs the slice's layers over a batch; the KV cache must have room (see
     /// [`KvCache::reserve`]).
-    pub fn forward_layers(&self, x: Tensor, batch: &Batch, kv: &mut KvCache) -> Result<Tensor> {
+    pub fn forward_layers(&self, x: Hidden, batch: &Batch, kv: &mut KvCache) -> Result<Hidden> {
         strata_kernels::pool::install(|| self.forward_layers_here(x, batch, kv))
     }
 
     fn forward_layers_here(
         &self,
-        mut x: Tensor,
+        mut x: Hidden,
         batch: &Batch,
         kv: &mut KvCache,
-    ) -> Result<Tensor> {
+    ) -> Result<Hidden> {
         let Some(rope) = &self.rope else {
             return Ok(x);
         };
-        let (cos, sin) = rope.tables(&batch.positions)?;
+        if x.rows != batch.rows() || x.cols != self.config.hidden_size {
+            return Err(WorkerError::Step(format!(
+                "{}x{} hidden states for a batch of {} rows of {}",
+                x.rows,
+                x.cols,
+                batch.rows(),
+                self.config.hidden_size
+            )));
+        }
+        let tables = rope.tables(&batch.positions)?;
+        let mut scratch = LayerScratch::default();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer
-                .forward(&x, batch, (&cos, &sin), kv, i)
+            layer
+                .forward(&mut x, batch, &tables, kv, i, &mut scratch)
                 .map_err(|e| match e {
                     WorkerError::Candle { context, source } => WorkerError::Candle {
+                        context: format!("layer {}: {context}", self.layer_start + i),
+                        source,
+                    },
+                    WorkerError::Kernel { context, source } => WorkerError::Kernel {
                         context: format!("layer {}: {context}", self.layer_start + i),
                         source,
                     },
@@ -579,38 +664,35 @@ impl ModelSlice {
         Ok(x)
     }
 
-    /// Final norm and output head over the given hidden rows: `[rows, vocab]` logits.
-    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+    /// Final norm and output head over the given hidden rows: `[rows, vocab]` logits. The head
+    /// reads its input at full int8 precision (two planes): logits decide tokens.
+    pub fn logits(&self, x: &Hidden) -> Result<Hidden> {
         let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
             return Err(WorkerError::Step("this stage has no output head".into()));
         };
-        strata_kernels::pool::install(|| head.forward(&norm.forward(x)?))
-    }
-
-    /// Selects rows of `x`.
-    pub fn select_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
-        let ctx = || "selecting rows".to_string();
-        let idx = Tensor::new(rows, &Device::Cpu).ctx(ctx)?;
-        x.index_select(&idx, 0).ctx(ctx)
+        strata_kernels::pool::install(|| {
+            let mut normed = Vec::new();
+            norm.forward_into(&x.data, &mut normed);
+            let mut out = Vec::new();
+            let precision = vec![Precision::Int8x2; x.rows];
+            head.forward_into(&normed, &precision, &mut Scratch::default(), &mut out)?;
+            Hidden::new(x.rows, head.out_features(), out)
+        })
     }
 }
 
 /// Importance of the input channels of a linear layer fed by an RMS norm: the energy of channel
 /// `k` of a normalized hidden state whose components have unit variance, `weight[k]²`. Guides the
 /// k-quant search (llama.cpp's importance matrix) without calibration data.
-fn norm_importance(norm: &Tensor) -> Result<Vec<f32>> {
-    let w = norm.to_vec1::<f32>().ctx(|| "norm importance".into())?;
-    Ok(w.iter().map(|x| x * x).collect())
+fn norm_importance(norm: &[f32]) -> Vec<f32> {
+    norm.iter().map(|x| x * x).collect()
 }
 
 /// Importance of each input channel of a layer's `down_proj`: the expected energy of
 /// `silu(gate_j · h) · (up_j · h)` for a normalized hidden state `h` with unit-variance
 /// components scaled by the post-attention norm weight. Computed from the layer's own (loaded)
 /// gate and up rows, one row at a time, by a fixed quadrature over the two correlated Gaussians.
-fn down_proj_importance(gate: &Linear, up: &Linear, norm: &Tensor) -> Result<Vec<f32>> {
-    let norm = norm
-        .to_vec1::<f32>()
-        .ctx(|| "down_proj importance".into())?;
+fn down_proj_importance(gate: &Linear, up: &Linear, norm: &[f32]) -> Result<Vec<f32>> {
     let w2: Vec<f64> = norm.iter().map(|&x| f64::from(x) * f64::from(x)).collect();
     let hidden = norm.len();
     let inter = gate.out_features();

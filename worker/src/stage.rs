@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use candle_core::{DType, Device, Tensor};
 use strata_shared::wire::{ActDType, Activations, Frame, Sample, SamplesFrame, StepFrame};
 
-use crate::error::{CandleContext, Result, WorkerError};
+use crate::error::{Result, WorkerError};
 use crate::kv::KvCache;
+use crate::layers::Hidden;
 use crate::model::{Batch, ModelSlice};
 use crate::sampling::SeqSampler;
 
@@ -75,7 +75,7 @@ impl Stage {
     }
 
     /// Turns this stage's output into the frame to send on.
-    pub fn finish(&mut self, step: StepFrame, hidden: Option<Tensor>) -> Result<Frame> {
+    pub fn finish(&mut self, step: StepFrame, hidden: Option<Hidden>) -> Result<Frame> {
         if !self.slice.has_head() {
             let activations = match hidden {
                 Some(x) => Some(to_activations(&x)?),
@@ -100,7 +100,7 @@ impl Stage {
     }
 
     /// Runs the slice's layers over the step (reading its activations); `None` for an empty step.
-    pub fn forward(&mut self, step: &StepFrame) -> Result<Option<Tensor>> {
+    pub fn forward(&mut self, step: &StepFrame) -> Result<Option<Hidden>> {
         let input = match (&step.hidden, self.slice.has_embedding()) {
             (Some(_), true) => {
                 return Err(WorkerError::Step(
@@ -121,17 +121,20 @@ impl Stage {
     pub fn forward_tensor(
         &mut self,
         step: &StepFrame,
-        input: Option<Tensor>,
-    ) -> Result<Option<Tensor>> {
+        input: Option<Hidden>,
+    ) -> Result<Option<Hidden>> {
         if step.seqs.is_empty() {
             return Ok(None);
         }
         self.check(step)?;
-        let batch = Batch::new(
-            step.seqs
-                .iter()
-                .map(|s| (s.seq_id, s.pos0 as usize, s.tokens.len())),
-        );
+        let batch = Batch::new(step.seqs.iter().map(|s| {
+            (
+                s.seq_id,
+                s.pos0 as usize,
+                s.tokens.len(),
+                s.prompt_len as usize,
+            )
+        }));
         for s in &batch.spans {
             self.kv.reserve(s.seq_id, s.pos0, s.len)?;
         }
@@ -193,7 +196,7 @@ impl Stage {
         Ok(())
     }
 
-    pub(crate) fn sample(&mut self, step: &StepFrame, x: &Tensor) -> Result<Vec<Sample>> {
+    pub(crate) fn sample(&mut self, step: &StepFrame, x: &Hidden) -> Result<Vec<Sample>> {
         let mut rows = Vec::new();
         let mut row = 0u32;
         for s in &step.seqs {
@@ -221,11 +224,10 @@ impl Stage {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let last = ModelSlice::select_rows(x, &rows)?;
+        let last = x.select_rows(&rows)?;
         let logits = self.slice.logits(&last)?;
-        let logits: Vec<Vec<f32>> = logits.to_vec2::<f32>().ctx(|| "reading logits".into())?;
         let mut out = Vec::with_capacity(rows.len());
-        let mut it = logits.iter();
+        let mut it = (0..logits.rows).map(|r| logits.row(r));
         for s in step.seqs.iter().filter(|s| s.sample) {
             let (Some(l), Some(sampler)) = (it.next(), self.samplers.get_mut(&s.seq_id)) else {
                 return Err(WorkerError::Step(
@@ -239,40 +241,49 @@ impl Stage {
 }
 
 /// Serializes f32 hidden states `[rows, cols]` for the wire.
-pub fn to_activations(x: &Tensor) -> Result<Activations> {
-    let ctx = || "serializing activations".to_string();
-    let (rows, cols) = x.dims2().ctx(ctx)?;
-    let v = x
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .ctx(ctx)?;
-    let mut data = Vec::with_capacity(v.len() * 4);
-    for f in v {
+pub fn to_activations(x: &Hidden) -> Result<Activations> {
+    let mut data = Vec::with_capacity(x.data.len() * 4);
+    for f in &x.data {
         data.extend_from_slice(&f.to_le_bytes());
     }
     Ok(Activations {
         dtype: ActDType::F32,
-        rows: rows as u32,
-        cols: cols as u32,
+        rows: x.rows as u32,
+        cols: x.cols as u32,
         data: Bytes::from(data),
     })
 }
 
 /// Deserializes activations, checking their shape against the step.
-pub fn from_activations(a: &Activations, rows: usize, cols: usize) -> Result<Tensor> {
+pub fn from_activations(a: &Activations, rows: usize, cols: usize) -> Result<Hidden> {
     if a.rows as usize != rows || a.cols as usize != cols {
         return Err(WorkerError::Step(format!(
             "activations are {}x{}, the step needs {rows}x{cols}",
             a.rows, a.cols
         )));
     }
-    let dtype = match a.dtype {
-        ActDType::F32 => DType::F32,
-        ActDType::F16 => DType::F16,
-        ActDType::BF16 => DType::BF16,
+    let data: Vec<f32> = match a.dtype {
+        ActDType::F32 => a
+            .data
+            .as_chunks::<4>()
+            .0
+            .iter()
+            .map(|b| f32::from_le_bytes(*b))
+            .collect(),
+        ActDType::F16 => a
+            .data
+            .as_chunks::<2>()
+            .0
+            .iter()
+            .map(|b| half::f16::from_le_bytes(*b).to_f32())
+            .collect(),
+        ActDType::BF16 => a
+            .data
+            .as_chunks::<2>()
+            .0
+            .iter()
+            .map(|b| half::bf16::from_le_bytes(*b).to_f32())
+            .collect(),
     };
-    Tensor::from_raw_buffer(&a.data, dtype, &[rows, cols], &Device::Cpu)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .ctx(|| "reading activations".into())
+    Hidden::new(rows, cols, data)
 }

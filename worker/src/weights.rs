@@ -378,6 +378,20 @@ fn packed_weight(
             .ctx(|| format!("{}: tensor `{}`", meta.file.display(), meta.stored_name))?;
         return Ok(Weight::Matrix(Arc::new(w)));
     }
+    let kquant = match dtype {
+        GgmlType::Q4K => Some(int8::KQuant::Q4K),
+        GgmlType::Q5K => Some(int8::KQuant::Q5K),
+        _ => None,
+    };
+    if let Some(kind) = kquant {
+        let raw: &[u8] = bytemuck::cast_slice::<u64, u8>(&aligned);
+        let data = raw
+            .get(..bytes)
+            .ok_or_else(|| tensor_err(meta, format!("{bytes} bytes were not read")))?;
+        let w = int8::from_kquant_blocks(kind, rows, cols, data)
+            .ctx(|| format!("{}: tensor `{}`", meta.file.display(), meta.stored_name))?;
+        return Ok(Weight::Matrix(Arc::new(w)));
+    }
     KQuantWeight::new(to_candle_ggml(dtype), rows, cols, &aligned, bytes)
         .map(|w| Weight::Matrix(Arc::new(w)))
         .ok_or_else(|| {
@@ -527,7 +541,11 @@ pub fn quantize(
             let bits = if isq == IsqType::Hqq4 { 4 } else { 8 };
             let w =
                 strata_kernels::hqq::quantize(data, rows, cols, bits, isq.block_size()).ctx(ctx)?;
-            Ok(Weight::Matrix(Arc::new(w)))
+            // Int8 tiles where the groups split into their blocks (every HQQ group size here).
+            match int8::from_hqq(&w) {
+                Ok(packed) => Ok(Weight::Matrix(Arc::new(packed))),
+                Err(_) => Ok(Weight::Matrix(Arc::new(w))),
+            }
         }
         IsqType::Fp8 => Ok(Weight::Matrix(Arc::new(
             strata_kernels::fp8::quantize(data, rows, cols).ctx(ctx)?,

@@ -150,7 +150,7 @@ fn as_stored_q4_1_agrees_with_the_reference_top1() {
         let tokens: Vec<u32> = p.prompt_ids.iter().chain(&p.greedy_ids).copied().collect();
         let first = p.prompt_ids.len() as u32 - 1;
         let rows: Vec<u32> = (first..first + p.greedy_ids.len() as u32).collect();
-        e.logits_for(1, &tokens, &rows, 64, |r, l| {
+        e.logits_for(1, &tokens, p.prompt_ids.len(), &rows, 64, |r, l| {
             let want = p.greedy_ids[r - first as usize];
             agree += usize::from(strata_worker::sampling::argmax(l) == want);
             total += 1;

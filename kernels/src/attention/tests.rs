@@ -372,3 +372,55 @@ fn bad_inputs_are_errors() {
     ));
     assert_eq!(kp, k_pool, "nothing is written on error");
 }
+
+#[test]
+fn a_batch_of_sequences_gives_each_its_own_result() {
+    let s = shape(4, 2, 16, 4);
+    let block = s.block_len().unwrap();
+    let blocks = 12;
+    let mut rng = Rng::new(11);
+    let k_pool = rng.normal_vec(blocks * block, 1.0);
+    let v_pool = rng.normal_vec(blocks * block, 1.0);
+    let width = s.n_heads * s.head_dim;
+    // (block table, pos0, tokens)
+    let seqs: Vec<(Vec<u32>, usize, usize)> = vec![
+        (vec![3, 0, 7], 9, 1),
+        (vec![5], 0, 4),
+        (vec![1, 2, 4, 6, 8], 13, 6),
+    ];
+    let qs: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|(_, _, n)| rng.normal_vec(n * width, 1.0))
+        .collect();
+    let requests: Vec<PagedAttention<'_>> = seqs
+        .iter()
+        .zip(&qs)
+        .map(|((table, pos0, _), q)| PagedAttention {
+            shape: s,
+            q,
+            pos0: *pos0,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+            block_table: table,
+            scale: 0.25,
+            window: None,
+        })
+        .collect();
+    let total: usize = seqs.iter().map(|(_, _, n)| n * width).sum();
+    let mut batched = vec![f32::NAN; total];
+    PagedAttention::run_batch(&requests, &mut batched).unwrap();
+    let mut at = 0;
+    for (r, (_, _, n)) in requests.iter().zip(&seqs) {
+        let mut alone = vec![0.0; n * width];
+        r.run(*n, &mut alone).unwrap();
+        assert_eq!(alone, batched[at..at + n * width]);
+        at += n * width;
+    }
+    // A bad request fails the whole batch and leaves `out` untouched.
+    let mut bad = requests.clone();
+    bad[1].block_table = &[];
+    let mut out = vec![7.0; total];
+    assert!(PagedAttention::run_batch(&bad, &mut out).is_err());
+    assert!(out.iter().all(|&v| v == 7.0));
+    assert!(PagedAttention::run_batch(&[], &mut []).is_ok());
+}

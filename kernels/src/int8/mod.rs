@@ -5,11 +5,11 @@
 //! in blocks of [`QBLOCK`] = 32: `q = round(x / d)` with `d = max|x| / 127`, plus the block sum
 //! `Σ q`. Products that read the same input (q, k and v; gate and up) share one quantization.
 //!
-//! **Weights** ([`PackedMatrix`]) are any format whose weight is `w = c · s + m` per block of 32
-//! along a row, with an unsigned integer code `c`, a scale `s` and a minimum `m` (`m` given, or
-//! `−offset · s` for a fixed integer `offset`, or 0): the GGML types `Q4_0` (`offset` 8),
-//! `Q4_1`, `Q5_0` (`offset` 16), `Q5_1`, `Q8_0` and `Q8_1` (codes `q + 128`, `offset` 128) and
-//! `Q8_K`, and HQQ's group-wise `(q − z) · s`. They are repacked at load into tiles of
+//! **Weights** ([`PackedMatrix`]) are any format whose weight is `w = (c − offset) · s + m` per
+//! block of 32 along a row, with an unsigned integer code `c`, a fixed integer `offset`, a scale
+//! `s` and a minimum `m` (stored, or 0): the GGML types `Q4_0` (`offset` 8), `Q4_1`, `Q5_0`
+//! (`offset` 16), `Q5_1`, `Q8_0` and `Q8_1` (codes `q + 128`, `offset` 128), `Q8_K`, the
+//! k-quants with 32-wide sub-blocks (`Q4_K`, `Q5_K`), and HQQ's group-wise `(q − z) · s`. They are repacked at load into tiles of
 //! [`TILE_ROWS`] = 16 rows: per tile and block, the codes of the 16 rows interleaved four at a
 //! time (so that one 32-bit lane of a vector holds four consecutive codes of one row, what
 //! `vpdpbusd` multiplies with four activation bytes), then the 16 scales, then the 16 minimums.
@@ -43,7 +43,7 @@ use crate::cpu::{self, Int8Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
 
-pub use pack::{Codes, from_ggml_blocks};
+pub use pack::{Codes, KQuant, from_ggml_blocks, from_hqq, from_kquant_blocks};
 
 /// Weights (and activations) per block.
 pub const QBLOCK: usize = 32;
@@ -92,16 +92,17 @@ impl Plane {
     }
 }
 
-/// Activations `[rows, cols]` quantized to 8 bits per block of [`QBLOCK`] (twice, with
-/// [`Precision::Int8x2`]).
+/// Activations `[rows, cols]` quantized to 8 bits per block of [`QBLOCK`]: once, or twice for
+/// the rows quantized at [`Precision::Int8x2`].
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedActivations {
     rows: usize,
     cols: usize,
-    precision: Precision,
     hi: Plane,
-    /// The residual's quantization, with [`Precision::Int8x2`].
+    /// The residual's quantization, for the rows that have one.
     lo: Plane,
+    /// Per row, whether it has the second plane.
+    two: Vec<bool>,
 }
 
 impl QuantizedActivations {
@@ -117,8 +118,8 @@ impl QuantizedActivations {
         Ok(q)
     }
 
-    /// Quantizes `x` at `precision` into this value's buffers (no allocation once they are
-    /// large enough).
+    /// Quantizes every row of `x` at `precision` into this value's buffers (no allocation once
+    /// they are large enough).
     ///
     /// # Errors
     ///
@@ -129,6 +130,21 @@ impl QuantizedActivations {
         rows: usize,
         cols: usize,
         precision: Precision,
+    ) -> Result<(), KernelError> {
+        self.quantize_rows(x, rows, cols, |_| precision)
+    }
+
+    /// Quantizes row `i` of `x` at `precision(i)`: a row's codes depend on the row alone.
+    ///
+    /// # Errors
+    ///
+    /// As [`QuantizedActivations::quantize`].
+    pub fn quantize_rows(
+        &mut self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        precision: impl Fn(usize) -> Precision,
     ) -> Result<(), KernelError> {
         if !cols.is_multiple_of(QBLOCK) {
             return Err(KernelError::InvalidShape(format!(
@@ -143,7 +159,9 @@ impl QuantizedActivations {
         let blocks = rows * (cols / QBLOCK);
         self.rows = rows;
         self.cols = cols;
-        self.precision = precision;
+        self.two.clear();
+        self.two
+            .extend((0..rows).map(|i| precision(i) == Precision::Int8x2));
         self.hi.resize(rows * cols, blocks);
         let hi = &mut self.hi;
         for (((x, q), d), sum) in x
@@ -154,17 +172,21 @@ impl QuantizedActivations {
         {
             (*d, *sum) = quantize_block(x, q);
         }
-        if precision == Precision::Int8x2 {
+        if self.two.iter().any(|&t| t) {
             self.lo.resize(rows * cols, blocks);
+            let per_row = cols / QBLOCK;
             let mut residual = [0.0f32; QBLOCK];
-            let lo = &mut self.lo;
             for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
+                if !self.two[b / per_row] {
+                    continue;
+                }
                 let q = &self.hi.q[b * QBLOCK..][..QBLOCK];
                 let d = self.hi.d[b];
                 for ((r, &x), &q) in residual.iter_mut().zip(x).zip(q) {
                     *r = x - d * f32::from(q);
                 }
-                (lo.d[b], lo.sum[b]) = quantize_block(&residual, &mut lo.q[b * QBLOCK..][..QBLOCK]);
+                (self.lo.d[b], self.lo.sum[b]) =
+                    quantize_block(&residual, &mut self.lo.q[b * QBLOCK..][..QBLOCK]);
             }
         }
         Ok(())
@@ -178,15 +200,20 @@ impl QuantizedActivations {
         self.cols
     }
 
-    pub fn precision(&self) -> Precision {
-        self.precision
+    /// The precision row `i` was quantized at.
+    pub fn precision(&self, i: usize) -> Precision {
+        if self.two.get(i).copied().unwrap_or(false) {
+            Precision::Int8x2
+        } else {
+            Precision::Int8
+        }
     }
 
     /// Row `i`: its planes.
     fn row(&self, i: usize) -> ActRow<'_> {
         ActRow {
             hi: self.hi.row(i, self.cols),
-            lo: (self.precision == Precision::Int8x2).then(|| self.lo.row(i, self.cols)),
+            lo: self.two[i].then(|| self.lo.row(i, self.cols)),
         }
     }
 }
@@ -240,8 +267,8 @@ pub struct PackFormat {
     pub f32_scales: bool,
     /// Whether a minimum is stored per block.
     pub has_min: bool,
-    /// The integer subtracted from every code (`w = (c − offset) · s`), when there is no
-    /// stored minimum.
+    /// The integer subtracted from every code (`w = (c − offset) · s + m`). 8-bit codes that
+    /// reach 128 must use 128 (the AVX2 kernel then multiplies them as signed bytes).
     pub offset: i32,
 }
 
@@ -333,6 +360,39 @@ impl PackedMatrix {
         self.format
     }
 
+    /// The matrices stacked row-wise into one (`[Σ rows, cols]`), so that products that read
+    /// the same input (q, k and v; gate and up) run as one. Every part but the last must have
+    /// a whole number of tiles; all must share the format and the column count.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::InvalidShape`] when they do not stack.
+    pub fn stack(parts: &[&PackedMatrix]) -> Result<PackedMatrix, KernelError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| KernelError::InvalidShape("nothing to stack".into()))?;
+        for (i, p) in parts.iter().enumerate() {
+            if p.format != first.format || p.cols != first.cols {
+                return Err(KernelError::InvalidShape(format!(
+                    "part {i} is {} with {} columns, part 0 {} with {}",
+                    p.format.name, p.cols, first.format.name, first.cols
+                )));
+            }
+            if i + 1 < parts.len() && !p.rows.is_multiple_of(TILE_ROWS) {
+                return Err(KernelError::InvalidShape(format!(
+                    "part {i} has {} rows, not a whole number of {TILE_ROWS}-row tiles",
+                    p.rows
+                )));
+            }
+        }
+        Ok(PackedMatrix {
+            format: first.format,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        })
+    }
+
     fn tiles(&self) -> usize {
         self.rows.div_ceil(TILE_ROWS)
     }
@@ -405,12 +465,26 @@ impl PackedMatrix {
         // Per tile, `[m][16]` results; scattered into `out` at the end.
         let tiles = self.tiles();
         let mut scratch = vec![0.0f32; tiles * m * TILE_ROWS];
+        let rows: Vec<ActRow<'_>> = (0..m).map(|i| x.row(i)).collect();
+        // Groups of up to ROW_GROUP consecutive rows of one precision (a row's result does not
+        // depend on its group).
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        for i in 0..m {
+            match groups.last_mut() {
+                Some(g)
+                    if g.len() < ROW_GROUP
+                        && rows[g.start].lo.is_some() == rows[i].lo.is_some() =>
+                {
+                    g.end = i + 1
+                }
+                _ => groups.push(i..i + 1),
+            }
+        }
         let task = |(t, buf): (usize, &mut [f32])| {
             let tile = self.tile(t);
-            for (g, rows) in buf.chunks_mut(ROW_GROUP * TILE_ROWS).enumerate() {
-                let first = g * ROW_GROUP;
-                let n = rows.len() / TILE_ROWS;
-                self.tile_products(level, tile, x, first, n, rows);
+            for g in &groups {
+                let out = &mut buf[g.start * TILE_ROWS..g.end * TILE_ROWS];
+                self.tile_products(level, tile, &rows[g.clone()], out);
             }
         };
         let macs = m.saturating_mul(self.rows).saturating_mul(self.cols);
@@ -433,20 +507,9 @@ impl PackedMatrix {
         Ok(())
     }
 
-    /// Results of activation rows `first..first + n` (`n ≤ ROW_GROUP`) against one tile, into
-    /// `out` (`[n][16]`).
-    fn tile_products(
-        &self,
-        level: Int8Level,
-        tile: &[u8],
-        x: &QuantizedActivations,
-        first: usize,
-        n: usize,
-        out: &mut [f32],
-    ) {
-        let all: [ActRow<'_>; ROW_GROUP] =
-            std::array::from_fn(|i| x.row((first + i).min(first + n - 1)));
-        let rows = &all[..n];
+    /// Results of 1 to [`ROW_GROUP`] activation rows against one tile, into `out`
+    /// (`[rows][16]`).
+    fn tile_products(&self, level: Int8Level, tile: &[u8], rows: &[ActRow<'_>], out: &mut [f32]) {
         match level {
             #[cfg(target_arch = "x86_64")]
             Int8Level::Avx512Vnni(token) => x86::tile_avx512vnni(token, self, tile, rows, out),
@@ -494,16 +557,6 @@ impl PackedMatrix {
     }
 }
 
-/// The precision of [`QuantMatrix::matmul`]'s activations: two planes, or one with
-/// `STRATA_ACTIVATIONS=int8`.
-pub fn default_precision() -> Precision {
-    static P: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
-    *P.get_or_init(|| match std::env::var("STRATA_ACTIVATIONS").as_deref() {
-        Ok("int8") => Precision::Int8,
-        _ => Precision::Int8x2,
-    })
-}
-
 /// Products with fewer multiply-adds than this run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
@@ -524,6 +577,10 @@ impl QuantMatrix for PackedMatrix {
         format!("{} (int8 tiles)", self.format.name)
     }
 
+    fn as_int8(&self) -> Option<&PackedMatrix> {
+        Some(self)
+    }
+
     fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
         check_row(self.rows, self.cols, row, out)?;
         let (tile, r) = (self.tile(row / TILE_ROWS), row % TILE_ROWS);
@@ -535,7 +592,7 @@ impl QuantMatrix for PackedMatrix {
             if self.format.has_min {
                 let m = self.lane_value(block.mins, r);
                 for (w, &c) in out.iter_mut().zip(&codes[r]) {
-                    *w = f32::from(c) * s + m;
+                    *w = (i32::from(c) - self.format.offset) as f32 * s + m;
                 }
             } else {
                 // `(c − offset) · s`: exactly the stored format's `q · d`.
@@ -547,12 +604,12 @@ impl QuantMatrix for PackedMatrix {
         Ok(())
     }
 
-    /// Quantizes `x` to int8 blocks at [`default_precision`], then multiplies (see the module
+    /// Quantizes `x` to int8 blocks at [`Precision::Int8x2`], then multiplies (see the module
     /// documentation).
     fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
         check_matmul(self.rows, self.cols, x, m, out)?;
         let mut q = QuantizedActivations::default();
-        q.quantize_from(x, m, self.cols, default_precision())?;
+        q.quantize_from(x, m, self.cols, Precision::Int8x2)?;
         self.matmul_quantized(&q, out)
     }
 }

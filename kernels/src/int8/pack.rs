@@ -6,6 +6,8 @@ use half::f16;
 use super::{PackFormat, PackedMatrix, QBLOCK, TILE_ROWS};
 use crate::error::KernelError;
 use crate::ggml::BlockType;
+use crate::hqq::HqqWeight;
+use crate::matrix::QuantMatrix;
 use crate::matrix::{check_len, checked_len};
 
 /// How codes are stored.
@@ -256,4 +258,145 @@ fn decode(dtype: BlockType, block: &[u8], codes: &mut [u8]) -> (f32, f32) {
             )
         }
     }
+}
+
+/// The k-quant block formats whose sub-blocks are 32 weights wide, which repack exactly into
+/// int8 tiles (`Q6_K`, `Q3_K` and `Q2_K` have 16-wide sub-blocks and keep their own kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KQuant {
+    /// 4-bit codes, a 6-bit scale and minimum per 32 weights, f16 super-scales (144 bytes per 256).
+    Q4K,
+    /// 5-bit codes, otherwise as `Q4_K` (176 bytes per 256).
+    Q5K,
+}
+
+impl KQuant {
+    /// Bytes of one block of 256 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            KQuant::Q4K => 144,
+            KQuant::Q5K => 176,
+        }
+    }
+}
+
+/// The scale and minimum of sub-block `j` (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Repacks a `rows × cols` matrix of `Q4_K` or `Q5_K` blocks (row-major): per sub-block of 32,
+/// `w = c · (d · sc) − dmin · m`, as ggml dequantizes them.
+///
+/// # Errors
+///
+/// As [`from_ggml_blocks`].
+pub fn from_kquant_blocks(
+    kind: KQuant,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+) -> Result<PackedMatrix, KernelError> {
+    const QK_K: usize = 256;
+    if rows == 0 || cols == 0 || !cols.is_multiple_of(QK_K) {
+        return Err(KernelError::InvalidShape(format!(
+            "{kind:?} blocks of {QK_K} weights do not divide a {rows}x{cols} matrix"
+        )));
+    }
+    let row_bytes = checked_len("row bytes", cols / QK_K, kind.block_bytes())?;
+    check_len(
+        "data",
+        data.len(),
+        checked_len("weight bytes", rows, row_bytes)?,
+    )?;
+    let format = PackFormat {
+        name: match kind {
+            KQuant::Q4K => "Q4K",
+            KQuant::Q5K => "Q5K",
+        },
+        codes: match kind {
+            KQuant::Q4K => Codes::Nibbles,
+            KQuant::Q5K => Codes::Bytes,
+        },
+        f32_scales: true,
+        has_min: true,
+        offset: 0,
+    };
+    PackedMatrix::pack(format, rows, cols, |row, codes, scales, mins| {
+        let row = &data[row * row_bytes..][..row_bytes];
+        for (b, block) in row.chunks_exact(kind.block_bytes()).enumerate() {
+            let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+            let sc = &block[4..16];
+            let (qh, qs) = match kind {
+                KQuant::Q4K => (&[][..], &block[16..144]),
+                KQuant::Q5K => (&block[16..48], &block[48..176]),
+            };
+            for j in 0..4 {
+                for half in 0..2 {
+                    let sub = 2 * j + half;
+                    let (s, m) = scale_min_k4(sub, sc);
+                    scales[b * 8 + sub] = d * f32::from(s);
+                    mins[b * 8 + sub] = -(dmin * f32::from(m));
+                    let out = &mut codes[b * QK_K + 32 * sub..][..32];
+                    for (l, c) in out.iter_mut().enumerate() {
+                        let q = qs[32 * j + l];
+                        let mut v = if half == 0 { q & 0x0F } else { q >> 4 };
+                        if kind == KQuant::Q5K && qh[l] & (1 << sub) != 0 {
+                            v += 16;
+                        }
+                        *c = v;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Repacks an HQQ matrix (`w = (q − z) · s` per group): 4-bit codes as nibbles with the minimum
+/// `−z · s`, 8-bit codes with offset 128 and the minimum `(128 − z) · s`.
+///
+/// # Errors
+///
+/// [`KernelError::InvalidShape`] when the group size is not a multiple of [`QBLOCK`].
+pub fn from_hqq(w: &HqqWeight) -> Result<PackedMatrix, KernelError> {
+    let group = w.group();
+    if !group.is_multiple_of(QBLOCK) {
+        return Err(KernelError::InvalidShape(format!(
+            "HQQ groups of {group} do not split into {QBLOCK}-wide blocks"
+        )));
+    }
+    let eight = w.bits() == 8;
+    let format = PackFormat {
+        name: if eight { "HQQ8" } else { "HQQ4" },
+        codes: if eight { Codes::Bytes } else { Codes::Nibbles },
+        f32_scales: true,
+        has_min: true,
+        offset: if eight { 128 } else { 0 },
+    };
+    let cols = w.cols();
+    PackedMatrix::pack(format, w.rows(), cols, |row, codes, scales, mins| {
+        for (col, c) in codes.iter_mut().enumerate() {
+            *c = w.code(row * cols + col);
+        }
+        let groups = cols / group;
+        for (b, (s, m)) in scales.iter_mut().zip(mins.iter_mut()).enumerate() {
+            let g = row * groups + b * QBLOCK / group;
+            let (scale, zero) = (w.scales()[g].to_f32(), w.zeros()[g].to_f32());
+            *s = scale;
+            *m = if eight {
+                (128.0 - zero) * scale
+            } else {
+                -zero * scale
+            };
+        }
+        Ok(())
+    })
 }

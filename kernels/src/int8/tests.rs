@@ -249,6 +249,7 @@ fn quantization_rounds_to_the_nearest_step_and_sums_the_codes() {
     assert_eq!((hi.d[1], hi.sum[1]), (0.0, 0), "a zero block");
     assert!(hi.q[32..].iter().all(|&v| v == 0));
     assert!(row.lo.is_none());
+    assert_eq!(q.precision(0), Precision::Int8);
 }
 
 #[test]
@@ -290,4 +291,178 @@ fn bad_shapes_are_errors() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("does not fit in 4 bits"), "{err}");
+}
+
+#[test]
+fn stacked_matrices_multiply_as_their_parts() {
+    let mut rng = Rng::new(5);
+    let cols = 64;
+    let parts: Vec<PackedMatrix> = [32usize, 16, 7]
+        .iter()
+        .map(|&rows| {
+            let data = random_blocks(&mut rng, BlockType::Q4_1, rows, cols);
+            from_ggml_blocks(BlockType::Q4_1, rows, cols, &data).unwrap()
+        })
+        .collect();
+    let refs: Vec<&PackedMatrix> = parts.iter().collect();
+    let stacked = PackedMatrix::stack(&refs).unwrap();
+    assert_eq!(stacked.rows(), 55);
+    let x = activations(&mut rng, 3, cols);
+    let mut all = vec![0.0; 3 * 55];
+    stacked.matmul(&x, 3, &mut all).unwrap();
+    let mut at = 0;
+    for p in &parts {
+        let mut out = vec![0.0; 3 * p.rows()];
+        p.matmul(&x, 3, &mut out).unwrap();
+        for i in 0..3 {
+            assert_eq!(
+                out[i * p.rows()..][..p.rows()],
+                all[i * 55 + at..][..p.rows()]
+            );
+        }
+        at += p.rows();
+    }
+    // A part with a partial tile can only come last; formats and widths must agree.
+    assert!(PackedMatrix::stack(&[&parts[2], &parts[0]]).is_err());
+    let q8 = from_ggml_blocks(
+        BlockType::Q8_0,
+        16,
+        cols,
+        &random_blocks(&mut rng, BlockType::Q8_0, 16, cols),
+    )
+    .unwrap();
+    assert!(PackedMatrix::stack(&[&parts[0], &q8]).is_err());
+    assert!(PackedMatrix::stack(&[]).is_err());
+}
+
+#[test]
+fn rows_of_either_precision_mix_in_one_product() {
+    let mut rng = Rng::new(6);
+    let (rows, cols, m) = (20, 128, 7);
+    let data = random_blocks(&mut rng, BlockType::Q4_1, rows, cols);
+    let w = from_ggml_blocks(BlockType::Q4_1, rows, cols, &data).unwrap();
+    let x = activations(&mut rng, m, cols);
+    let precise = |i: usize| {
+        if i % 3 == 1 {
+            Precision::Int8x2
+        } else {
+            Precision::Int8
+        }
+    };
+    let mut mixed = QuantizedActivations::default();
+    mixed.quantize_rows(&x, m, cols, precise).unwrap();
+    let mut out = vec![0.0; m * rows];
+    w.matmul_quantized(&mixed, &mut out).unwrap();
+    for i in 0..m {
+        let mut alone = QuantizedActivations::default();
+        alone
+            .quantize_from(&x[i * cols..][..cols], 1, cols, precise(i))
+            .unwrap();
+        let mut one = vec![0.0; rows];
+        w.matmul_quantized(&alone, &mut one).unwrap();
+        assert_eq!(one, out[i * rows..][..rows], "row {i}");
+    }
+}
+
+#[test]
+fn k_quants_and_hqq_repack_to_the_same_weights() {
+    use crate::hqq;
+    let mut rng = Rng::new(7);
+    let (rows, cols) = (18, 512);
+    // Q4_K and Q5_K: random bytes with sane super-scales; compare with candle-free reference
+    // dequantization of the packing against the f32 product of its own dequantized rows.
+    for kind in [KQuant::Q4K, KQuant::Q5K] {
+        let mut data = Vec::new();
+        for _ in 0..rows * cols / 256 {
+            let mut block: Vec<u8> = (0..kind.block_bytes())
+                .map(|_| rng.next_u64() as u8)
+                .collect();
+            block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            block[2..4].copy_from_slice(&f16::from_f32(0.005).to_le_bytes());
+            data.extend_from_slice(&block);
+        }
+        let w = from_kquant_blocks(kind, rows, cols, &data).unwrap();
+        // Sub-block 0 of row 0, by the ggml formula.
+        let d = 0.01f32;
+        let dmin = 0.005f32;
+        let (sc, m) = scale_min_k4_ref(0, &data[4..16]);
+        let mut row = vec![0.0; cols];
+        w.dequantize_row(0, &mut row).unwrap();
+        let qs0 = if kind == KQuant::Q4K {
+            &data[16..]
+        } else {
+            &data[48..]
+        };
+        for l in 0..32 {
+            let mut q = qs0[l] & 0x0F;
+            if kind == KQuant::Q5K && data[16 + l] & 1 != 0 {
+                q += 16;
+            }
+            let want = f32::from(q) * (f16::from_f32(d).to_f32() * f32::from(sc))
+                - f16::from_f32(dmin).to_f32() * f32::from(m);
+            assert!(
+                (row[l] - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{kind:?} {l}"
+            );
+        }
+        check_against_its_weights(&w, &mut rng);
+    }
+    for bits in [4, 8] {
+        let group = if bits == 4 { 32 } else { 64 };
+        let x = rng.normal_vec(rows * cols, 0.05);
+        let h = hqq::quantize(&x, rows, cols, bits, group).unwrap();
+        let w = from_hqq(&h).unwrap();
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in 0..rows {
+            h.dequantize_row(r, &mut a).unwrap();
+            w.dequantize_row(r, &mut b).unwrap();
+            for (a, b) in a.iter().zip(&b) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1e-3),
+                    "HQQ{bits}: {a} vs {b}"
+                );
+            }
+        }
+        check_against_its_weights(&w, &mut rng);
+    }
+}
+
+fn scale_min_k4_ref(j: usize, q: &[u8]) -> (u8, u8) {
+    (q[j] & 63, q[j + 4] & 63)
+}
+
+/// The int8 product at every level is close to the f32 product with the matrix's own weights,
+/// and the levels agree bit for bit.
+fn check_against_its_weights(w: &PackedMatrix, rng: &mut Rng) {
+    let (rows, cols, m) = (w.rows(), w.cols(), 3);
+    let weights = w.dequantize().unwrap();
+    let x = rng.normal_vec(m * cols, 1.0);
+    let exact = naive_matmul(&x, &weights, m, rows, cols);
+    let mut q = QuantizedActivations::default();
+    q.quantize_from(&x, m, cols, Precision::Int8x2).unwrap();
+    let mut first: Option<Vec<f32>> = None;
+    for level in int8_levels() {
+        let mut out = vec![0.0; m * rows];
+        w.matmul_quantized_at(level, &q, &mut out).unwrap();
+        for (k, (a, e)) in out.iter().zip(&exact).enumerate() {
+            let scale: f32 = (0..cols)
+                .map(|c| (x[(k / rows) * cols + c] * weights[(k % rows) * cols + c]).abs())
+                .sum();
+            assert!(
+                (a - e).abs() <= 1e-3 * scale.max(1e-6),
+                "{}: {a} vs {e}",
+                w.format().name
+            );
+        }
+        match &first {
+            None => first = Some(out),
+            Some(f) => assert_eq!(
+                f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} at {}",
+                w.format().name,
+                level.name()
+            ),
+        }
+    }
 }

@@ -54,6 +54,29 @@ fn planes<'a, const N: usize>(rows: &[ActRow<'a>]) -> ([PlaneRow<'a>; N], [Plane
     )
 }
 
+/// Runs `$body` with `$i` = 0, 1, 2 and 3 in turn, where `$i < $n` (a constant): the rows of a
+/// group, unrolled, so that their accumulators stay in registers.
+macro_rules! unroll_rows {
+    ($n:expr, $i:ident, $body:block) => {{
+        {
+            let $i = 0;
+            if $i < $n $body
+        }
+        {
+            let $i = 1;
+            if $i < $n $body
+        }
+        {
+            let $i = 2;
+            if $i < $n $body
+        }
+        {
+            let $i = 3;
+            if $i < $n $body
+        }
+    }};
+}
+
 /// Calls `$kernel::<N, NIB, TWO>($w, $tile, $rows, $out)` with the constants of this call: `N`
 /// the number of rows (1 to 4), `NIB` whether codes are nibbles, `TWO` whether activations have
 /// two planes.
@@ -168,7 +191,7 @@ fn tile_512<const N: usize, const NIB: bool, const TWO: bool>(
         } else {
             _mm512_setzero_ps()
         };
-        for i in 0..N {
+        unroll_rows!(N, i, {
             let mut a = acc[i];
             let (h, l) = (&hi[i], &lo[i]);
             let isum = _mm512_sub_epi32(
@@ -198,7 +221,7 @@ fn tile_512<const N: usize, const NIB: bool, const TWO: bool>(
                 }
             }
             acc[i] = a;
-        }
+        });
     }
     for (out, acc) in out.as_chunks_mut::<TILE_ROWS>().0.iter_mut().zip(acc) {
         store_f32x16(out, acc);
@@ -336,7 +359,7 @@ macro_rules! tile_256 {
                     } else {
                         _mm256_setzero_ps()
                     };
-                    for i in 0..N {
+                    unroll_rows!(N, i, {
                         let mut a = acc[i][h];
                         let (hp, lp) = (&hi[i], &lo[i]);
                         let isum = _mm256_sub_epi32(
@@ -370,7 +393,7 @@ macro_rules! tile_256 {
                             }
                         }
                         acc[i][h] = a;
-                    }
+                    });
                 }
             }
             for (out, acc) in out.as_chunks_mut::<TILE_ROWS>().0.iter_mut().zip(acc) {
