@@ -67,8 +67,9 @@ pub enum Precision {
 /// One quantization of `[rows, cols]` values: codes, per-block scales and per-block code sums.
 #[derive(Debug, Clone, Default)]
 struct Plane {
-    /// `[rows][cols]` codes.
-    q: Vec<i8>,
+    /// `[rows][cols / 4]` codes, four to a little-endian `i32` (what a 32-bit lane of
+    /// `vpdpbusd` multiplies).
+    q: Vec<i32>,
     /// `[rows][cols / 32]` scales `d`.
     d: Vec<f32>,
     /// `[rows][cols / 32]` block sums `Σ q`.
@@ -77,7 +78,7 @@ struct Plane {
 
 impl Plane {
     fn resize(&mut self, values: usize, blocks: usize) {
-        self.q.resize(values, 0);
+        self.q.resize(values / 4, 0);
         self.d.resize(blocks, 0.0);
         self.sum.resize(blocks, 0);
     }
@@ -85,7 +86,7 @@ impl Plane {
     fn row(&self, i: usize, cols: usize) -> PlaneRow<'_> {
         let blocks = cols / QBLOCK;
         PlaneRow {
-            q: &self.q[i * cols..][..cols],
+            q: &self.q[i * cols / 4..][..cols / 4],
             d: &self.d[i * blocks..][..blocks],
             sum: &self.sum[i * blocks..][..blocks],
         }
@@ -166,7 +167,7 @@ impl QuantizedActivations {
         let hi = &mut self.hi;
         for (((x, q), d), sum) in x
             .chunks_exact(QBLOCK)
-            .zip(hi.q.chunks_exact_mut(QBLOCK))
+            .zip(hi.q.chunks_exact_mut(QBLOCK / 4))
             .zip(&mut hi.d)
             .zip(&mut hi.sum)
         {
@@ -180,13 +181,13 @@ impl QuantizedActivations {
                 if !self.two[b / per_row] {
                     continue;
                 }
-                let q = &self.hi.q[b * QBLOCK..][..QBLOCK];
+                let q = quad_bytes(&self.hi.q[b * QBLOCK / 4..][..QBLOCK / 4]);
                 let d = self.hi.d[b];
-                for ((r, &x), &q) in residual.iter_mut().zip(x).zip(q) {
+                for ((r, &x), &q) in residual.iter_mut().zip(x).zip(&q) {
                     *r = x - d * f32::from(q);
                 }
                 (self.lo.d[b], self.lo.sum[b]) =
-                    quantize_block(&residual, &mut self.lo.q[b * QBLOCK..][..QBLOCK]);
+                    quantize_block(&residual, &mut self.lo.q[b * QBLOCK / 4..][..QBLOCK / 4]);
             }
         }
         Ok(())
@@ -218,6 +219,26 @@ impl QuantizedActivations {
     }
 }
 
+/// The rows `range` of `rows` as runs of at most [`ROW_GROUP`] consecutive rows of one
+/// precision (a row's result never depends on its run).
+fn precision_runs(
+    rows: &[ActRow<'_>],
+    range: std::ops::Range<usize>,
+) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for i in range {
+        match runs.last_mut() {
+            Some(g)
+                if g.len() < ROW_GROUP && rows[g.start].lo.is_some() == rows[i].lo.is_some() =>
+            {
+                g.end = i + 1
+            }
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
 /// One quantized activation row.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ActRow<'a> {
@@ -236,22 +257,46 @@ impl<'a> ActRow<'a> {
 /// One plane of one activation row.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PlaneRow<'a> {
-    pub(crate) q: &'a [i8],
+    /// Codes, four to an `i32`.
+    pub(crate) q: &'a [i32],
     pub(crate) d: &'a [f32],
     pub(crate) sum: &'a [i32],
 }
 
-/// Quantizes one block: `(d, Σ q)`. Round half away from zero, as llama.cpp's `roundf`.
-fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+impl PlaneRow<'_> {
+    /// The codes of block `b`.
+    pub(crate) fn block(&self, b: usize) -> [i8; QBLOCK] {
+        quad_bytes(&self.q[b * QBLOCK / 4..][..QBLOCK / 4])
+    }
+}
+
+/// The 32 codes of 8 quads.
+fn quad_bytes(quads: &[i32]) -> [i8; QBLOCK] {
+    let mut out = [0i8; QBLOCK];
+    for (o, q) in out.chunks_exact_mut(4).zip(quads) {
+        for (o, b) in o.iter_mut().zip(q.to_le_bytes()) {
+            *o = b as i8;
+        }
+    }
+    out
+}
+
+/// Quantizes one block into 8 quads: `(d, Σ q)`. Round half away from zero, as llama.cpp's
+/// `roundf`.
+fn quantize_block(x: &[f32], quads: &mut [i32]) -> (f32, i32) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
-    for (q, &x) in q.iter_mut().zip(x) {
-        // |x · id| ≤ 127 (up to rounding of `id`), so the clamp only guards the last ulp.
-        let v = (x * id).round().clamp(-127.0, 127.0) as i8;
-        *q = v;
-        sum += i32::from(v);
+    for (quad, x) in quads.iter_mut().zip(x.chunks_exact(4)) {
+        let mut bytes = [0u8; 4];
+        for (b, &x) in bytes.iter_mut().zip(x) {
+            // |x · id| ≤ 127 (up to rounding of `id`), so the clamp only guards the last ulp.
+            let v = (x * id).round().clamp(-127.0, 127.0) as i8;
+            *b = v as u8;
+            sum += i32::from(v);
+        }
+        *quad = i32::from_le_bytes(bytes);
     }
     (d, sum)
 }
@@ -462,40 +507,66 @@ impl PackedMatrix {
         if m == 0 {
             return Ok(());
         }
-        // Per tile, `[m][16]` results; scattered into `out` at the end.
+        let rows: Vec<ActRow<'_>> = (0..m).map(|i| x.row(i)).collect();
+        let macs = m.saturating_mul(self.rows).saturating_mul(self.cols);
+        let threads = rayon::current_num_threads();
+        let parallel = macs >= PARALLEL_MIN_MACS && threads > 1;
+        if m > ROW_GROUP * 2 {
+            // Many rows (prefill): tasks take groups of rows, and write their outputs in
+            // place; every task reads the whole matrix (from cache: one matrix is small).
+            let task = |(g, out): (usize, &mut [f32])| {
+                let first = g * ROW_GROUP;
+                let n = out.len() / self.rows;
+                self.rows_against_all_tiles(level, &rows[first..first + n], out);
+            };
+            let chunk = ROW_GROUP * self.rows;
+            if parallel {
+                // A few groups per task: rayon's splitting costs microseconds a job.
+                let groups = m.div_ceil(ROW_GROUP);
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .with_min_len(groups.div_ceil(threads * 4).max(1))
+                    .for_each(task);
+            } else {
+                out.chunks_mut(chunk).enumerate().for_each(task);
+            }
+            return Ok(());
+        }
+        // Few rows (decode): tasks take pairs of tiles (the AVX-512 kernel shares each
+        // activation broadcast between them), all rows; per tile, `[m][16]` results,
+        // scattered into `out` at the end.
         let tiles = self.tiles();
         let mut scratch = vec![0.0f32; tiles * m * TILE_ROWS];
-        let rows: Vec<ActRow<'_>> = (0..m).map(|i| x.row(i)).collect();
-        // Groups of up to ROW_GROUP consecutive rows of one precision (a row's result does not
-        // depend on its group).
-        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
-        for i in 0..m {
-            match groups.last_mut() {
-                Some(g)
-                    if g.len() < ROW_GROUP
-                        && rows[g.start].lo.is_some() == rows[i].lo.is_some() =>
-                {
-                    g.end = i + 1
-                }
-                _ => groups.push(i..i + 1),
-            }
-        }
-        let task = |(t, buf): (usize, &mut [f32])| {
-            let tile = self.tile(t);
+        let groups = precision_runs(&rows, 0..m);
+        let task = |(pair, buf): (usize, &mut [f32])| {
+            let n_tiles = buf.len() / (m * TILE_ROWS);
+            let both = [self.tile(2 * pair), self.tile(2 * pair + n_tiles - 1)];
+            let tiles = &both[..n_tiles];
+            let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
             for g in &groups {
-                let out = &mut buf[g.start * TILE_ROWS..g.end * TILE_ROWS];
-                self.tile_products(level, tile, &rows[g.clone()], out);
+                let n = g.len();
+                let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
+                self.tiles_products(level, tiles, &rows[g.clone()], tmp);
+                for t in 0..n_tiles {
+                    for i in 0..n {
+                        buf[(t * m + g.start + i) * TILE_ROWS..][..TILE_ROWS]
+                            .copy_from_slice(&tmp[(t * n + i) * TILE_ROWS..][..TILE_ROWS]);
+                    }
+                }
             }
         };
-        let macs = m.saturating_mul(self.rows).saturating_mul(self.cols);
-        if macs >= PARALLEL_MIN_MACS {
+        let pair_len = 2 * m * TILE_ROWS;
+        if parallel {
+            // One contiguous run of tiles per thread: few rows make short tasks, and rayon's
+            // splitting costs microseconds a job.
+            let pairs = tiles.div_ceil(2);
             scratch
-                .par_chunks_mut(m * TILE_ROWS)
+                .par_chunks_mut(pair_len)
                 .enumerate()
-                .with_min_len(tiles.div_ceil(rayon::current_num_threads() * 4).max(1))
+                .with_min_len(pairs.div_ceil(threads).max(1))
                 .for_each(task);
         } else {
-            scratch.chunks_mut(m * TILE_ROWS).enumerate().for_each(task);
+            scratch.chunks_mut(pair_len).enumerate().for_each(task);
         }
         for (t, tile) in scratch.chunks_exact(m * TILE_ROWS).enumerate() {
             let first = t * TILE_ROWS;
@@ -507,12 +578,55 @@ impl PackedMatrix {
         Ok(())
     }
 
+    /// Up to [`ROW_GROUP`] activation rows against every tile, into `out` (`[rows][self.rows]`).
+    fn rows_against_all_tiles(&self, level: Int8Level, rows: &[ActRow<'_>], out: &mut [f32]) {
+        let tiles = self.tiles();
+        let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
+        for g in precision_runs(rows, 0..rows.len()) {
+            let n = g.len();
+            for pair in 0..tiles.div_ceil(2) {
+                let n_tiles = (tiles - 2 * pair).min(2);
+                let both = [self.tile(2 * pair), self.tile(2 * pair + n_tiles - 1)];
+                let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
+                self.tiles_products(level, &both[..n_tiles], &rows[g.clone()], tmp);
+                for t in 0..n_tiles {
+                    let first = (2 * pair + t) * TILE_ROWS;
+                    let valid = TILE_ROWS.min(self.rows - first);
+                    for i in 0..n {
+                        out[(g.start + i) * self.rows + first..][..valid]
+                            .copy_from_slice(&tmp[(t * n + i) * TILE_ROWS..][..valid]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Results of 1 to [`ROW_GROUP`] activation rows against one or two tiles, into `out`
+    /// (`[tiles][rows][16]`).
+    fn tiles_products(
+        &self,
+        level: Int8Level,
+        tiles: &[&[u8]],
+        rows: &[ActRow<'_>],
+        out: &mut [f32],
+    ) {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Int8Level::Avx512Vnni(token) => x86::tile_avx512vnni(token, self, tiles, rows, out),
+            _ => {
+                for (tile, out) in tiles.iter().zip(out.chunks_mut(rows.len() * TILE_ROWS)) {
+                    self.tile_products(level, tile, rows, out);
+                }
+            }
+        }
+    }
+
     /// Results of 1 to [`ROW_GROUP`] activation rows against one tile, into `out`
     /// (`[rows][16]`).
     fn tile_products(&self, level: Int8Level, tile: &[u8], rows: &[ActRow<'_>], out: &mut [f32]) {
         match level {
             #[cfg(target_arch = "x86_64")]
-            Int8Level::Avx512Vnni(token) => x86::tile_avx512vnni(token, self, tile, rows, out),
+            Int8Level::Avx512Vnni(token) => x86::tile_avx512vnni(token, self, &[tile], rows, out),
             #[cfg(target_arch = "x86_64")]
             Int8Level::AvxVnni(token) => x86::tile_avxvnni(token, self, tile, rows, out),
             #[cfg(target_arch = "x86_64")]
@@ -533,10 +647,10 @@ impl PackedMatrix {
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let s = self.lane_value(block.scales, r);
                     for p in row.planes() {
-                        let q = &p.q[b * QBLOCK..][..QBLOCK];
+                        let q = p.block(b);
                         let dot: i32 = codes[r]
                             .iter()
-                            .zip(q)
+                            .zip(&q)
                             .map(|(&c, &q)| i32::from(c) * i32::from(q))
                             .sum();
                         let isum = dot - f.offset * p.sum[b];

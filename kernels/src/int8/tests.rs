@@ -89,10 +89,10 @@ fn reference(
             let mut acc = 0.0f32;
             for (b, (codes, s, m)) in blocks.iter().enumerate() {
                 for p in row.planes() {
-                    let q = &p.q[b * QBLOCK..][..QBLOCK];
+                    let q = p.block(b);
                     let dot: i32 = codes
                         .iter()
-                        .zip(q)
+                        .zip(&q)
                         .map(|(&c, &q)| i32::from(c) * i32::from(q))
                         .sum();
                     let isum = dot - f.offset * p.sum[b];
@@ -244,10 +244,10 @@ fn quantization_rounds_to_the_nearest_step_and_sums_the_codes() {
     let row = q.row(0);
     let hi = row.hi;
     assert_eq!(hi.d[0], 1.27 / 127.0);
-    assert_eq!(&hi.q[..3], &[127, -50, 1]);
+    assert_eq!(&hi.block(0)[..3], &[127, -50, 1]);
     assert_eq!(hi.sum[0], 127 - 50 + 1);
     assert_eq!((hi.d[1], hi.sum[1]), (0.0, 0), "a zero block");
-    assert!(hi.q[32..].iter().all(|&v| v == 0));
+    assert!(hi.block(1).iter().all(|&v| v == 0));
     assert!(row.lo.is_none());
     assert_eq!(q.precision(0), Precision::Int8);
 }

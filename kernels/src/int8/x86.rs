@@ -11,37 +11,27 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m256i, __m512, __m512i, _mm256_abs_epi8, _mm256_add_epi32, _mm256_and_si256,
-    _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32, _mm256_fmadd_ps,
-    _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8, _mm256_set1_epi16,
-    _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_sign_epi8,
-    _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256, _mm512_add_epi32, _mm512_and_si512,
-    _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_mul_ps,
-    _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-    _mm512_srli_epi16, _mm512_sub_epi32,
+    __m256, __m256i, __m512, _MM_HINT_T0, _mm_prefetch, _mm256_abs_epi8, _mm256_add_epi32,
+    _mm256_and_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32,
+    _mm256_fmadd_ps, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8,
+    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256,
+    _mm256_sign_epi8, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256, _mm512_add_epi32,
+    _mm512_and_si512, _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_dpbusd_epi32, _mm512_fmadd_ps,
+    _mm512_mul_ps, _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm512_setzero_si512, _mm512_srli_epi16, _mm512_sub_epi32,
 };
 
-use super::{ActRow, Codes, PackedMatrix, PlaneRow, QBLOCK, TILE_ROWS};
+use super::{ActRow, Codes, PackedMatrix, PlaneRow, TILE_ROWS};
 use crate::cpu::{Avx2, Avx512Vnni, AvxVnni};
 use crate::x86::{
     load_f32x8_le, load_f32x16_le, load_i256, load_i512, load_u8x16, store_f32x8, store_f32x16,
 };
 
-/// Four activation codes as one little-endian 32-bit lane.
+/// The 8 quads (four codes each, what one `vpdpbusd` lane multiplies) of block `b` of a plane
+/// row.
 #[inline(always)]
-fn quad(q: &[i8; QBLOCK], k: usize) -> i32 {
-    i32::from_le_bytes([
-        q[4 * k] as u8,
-        q[4 * k + 1] as u8,
-        q[4 * k + 2] as u8,
-        q[4 * k + 3] as u8,
-    ])
-}
-
-/// Block `b` of a plane row's codes.
-#[inline(always)]
-fn codes_of<'a>(p: &PlaneRow<'a>, b: usize) -> &'a [i8; QBLOCK] {
-    &p.q.as_chunks::<QBLOCK>().0[b]
+fn codes_of<'a>(p: &PlaneRow<'a>, b: usize) -> &'a [i32; 8] {
+    &p.q.as_chunks::<8>().0[b]
 }
 
 /// The planes of `N` activation rows, as arrays (the second plane repeats the first when the
@@ -109,27 +99,138 @@ macro_rules! dispatch {
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI
 
-/// One tile against 1 to 4 activation rows (`out` is `[rows][16]`), 16 weight rows per vector.
+/// One or two tiles against 1 to 4 activation rows (`out` is `[tiles][rows][16]`), 16 weight
+/// rows per vector.
 pub(super) fn tile_avx512vnni(
     token: Avx512Vnni,
     w: &PackedMatrix,
-    tile: &[u8],
+    tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
 ) {
     // SAFETY: the `Avx512Vnni` token proves the CPU supports AVX-512F/BW/VNNI, AVX2, FMA and F16C.
-    unsafe { tile_avx512vnni_impl(token, w, tile, rows, out) }
+    unsafe { tile_avx512vnni_impl(token, w, tiles, rows, out) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn tile_avx512vnni_impl(
     _: Avx512Vnni,
     w: &PackedMatrix,
-    tile: &[u8],
+    tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
 ) {
-    dispatch!(tile_512, w, tile, rows, out);
+    let nib = w.format.codes == Codes::Nibbles;
+    let two = rows.first().is_some_and(|r| r.lo.is_some());
+    macro_rules! go {
+        ($t:literal, $n:literal) => {
+            match (nib, two) {
+                (true, false) => tile_512::<$t, $n, true, false>(w, tiles, rows, out),
+                (false, false) => tile_512::<$t, $n, false, false>(w, tiles, rows, out),
+                (true, true) => tile_512::<$t, $n, true, true>(w, tiles, rows, out),
+                (false, true) => tile_512::<$t, $n, false, true>(w, tiles, rows, out),
+            }
+        };
+    }
+    match (tiles.len(), rows.len()) {
+        (1, 1) => go!(1, 1),
+        (1, 2) => go!(1, 2),
+        (1, 3) => go!(1, 3),
+        (1, 4) => go!(1, 4),
+        (2, 1) => go!(2, 1),
+        (2, 2) => go!(2, 2),
+        (2, 3) => go!(2, 3),
+        (2, 4) => go!(2, 4),
+        _ => {}
+    }
+}
+
+/// Runs `$body` with `$t` = 0 and 1 in turn, where `$t < $n` (a constant): the tiles of a
+/// call, unrolled.
+macro_rules! unroll_tiles {
+    ($n:expr, $t:ident, $body:block) => {{
+        {
+            let $t = 0;
+            if $t < $n $body
+        }
+        {
+            let $t = 1;
+            if $t < $n $body
+        }
+    }};
+}
+
+/// The integer sums `Σ c · q` of one block, for `$T` tiles (their block bytes `$blocks`) and
+/// `$N` activation rows (one plane each, the quads `$q`): `[[__m512i; N]; T]`. Straight-line
+/// code with constant indices, so that the `T × N` sums (independent chains) stay in registers
+/// and each activation quad is broadcast once for all tiles. A macro rather than a function:
+/// a function would not be inlined (target features forbid `inline(always)`), and would return
+/// its vectors through memory.
+macro_rules! isums {
+    ($T:expr, $N:expr, $nib:expr, $blocks:expr, $code_bytes:expr, $q:expr) => {{
+        let low = _mm512_set1_epi8(0x0F);
+        // With few chains (one or two rows), even and odd quads go to separate sums, halving
+        // the chain of dependent `vpdpbusd`s.
+        let split = $N <= 2;
+        let mut a = [[[_mm512_setzero_si512(); $N]; $T]; 2];
+        let mut g: [&[[u8; 64]]; $T] = [&[]; $T];
+        unroll_tiles!($T, t, {
+            g[t] = $blocks[t][..$code_bytes].as_chunks::<64>().0;
+        });
+        macro_rules! k {
+            ($k:literal) => {{
+                let mut c = [_mm512_setzero_si512(); $T];
+                unroll_tiles!($T, t, {
+                    c[t] = if $nib {
+                        let p = load_i512(&g[t][$k % 4]);
+                        if $k < 4 {
+                            _mm512_and_si512(p, low)
+                        } else {
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(p), low)
+                        }
+                    } else {
+                        load_i512(&g[t][$k])
+                    };
+                });
+                let h = if split { $k % 2 } else { 0 };
+                unroll_rows!($N, i, {
+                    let x = _mm512_set1_epi32($q[i][$k]);
+                    unroll_tiles!($T, t, {
+                        a[h][t][i] = _mm512_dpbusd_epi32(a[h][t][i], c[t], x);
+                    });
+                });
+            }};
+        }
+        k!(0);
+        k!(1);
+        k!(2);
+        k!(3);
+        k!(4);
+        k!(5);
+        k!(6);
+        k!(7);
+        if split {
+            unroll_tiles!($T, t, {
+                unroll_rows!($N, i, {
+                    a[0][t][i] = _mm512_add_epi32(a[0][t][i], a[1][t][i]);
+                });
+            });
+        }
+        a[0]
+    }};
+}
+
+/// How far ahead, in blocks of a tile, the kernel prefetches.
+const PREFETCH_BLOCKS: usize = 4;
+
+/// Prefetches every cache line of `bytes` into all cache levels.
+#[inline(always)]
+fn prefetch_lines(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch never faults and has no architectural effect; the address is
+        // inside `bytes`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
 }
 
 /// 16 scales (or minimums) from `bytes`, stored as f32 or f16.
@@ -143,91 +244,90 @@ fn lanes_512(bytes: &[u8], f32s: bool) -> __m512 {
     }
 }
 
-/// `Σ_k c[k] · q[4k..4k + 4]` per lane, in two chains.
-#[target_feature(enable = "avx512f,avx512vnni")]
-#[inline]
-fn dot_512(c: &[__m512i; 8], q: &[i8; QBLOCK]) -> __m512i {
-    let mut a = _mm512_setzero_si512();
-    let mut b = _mm512_setzero_si512();
-    for k in (0..8).step_by(2) {
-        a = _mm512_dpbusd_epi32(a, c[k], _mm512_set1_epi32(quad(q, k)));
-        b = _mm512_dpbusd_epi32(b, c[k + 1], _mm512_set1_epi32(quad(q, k + 1)));
-    }
-    _mm512_add_epi32(a, b)
-}
-
+/// `T` tiles (16 weight rows each) against `N` activation rows: per block, each code vector is
+/// unpacked once and each activation quad broadcast once for all `T × N` integer sums, which
+/// run as independent chains. `out` is `[T][N][16]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[inline]
-fn tile_512<const N: usize, const NIB: bool, const TWO: bool>(
+fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool>(
     w: &PackedMatrix,
-    tile: &[u8],
+    tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
 ) {
     let f = w.format;
     let (offset, has_min, f32s) = (f.offset, f.has_min, f.f32_scales);
-    let (code_bytes, scale_bytes) = (f.code_bytes(), TILE_ROWS * f.scale_bytes());
+    let (code_bytes, scale_bytes, stride) = (
+        f.code_bytes(),
+        TILE_ROWS * f.scale_bytes(),
+        f.block_stride(),
+    );
     let (hi, lo) = planes::<N>(rows);
-    let mut acc = [_mm512_setzero_ps(); N];
-    let low = _mm512_set1_epi8(0x0F);
-    for (b, block) in tile.chunks_exact(f.block_stride()).enumerate() {
-        let (codes, rest) = block.split_at(code_bytes);
-        let g = codes.as_chunks::<64>().0;
-        let mut c = [_mm512_setzero_si512(); 8];
-        if NIB {
-            for k in 0..4 {
-                let p = load_i512(&g[k]);
-                c[k] = _mm512_and_si512(p, low);
-                c[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(p), low);
+    let mut acc = [[_mm512_setzero_ps(); N]; T];
+    // No closures below: they would not inherit the target features, and would not inline.
+    let mut blocks: [&[u8]; T] = [&[]; T];
+    let mut hq: [&[i32; 8]; N] = [&[0; 8]; N];
+    let mut lq: [&[i32; 8]; N] = [&[0; 8]; N];
+    for b in 0..w.blocks() {
+        unroll_tiles!(T, t, {
+            blocks[t] = &tiles[t][b * stride..][..stride];
+            // Decode streams weights from memory: ask for a few blocks ahead.
+            if let Some(ahead) = tiles[t].get((b + PREFETCH_BLOCKS) * stride..) {
+                prefetch_lines(&ahead[..stride.min(ahead.len())]);
             }
-        } else {
-            for k in 0..8 {
-                c[k] = load_i512(&g[k]);
-            }
-        }
-        let s = lanes_512(rest, f32s);
-        let m = if has_min {
-            lanes_512(&rest[scale_bytes..], f32s)
-        } else {
-            _mm512_setzero_ps()
-        };
-        unroll_rows!(N, i, {
-            let mut a = acc[i];
-            let (h, l) = (&hi[i], &lo[i]);
-            let isum = _mm512_sub_epi32(
-                dot_512(&c, codes_of(h, b)),
-                _mm512_set1_epi32(offset * h.sum[b]),
-            );
-            a = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(isum),
-                _mm512_mul_ps(s, _mm512_set1_ps(h.d[b])),
-                a,
-            );
-            if TWO {
-                let isum = _mm512_sub_epi32(
-                    dot_512(&c, codes_of(l, b)),
-                    _mm512_set1_epi32(offset * l.sum[b]),
-                );
-                a = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(isum),
-                    _mm512_mul_ps(s, _mm512_set1_ps(l.d[b])),
-                    a,
-                );
-            }
-            if has_min {
-                a = _mm512_fmadd_ps(m, _mm512_set1_ps(h.d[b] * h.sum[b] as f32), a);
-                if TWO {
-                    a = _mm512_fmadd_ps(m, _mm512_set1_ps(l.d[b] * l.sum[b] as f32), a);
-                }
-            }
-            acc[i] = a;
         });
+        unroll_rows!(N, i, {
+            hq[i] = codes_of(&hi[i], b);
+            lq[i] = codes_of(&lo[i], b);
+        });
+        let mut s = [_mm512_setzero_ps(); T];
+        unroll_tiles!(T, t, {
+            s[t] = lanes_512(&blocks[t][code_bytes..], f32s);
+        });
+        // One plane at a time (fewer live vectors): `acc ← fma(Σ, s·d)` for the value's
+        // plane, then for the residual's, then the minimums' terms: the scalar kernel's order.
+        macro_rules! plane {
+            ($q:expr, $p:expr) => {{
+                let sums = isums!(T, N, NIB, blocks, code_bytes, $q);
+                unroll_tiles!(T, t, {
+                    unroll_rows!(N, i, {
+                        let p = &$p[i];
+                        let isum =
+                            _mm512_sub_epi32(sums[t][i], _mm512_set1_epi32(offset * p.sum[b]));
+                        let sd = _mm512_mul_ps(s[t], _mm512_set1_ps(p.d[b]));
+                        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, acc[t][i]);
+                    });
+                });
+            }};
+        }
+        plane!(hq, hi);
+        if TWO {
+            plane!(lq, lo);
+        }
+        if has_min {
+            unroll_tiles!(T, t, {
+                let m = lanes_512(&blocks[t][code_bytes + scale_bytes..], f32s);
+                unroll_rows!(N, i, {
+                    let (h, l) = (&hi[i], &lo[i]);
+                    acc[t][i] =
+                        _mm512_fmadd_ps(m, _mm512_set1_ps(h.d[b] * h.sum[b] as f32), acc[t][i]);
+                    if TWO {
+                        let ds = _mm512_set1_ps(l.d[b] * l.sum[b] as f32);
+                        acc[t][i] = _mm512_fmadd_ps(m, ds, acc[t][i]);
+                    }
+                });
+            });
+        }
     }
-    for (out, acc) in out.as_chunks_mut::<TILE_ROWS>().0.iter_mut().zip(acc) {
-        store_f32x16(out, acc);
+    let out = out.as_chunks_mut::<TILE_ROWS>().0;
+    for t in 0..T {
+        for i in 0..N {
+            store_f32x16(&mut out[t * N + i], acc[t][i]);
+        }
     }
 }
 
+//
 // ---------------------------------------------------------------------------------------------
 // 256-bit: AVX-VNNI and AVX2
 
@@ -285,12 +385,12 @@ fn lanes_256(bytes: &[u8], h: usize, f32s: bool) -> __m256 {
 /// `Σ_k c[k] · q[4k..4k + 4]` per lane with VNNI, in two chains.
 #[target_feature(enable = "avx2,avxvnni")]
 #[inline]
-fn dot_vnni(c: &[__m256i; 8], q: &[i8; QBLOCK], _signed: bool) -> __m256i {
+fn dot_vnni(c: &[__m256i; 8], q: &[i32; 8], _signed: bool) -> __m256i {
     let mut a = _mm256_setzero_si256();
     let mut b = _mm256_setzero_si256();
     for k in (0..8).step_by(2) {
-        a = _mm256_dpbusd_avx_epi32(a, c[k], _mm256_set1_epi32(quad(q, k)));
-        b = _mm256_dpbusd_avx_epi32(b, c[k + 1], _mm256_set1_epi32(quad(q, k + 1)));
+        a = _mm256_dpbusd_avx_epi32(a, c[k], _mm256_set1_epi32(q[k]));
+        b = _mm256_dpbusd_avx_epi32(b, c[k + 1], _mm256_set1_epi32(q[k + 1]));
     }
     _mm256_add_epi32(a, b)
 }
@@ -299,11 +399,11 @@ fn dot_vnni(c: &[__m256i; 8], q: &[i8; QBLOCK], _signed: bool) -> __m256i {
 /// holds signed codes.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn dot_madd(c: &[__m256i; 8], q: &[i8; QBLOCK], signed: bool) -> __m256i {
+fn dot_madd(c: &[__m256i; 8], q: &[i32; 8], signed: bool) -> __m256i {
     let ones = _mm256_set1_epi16(1);
     let mut a = _mm256_setzero_si256();
     for (k, c) in c.iter().enumerate() {
-        let x = _mm256_set1_epi32(quad(q, k));
+        let x = _mm256_set1_epi32(q[k]);
         let pairs = if signed {
             _mm256_maddubs_epi16(_mm256_abs_epi8(*c), _mm256_sign_epi8(x, *c))
         } else {
