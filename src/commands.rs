@@ -332,6 +332,8 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             block_size: KV_BLOCK_SIZE,
             max_batch_tokens: 4096,
             max_running: 1,
+            max_waiting: 1,
+            prefix_caching: false,
         },
         r.tokenizer.eos_ids().to_vec(),
     );
@@ -339,7 +341,7 @@ async fn generate(a: GenerateArgs) -> Result<()> {
     let (scheduler, task) = Scheduler::spawn(LocalPipeline::new(engine), state, stop_rx);
     let (tx, mut rx) = mpsc::channel(a.max_tokens as usize + 2);
     let output = StreamOutput::new(&r.tokenizer, &req, tx);
-    scheduler.submit(req, output).await?;
+    scheduler.submit(req, output, None).await?;
     let mut out = std::io::stdout();
     while let Some(event) = rx.recv().await {
         match event?.event {
@@ -453,6 +455,10 @@ fn bench(a: BenchArgs) -> Result<()> {
                 tokens,
                 sample: true,
                 params: Default::default(),
+                // The engine allocates the blocks.
+                blocks: vec![],
+                fresh: pos0 == 0,
+                history: vec![],
             }],
             hidden: None,
         };
@@ -567,6 +573,10 @@ async fn bench_serve(a: BenchServeArgs) -> Result<()> {
                 tokens: vec![0],
                 sample: true,
                 params: Default::default(),
+                // A block table as long as the gateway would send.
+                blocks: (0..(prompt.len() + 1).div_ceil(KV_BLOCK_SIZE) as u32).collect(),
+                fresh: false,
+                history: vec![],
             }],
             hidden,
         })

@@ -61,9 +61,12 @@ fn step(step_id: u64, seq_id: u64, pos0: u32, tokens: Vec<u32>) -> StepFrame {
             seq_id,
             pos0,
             prompt_len: tokens.len() as u32,
+            blocks: (0..(pos0 as usize + tokens.len()).div_ceil(16) as u32).collect(),
             tokens,
             sample: true,
             params: SamplingParams::default(),
+            fresh: pos0 == 0,
+            history: vec![],
         }],
         hidden: None,
     }
@@ -172,9 +175,24 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
         ),
         other => panic!("expected an error frame, got {other:?}"),
     }
-    // More than the KV cache holds (8 blocks of 16 tokens).
+    // A block table beyond the KV cache (8 blocks of 16 tokens), and one too short.
     match round_trip(step(4, 10, 0, vec![1; 200])).await {
-        Frame::Error(e) => assert!(e.message.contains("KV cache is full"), "{}", e.message),
+        Frame::Error(e) => assert!(
+            e.message.contains("KV block 8 is not one of the 8 blocks"),
+            "{}",
+            e.message
+        ),
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    let mut short = step(4, 10, 0, vec![1; 20]);
+    short.seqs[0].blocks.truncate(1);
+    match round_trip(short).await {
+        Frame::Error(e) => assert!(
+            e.message
+                .contains("hold 16 positions, the step reaches position 20"),
+            "{}",
+            e.message
+        ),
         other => panic!("expected an error frame, got {other:?}"),
     }
     // The ring still works: "The capital of France is" → " Paris".

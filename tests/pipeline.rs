@@ -57,6 +57,10 @@ fn engine_greedy(
                         tokens: feed.clone(),
                         sample: true,
                         params: SamplingParams::default(),
+                        // The engine allocates.
+                        blocks: vec![],
+                        fresh: pos == 0,
+                        history: vec![],
                     }],
                     hidden: None,
                 };

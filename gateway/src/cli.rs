@@ -69,6 +69,13 @@ pub struct ServingArgs {
     /// Sequences running at once.
     #[arg(long, default_value_t = 32)]
     pub max_running: usize,
+    /// Requests waiting at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Compute every prompt in full, sharing no KV blocks between requests with a common
+    /// prefix.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
     /// `max_tokens` of requests that leave it unset.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: u32,
@@ -145,6 +152,8 @@ pub fn gateway_config(
         kv_cache_tokens: s.kv_cache_tokens,
         max_batch_tokens: s.max_batch_tokens,
         max_running: s.max_running,
+        max_waiting: s.max_waiting,
+        prefix_caching: !s.no_prefix_caching,
         default_max_tokens: s.default_max_tokens,
         step_timeout: Duration::from_secs(s.step_timeout_secs),
         connect_timeout: Duration::from_secs(s.connect_timeout_secs),

@@ -19,6 +19,12 @@ pub enum GatewayError {
     /// The server is shutting down or the request was cancelled.
     #[error("{0}")]
     Cancelled(String),
+    /// The request's deadline passed before it finished.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The service cannot take more work now (the waiting queue is full).
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -40,6 +46,8 @@ impl From<GatewayError> for Status {
             GatewayError::Model(_) | GatewayError::Internal(_) => Code::Internal,
             GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::Cancelled(_) => Code::Cancelled,
+            GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            GatewayError::ResourceExhausted(_) => Code::ResourceExhausted,
         };
         Status::new(code, e.to_string())
     }

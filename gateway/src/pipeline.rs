@@ -1,22 +1,36 @@
-//! What the scheduler drives: something that runs a step through every stage of the route and
-//! returns the samples. The ring over a [`Transport`] is the real one; `strata generate` plugs an
-//! in-process engine behind the same trait.
+//! What the scheduler drives: something that carries steps through every stage of the route
+//! and gives back their samples. Several steps may be in flight at once (one per stage keeps
+//! every stage busy); they complete in any order. The ring over a [`Transport`] is the real
+//! one; `strata generate` plugs an in-process engine behind the same trait.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use strata_shared::transport::{FrameSender, Transport, accept_frames};
 use strata_shared::wire::{Frame, SamplesFrame, StepFrame, WireError};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::error::GatewayError;
 
-/// Runs steps through the route, one at a time.
+/// The outcome of one step.
+#[derive(Debug)]
+pub struct Completion {
+    pub step_id: u64,
+    pub result: Result<SamplesFrame, GatewayError>,
+}
+
+/// Carries steps through the route.
 pub trait Pipeline: Send + 'static {
-    fn step(
-        &mut self,
-        step: StepFrame,
-    ) -> impl Future<Output = Result<SamplesFrame, GatewayError>> + Send;
+    /// Steps worth keeping in flight at once: one per stage.
+    fn depth(&self) -> usize;
+
+    /// Sends a step on its way. An error means it never left (it completes with nothing).
+    fn submit(&mut self, step: StepFrame) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// The next step to complete; called only while steps are in flight.
+    fn next_completion(&mut self) -> impl Future<Output = Completion> + Send;
 }
 
 /// The ring: steps go to the first stage over a persistent connection; the last stage's
@@ -24,18 +38,23 @@ pub trait Pipeline: Send + 'static {
 pub struct RingPipeline<T: Transport> {
     first: T::Sender,
     first_addr: String,
+    stages: usize,
     results: mpsc::Receiver<Result<Frame, WireError>>,
     failures: watch::Receiver<Option<String>>,
     step_timeout: Duration,
+    /// Steps in flight, by id, with when they were sent.
+    pending: BTreeMap<u64, Instant>,
 }
 
 impl<T: Transport> RingPipeline<T> {
     /// Connects to the first stage at `first_addr` and collects the frames that `listener`
     /// (the gateway's data-plane listener, where the last stage sends) receives. `failures`
-    /// carries a worker failure, which fails the step in flight at once.
+    /// carries a worker failure, which fails the steps in flight at once. `stages` is the
+    /// route's length.
     pub async fn connect(
         transport: &T,
         first_addr: &str,
+        stages: usize,
         listener: T::Listener,
         failures: watch::Receiver<Option<String>>,
         step_timeout: Duration,
@@ -49,15 +68,30 @@ impl<T: Transport> RingPipeline<T> {
         Ok(RingPipeline {
             first,
             first_addr: first_addr.to_string(),
+            stages,
             results,
             failures,
             step_timeout,
+            pending: BTreeMap::new(),
+        })
+    }
+
+    /// Fails the oldest step in flight with `err`.
+    fn fail_oldest(&mut self, err: GatewayError) -> Option<Completion> {
+        let (step_id, _) = self.pending.pop_first()?;
+        Some(Completion {
+            step_id,
+            result: Err(err),
         })
     }
 }
 
 impl<T: Transport> Pipeline for RingPipeline<T> {
-    async fn step(&mut self, step: StepFrame) -> Result<SamplesFrame, GatewayError> {
+    fn depth(&self) -> usize {
+        self.stages.max(1)
+    }
+
+    async fn submit(&mut self, step: StepFrame) -> Result<(), GatewayError> {
         if let Some(f) = self.failures.borrow().clone() {
             return Err(GatewayError::Unavailable(f));
         }
@@ -68,33 +102,66 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
                 self.first_addr
             ))
         })?;
-        let deadline = tokio::time::sleep(self.step_timeout);
-        tokio::pin!(deadline);
+        self.pending.insert(id, Instant::now());
+        Ok(())
+    }
+
+    async fn next_completion(&mut self) -> Completion {
         let mut watching = true;
         loop {
+            let failure = self.failures.borrow().clone();
+            if let Some(f) = failure
+                && let Some(c) = self.fail_oldest(GatewayError::Unavailable(f))
+            {
+                return c;
+            }
+            let Some((&oldest, &sent)) = self.pending.first_key_value() else {
+                // Nothing in flight: nothing will ever complete.
+                std::future::pending::<()>().await;
+                continue;
+            };
+            let deadline = sent + self.step_timeout;
             tokio::select! {
                 frame = self.results.recv() => match frame {
-                    Some(Ok(Frame::Samples(s))) if s.step_id == id => return Ok(s),
-                    Some(Ok(Frame::Error(e))) if e.step_id == id => {
-                        return Err(GatewayError::Unavailable(format!("stage {} failed step {id}: {}", e.stage, e.message)));
+                    Some(Ok(Frame::Samples(s))) if self.pending.remove(&s.step_id).is_some() => {
+                        return Completion { step_id: s.step_id, result: Ok(s) };
                     }
-                    Some(Ok(other)) => tracing::warn!(?other, "data plane: ignoring a frame for another step"),
-                    Some(Err(e)) => return Err(GatewayError::Unavailable(format!("data plane: {e}"))),
-                    None => return Err(GatewayError::Unavailable("data plane: the return path closed".into())),
-                },
-                changed = self.failures.changed(), if watching => match changed {
-                    Ok(()) => {
-                        if let Some(why) = self.failures.borrow().clone() {
-                            return Err(GatewayError::Unavailable(why));
+                    Some(Ok(Frame::Error(e))) if self.pending.remove(&e.step_id).is_some() => {
+                        return Completion {
+                            step_id: e.step_id,
+                            result: Err(GatewayError::Unavailable(format!(
+                                "stage {} failed step {}: {}",
+                                e.stage, e.step_id, e.message
+                            ))),
+                        };
+                    }
+                    Some(Ok(other)) => tracing::warn!(?other, "data plane: ignoring a frame for no step in flight"),
+                    Some(Err(e)) => {
+                        if let Some(c) = self.fail_oldest(GatewayError::Unavailable(format!("data plane: {e}"))) {
+                            return c;
                         }
                     }
-                    // Nobody reports failures any more; rely on the deadline.
-                    Err(_) => watching = false,
+                    None => {
+                        if let Some(c) = self.fail_oldest(GatewayError::Unavailable("data plane: the return path closed".into())) {
+                            return c;
+                        }
+                    }
                 },
-                () = &mut deadline => {
-                    return Err(GatewayError::Unavailable(format!(
-                        "step {id} got no answer within {:?}", self.step_timeout
-                    )));
+                changed = self.failures.changed(), if watching => {
+                    // A failure is picked up at the top of the loop; nobody reporting any more
+                    // leaves the deadline.
+                    if changed.is_err() {
+                        watching = false;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    self.pending.remove(&oldest);
+                    return Completion {
+                        step_id: oldest,
+                        result: Err(GatewayError::Unavailable(format!(
+                            "step {oldest} got no answer within {:?}", self.step_timeout
+                        ))),
+                    };
                 }
             }
         }

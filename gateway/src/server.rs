@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use strata_proto::v1::strata_server::StrataServer;
 use strata_proto::v1::{
-    ModelInfoResponse, Stage, TensorPlan, WorkerInfo as WorkerInfoPb, WorkerState as WorkerStatePb,
+    ModelInfoResponse, SchedulerCounters, Stage, TensorPlan, WorkerInfo as WorkerInfoPb,
+    WorkerState as WorkerStatePb,
 };
 use strata_shared::device::DeviceSpec;
 use strata_shared::isq::IsqType;
@@ -116,6 +117,8 @@ pub struct GatewayConfig {
     pub kv_cache_tokens: usize,
     pub max_batch_tokens: usize,
     pub max_running: usize,
+    pub max_waiting: usize,
+    pub prefix_caching: bool,
     pub default_max_tokens: u32,
     pub step_timeout: Duration,
     pub connect_timeout: Duration,
@@ -284,10 +287,20 @@ fn model_info(
             })
             .collect(),
         kv_cache_tokens: kv_tokens as u32,
-        kv_cache_reserved_tokens: (stats.reserved_blocks.load(Ordering::Relaxed) * KV_BLOCK_SIZE)
+        kv_cache_reserved_tokens: (stats.used_blocks.load(Ordering::Relaxed) * KV_BLOCK_SIZE)
             as u32,
         running: stats.running.load(Ordering::Relaxed) as u32,
         waiting: stats.waiting.load(Ordering::Relaxed) as u32,
+        scheduler: Some(SchedulerCounters {
+            steps: stats.steps.load(Ordering::Relaxed),
+            max_step_sequences: stats.max_step_seqs.load(Ordering::Relaxed) as u32,
+            max_steps_in_flight: stats.max_in_flight.load(Ordering::Relaxed) as u32,
+            preemptions: stats.preemptions.load(Ordering::Relaxed),
+            prefix_cache_queries: stats.prefix_queries.load(Ordering::Relaxed),
+            prefix_cache_hits: stats.prefix_hits.load(Ordering::Relaxed),
+            computed_tokens: stats.computed_tokens.load(Ordering::Relaxed),
+            cached_prompt_tokens: stats.cached_tokens.load(Ordering::Relaxed),
+        }),
     }
 }
 
@@ -438,6 +451,7 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
     let pipeline = RingPipeline::connect(
         &transport,
         &first.data_address,
+        resolved.plan.route.len(),
         data_listener,
         failures_rx.clone(),
         cfg.step_timeout,
@@ -480,6 +494,8 @@ async fn serve(
             block_size: KV_BLOCK_SIZE,
             max_batch_tokens: cfg.max_batch_tokens,
             max_running: cfg.max_running,
+            max_waiting: cfg.max_waiting,
+            prefix_caching: cfg.prefix_caching,
         },
         resolved.tokenizer.eos_ids().to_vec(),
     );

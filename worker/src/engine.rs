@@ -4,9 +4,10 @@
 
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::Plan;
-use strata_shared::wire::{Frame, SamplesFrame, SeqStep, StepFrame};
+use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplesFrame, SeqStep, StepFrame};
 
 use crate::error::{Result, WorkerError};
+use crate::kv::BlockOwner;
 use crate::layers::Hidden;
 use crate::model::{ModelSlice, Progress, SliceSpec};
 use crate::stage::Stage;
@@ -15,6 +16,8 @@ use crate::stage::Stage;
 #[derive(Debug)]
 pub struct Engine {
     stages: Vec<Stage>,
+    /// Blocks for steps that come without block tables (the engine driven directly).
+    owner: BlockOwner,
 }
 
 impl Engine {
@@ -56,7 +59,16 @@ impl Engine {
                 "an engine needs stages 0..n in order, the first with the embedding and the last with the head".into(),
             ));
         }
-        Ok(Engine { stages })
+        let blocks = stages.first().map_or(0, |s| s.kv().num_blocks());
+        Ok(Engine {
+            stages,
+            owner: BlockOwner::new(blocks, KV_BLOCK_SIZE),
+        })
+    }
+
+    /// Free blocks of the engine's own allocation (for steps without block tables).
+    pub fn free_blocks(&self) -> usize {
+        self.owner.free_blocks()
     }
 
     pub fn stages(&self) -> &[Stage] {
@@ -68,8 +80,10 @@ impl Engine {
         self.stages.iter().map(|s| s.slice().weight_bytes()).sum()
     }
 
-    /// Runs a step through every stage and returns the samples.
-    pub fn step(&mut self, step: StepFrame) -> Result<SamplesFrame> {
+    /// Runs a step through every stage and returns the samples. Sequences without a block
+    /// table get blocks from the engine's own allocation.
+    pub fn step(&mut self, mut step: StepFrame) -> Result<SamplesFrame> {
+        self.fill_tables(&mut step)?;
         let x = self.hidden(&step)?;
         let last = self.last_mut()?;
         match last.finish(step, x)? {
@@ -78,6 +92,21 @@ impl Engine {
                 "the last stage did not produce samples".into(),
             )),
         }
+    }
+
+    /// Gives every sequence of `step` that has no block table one from the engine's own
+    /// allocation (releases first).
+    fn fill_tables(&mut self, step: &mut StepFrame) -> Result<()> {
+        for &id in &step.releases {
+            self.owner.release(id);
+        }
+        for s in step.seqs.iter_mut().filter(|s| s.blocks.is_empty()) {
+            s.blocks = self
+                .owner
+                .reserve(s.seq_id, s.pos0 as usize, s.tokens.len())?
+                .to_vec();
+        }
+        Ok(())
     }
 
     /// Final hidden states of a step (before the final norm), `None` for an empty step.
@@ -96,8 +125,9 @@ impl Engine {
             .ok_or_else(|| WorkerError::Load("engine has no stages".into()))
     }
 
-    /// Frees a sequence on every stage.
+    /// Frees a sequence on every stage, and its blocks of the engine's own allocation.
     pub fn release(&mut self, seq_id: u64) {
+        self.owner.release(seq_id);
         for s in &mut self.stages {
             s.release(seq_id);
         }
@@ -116,7 +146,7 @@ impl Engine {
         chunk: usize,
         mut each: impl FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
-        let step = StepFrame {
+        let mut step = StepFrame {
             step_id: 0,
             stage: 0,
             releases: Vec::new(),
@@ -127,10 +157,14 @@ impl Engine {
                 tokens: tokens.to_vec(),
                 sample: false,
                 params: Default::default(),
+                blocks: Vec::new(),
+                fresh: true,
+                history: Vec::new(),
             }],
             hidden: None,
         };
         let result = (|| {
+            self.fill_tables(&mut step)?;
             let x = self
                 .hidden(&step)?
                 .ok_or_else(|| WorkerError::Step("empty sequence".into()))?;

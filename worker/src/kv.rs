@@ -1,5 +1,7 @@
-//! The paged KV cache of one stage: per layer, key and value pools of fixed-size blocks, and per
-//! sequence a block table. Each stage keeps the KV of its own layers only.
+//! The paged KV cache of one stage: per layer, key and value pools of fixed-size blocks. Each
+//! stage keeps the KV of its own layers only. Which blocks a sequence uses is the business of
+//! the pool's one owner: the gateway, whose block tables come with every step, or — for the
+//! single-process engine driven without a gateway — [`BlockOwner`].
 //!
 //! Pool layout (per layer): `[block][kv_head][slot][head_dim]` f32, as the attention kernel in
 //! `strata_kernels::attention` expects. Pools are anonymous memory maps, committed by the OS page
@@ -44,34 +46,11 @@ impl LayerKv {
     }
 }
 
-/// A sequence's blocks and how many positions they hold.
-#[derive(Debug, Default, Clone)]
-pub struct SeqBlocks {
-    pub blocks: Vec<u32>,
-    pub len: usize,
-}
-
-/// The block tables of a cache's sequences.
-#[derive(Debug, Clone, Copy)]
-pub struct BlockTables<'a>(&'a HashMap<u64, SeqBlocks>);
-
-impl<'a> BlockTables<'a> {
-    /// A sequence's blocks (none for an unknown one).
-    pub fn get(&self, seq_id: u64) -> &'a [u32] {
-        self.0.get(&seq_id).map_or(&[], |s| &s.blocks)
-    }
-}
-
 /// The paged KV cache of one stage.
 #[derive(Debug)]
 pub struct KvCache {
     shape: AttentionShape,
     num_blocks: usize,
-    /// Blocks `next_fresh..num_blocks` were never handed out.
-    next_fresh: usize,
-    /// Blocks handed back.
-    free: Vec<u32>,
-    seqs: HashMap<u64, SeqBlocks>,
     layers: Vec<LayerKv>,
 }
 
@@ -97,9 +76,6 @@ impl KvCache {
         Ok(KvCache {
             shape,
             num_blocks,
-            next_fresh: 0,
-            free: Vec::new(),
-            seqs: HashMap::new(),
             layers,
         })
     }
@@ -108,23 +84,84 @@ impl KvCache {
         &self.shape
     }
 
-    pub fn free_blocks(&self) -> usize {
-        self.free.len() + (self.num_blocks - self.next_fresh)
-    }
-
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }
 
-    /// Positions the sequence holds (0 for an unknown sequence).
-    pub fn seq_len(&self, seq_id: u64) -> usize {
-        self.seqs.get(&seq_id).map_or(0, |s| s.len)
+    /// Checks a sequence's block table before a step writes positions up to `end`: it covers
+    /// them, and names blocks of this pool.
+    pub fn check_table(&self, seq_id: u64, table: &[u32], end: usize) -> Result<()> {
+        let needed = end.div_ceil(self.shape.block_size);
+        if table.len() < needed {
+            return Err(WorkerError::Sequence {
+                seq_id,
+                problem: format!(
+                    "its {} KV blocks hold {} positions, the step reaches position {end}",
+                    table.len(),
+                    table.len() * self.shape.block_size
+                ),
+            });
+        }
+        if let Some(&bad) = table.iter().find(|&&b| b as usize >= self.num_blocks) {
+            return Err(WorkerError::Sequence {
+                seq_id,
+                problem: format!(
+                    "KV block {bad} is not one of the {} blocks",
+                    self.num_blocks
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// One layer's pools.
+    pub fn layer(&mut self, layer: usize) -> Result<&mut LayerKv> {
+        self.layers
+            .get_mut(layer)
+            .ok_or_else(|| WorkerError::Step(format!("KV cache has no layer {layer}")))
+    }
+}
+
+/// Allocates blocks for sequences when no gateway does (the single-process engine driven
+/// directly: `strata perplexity`, benchmarks, tests). Steps it fills in must continue where
+/// the sequence left off.
+#[derive(Debug)]
+pub struct BlockOwner {
+    block_size: usize,
+    num_blocks: usize,
+    /// Blocks `next_fresh..num_blocks` were never handed out.
+    next_fresh: usize,
+    /// Blocks handed back.
+    free: Vec<u32>,
+    seqs: HashMap<u64, SeqBlocks>,
+}
+
+/// A sequence's blocks and how many positions they hold.
+#[derive(Debug, Default, Clone)]
+struct SeqBlocks {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl BlockOwner {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        BlockOwner {
+            block_size,
+            num_blocks,
+            next_fresh: 0,
+            free: Vec::new(),
+            seqs: HashMap::new(),
+        }
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len() + (self.num_blocks - self.next_fresh)
     }
 
     /// Makes room for positions `pos0..pos0 + n` of a sequence, which must continue exactly
-    /// where the cache left it (a new sequence starts at 0).
-    pub fn reserve(&mut self, seq_id: u64, pos0: usize, n: usize) -> Result<()> {
-        let held = self.seq_len(seq_id);
+    /// where it left off (a new sequence starts at 0), and returns its block table.
+    pub fn reserve(&mut self, seq_id: u64, pos0: usize, n: usize) -> Result<&[u32]> {
+        let held = self.seqs.get(&seq_id).map_or(0, |s| s.len);
         if pos0 != held {
             return Err(WorkerError::Sequence {
                 seq_id,
@@ -133,20 +170,18 @@ impl KvCache {
                 ),
             });
         }
-        let seq = self.seqs.entry(seq_id).or_default();
-        let want = (pos0 + n).div_ceil(self.shape.block_size);
-        let needed = want.saturating_sub(seq.blocks.len());
-        let free = self.free.len() + (self.num_blocks - self.next_fresh);
+        let want = (pos0 + n).div_ceil(self.block_size);
+        let have = self.seqs.get(&seq_id).map_or(0, |s| s.blocks.len());
+        let needed = want.saturating_sub(have);
+        let free = self.free_blocks();
         if needed > free {
-            if seq.blocks.is_empty() {
-                self.seqs.remove(&seq_id);
-            }
             return Err(WorkerError::KvFull {
                 seq_id,
                 needed,
                 free,
             });
         }
+        let seq = self.seqs.entry(seq_id).or_default();
         for _ in 0..needed {
             let block = match self.free.pop() {
                 Some(b) => b,
@@ -157,14 +192,8 @@ impl KvCache {
             };
             seq.blocks.push(block);
         }
-        Ok(())
-    }
-
-    /// Marks positions up to `len` as written.
-    pub fn commit(&mut self, seq_id: u64, len: usize) {
-        if let Some(s) = self.seqs.get_mut(&seq_id) {
-            s.len = len;
-        }
+        seq.len = pos0 + n;
+        Ok(&seq.blocks)
     }
 
     /// Frees a sequence's blocks (unknown sequences are ignored).
@@ -172,30 +201,6 @@ impl KvCache {
         if let Some(s) = self.seqs.remove(&seq_id) {
             self.free.extend(s.blocks);
         }
-    }
-
-    /// The block table of a sequence.
-    pub fn blocks(&self, seq_id: u64) -> &[u32] {
-        self.seqs.get(&seq_id).map_or(&[], |s| &s.blocks)
-    }
-
-    /// One layer's pools and a sequence's block table, for the attention kernel.
-    pub fn layer_mut(&mut self, layer: usize, seq_id: u64) -> Result<(&mut LayerKv, &[u32])> {
-        let blocks = self.seqs.get(&seq_id).map_or(&[][..], |s| &s.blocks);
-        let kv = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| WorkerError::Step(format!("KV cache has no layer {layer}")))?;
-        Ok((kv, blocks))
-    }
-
-    /// One layer's pools, and every sequence's block table.
-    pub fn layer_and_tables(&mut self, layer: usize) -> Result<(&mut LayerKv, BlockTables<'_>)> {
-        let kv = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| WorkerError::Step(format!("KV cache has no layer {layer}")))?;
-        Ok((kv, BlockTables(&self.seqs)))
     }
 
     /// Sequences holding blocks.
@@ -208,29 +213,11 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    fn cache(blocks: usize) -> KvCache {
-        KvCache::new(
-            AttentionShape {
-                n_heads: 2,
-                n_kv_heads: 1,
-                head_dim: 4,
-                block_size: 4,
-            },
-            2,
-            blocks,
-        )
-        .unwrap()
-    }
-
     #[test]
     fn blocks_are_reserved_and_returned() {
-        let mut kv = cache(3);
-        kv.reserve(1, 0, 5).unwrap();
-        assert_eq!(kv.blocks(1).len(), 2);
-        kv.commit(1, 5);
-        kv.reserve(1, 5, 3).unwrap();
-        assert_eq!(kv.blocks(1).len(), 2);
-        kv.commit(1, 8);
+        let mut kv = BlockOwner::new(3, 4);
+        assert_eq!(kv.reserve(1, 0, 5).unwrap().len(), 2);
+        assert_eq!(kv.reserve(1, 5, 3).unwrap().len(), 2);
         let err = kv.reserve(2, 0, 8).unwrap_err().to_string();
         assert!(err.contains("needs 2 more blocks, 1 are free"), "{err}");
         assert_eq!(kv.active(), 1);
@@ -241,15 +228,33 @@ mod tests {
     }
 
     #[test]
-    fn steps_must_continue_where_the_cache_left_off() {
-        let mut kv = cache(4);
+    fn steps_must_continue_where_the_sequence_left_off() {
+        let mut kv = BlockOwner::new(4, 4);
         let err = kv.reserve(7, 3, 1).unwrap_err().to_string();
         assert!(
             err.contains("sequence 7") && err.contains("starts at position 3"),
             "{err}"
         );
         kv.reserve(7, 0, 2).unwrap();
-        kv.commit(7, 2);
         assert!(kv.reserve(7, 1, 1).is_err());
+    }
+
+    #[test]
+    fn tables_are_checked_against_the_pool() {
+        let shape = AttentionShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            block_size: 4,
+        };
+        let kv = KvCache::new(shape, 1, 3).unwrap();
+        kv.check_table(1, &[2, 0], 8).unwrap();
+        let short = kv.check_table(1, &[2], 5).unwrap_err().to_string();
+        assert!(
+            short.contains("hold 4 positions") && short.contains("position 5"),
+            "{short}"
+        );
+        let bad = kv.check_table(1, &[3], 1).unwrap_err().to_string();
+        assert!(bad.contains("KV block 3"), "{bad}");
     }
 }

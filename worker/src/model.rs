@@ -151,17 +151,20 @@ impl ActivationPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub spans: Vec<Span>,
+    /// Per span, its sequence's KV block table.
+    pub tables: Vec<Vec<u32>>,
     pub positions: Vec<u32>,
     /// Per row, the precision of its int8 activations.
     pub precision: Vec<Precision>,
 }
 
 impl Batch {
-    /// Sequences as `(seq_id, pos0, len, prompt_len)`.
-    pub fn new(seqs: impl IntoIterator<Item = (u64, usize, usize, usize)>) -> Self {
+    /// Sequences as `(seq_id, pos0, len, prompt_len, block table)`.
+    pub fn new(seqs: impl IntoIterator<Item = (u64, usize, usize, usize, Vec<u32>)>) -> Self {
         let policy = ActivationPolicy::current();
         let mut b = Batch::default();
-        for (seq_id, pos0, len, prompt_len) in seqs {
+        for (seq_id, pos0, len, prompt_len, table) in seqs {
+            b.tables.push(table);
             b.spans.push(Span {
                 seq_id,
                 pos0,
@@ -347,15 +350,14 @@ impl Attention {
         let kv_width = sh.n_kv_heads * sh.head_dim;
         s.attn.clear();
         s.attn.resize(m * q_width, 0.0);
-        let (pools, tables) = kv.layer_and_tables(layer)?;
-        let (k_pool, v_pool) = pools.pools()?;
-        for span in &batch.spans {
+        let (k_pool, v_pool) = kv.layer(layer)?.pools()?;
+        for (span, table) in batch.spans.iter().zip(&batch.tables) {
             let rows = span.row..span.row + span.len;
             attention::write_kv(
                 sh,
                 k_pool,
                 v_pool,
-                tables.get(span.seq_id),
+                table,
                 span.pos0,
                 &k[rows.start * kv_width..rows.end * kv_width],
                 &v[rows.start * kv_width..rows.end * kv_width],
@@ -368,13 +370,14 @@ impl Attention {
         let requests: Vec<attention::PagedAttention<'_>> = batch
             .spans
             .iter()
-            .map(|span| attention::PagedAttention {
+            .zip(&batch.tables)
+            .map(|(span, table)| attention::PagedAttention {
                 shape: *sh,
                 q: &q[span.row * q_width..(span.row + span.len) * q_width],
                 pos0: span.pos0,
                 k_pool,
                 v_pool,
-                block_table: tables.get(span.seq_id),
+                block_table: table,
                 scale: self.scale,
                 window: self.sliding_window,
             })
@@ -620,8 +623,8 @@ impl ModelSlice {
             .forward(tokens)
     }
 
-    /// Runs the slice's layers over a batch; the KV cache must have room (see
-    /// [`KvCache::reserve`]).
+    /// Runs the slice's layers over a batch, whose block tables have been checked against the
+    /// cache ([`KvCache::check_table`]).
     pub fn forward_layers(&self, x: Hidden, batch: &Batch, kv: &mut KvCache) -> Result<Hidden> {
         strata_kernels::pool::install(|| self.forward_layers_here(x, batch, kv))
     }

@@ -1,7 +1,11 @@
 //! Turning the last position's logits into a token: penalties, temperature, top-k, top-p,
-//! min-p, then a draw from a per-sequence seeded generator (same seed, same output). Greedy
-//! when the temperature is 0. Log-probabilities are those of the model's own distribution
-//! (before penalties and truncation).
+//! min-p, then a draw from a seeded generator (same seed, same output). Greedy when the
+//! temperature is 0. Log-probabilities are those of the model's own distribution (before
+//! penalties and truncation).
+//!
+//! The draw for the `k`-th generated token is the `k`-th number of the seed's stream, read at
+//! its position: a sampler rebuilt from the tokens so far (after a preemption, or by another
+//! worker) draws exactly what the first one would have.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -15,6 +19,9 @@ pub struct SeqSampler {
     history: Vec<u32>,
     prompt_len: usize,
 }
+
+/// Words of the generator's stream one draw reads (an f64 takes two 32-bit words).
+const WORDS_PER_DRAW: u128 = 2;
 
 impl SeqSampler {
     pub fn new(seed: u64, prompt_len: usize) -> Self {
@@ -39,6 +46,9 @@ impl SeqSampler {
             argmax(&scores)
         } else {
             let probs = truncated_probs(&scores, p);
+            // The token being sampled is the `k`-th generated one.
+            let k = self.history.len().saturating_sub(self.prompt_len) as u128;
+            self.rng.set_word_pos(k * WORDS_PER_DRAW);
             let u: f64 = self.rng.random();
             draw(&probs, u)
         };

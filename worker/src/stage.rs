@@ -48,9 +48,8 @@ impl Stage {
         &self.kv
     }
 
-    /// Frees a sequence's KV blocks and sampler.
+    /// Forgets a sequence (its sampler; its KV blocks are its owner's business).
     pub fn release(&mut self, seq_id: u64) {
-        self.kv.release(seq_id);
         self.samplers.remove(&seq_id);
     }
 
@@ -127,17 +126,19 @@ impl Stage {
             return Ok(None);
         }
         self.check(step)?;
+        for s in &step.seqs {
+            self.kv
+                .check_table(s.seq_id, &s.blocks, s.pos0 as usize + s.tokens.len())?;
+        }
         let batch = Batch::new(step.seqs.iter().map(|s| {
             (
                 s.seq_id,
                 s.pos0 as usize,
                 s.tokens.len(),
                 s.prompt_len as usize,
+                s.blocks.clone(),
             )
         }));
-        for s in &batch.spans {
-            self.kv.reserve(s.seq_id, s.pos0, s.len)?;
-        }
         let x = match input {
             None if self.slice.has_embedding() => {
                 let tokens: Vec<u32> = step
@@ -156,9 +157,6 @@ impl Stage {
             Some(x) => x,
         };
         let x = self.slice.forward_layers(x, &batch, &mut self.kv)?;
-        for s in &batch.spans {
-            self.kv.commit(s.seq_id, s.pos0 + s.len);
-        }
         Ok(Some(x))
     }
 
@@ -200,19 +198,34 @@ impl Stage {
         let mut rows = Vec::new();
         let mut row = 0u32;
         for s in &step.seqs {
+            if s.fresh {
+                self.samplers.remove(&s.seq_id);
+            }
             let sampler = match self.samplers.entry(s.seq_id) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    if s.pos0 != 0 {
+                    if !s.fresh && s.pos0 != 0 {
                         return Err(WorkerError::Sequence {
                             seq_id: s.seq_id,
                             problem: format!(
-                                "unknown to the last stage, but its step starts at position {}",
+                                "unknown to the last stage, but its step starts at position {} and is not its first",
                                 s.pos0
                             ),
                         });
                     }
-                    e.insert(SeqSampler::new(s.params.seed, s.prompt_len as usize))
+                    if s.history.len() != s.pos0 as usize {
+                        return Err(WorkerError::Sequence {
+                            seq_id: s.seq_id,
+                            problem: format!(
+                                "its first step starts at position {} with {} tokens of history",
+                                s.pos0,
+                                s.history.len()
+                            ),
+                        });
+                    }
+                    let mut sampler = SeqSampler::new(s.params.seed, s.prompt_len as usize);
+                    sampler.feed(&s.history);
+                    e.insert(sampler)
                 }
             };
             sampler.feed(&s.tokens);

@@ -586,5 +586,5 @@ fn a_non_finite_weight_under_hqq4_is_an_error() {
     let dir = write_hf(&tmp.path().join("finite"), "llama", &tensors());
     let meta = open(&dir).unwrap();
     let w = weights::load(meta.tensor(role).unwrap(), &hqq).unwrap();
-    assert_eq!(w.kind(), "HQQ4");
+    assert_eq!(w.kind(), "HQQ4 (int8 tiles)");
 }

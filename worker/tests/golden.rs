@@ -12,7 +12,7 @@ use strata_shared::plan::{Plan, PlanOptions};
 use strata_shared::source::{HubOptions, ModelFiles, fetch_default_model};
 use strata_shared::topology::Topology;
 use strata_shared::wire::{
-    DEFAULT_MAX_FRAME_BYTES, Frame, Sample, SamplingParams, SeqStep, StepFrame,
+    DEFAULT_MAX_FRAME_BYTES, Frame, KV_BLOCK_SIZE, Sample, SamplingParams, SeqStep, StepFrame,
 };
 use strata_worker::Engine;
 use strata_worker::model::{ModelSlice, SliceSpec};
@@ -75,6 +75,10 @@ fn one_seq_step(
             tokens: tokens.to_vec(),
             sample: true,
             params: SamplingParams::default(),
+            // One sequence at a time: it may take blocks 0, 1, ... of every stage's pool.
+            blocks: (0..(pos0 as usize + tokens.len()).div_ceil(KV_BLOCK_SIZE) as u32).collect(),
+            fresh: pos0 == 0,
+            history: vec![],
         }],
         hidden: None,
     }

@@ -1,8 +1,10 @@
-//! Continuous batching. A scheduler actor owns a plain [`SchedulerState`] (queue, admission by
-//! KV blocks, step building; no I/O, no tokenizer) and drives a [`Pipeline`] with its steps.
-//! Each sequence's results go to its [`SeqOutput`]; the real one, [`StreamOutput`],
-//! detokenizes, matches stop sequences and streams API events to the client. A client that is
-//! gone (its stream closed) is cancelled and its KV released.
+//! Continuous batching. A scheduler actor owns a plain [`SchedulerState`] (queue, KV blocks,
+//! preemption, prefix caching, step building; no I/O, no tokenizer) and keeps a [`Pipeline`]
+//! full: up to one step in flight per stage, each over sequences no other step in flight
+//! carries, so that every stage computes at once. Each sequence's results go to its
+//! [`SeqOutput`]; the real one, [`StreamOutput`], detokenizes, matches stop sequences and
+//! streams API events to the client. A client that is gone (its stream closed) is cancelled
+//! and its KV released; one past its deadline gets DEADLINE_EXCEEDED.
 
 use std::time::Instant;
 
@@ -12,6 +14,7 @@ use crate::error::GatewayError;
 use crate::pipeline::Pipeline;
 use crate::validation::ValidRequest;
 
+pub mod blocks;
 mod output;
 mod state;
 #[cfg(test)]
@@ -47,13 +50,20 @@ impl<O: SeqOutput> Scheduler<O> {
         (Scheduler { tx }, handle)
     }
 
-    /// Submits a validated request; its results go to `output`.
-    pub async fn submit(&self, request: ValidRequest, output: O) -> Result<(), GatewayError> {
+    /// Submits a validated request; its results go to `output`. `deadline` is when the client
+    /// stops waiting.
+    pub async fn submit(
+        &self,
+        request: ValidRequest,
+        output: O,
+        deadline: Option<Instant>,
+    ) -> Result<(), GatewayError> {
         self.tx
             .send(NewRequest {
                 request,
                 output,
                 arrived: Instant::now(),
+                deadline,
             })
             .await
             .map_err(|_| GatewayError::Unavailable("the scheduler has stopped".into()))
@@ -66,65 +76,77 @@ async fn run<P: Pipeline, O: SeqOutput>(
     mut rx: mpsc::Receiver<NewRequest<O>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // After a failed step, releases alone are retried only this much later: a broken ring
-    // fails every step at once, and must not be asked again in a hot loop.
+    // After a failed step, steps that carry only releases wait this long: a broken ring fails
+    // every step at once, and must not be asked again in a hot loop.
     const RELEASE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
     let mut retry_releases_at: Option<tokio::time::Instant> = None;
+    let depth = pipeline.depth().max(1);
+    let mut open = true;
     loop {
-        if *shutdown.borrow() {
+        // With every handle gone and nothing left to answer, stop (releases still pending are
+        // moot: nobody will send those sequences again).
+        if *shutdown.borrow() || (!open && !state.has_requests() && state.in_flight() == 0) {
             break;
         }
         while let Ok(r) = rx.try_recv() {
             state.enqueue(r);
         }
-        state.reap_disconnected();
-        state.publish();
-        if let Some(at) = retry_releases_at
-            && !state.has_requests()
-        {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Some(r) => state.enqueue(r),
-                    None => break,
-                },
-                _ = shutdown.changed() => {}
-                () = tokio::time::sleep_until(at) => retry_releases_at = None,
+        state.reap(Instant::now());
+        // Keep the pipeline full.
+        while state.in_flight() < depth && (retry_releases_at.is_none() || state.has_requests()) {
+            let Some(step) = state.next_step() else {
+                break;
+            };
+            let id = step.step_id;
+            if let Err(e) = pipeline.submit(step).await {
+                tracing::error!(error = %e, step = id, "a step could not be sent");
+                state.on_step_failed(id, &e);
+                retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
+                break;
             }
-            continue;
         }
-        match state.next_step() {
-            Some(step) => {
-                let releases = step.releases.clone();
-                match pipeline.step(step).await {
-                    Ok(samples) => {
-                        retry_releases_at = None;
-                        state.on_samples(samples);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "step failed; failing the running requests");
-                        // Stages past the failure never saw the releases: send them again.
-                        state.requeue_releases(releases);
-                        state.fail_running(&e);
-                        retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
-                    }
+        state.publish();
+        let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            c = pipeline.next_completion(), if state.in_flight() > 0 => match c.result {
+                Ok(samples) => {
+                    retry_releases_at = None;
+                    state.on_samples(samples);
                 }
-            }
-            None => {
-                state.publish();
-                tokio::select! {
-                    r = rx.recv() => match r {
-                        Some(r) => state.enqueue(r),
-                        None => break,
-                    },
-                    _ = shutdown.changed() => {}
+                Err(e) => {
+                    tracing::error!(error = %e, step = c.step_id, "step failed; failing its sequences");
+                    state.on_step_failed(c.step_id, &e);
+                    retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
                 }
+            },
+            r = rx.recv(), if open => match r {
+                Some(r) => state.enqueue(r),
+                None => open = false,
+            },
+            _ = shutdown.changed() => {}
+            () = sleep_until(deadline), if deadline.is_some() => {}
+            () = sleep_until(retry_releases_at), if retry_releases_at.is_some() => {
+                retry_releases_at = None;
             }
         }
     }
     state.cancel_all();
     state.publish();
-    // Let the workers free what the cancelled sequences held.
+    // Let the workers forget the cancelled sequences.
     if let Some(step) = state.next_step() {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pipeline.step(step)).await;
+        let free = async {
+            if pipeline.submit(step).await.is_ok() {
+                pipeline.next_completion().await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), free).await;
+    }
+}
+
+/// Sleeps until `at` (forever when there is none).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

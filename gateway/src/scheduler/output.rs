@@ -209,6 +209,7 @@ mod tests {
             output: StreamOutput::new(&tok(), &request, tx),
             request,
             arrived: Instant::now(),
+            deadline: None,
         });
         rx
     }
@@ -358,7 +359,7 @@ mod tests {
                 .all(|t| !t.text.contains('.') && !t.text.contains('\n')),
             "{r:?}"
         );
-        assert!(st.is_idle() || st.next_step().is_some_and(|s| s.seqs.is_empty()));
+        assert!(!st.has_requests());
     }
 
     #[test]

@@ -1,17 +1,23 @@
-//! The scheduler's state, free of I/O and of the tokenizer: requests wait in a queue, are
-//! admitted when the KV cache has room for their whole budget (prompt + max tokens, in blocks),
-//! and every step batches one token of each running sequence with prompt chunks of newly
-//! admitted ones, up to a token budget. Samples go to each sequence's [`SeqOutput`].
+//! The scheduler's state, free of I/O and of the tokenizer (vLLM's scheduler, on a plain
+//! struct): requests wait in a bounded queue; a running sequence holds the KV blocks its
+//! computed tokens need and takes more as it grows; every step batches one token of each
+//! decoding sequence with prompt chunks of the others, up to a token budget, from the
+//! sequences that are not already in a step in flight. When blocks run out, the newest
+//! sequence is preempted: its blocks go back and it waits again with the tokens it has, to be
+//! recomputed (its output does not change: the kernels are batch-invariant and its sampler
+//! draws by position). Full blocks are shared between sequences through the prefix cache
+//! ([`BlockManager`]). Samples go to each sequence's [`SeqOutput`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use strata_proto::v1::{FinishReason, Timings};
 use strata_shared::wire::{SamplesFrame, SeqStep, StepFrame};
 use tonic::Status;
 
+use super::blocks::BlockManager;
 use super::output::{SeqEnd, SeqOutput, TokenVerdict};
 use crate::error::GatewayError;
 use crate::validation::ValidRequest;
@@ -27,6 +33,10 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
+    /// Requests waiting at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_waiting: usize,
+    /// Whether full blocks are shared between sequences with the same prefix.
+    pub prefix_caching: bool,
 }
 
 /// Live counters of the scheduler, readable from other tasks.
@@ -34,7 +44,23 @@ pub struct SchedulerConfig {
 pub struct SchedulerStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
-    pub reserved_blocks: AtomicUsize,
+    /// KV blocks held by sequences.
+    pub used_blocks: AtomicUsize,
+    /// Steps sent.
+    pub steps: AtomicU64,
+    /// Most sequences one step carried.
+    pub max_step_seqs: AtomicUsize,
+    /// Most steps in flight at once.
+    pub max_in_flight: AtomicUsize,
+    /// Sequences preempted (their blocks taken back, to be recomputed).
+    pub preemptions: AtomicU64,
+    /// Prompt blocks looked up in the prefix cache, and found.
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
+    /// Tokens computed by the workers (prompt chunks, recomputation and decode).
+    pub computed_tokens: AtomicU64,
+    /// Prompt tokens served from the prefix cache instead.
+    pub cached_tokens: AtomicU64,
 }
 
 /// A request handed to the scheduler, with where its results go.
@@ -43,26 +69,66 @@ pub struct NewRequest<O> {
     pub request: ValidRequest,
     pub output: O,
     pub arrived: Instant,
+    /// When the client stops waiting (its gRPC deadline).
+    pub deadline: Option<Instant>,
 }
 
 /// One sequence in flight.
 #[derive(Debug)]
 pub(super) struct Seq<O> {
-    id: u64,
-    req: ValidRequest,
+    pub(super) id: u64,
+    pub(super) req: ValidRequest,
     output: O,
     arrived: Instant,
+    deadline: Option<Instant>,
     scheduled: Option<Instant>,
     first_token: Option<Instant>,
-    /// Prompt tokens already fed.
-    prefilled: usize,
-    generated: Vec<u32>,
-    blocks: usize,
+    pub(super) generated: Vec<u32>,
+    /// Tokens (prompt, then generated) whose keys and values the workers hold.
+    pub(super) computed: usize,
+    /// The KV blocks it holds.
+    pub(super) table: Vec<u32>,
+    /// Whether its next step is its first on the workers.
+    fresh: bool,
+    /// Whether the prefix cache was searched for it since it last queued.
+    prefix_checked: bool,
+    /// The step in flight that carries it.
+    pub(super) in_flight: Option<u64>,
+    /// Ended while in a step in flight: removed when that step completes.
+    doomed: Option<Doom>,
+}
+
+/// Why a sequence ends once its step in flight completes.
+#[derive(Debug, Clone)]
+enum Doom {
+    /// The client left: nothing to send.
+    Gone,
+    /// Its deadline passed.
+    Deadline,
 }
 
 impl<O> Seq<O> {
-    fn position(&self) -> usize {
-        self.prefilled + self.generated.len().saturating_sub(1)
+    /// Tokens known: the prompt, then what was generated.
+    fn len(&self) -> usize {
+        self.req.input_ids.len() + self.generated.len()
+    }
+
+    fn token(&self, i: usize) -> u32 {
+        let p = self.req.input_ids.len();
+        if i < p {
+            self.req.input_ids[i]
+        } else {
+            self.generated[i - p]
+        }
+    }
+
+    fn tokens(&self, range: std::ops::Range<usize>) -> Vec<u32> {
+        range.map(|i| self.token(i)).collect()
+    }
+
+    /// Whether its next step feeds just its last sampled token.
+    fn decoding(&self) -> bool {
+        !self.generated.is_empty() && self.computed + 1 == self.len()
     }
 
     /// How it ended, at `now`.
@@ -90,15 +156,18 @@ impl<O> Seq<O> {
     }
 }
 
-/// The scheduler's state: enqueue requests, ask for the next step, hand back its samples.
+/// The scheduler's state: enqueue requests, ask for steps, hand back their outcomes.
 #[derive(Debug)]
 pub struct SchedulerState<O> {
     pub(super) cfg: SchedulerConfig,
     eos_ids: Vec<u32>,
     pub(super) waiting: VecDeque<Seq<O>>,
     pub(super) running: Vec<Seq<O>>,
-    pub(super) free_blocks: usize,
+    pub(super) blocks: BlockManager,
+    /// Sequence ids the workers should forget, sent with the next step.
     releases: Vec<u64>,
+    /// Steps in flight, with the sequences each carries and the releases it sent.
+    in_flight: HashMap<u64, (Vec<u64>, Vec<u64>)>,
     next_seq: u64,
     next_step: u64,
     stats: Arc<SchedulerStats>,
@@ -109,20 +178,16 @@ impl<O: SeqOutput> SchedulerState<O> {
     pub fn new(cfg: SchedulerConfig, eos_ids: Vec<u32>) -> Self {
         SchedulerState {
             stats: Arc::default(),
+            blocks: BlockManager::new(cfg.kv_blocks, cfg.block_size),
             cfg,
             eos_ids,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            free_blocks: cfg.kv_blocks,
             releases: Vec::new(),
+            in_flight: HashMap::new(),
             next_seq: 1,
             next_step: 1,
         }
-    }
-
-    /// KV blocks a request reserves: its whole prompt and output budget.
-    fn blocks_for(&self, r: &ValidRequest) -> usize {
-        (r.input_ids.len() + r.max_new_tokens as usize).div_ceil(self.cfg.block_size)
     }
 
     /// Largest request (prompt + max tokens) the KV cache can ever hold.
@@ -130,11 +195,11 @@ impl<O: SeqOutput> SchedulerState<O> {
         self.cfg.kv_blocks * self.cfg.block_size
     }
 
-    /// Queues a request. One that could never fit the KV cache is refused at once.
+    /// Queues a request. One that could never fit the KV cache, or that finds the queue full,
+    /// is refused at once.
     pub fn enqueue(&mut self, new: NewRequest<O>) {
-        let need = self.blocks_for(&new.request);
-        if need > self.cfg.kv_blocks {
-            let total = new.request.input_ids.len() + new.request.max_new_tokens as usize;
+        let total = new.request.input_ids.len() + new.request.max_new_tokens as usize;
+        if total > self.capacity_tokens() {
             new.output.fail(
                 GatewayError::invalid(
                     "parameters.max_tokens",
@@ -147,6 +212,16 @@ impl<O: SeqOutput> SchedulerState<O> {
             );
             return;
         }
+        if self.waiting.len() >= self.cfg.max_waiting {
+            new.output.fail(
+                GatewayError::ResourceExhausted(format!(
+                    "{} requests are already waiting (the queue's limit); try again later",
+                    self.waiting.len()
+                ))
+                .into(),
+            );
+            return;
+        }
         let id = self.next_seq;
         self.next_seq += 1;
         self.waiting.push_back(Seq {
@@ -154,11 +229,16 @@ impl<O: SeqOutput> SchedulerState<O> {
             req: new.request,
             output: new.output,
             arrived: new.arrived,
+            deadline: new.deadline,
             scheduled: None,
             first_token: None,
-            prefilled: 0,
             generated: Vec::new(),
-            blocks: 0,
+            computed: 0,
+            table: Vec::new(),
+            fresh: true,
+            prefix_checked: false,
+            in_flight: None,
+            doomed: None,
         });
     }
 
@@ -169,19 +249,17 @@ impl<O: SeqOutput> SchedulerState<O> {
 
     /// Publishes the counters.
     pub fn publish(&self) {
-        self.stats
-            .running
-            .store(self.running.len(), Ordering::Relaxed);
-        self.stats
-            .waiting
-            .store(self.waiting.len(), Ordering::Relaxed);
-        self.stats
-            .reserved_blocks
-            .store(self.cfg.kv_blocks - self.free_blocks, Ordering::Relaxed);
+        let s = &self.stats;
+        s.running.store(self.running.len(), Ordering::Relaxed);
+        s.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        s.used_blocks.store(self.blocks.held(), Ordering::Relaxed);
+        let p = self.blocks.stats();
+        s.prefix_queries.store(p.queries, Ordering::Relaxed);
+        s.prefix_hits.store(p.hits, Ordering::Relaxed);
     }
 
     pub fn is_idle(&self) -> bool {
-        !self.has_requests() && self.releases.is_empty()
+        !self.has_requests() && self.releases.is_empty() && self.in_flight.is_empty()
     }
 
     /// Whether any request waits or runs (as opposed to only releases left to send).
@@ -189,112 +267,271 @@ impl<O: SeqOutput> SchedulerState<O> {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
-    /// Drops sequences whose client has gone.
-    pub fn reap_disconnected(&mut self) {
-        self.waiting.retain(|s| !s.output.is_closed());
-        let gone: Vec<u64> = self
+    /// Steps in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Drops sequences whose client has gone, and ends those past their deadline (at the
+    /// end of their step in flight, if they are in one).
+    pub fn reap(&mut self, now: Instant) {
+        let expired = |d: Option<Instant>| d.is_some_and(|d| d <= now);
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for s in self.waiting.drain(..) {
+            if s.output.is_closed() {
+                self.blocks.release(&s.table);
+            } else if expired(s.deadline) {
+                self.blocks.release(&s.table);
+                s.output.fail(deadline_status());
+            } else {
+                kept.push_back(s);
+            }
+        }
+        self.waiting = kept;
+        let ids: Vec<(u64, Doom)> = self
             .running
             .iter()
-            .filter(|s| s.output.is_closed())
-            .map(|s| s.id)
+            .filter(|s| s.doomed.is_none())
+            .filter_map(|s| {
+                if s.output.is_closed() {
+                    Some((s.id, Doom::Gone))
+                } else if expired(s.deadline) {
+                    Some((s.id, Doom::Deadline))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for id in gone {
-            tracing::debug!(seq = id, "client left; cancelling");
-            self.remove(id);
+        for (id, doom) in ids {
+            self.doom(id, doom);
         }
     }
 
+    /// Ends a running sequence now, or when its step in flight completes.
+    fn doom(&mut self, id: u64, doom: Doom) {
+        let Some(s) = self.running.iter_mut().find(|s| s.id == id) else {
+            return;
+        };
+        if s.in_flight.is_some() {
+            s.doomed = Some(doom);
+            return;
+        }
+        if let Some(s) = self.remove(id) {
+            match doom {
+                Doom::Gone => tracing::debug!(seq = id, "client left; cancelling"),
+                Doom::Deadline => s.output.fail(deadline_status()),
+            }
+        }
+    }
+
+    /// The earliest deadline of a request that is not in a step in flight.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiting
+            .iter()
+            .chain(self.running.iter().filter(|s| s.doomed.is_none()))
+            .filter_map(|s| s.deadline)
+            .min()
+    }
+
+    /// Removes a running sequence (not in flight): its blocks go back, the workers forget it.
     fn remove(&mut self, id: u64) -> Option<Seq<O>> {
         let at = self.running.iter().position(|s| s.id == id)?;
         let s = self.running.remove(at);
-        self.free_blocks += s.blocks;
+        self.blocks.release(&s.table);
         self.releases.push(id);
         Some(s)
     }
 
-    /// Admits what fits and builds the next step; `None` when there is nothing to do.
-    pub fn next_step(&mut self) -> Option<StepFrame> {
-        while let Some(front) = self.waiting.front() {
-            let need = self.blocks_for(&front.req);
-            if self.running.len() >= self.cfg.max_running || need > self.free_blocks {
-                break;
+    /// Takes a running sequence's blocks back and queues it again at the front, to be
+    /// recomputed from the tokens it has.
+    fn preempt(&mut self, id: u64) {
+        let Some(at) = self.running.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let mut s = self.running.remove(at);
+        self.blocks.release(&s.table);
+        s.table.clear();
+        s.computed = 0;
+        s.fresh = true;
+        s.prefix_checked = false;
+        self.releases.push(id);
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(seq = id, tokens = s.len(), "preempted: KV cache full");
+        self.waiting.push_front(s);
+    }
+
+    /// Makes `n` more blocks available for sequence `keep` by preempting the newest
+    /// sequences not in flight, `keep` itself if it is the newest. Whether it succeeded.
+    fn make_room(&mut self, n: usize, keep: u64) -> bool {
+        while self.blocks.available() < n {
+            let victim = self
+                .running
+                .iter()
+                .filter(|s| s.in_flight.is_none() && s.doomed.is_none())
+                .map(|s| s.id)
+                .max();
+            match victim {
+                Some(v) => {
+                    self.preempt(v);
+                    if v == keep {
+                        return false;
+                    }
+                }
+                None => return false,
             }
-            let Some(mut s) = self.waiting.pop_front() else {
+        }
+        true
+    }
+
+    /// Admits waiting requests while there is room: a running slot, and KV blocks for their
+    /// whole prompt (beyond what the prefix cache already holds).
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(front) = self.waiting.front_mut() else {
                 break;
             };
-            s.blocks = need;
-            self.free_blocks -= need;
+            // Prefix caching: share the cached full blocks of its tokens (all but the last
+            // token, which must be computed for its logits).
+            if !front.prefix_checked && self.cfg.prefix_caching {
+                front.prefix_checked = true;
+                let tokens = front.tokens(0..front.len());
+                let max = (front.len() - 1) / self.blocks.block_size();
+                let shared = self.blocks.match_prefix(&tokens, max);
+                front.computed = shared.len() * self.blocks.block_size();
+                front.table = shared;
+            }
+            let need = self.blocks.blocks_for(front.len()) - front.table.len();
+            if need > self.blocks.available() {
+                break;
+            }
+            let Some(s) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats
+                .cached_tokens
+                .fetch_add(s.computed as u64, Ordering::Relaxed);
             self.running.push(s);
         }
+    }
+
+    /// Admits what fits and builds the next step from the sequences not in flight; `None`
+    /// when there is nothing to send.
+    pub fn next_step(&mut self) -> Option<StepFrame> {
+        self.admit();
+        let step_id = self.next_step;
         let mut budget = self.cfg.max_batch_tokens;
-        let mut seqs = Vec::new();
         let now = Instant::now();
-        // Decode tokens first: running sequences never starve behind long prompts.
-        for s in self
+        // Decode tokens first (oldest first): running sequences never starve behind long
+        // prompts. Then prompt chunks.
+        let mut order: Vec<(bool, u64)> = self
             .running
-            .iter_mut()
-            .filter(|s| s.prefilled == s.req.input_ids.len())
-        {
-            let Some(&last) = s.generated.last() else {
+            .iter()
+            .filter(|s| s.in_flight.is_none() && s.doomed.is_none())
+            .map(|s| (!s.decoding(), s.id))
+            .collect();
+        order.sort_unstable();
+        let mut seqs = Vec::new();
+        for (_, id) in order {
+            if budget == 0 {
+                break;
+            }
+            let Some(s) = self.running.iter().find(|s| s.id == id) else {
+                // Preempted to make room for an earlier one.
                 continue;
             };
-            if budget == 0 {
-                break;
+            let n = (s.len() - s.computed).min(budget);
+            let need = self
+                .blocks
+                .blocks_for(s.computed + n)
+                .saturating_sub(s.table.len());
+            if need > 0 && !self.make_room(need, id) {
+                continue;
             }
-            budget -= 1;
-            seqs.push(SeqStep {
-                seq_id: s.id,
-                pos0: s.position() as u32,
-                prompt_len: s.req.input_ids.len() as u32,
-                tokens: vec![last],
-                sample: true,
-                params: s.req.params,
-            });
-        }
-        for s in self
-            .running
-            .iter_mut()
-            .filter(|s| s.prefilled < s.req.input_ids.len())
-        {
-            if budget == 0 {
-                break;
+            let Some(s) = self.running.iter_mut().find(|s| s.id == id) else {
+                continue;
+            };
+            if need > 0 {
+                match self.blocks.allocate_n(need) {
+                    Some(more) => s.table.extend(more),
+                    None => continue,
+                }
             }
-            let left = s.req.input_ids.len() - s.prefilled;
-            let n = left.min(budget);
             budget -= n;
             s.scheduled.get_or_insert(now);
+            let pos0 = s.computed;
             seqs.push(SeqStep {
                 seq_id: s.id,
-                pos0: s.prefilled as u32,
+                pos0: pos0 as u32,
                 prompt_len: s.req.input_ids.len() as u32,
-                tokens: s.req.input_ids[s.prefilled..s.prefilled + n].to_vec(),
-                sample: n == left,
+                tokens: s.tokens(pos0..pos0 + n),
+                sample: pos0 + n == s.len(),
                 params: s.req.params,
+                blocks: s.table.clone(),
+                fresh: s.fresh,
+                history: if s.fresh {
+                    s.tokens(0..pos0)
+                } else {
+                    Vec::new()
+                },
             });
-            s.prefilled += n;
+            s.fresh = false;
+            s.computed += n;
+            s.in_flight = Some(step_id);
+            self.stats
+                .computed_tokens
+                .fetch_add(n as u64, Ordering::Relaxed);
         }
         if seqs.is_empty() && self.releases.is_empty() {
             return None;
         }
-        let step_id = self.next_step;
         self.next_step += 1;
+        let releases = std::mem::take(&mut self.releases);
+        self.in_flight.insert(
+            step_id,
+            (seqs.iter().map(|s| s.seq_id).collect(), releases.clone()),
+        );
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .max_step_seqs
+            .fetch_max(seqs.len(), Ordering::Relaxed);
+        self.stats
+            .max_in_flight
+            .fetch_max(self.in_flight.len(), Ordering::Relaxed);
         Some(StepFrame {
             step_id,
             stage: 0,
-            releases: std::mem::take(&mut self.releases),
+            releases,
             seqs,
             hidden: None,
         })
     }
 
-    /// Applies a step's samples: hands tokens to the outputs, finishes sequences.
+    /// Applies a completed step's samples: hands tokens to the outputs, finishes sequences,
+    /// shares the blocks they have filled.
     pub fn on_samples(&mut self, samples: SamplesFrame) {
+        let (ids, _) = self.complete(samples.step_id);
+        // The blocks this step filled can serve later prompts (before any of its sequences
+        // ends and lets them go).
+        if self.cfg.prefix_caching {
+            for s in self.running.iter().filter(|s| ids.contains(&s.id)) {
+                let full = s.computed / self.blocks.block_size() * self.blocks.block_size();
+                self.blocks
+                    .register_full(&s.table, &s.tokens(0..full.min(s.len())));
+            }
+        }
+        let now = Instant::now();
         for sample in samples.samples {
+            if !ids.contains(&sample.seq_id) {
+                tracing::warn!(
+                    seq = sample.seq_id,
+                    step = samples.step_id,
+                    "sample for a sequence not in its step"
+                );
+                continue;
+            }
             let Some(s) = self.running.iter_mut().find(|s| s.id == sample.seq_id) else {
-                tracing::warn!(seq = sample.seq_id, "sample for an unknown sequence");
                 continue;
             };
-            let now = Instant::now();
             s.first_token.get_or_insert(now);
             s.generated.push(sample.token);
             let index = s.generated.len() as u32 - 1;
@@ -328,15 +565,47 @@ impl<O: SeqOutput> SchedulerState<O> {
         }
     }
 
-    /// Releases to send again (a failed step may not have reached every stage; releasing twice
-    /// is harmless).
-    pub fn requeue_releases(&mut self, ids: Vec<u64>) {
-        self.releases.extend(ids);
+    /// Marks a step complete: its sequences leave flight (and those doomed meanwhile end).
+    /// Returns the ids it carried and the releases it sent.
+    fn complete(&mut self, step_id: u64) -> (Vec<u64>, Vec<u64>) {
+        let (ids, releases) = self.in_flight.remove(&step_id).unwrap_or_default();
+        let mut doomed = Vec::new();
+        for s in self.running.iter_mut().filter(|s| ids.contains(&s.id)) {
+            s.in_flight = None;
+            if let Some(d) = s.doomed.take() {
+                doomed.push((s.id, d));
+            }
+        }
+        for (id, d) in doomed {
+            self.doom(id, d);
+        }
+        (ids, releases)
     }
 
-    /// Ends every running sequence with an error (the pipeline failed under them); their KV is
-    /// released on the next step.
+    /// A step failed: its sequences end with the error (the others go on). Its releases are
+    /// sent again (a failed step may not have reached every stage; releasing twice is
+    /// harmless).
+    pub fn on_step_failed(&mut self, step_id: u64, err: &GatewayError) {
+        let (ids, releases) = self.complete(step_id);
+        self.releases.extend(releases);
+        for id in ids {
+            if let Some(s) = self.remove(id) {
+                s.output
+                    .fail(Status::from(GatewayError::Unavailable(err.to_string())));
+            }
+        }
+    }
+
+    /// Ends every running sequence with an error (the pipeline failed under them): those in
+    /// flight, and the others.
     pub fn fail_running(&mut self, err: &GatewayError) {
+        for (_, (_, releases)) in self.in_flight.drain() {
+            self.releases.extend(releases);
+        }
+        for s in &mut self.running {
+            s.in_flight = None;
+            s.doomed = None;
+        }
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         for id in ids {
             if let Some(s) = self.remove(id) {
@@ -347,9 +616,13 @@ impl<O: SeqOutput> SchedulerState<O> {
     }
 
     /// Ends everything (shutdown): running sequences finish as cancelled, waiting ones get an
-    /// error.
+    /// error. Steps in flight are abandoned.
     pub fn cancel_all(&mut self) {
         let now = Instant::now();
+        self.in_flight.clear();
+        for s in &mut self.running {
+            s.in_flight = None;
+        }
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         for id in ids {
             if let Some(s) = self.remove(id) {
@@ -358,8 +631,24 @@ impl<O: SeqOutput> SchedulerState<O> {
             }
         }
         for s in self.waiting.drain(..) {
+            self.blocks.release(&s.table);
             s.output
                 .fail(GatewayError::Cancelled("the server is shutting down".into()).into());
         }
     }
+
+    /// Checks the block accounting against the sequences' tables (tests).
+    pub fn check_blocks(&self) -> Result<(), String> {
+        let tables: Vec<&[u32]> = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .map(|s| s.table.as_slice())
+            .collect();
+        self.blocks.check(&tables)
+    }
+}
+
+fn deadline_status() -> Status {
+    GatewayError::DeadlineExceeded("the request's deadline passed before it finished".into()).into()
 }

@@ -68,6 +68,8 @@ pub(super) fn config(
         block_size: 16,
         max_batch_tokens,
         max_running,
+        max_waiting: 1024,
+        prefix_caching: false,
     }
 }
 
@@ -109,6 +111,7 @@ fn submit_stopping_at(
         request,
         output: TestOutput { tx, stop_at },
         arrived: Instant::now(),
+        deadline: None,
     });
     rx
 }
@@ -137,7 +140,8 @@ pub(super) fn feed<O: SeqOutput>(
     });
 }
 
-fn decode_step(seq_id: u64, pos0: u32, prompt_len: u32, token: u32) -> SeqStep {
+/// The step a decoding sequence takes (its block table as `blocks`).
+fn decode_step(seq_id: u64, pos0: u32, prompt_len: u32, token: u32, blocks: Vec<u32>) -> SeqStep {
     SeqStep {
         seq_id,
         pos0,
@@ -145,7 +149,16 @@ fn decode_step(seq_id: u64, pos0: u32, prompt_len: u32, token: u32) -> SeqStep {
         tokens: vec![token],
         sample: true,
         params: SamplingParams::default(),
+        blocks,
+        fresh: false,
+        history: vec![],
     }
+}
+
+/// Completes a step that carries no sequences (only releases).
+fn complete_empty<O: SeqOutput>(st: &mut SchedulerState<O>, step: &StepFrame) {
+    assert!(step.seqs.is_empty(), "{step:?}");
+    feed(st, step, vec![]);
 }
 
 /// What one output received.
@@ -204,7 +217,7 @@ fn prefill_then_decode_positions() {
     let input: Vec<u32> = (100..105).collect();
     let out = [500, 501, 502];
     let mut rx = submit(&mut st, prompt(&input, 3));
-    assert_eq!(st.free_blocks, 64, "blocks are reserved at admission");
+    assert_eq!(st.blocks.available(), 64, "no blocks before admission");
 
     let step = st.next_step().unwrap();
     assert_eq!(
@@ -220,17 +233,27 @@ fn prefill_then_decode_positions() {
                 tokens: input.clone(),
                 sample: true,
                 params: SamplingParams::default(),
+                blocks: vec![0],
+                fresh: true,
+                history: vec![],
             }],
             hidden: None,
         }
     );
-    assert_eq!(st.free_blocks, 63, "5 + 3 tokens take one 16-token block");
+    assert_eq!(
+        st.blocks.available(),
+        63,
+        "5 tokens take one 16-token block"
+    );
     feed(&mut st, &step, vec![sample(1, out[0])]);
     for i in 1..out.len() {
         let step = st.next_step().unwrap();
         assert_eq!(step.step_id, 1 + i as u64);
         assert!(step.releases.is_empty());
-        assert_eq!(step.seqs, vec![decode_step(1, 4 + i as u32, 5, out[i - 1])]);
+        assert_eq!(
+            step.seqs,
+            vec![decode_step(1, 4 + i as u32, 5, out[i - 1], vec![0])]
+        );
         feed(&mut st, &step, vec![sample(1, out[i])]);
     }
 
@@ -253,9 +276,11 @@ fn prefill_then_decode_positions() {
         (step.step_id, step.releases.clone(), step.seqs.len()),
         (4, vec![1], 0)
     );
-    assert_eq!(st.free_blocks, 64);
+    complete_empty(&mut st, &step);
+    assert_eq!(st.blocks.available(), 64);
     assert!(st.is_idle());
     assert!(st.next_step().is_none());
+    st.check_blocks().unwrap();
 }
 
 #[test]
@@ -282,13 +307,17 @@ fn long_prompts_are_chunked_behind_decode_tokens() {
         let step = st.next_step().unwrap();
         let a_tok = 500 + i as u32;
         assert_eq!(step.seqs.len(), 2, "{step:?}");
-        assert_eq!(step.seqs[0], decode_step(1, 3 + i as u32, 3, a_tok));
+        assert_eq!(
+            step.seqs[0],
+            decode_step(1, 3 + i as u32, 3, a_tok, vec![0])
+        );
         let b = &step.seqs[1];
         assert_eq!(
-            (b.seq_id, b.pos0 as usize, b.prompt_len, b.sample),
-            (2, pos0, 20, samples)
+            (b.seq_id, b.pos0 as usize, b.prompt_len, b.sample, b.fresh),
+            (2, pos0, 20, samples, i == 0)
         );
         assert_eq!(b.tokens, b_prompt[pos0..pos0 + n]);
+        assert_eq!(b.blocks, vec![1, 2][..(pos0 + n).div_ceil(16)]);
         assert!(step.seqs.iter().map(|s| s.tokens.len()).sum::<usize>() <= 8);
         let mut samples_out = vec![sample(1, a_tok + 1)];
         if samples {
@@ -300,11 +329,15 @@ fn long_prompts_are_chunked_behind_decode_tokens() {
     let step = st.next_step().unwrap();
     assert_eq!(
         step.seqs,
-        vec![decode_step(1, 6, 3, 503), decode_step(2, 20, 20, 600)]
+        vec![
+            decode_step(1, 6, 3, 503, vec![0]),
+            decode_step(2, 20, 20, 600, vec![1, 2])
+        ]
     );
     assert_eq!(drain(&mut rx_a).tokens.len(), 4);
     let b = drain(&mut rx_b);
     assert_eq!(b.ids(), vec![600], "B samples only after its last chunk");
+    st.check_blocks().unwrap();
 }
 
 #[test]
@@ -338,31 +371,49 @@ fn decode_tokens_fill_the_budget_before_prompt_chunks() {
 }
 
 #[test]
-fn admission_waits_for_kv_blocks_in_fifo_order() {
+fn admission_waits_for_the_prompts_blocks_in_fifo_order() {
     // 4 blocks of 16 tokens.
     let mut st = state(4, 64, 8);
-    let mut a = submit(&mut st, request(4, 40)); // 3 blocks
-    let mut b = submit(&mut st, request(4, 20)); // 2 blocks: does not fit next to A
+    let mut a = submit(&mut st, request(40, 20)); // 3 blocks of prompt
+    let mut b = submit(&mut st, request(20, 4)); // 2 blocks: do not fit next to A
     let mut c = submit(&mut st, request(4, 4)); // 1 block: would fit, but waits behind B
     let step = st.next_step().unwrap();
     assert_eq!(seq_ids(&step), vec![1]);
     assert_eq!(
-        (st.running.len(), st.waiting.len(), st.free_blocks),
+        (st.running.len(), st.waiting.len(), st.blocks.available()),
         (1, 2, 1)
     );
 
     // A ends with EOS; B and C are admitted once its blocks are back.
     feed(&mut st, &step, vec![sample(1, EOS)]);
     assert_eq!(drain(&mut a).reason(), FinishReason::Eos);
-    assert_eq!(st.free_blocks, 4);
+    assert_eq!(st.blocks.available(), 4);
     let step = st.next_step().unwrap();
     assert_eq!(step.releases, vec![1]);
     assert_eq!(seq_ids(&step), vec![2, 3]);
     assert_eq!(
-        (st.running.len(), st.waiting.len(), st.free_blocks),
+        (st.running.len(), st.waiting.len(), st.blocks.available()),
         (2, 0, 1)
     );
     assert!(drain(&mut b).tokens.is_empty() && drain(&mut c).tokens.is_empty());
+    st.check_blocks().unwrap();
+}
+
+#[test]
+fn a_sequence_takes_blocks_as_it_grows() {
+    let mut st = state(8, 64, 4);
+    let _rx = submit(&mut st, request(15, 20));
+    let mut step = st.next_step().unwrap();
+    assert_eq!(step.seqs[0].blocks, vec![0]);
+    // Position 15 is the last of block 0; position 16 needs block 1.
+    for (token, pos) in (500..).zip(15..18u32) {
+        feed(&mut st, &step, vec![sample(1, token)]);
+        step = st.next_step().unwrap();
+        assert_eq!(step.seqs[0].pos0, pos);
+        let want: Vec<u32> = if pos < 16 { vec![0] } else { vec![0, 1] };
+        assert_eq!(step.seqs[0].blocks, want, "position {pos}");
+    }
+    st.check_blocks().unwrap();
 }
 
 #[test]
@@ -390,6 +441,7 @@ fn admission_waits_for_a_running_slot() {
         vec![4, 3],
         "released in the order they finished"
     );
+    complete_empty(&mut st, &step);
     assert!(st.next_step().is_none());
     // Ids keep increasing.
     let _rx = submit(&mut st, request(3, 1));
@@ -437,6 +489,7 @@ fn a_stop_sequence_ends_the_sequence_and_frees_its_blocks() {
     while let Some(step) = st.next_step() {
         if step.seqs.is_empty() {
             assert_eq!(step.releases, vec![1]);
+            complete_empty(&mut st, &step);
             break;
         }
         feed(&mut st, &step, vec![sample(1, 500 + fed)]);
@@ -447,7 +500,7 @@ fn a_stop_sequence_ends_the_sequence_and_frees_its_blocks() {
     assert_eq!(r.reason(), FinishReason::Stop);
     assert_eq!(r.end().stop_sequence, "<stop>");
     assert_eq!(r.usage(), (5, 4));
-    assert_eq!(st.free_blocks, 64);
+    assert_eq!(st.blocks.available(), 64);
     assert!(st.is_idle());
 }
 
@@ -462,14 +515,14 @@ fn a_gone_client_is_cancelled_and_released() {
     st.cfg.max_running = 2;
     drop(a);
     drop(c);
-    st.reap_disconnected();
+    st.reap(Instant::now());
     assert_eq!(
-        (st.running.len(), st.waiting.len(), st.free_blocks),
+        (st.running.len(), st.waiting.len(), st.blocks.available()),
         (1, 0, 63)
     );
     let step = st.next_step().unwrap();
     assert_eq!(step.releases, vec![1]);
-    assert_eq!(step.seqs, vec![decode_step(2, 4, 4, 500)]);
+    assert_eq!(step.seqs, vec![decode_step(2, 4, 4, 500, vec![1])]);
     // A client that goes away between steps: its next token cannot be sent.
     feed(&mut st, &step, vec![sample(2, 501)]);
     assert_eq!(drain(&mut b).tokens.len(), 2);
@@ -477,9 +530,28 @@ fn a_gone_client_is_cancelled_and_released() {
     let step = st.next_step().unwrap();
     feed(&mut st, &step, vec![sample(2, 502)]);
     assert!(st.running.is_empty());
-    assert_eq!(st.next_step().unwrap().releases, vec![2]);
+    let step = st.next_step().unwrap();
+    assert_eq!(step.releases, vec![2]);
+    complete_empty(&mut st, &step);
     assert!(st.is_idle());
-    assert_eq!(st.free_blocks, 64);
+    assert_eq!(st.blocks.available(), 64);
+}
+
+#[test]
+fn a_client_leaving_mid_step_is_released_when_the_step_completes() {
+    let mut st = state(64, 64, 4);
+    let a = submit(&mut st, request(4, 10));
+    let step = st.next_step().unwrap();
+    drop(a);
+    st.reap(Instant::now());
+    assert_eq!(st.running.len(), 1, "its step is still in flight");
+    feed(&mut st, &step, vec![sample(1, 500)]);
+    assert!(st.running.is_empty());
+    let step = st.next_step().unwrap();
+    assert_eq!(step.releases, vec![1]);
+    complete_empty(&mut st, &step);
+    assert_eq!(st.blocks.available(), 64);
+    st.check_blocks().unwrap();
 }
 
 #[test]
@@ -502,7 +574,199 @@ fn a_request_larger_than_the_kv_cache_is_refused_at_once() {
     let _rx = submit(&mut st, request(10, 22));
     let step = st.next_step().unwrap();
     assert_eq!(step.seqs[0].seq_id, 1);
-    assert_eq!(st.free_blocks, 0);
+    assert_eq!(st.blocks.available(), 1, "the prompt's one block");
+}
+
+#[test]
+fn a_full_queue_refuses_more_requests() {
+    let mut st = state(64, 64, 1);
+    st.cfg.max_waiting = 2;
+    let _a = submit(&mut st, request(4, 4));
+    let _b = submit(&mut st, request(4, 4));
+    let mut c = submit(&mut st, request(4, 4));
+    let e = drain(&mut c).error.unwrap();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("2 requests are already waiting"),
+        "{e:?}"
+    );
+    // Admission makes room in the queue.
+    let _step = st.next_step().unwrap();
+    let mut d = submit(&mut st, request(4, 4));
+    assert!(drain(&mut d).error.is_none());
+}
+
+#[test]
+fn a_deadline_ends_a_request_waiting_or_running() {
+    let mut st = state(64, 64, 1);
+    let past = Instant::now();
+    let (tx_a, mut a) = mpsc::unbounded_channel();
+    st.enqueue(NewRequest {
+        request: request(4, 10),
+        output: TestOutput {
+            tx: tx_a,
+            stop_at: None,
+        },
+        arrived: past,
+        deadline: Some(past + std::time::Duration::from_secs(3600)),
+    });
+    let (tx_b, mut b) = mpsc::unbounded_channel();
+    st.enqueue(NewRequest {
+        request: request(4, 10),
+        output: TestOutput {
+            tx: tx_b,
+            stop_at: None,
+        },
+        arrived: past,
+        deadline: Some(past),
+    });
+    let step = st.next_step().unwrap();
+    assert_eq!(seq_ids(&step), vec![1]);
+    // B waits past its deadline; A runs, and its deadline passes while its step is in flight.
+    let later = past + std::time::Duration::from_secs(7200);
+    st.reap(later);
+    let e = drain(&mut b).error.unwrap();
+    assert_eq!(e.code(), Code::DeadlineExceeded);
+    assert!(
+        drain(&mut a).error.is_none(),
+        "not while its step is in flight"
+    );
+    // Its step completes: it ends there (its caller has stopped listening).
+    feed(&mut st, &step, vec![sample(1, 500)]);
+    let r = drain(&mut a);
+    assert!(r.ids().is_empty());
+    assert_eq!(r.error.unwrap().code(), Code::DeadlineExceeded);
+    let step = st.next_step().unwrap();
+    assert_eq!(step.releases, vec![1]);
+    complete_empty(&mut st, &step);
+    assert!(st.is_idle());
+    assert_eq!(st.blocks.available(), 64);
+}
+
+#[test]
+fn steps_in_flight_carry_disjoint_sequences() {
+    let mut st = state(64, 64, 4);
+    let _a = submit(&mut st, request(4, 10));
+    let first = st.next_step().unwrap();
+    let _b = submit(&mut st, request(4, 10));
+    let second = st.next_step().unwrap();
+    assert_eq!((seq_ids(&first), seq_ids(&second)), (vec![1], vec![2]));
+    assert_eq!(st.in_flight(), 2);
+    assert!(st.next_step().is_none(), "both sequences are in flight");
+    // They complete in any order.
+    feed(&mut st, &second, vec![sample(2, 700)]);
+    let third = st.next_step().unwrap();
+    assert_eq!(third.seqs, vec![decode_step(2, 4, 4, 700, vec![1])]);
+    feed(&mut st, &first, vec![sample(1, 500)]);
+    let fourth = st.next_step().unwrap();
+    assert_eq!(fourth.seqs, vec![decode_step(1, 4, 4, 500, vec![0])]);
+    assert_eq!(st.stats().max_in_flight.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn the_newest_sequence_is_preempted_and_recomputed_when_blocks_run_out() {
+    // 3 blocks of 16 tokens: A and B take one block each for their prompts, then grow.
+    let mut st = state(3, 64, 4);
+    let mut a = submit(&mut st, request(16, 20));
+    let mut b = submit(&mut st, request(16, 20));
+    let step = st.next_step().unwrap();
+    assert_eq!(seq_ids(&step), vec![1, 2]);
+    feed(&mut st, &step, vec![sample(1, 500), sample(2, 700)]);
+    // A's next token needs a second block (the last free one); B's too: B, the newest, is
+    // preempted, and comes back with its prompt and its token, to be recomputed.
+    let step = st.next_step().unwrap();
+    assert_eq!(step.seqs, vec![decode_step(1, 16, 16, 500, vec![0, 2])]);
+    assert_eq!(step.releases, vec![2], "the workers forget B");
+    assert_eq!(st.stats().preemptions.load(Ordering::Relaxed), 1);
+    assert_eq!(st.waiting.front().map(|s| s.id), Some(2));
+    st.check_blocks().unwrap();
+    // A runs to the end; then B is recomputed, fresh, from position 0 with all 17 tokens.
+    let mut token = 501;
+    let mut step = step;
+    loop {
+        feed(&mut st, &step, vec![sample(1, token)]);
+        token += 1;
+        step = st.next_step().unwrap();
+        if step.seqs.iter().any(|s| s.seq_id == 2) {
+            break;
+        }
+    }
+    let r = drain(&mut a);
+    assert_eq!(r.ids().len(), 20);
+    let b_step = step.seqs.iter().find(|s| s.seq_id == 2).unwrap();
+    let mut want: Vec<u32> = (100..116).collect();
+    want.push(700);
+    assert_eq!(
+        (
+            b_step.pos0,
+            b_step.tokens.clone(),
+            b_step.sample,
+            b_step.fresh
+        ),
+        (0, want, true, true)
+    );
+    feed(&mut st, &step, vec![sample(2, 701)]);
+    let r = drain(&mut b);
+    assert_eq!(
+        r.ids(),
+        vec![700, 701],
+        "its output goes on where it stopped"
+    );
+    st.check_blocks().unwrap();
+}
+
+#[test]
+fn a_shared_prefix_is_not_computed_twice() {
+    let mut st = state(64, 256, 4);
+    st.cfg.prefix_caching = true;
+    let system: Vec<u32> = (1000..1040).collect(); // 2 full blocks and 8 tokens
+    let mut first = system.clone();
+    first.extend([1, 2, 3]);
+    let _a = submit(&mut st, prompt(&first, 1));
+    let step = st.next_step().unwrap();
+    assert_eq!(step.seqs[0].tokens.len(), 43);
+    feed(&mut st, &step, vec![sample(1, 500)]);
+    // A finished: its two full prompt blocks stay cached.
+    let step = st.next_step().unwrap();
+    complete_empty(&mut st, &step);
+    let mut second = system.clone();
+    second.extend([7, 8]);
+    let mut b = submit(&mut st, prompt(&second, 1));
+    let step = st.next_step().unwrap();
+    let s = &step.seqs[0];
+    assert_eq!(
+        (s.pos0, s.tokens.len(), s.fresh, s.history.clone()),
+        (32, 10, true, system[..32].to_vec())
+    );
+    assert_eq!(s.blocks[..2], [0, 1], "A's blocks, shared");
+    let stats = st.stats();
+    st.publish();
+    assert_eq!(stats.cached_tokens.load(Ordering::Relaxed), 32);
+    assert_eq!(stats.prefix_hits.load(Ordering::Relaxed), 2);
+    feed(&mut st, &step, vec![sample(2, 600)]);
+    assert_eq!(drain(&mut b).ids(), vec![600]);
+    st.check_blocks().unwrap();
+}
+
+#[test]
+fn a_failed_step_fails_only_its_sequences() {
+    let mut st = state(64, 64, 4);
+    let mut a = submit(&mut st, request(4, 10));
+    let first = st.next_step().unwrap();
+    let mut b = submit(&mut st, request(4, 10));
+    let second = st.next_step().unwrap();
+    st.on_step_failed(
+        first.step_id,
+        &GatewayError::Unavailable("stage 1 failed step 1".into()),
+    );
+    assert_eq!(drain(&mut a).error.unwrap().code(), Code::Unavailable);
+    feed(&mut st, &second, vec![sample(2, 700)]);
+    let r = drain(&mut b);
+    assert!(r.error.is_none());
+    assert_eq!(r.ids(), vec![700]);
+    let step = st.next_step().unwrap();
+    assert_eq!(step.releases, vec![1]);
+    st.check_blocks().unwrap();
 }
 
 #[test]
@@ -544,13 +808,14 @@ fn cancel_all_finishes_running_and_refuses_waiting() {
     assert!(r.tokens.is_empty() && r.end.is_none());
     assert_eq!(r.error.unwrap().code(), Code::Cancelled);
     let step = st.next_step().unwrap();
-    assert_eq!((step.releases, step.seqs.len()), (vec![1], 0));
+    assert_eq!((step.releases.clone(), step.seqs.len()), (vec![1], 0));
+    complete_empty(&mut st, &step);
     assert!(st.is_idle());
-    assert_eq!(st.free_blocks, 64);
+    assert_eq!(st.blocks.available(), 64);
 }
 
 #[test]
-fn samples_for_unknown_sequences_are_ignored() {
+fn samples_for_sequences_not_in_the_step_are_ignored() {
     let mut st = state(64, 64, 4);
     let mut rx = submit(&mut st, request(3, 2));
     let step = st.next_step().unwrap();
@@ -562,15 +827,31 @@ fn samples_for_unknown_sequences_are_ignored() {
 /// A ring that is broken for good: every step fails at once.
 struct BrokenRing {
     steps: Arc<AtomicUsize>,
+    failed: Vec<u64>,
 }
 
 impl crate::pipeline::Pipeline for BrokenRing {
-    async fn step(&mut self, _step: StepFrame) -> Result<SamplesFrame, GatewayError> {
+    fn depth(&self) -> usize {
+        2
+    }
+
+    async fn submit(&mut self, step: StepFrame) -> Result<(), GatewayError> {
         self.steps.fetch_add(1, Ordering::SeqCst);
+        self.failed.push(step.step_id);
+        Ok(())
+    }
+
+    async fn next_completion(&mut self) -> crate::pipeline::Completion {
         tokio::task::yield_now().await;
-        Err(GatewayError::Unavailable(
-            "the worker for cpu[1] exited".into(),
-        ))
+        match self.failed.pop() {
+            Some(step_id) => crate::pipeline::Completion {
+                step_id,
+                result: Err(GatewayError::Unavailable(
+                    "the worker for cpu[1] exited".into(),
+                )),
+            },
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -580,11 +861,15 @@ async fn a_broken_ring_fails_requests_without_spinning_on_releases() {
     let (_stop_tx, stop_rx) = watch::channel(false);
     let pipeline = BrokenRing {
         steps: Arc::clone(&steps),
+        failed: Vec::new(),
     };
     let (scheduler, task) = Scheduler::spawn(pipeline, state(64, 64, 4), stop_rx);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let output = |tx| TestOutput { tx, stop_at: None };
-    scheduler.submit(request(3, 4), output(tx)).await.unwrap();
+    scheduler
+        .submit(request(3, 4), output(tx), None)
+        .await
+        .unwrap();
     let Some(Event::Fail(err)) = rx.recv().await else {
         panic!("the request should fail")
     };
@@ -597,7 +882,10 @@ async fn a_broken_ring_fails_requests_without_spinning_on_releases() {
     assert!(n <= 2, "{n} steps in 300 ms");
     // A new request still gets its answer at once.
     let (tx, mut rx) = mpsc::unbounded_channel();
-    scheduler.submit(request(3, 4), output(tx)).await.unwrap();
+    scheduler
+        .submit(request(3, 4), output(tx), None)
+        .await
+        .unwrap();
     assert!(matches!(rx.recv().await, Some(Event::Fail(_))));
     drop(scheduler);
     task.await.unwrap();

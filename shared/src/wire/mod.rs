@@ -25,7 +25,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"STRF";
 /// Wire version; a peer with another version is refused.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Prelude length in bytes.
 pub const PRELUDE_LEN: usize = 24;
 /// Tokens per KV cache block. The gateway reserves and the stages allocate in these blocks, so
@@ -245,6 +245,17 @@ wire_struct! {
         /// Whether the last stage samples a token after this chunk.
         pub sample: bool,
         pub params: SamplingParams,
+        /// The sequence's KV blocks (the gateway owns them): position `p` lives in
+        /// `blocks[p / KV_BLOCK_SIZE]`. Covers at least `pos0 + tokens.len()` positions.
+        /// Empty when a single-process engine allocates for its caller.
+        pub blocks: Vec<u32>,
+        /// The first step of the sequence on the workers (after admission or a preemption):
+        /// stages forget anything they held for its id, and the last stage starts its sampler
+        /// from `history`.
+        pub fresh: bool,
+        /// On a fresh step, the tokens before `pos0` (a cached prefix, or what a recomputed
+        /// sequence had), for the sampler's penalties; empty otherwise.
+        pub history: Vec<u32>,
     }
 }
 

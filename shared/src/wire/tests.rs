@@ -33,6 +33,9 @@ fn frames_round_trip() {
                 top_logprobs: 3,
                 ..Default::default()
             },
+            blocks: vec![4, 0, 9],
+            fresh: true,
+            history: vec![5, 6, 7, 8, 9],
         }],
         hidden: Some(Activations {
             dtype: ActDType::F32,
