@@ -24,15 +24,6 @@ struct Block {
     released_at: Option<u64>,
 }
 
-/// Counters of the prefix cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PrefixStats {
-    /// Full prompt blocks looked up.
-    pub queries: u64,
-    /// Of those, found cached.
-    pub hits: u64,
-}
-
 /// The gateway's view of every stage's KV pool.
 #[derive(Debug)]
 pub struct BlockManager {
@@ -45,7 +36,6 @@ pub struct BlockManager {
     /// Registered blocks by prefix hash.
     by_hash: HashMap<u64, u32>,
     clock: u64,
-    stats: PrefixStats,
 }
 
 /// The hash of a full block of `tokens` following the prefix hashed `parent`.
@@ -65,7 +55,6 @@ impl BlockManager {
             evictable: BTreeMap::new(),
             by_hash: HashMap::new(),
             clock: 0,
-            stats: PrefixStats::default(),
         }
     }
 
@@ -90,10 +79,6 @@ impl BlockManager {
     /// Blocks holding cached prefixes that no sequence holds.
     pub fn cached_unheld(&self) -> usize {
         self.evictable.len()
-    }
-
-    pub fn stats(&self) -> PrefixStats {
-        self.stats
     }
 
     /// Blocks needed for `tokens` positions.
@@ -129,12 +114,11 @@ impl BlockManager {
     }
 
     /// The cached blocks that hold the longest prefix of `tokens` made of full blocks, at most
-    /// `max_blocks` of them, each now held once more. Counts the lookup in the statistics.
+    /// `max_blocks` of them, each now held once more.
     pub fn match_prefix(&mut self, tokens: &[u32], max_blocks: usize) -> Vec<u32> {
         let mut out = Vec::new();
         let mut parent = 0u64;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
-            self.stats.queries += 1;
             let hash = chain_hash(parent, chunk);
             let Some(&id) = self.by_hash.get(&hash) else {
                 break;
@@ -143,7 +127,6 @@ impl BlockManager {
             if b.cached.as_ref().is_none_or(|(_, t)| t.as_slice() != chunk) {
                 break;
             }
-            self.stats.hits += 1;
             if b.refs == 0
                 && let Some(at) = b.released_at.take()
             {
@@ -268,13 +251,6 @@ mod tests {
         other.extend([7, 7, 7]);
         let shared = m.match_prefix(&other, 2);
         assert_eq!(shared, a[..2]);
-        assert_eq!(
-            m.stats(),
-            PrefixStats {
-                queries: 2,
-                hits: 2
-            }
-        );
         m.check(&[&a, &shared]).unwrap();
         // The first holder goes; the shared blocks stay held by the second.
         m.release(&a);

@@ -253,9 +253,6 @@ impl<O: SeqOutput> SchedulerState<O> {
         s.running.store(self.running.len(), Ordering::Relaxed);
         s.waiting.store(self.waiting.len(), Ordering::Relaxed);
         s.used_blocks.store(self.blocks.held(), Ordering::Relaxed);
-        let p = self.blocks.stats();
-        s.prefix_queries.store(p.queries, Ordering::Relaxed);
-        s.prefix_hits.store(p.hits, Ordering::Relaxed);
     }
 
     pub fn is_idle(&self) -> bool {
@@ -392,21 +389,35 @@ impl<O: SeqOutput> SchedulerState<O> {
             };
             // Prefix caching: share the cached full blocks of its tokens (all but the last
             // token, which must be computed for its logits).
+            let mut looked_up = 0;
             if !front.prefix_checked && self.cfg.prefix_caching {
                 front.prefix_checked = true;
                 let tokens = front.tokens(0..front.len());
-                let max = (front.len() - 1) / self.blocks.block_size();
-                let shared = self.blocks.match_prefix(&tokens, max);
+                looked_up = (front.len() - 1) / self.blocks.block_size();
+                let shared = self.blocks.match_prefix(&tokens, looked_up);
                 front.computed = shared.len() * self.blocks.block_size();
                 front.table = shared;
             }
             let need = self.blocks.blocks_for(front.len()) - front.table.len();
             if need > self.blocks.available() {
+                // It waits holding nothing: shared blocks held by waiting requests could
+                // starve everyone. The next attempt looks again.
+                let table = std::mem::take(&mut front.table);
+                front.computed = 0;
+                front.prefix_checked = false;
+                self.blocks.release(&table);
                 break;
             }
             let Some(s) = self.waiting.pop_front() else {
                 break;
             };
+            let hits = s.table.len() as u64;
+            self.stats
+                .prefix_queries
+                .fetch_add(looked_up as u64, Ordering::Relaxed);
+            self.stats
+                .prefix_hits
+                .fetch_add(if looked_up > 0 { hits } else { 0 }, Ordering::Relaxed);
             self.stats
                 .cached_tokens
                 .fetch_add(s.computed as u64, Ordering::Relaxed);
