@@ -60,9 +60,11 @@ pub enum Command {
     /// Perplexity of a model and topology over a text file.
     Perplexity(PerplexityArgs),
     /// Single-process speed and memory figures.
-    Bench(BenchArgs),
+    Bench(crate::bench::BenchArgs),
     /// Single-stream figures of a running service, measured from a gRPC client.
-    BenchServe(BenchServeArgs),
+    BenchServe(crate::bench::BenchServeArgs),
+    /// Many concurrent streams against a running service: aggregate tokens/s and latencies.
+    Load(crate::load::LoadArgs),
     /// Fetch the default model into the cache (idempotent) and print its path.
     FetchModel,
 }
@@ -143,43 +145,6 @@ pub struct PerplexityArgs {
     pub json: bool,
 }
 
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Prompt tokens to prefill.
-    #[arg(long, default_value_t = 128)]
-    pub prompt_tokens: usize,
-    /// Tokens to decode.
-    #[arg(long, default_value_t = 128)]
-    pub gen_tokens: usize,
-    /// Repetitions (the best is reported, as llama-bench does with its mean).
-    #[arg(long, default_value_t = 3)]
-    pub reps: usize,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args)]
-pub struct BenchServeArgs {
-    /// The gateway's gRPC address.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub addr: String,
-    /// Prompt tokens.
-    #[arg(long, default_value_t = 128)]
-    pub prompt_tokens: usize,
-    /// Tokens to generate.
-    #[arg(long, default_value_t = 128)]
-    pub gen_tokens: u32,
-    /// Repetitions after one untimed warm-up; the best is reported.
-    #[arg(long, default_value_t = 5)]
-    pub reps: usize,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
 pub fn run(cli: Cli) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
@@ -191,8 +156,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plan(a) => plan(a),
         Command::Generate(a) => rt.block_on(generate(a)),
         Command::Perplexity(a) => perplexity(a),
-        Command::Bench(a) => bench(a),
-        Command::BenchServe(a) => rt.block_on(bench_serve(a)),
+        Command::Bench(a) => crate::bench::bench(a),
+        Command::BenchServe(a) => rt.block_on(crate::bench::bench_serve(a)),
+        Command::Load(a) => rt.block_on(crate::load::load(a)),
         Command::FetchModel => {
             let path = strata_shared::source::fetch_default_model()?;
             let mut out = std::io::stdout().lock();
@@ -252,7 +218,7 @@ fn plan(a: PlanArgs) -> Result<()> {
 
 /// Loads every stage of the plan in this process, with a progress bar on a terminal and log
 /// lines otherwise.
-fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) -> Result<Engine> {
+pub(crate) fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) -> Result<Engine> {
     r.check_runnable()?;
     r.log_plan_notes(isq);
     let started = Instant::now();
@@ -427,203 +393,7 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(a: BenchArgs) -> Result<()> {
-    let t0 = Instant::now();
-    let r = strata_gateway::server::resolve(&a.model.choice())?;
-    let kv = a.prompt_tokens + a.gen_tokens + KV_BLOCK_SIZE;
-    let mut engine = load_engine(&r, a.model.isq, kv)?;
-    let load_seconds = t0.elapsed().as_secs_f64();
-    let rss_after_load = strata_worker::memory::rss();
-    let seed_text = "The history of computing is a story of layers, from machines programmed by rewiring panels to compilers, operating systems and networks. ";
-    let mut prompt = Vec::new();
-    while prompt.len() < a.prompt_tokens {
-        prompt.extend(r.tokenizer.encode(seed_text, false)?);
-    }
-    prompt.truncate(a.prompt_tokens);
-    let (mut best_prefill, mut best_decode) = (0f64, 0f64);
-    // One untimed round warms the thread pools and caches.
-    for rep in 0..=a.reps.max(1) {
-        let seq = rep as u64 + 1;
-        let step = |pos0: usize, tokens: Vec<u32>| strata_shared::wire::StepFrame {
-            step_id: 0,
-            stage: 0,
-            releases: vec![],
-            seqs: vec![strata_shared::wire::SeqStep {
-                seq_id: seq,
-                pos0: pos0 as u32,
-                prompt_len: prompt.len() as u32,
-                tokens,
-                sample: true,
-                params: Default::default(),
-                // The engine allocates the blocks.
-                blocks: vec![],
-                fresh: pos0 == 0,
-                history: vec![],
-            }],
-            hidden: None,
-        };
-        let t = Instant::now();
-        let s = engine.step(step(0, prompt.clone()))?;
-        let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
-        let mut tok = s.samples.first().map(|x| x.token).unwrap_or(0);
-        let t = Instant::now();
-        for i in 0..a.gen_tokens {
-            let s = engine.step(step(prompt.len() + i, vec![tok]))?;
-            tok = s.samples.first().map(|x| x.token).unwrap_or(0);
-        }
-        let decode = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
-        engine.release(seq);
-        if rep > 0 {
-            best_prefill = best_prefill.max(prefill);
-            best_decode = best_decode.max(decode);
-        }
-    }
-    let rss = strata_worker::memory::rss();
-    let mut out = std::io::stdout().lock();
-    let threads = rayon_threads();
-    if a.json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"model": a.model.model, "topology": a.model.topology, "isq": a.model.isq.map(|q| q.to_string()),
-                "dtype": a.model.dtype.map(|d| d.name()), "threads": threads, "prompt_tokens": a.prompt_tokens,
-                "gen_tokens": a.gen_tokens, "prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode,
-                "load_seconds": load_seconds, "weight_bytes": engine.weight_bytes(),
-                "rss_after_load_bytes": rss_after_load.current, "peak_rss_bytes": rss.peak,
-                "cpu_kernels": strata_worker::cpu_features()})
-        )?;
-    } else {
-        writeln!(
-            out,
-            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens), best of {}; load {:.2} s; weights {:.1} MiB; peak RSS {:.1} MiB; threads {threads}",
-            best_prefill,
-            a.prompt_tokens,
-            best_decode,
-            a.gen_tokens,
-            a.reps,
-            load_seconds,
-            engine.weight_bytes() as f64 / 1048576.0,
-            rss.peak as f64 / 1048576.0
-        )?;
-    }
-    Ok(())
-}
-
-async fn bench_serve(a: BenchServeArgs) -> Result<()> {
-    use strata_proto::v1::strata_client::StrataClient;
-    use strata_proto::v1::{ModelInfoRequest, TokenIds, TokenizeRequest};
-    let mut client = StrataClient::connect(format!("http://{}", a.addr))
-        .await
-        .with_context(|| format!("connecting to {}", a.addr))?;
-    let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
-    let seed_text = "The history of computing is a story of layers, from machines programmed by rewiring panels to compilers, operating systems and networks. ";
-    let seed = client
-        .tokenize(TokenizeRequest {
-            text: seed_text.into(),
-            add_special_tokens: false,
-        })
-        .await?
-        .into_inner()
-        .ids;
-    let prompt: Vec<u32> = seed.iter().cycle().take(a.prompt_tokens).copied().collect();
-    let (mut best_ttft, mut best_decode) = (f64::INFINITY, 0f64);
-    for rep in 0..=a.reps.max(1) {
-        let req = GenerateRequest {
-            input: Some(generate_request::Input::TokenIds(TokenIds {
-                ids: prompt.clone(),
-            })),
-            parameters: Some(SamplingParameters {
-                max_tokens: Some(a.gen_tokens),
-                temperature: Some(0.0),
-                ignore_eos: true,
-                ..Default::default()
-            }),
-            add_special_tokens: false,
-        };
-        let start = Instant::now();
-        let mut stream = client.generate(req).await?.into_inner();
-        let (mut first, mut last, mut n) = (None, start, 0u32);
-        while let Some(msg) = stream.message().await? {
-            if let Some(generate_response::Event::Token(_)) = msg.event {
-                last = Instant::now();
-                first.get_or_insert(last);
-                n += 1;
-            }
-        }
-        let first = first.context("no tokens came back")?;
-        if rep == 0 {
-            continue;
-        }
-        best_ttft = best_ttft.min(first.duration_since(start).as_secs_f64() * 1e3);
-        if n > 1 {
-            best_decode =
-                best_decode.max((n - 1) as f64 / last.duration_since(first).as_secs_f64());
-        }
-    }
-    // Bytes one decode step of one sequence sends over each hop, from the frame encoder itself.
-    let step = |hidden: Option<strata_shared::wire::Activations>| {
-        strata_shared::wire::Frame::Step(strata_shared::wire::StepFrame {
-            step_id: 1,
-            stage: 1,
-            releases: vec![],
-            seqs: vec![strata_shared::wire::SeqStep {
-                seq_id: 1,
-                pos0: prompt.len() as u32,
-                prompt_len: prompt.len() as u32,
-                tokens: vec![0],
-                sample: true,
-                params: Default::default(),
-                // A block table as long as the gateway would send.
-                blocks: (0..(prompt.len() + 1).div_ceil(KV_BLOCK_SIZE) as u32).collect(),
-                fresh: false,
-                history: vec![],
-            }],
-            hidden,
-        })
-    };
-    let frame_len = |f: strata_shared::wire::Frame| f.to_bytes().map_or(0, |b| b.len());
-    let activations = strata_shared::wire::Activations {
-        dtype: strata_shared::wire::ActDType::F32,
-        rows: 1,
-        cols: info.hidden_size,
-        data: vec![0u8; info.hidden_size as usize * 4].into(),
-    };
-    let into_first = frame_len(step(None));
-    let between = frame_len(step(Some(activations)));
-    let back = frame_len(strata_shared::wire::Frame::Samples(
-        strata_shared::wire::SamplesFrame {
-            step_id: 1,
-            samples: vec![strata_shared::wire::Sample {
-                seq_id: 1,
-                token: 0,
-                logprob: 0.0,
-                top: vec![],
-            }],
-        },
-    ));
-    let mut out = std::io::stdout().lock();
-    let workers = info.workers.len();
-    let stages = info.route.len();
-    if a.json {
-        writeln!(
-            out,
-            "{}",
-            serde_json::json!({"workers": workers, "stages": stages, "prompt_tokens": a.prompt_tokens,
-                "gen_tokens": a.gen_tokens, "ttft_ms": best_ttft, "decode_tokens_per_s": best_decode,
-                "bytes_per_token_into_first_stage": into_first, "bytes_per_token_between_stages": between,
-                "bytes_per_token_back_to_gateway": back})
-        )?;
-    } else {
-        writeln!(
-            out,
-            "{workers} workers, {stages} stages: time to first token {best_ttft:.1} ms ({} prompt tokens), decode {best_decode:.1} tok/s ({} tokens), best of {}; bytes per token per hop: {into_first} into the first stage, {between} between stages, {back} back to the gateway",
-            a.prompt_tokens, a.gen_tokens, a.reps
-        )?;
-    }
-    Ok(())
-}
-
 /// Compute threads of this process.
-fn rayon_threads() -> String {
+pub(crate) fn rayon_threads() -> String {
     std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "one per core".into())
 }

@@ -8,7 +8,9 @@
 //! This binary is the composition root: it links the gateway and the worker libraries, which
 //! never depend on each other.
 
+mod bench;
 mod commands;
+mod load;
 mod local;
 
 use clap::Parser;
@@ -24,6 +26,11 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Settings the workers read from the environment, checked before anything starts.
+    if let Err(e) = strata_worker::ActivationPolicy::from_env() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     match commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

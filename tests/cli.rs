@@ -72,6 +72,25 @@ fn bad_topology_files_fail_with_file_line_and_key_before_anything_starts() {
 }
 
 #[test]
+fn an_invalid_activation_setting_fails_before_anything_starts() {
+    let out = Command::new(strata())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("STRATA_ACTIVATIONS", "int4")
+        .output()
+        .expect("run strata");
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("STRATA_ACTIVATIONS is `int4`; it must be `int8x2`"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty() && !err.contains("worker started"),
+        "{err}"
+    );
+}
+
+#[test]
 fn plan_prints_each_tensor_with_its_type_device_and_fallback() {
     let (_dir, path) =
         topology_file("0-15:\n  device: cpu[0]\n  isq: Q4K\n15-30:\n  device: cpu[1]\n");

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
+use crate::math;
 use crate::matrix::check_len;
 
 /// Shape of one layer's attention.
@@ -447,13 +448,15 @@ impl PagedAttention<'_> {
                 if run_max > *max {
                     // Rescale what has been accumulated so far to the new maximum (a no-op on
                     // the first run, where the factor is exp(−∞) = 0 and all is still 0).
-                    let rescale = (*max - run_max).exp();
+                    let rescale = math::exp(*max - run_max);
                     *denominator *= rescale;
                     ops.scale(out, rescale);
                     *max = run_max;
                 }
-                for (&score, value) in scores.iter().zip(values.chunks_exact(hd)) {
-                    let weight = (score - *max).exp();
+                // The run's weights, exponentiated together (the same bits at every level).
+                scores.iter_mut().for_each(|s| *s -= *max);
+                math::exp_in_place(scores);
+                for (&weight, value) in scores.iter().zip(values.chunks_exact(hd)) {
                     *denominator += weight;
                     ops.axpy(out, weight, value);
                 }

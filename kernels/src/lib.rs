@@ -5,7 +5,10 @@
 //! - [`fp8`]: FP8 E4M3 weights with one scale per row, and matrix products against them;
 //! - [`ggml`]: weights in GGML block formats (`Q4_0` … `Q8_K`), and matrix products of f32
 //!   activations against them;
+//! - [`int8`]: products of int8-quantized activations against weights repacked into 16-row
+//!   tiles (GGML block types, k-quants, HQQ);
 //! - [`attention`]: causal attention over a paged KV cache;
+//! - [`math`]: vectorized `exp`, SiLU-gated products, log-sum-exp;
 //! - [`cpu`]: the SIMD level picked at run time.
 //!
 //! Every kernel has a portable scalar implementation and, on x86-64, AVX2 and AVX-512 versions
@@ -21,6 +24,7 @@ pub mod fp8;
 pub mod ggml;
 pub mod hqq;
 pub mod int8;
+pub mod math;
 pub mod matrix;
 pub mod pool;
 

@@ -9,9 +9,9 @@
 
 use std::arch::x86_64::{
     __m128i, __m256, __m256i, __m512, __m512i, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
-    _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps, _mm256_castps256_ps128, _mm256_extractf128_ps,
-    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_storeu_ps, _mm512_loadu_ps, _mm512_loadu_si512,
-    _mm512_storeu_ps,
+    _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps, _mm_storeu_si128, _mm256_castps256_ps128,
+    _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_storeu_ps, _mm512_loadu_ps,
+    _mm512_loadu_si512, _mm512_storeu_ps,
 };
 
 /// Loads 16 bytes (SSE2, part of the x86-64 baseline).
@@ -19,6 +19,13 @@ use std::arch::x86_64::{
 pub(crate) fn load_u8x16(bytes: &[u8; 16]) -> __m128i {
     // SAFETY: `bytes` is 16 readable bytes, and `_mm_loadu_si128` has no alignment requirement.
     unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
+}
+
+/// Stores 16 bytes as four `i32` (SSE2).
+#[inline]
+pub(crate) fn store_i128(dst: &mut [i32; 4], v: __m128i) {
+    // SAFETY: `dst` is 16 writable bytes, and `_mm_storeu_si128` has no alignment requirement.
+    unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) }
 }
 
 /// Loads 32 bytes.

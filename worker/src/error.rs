@@ -37,6 +37,9 @@ pub enum WorkerError {
     Step(String),
     #[error("invalid load request: {0}")]
     Load(String),
+    /// A setting of the process (an environment variable) is invalid.
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Wire(#[from] WireError),
 }

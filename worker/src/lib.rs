@@ -18,6 +18,7 @@ pub mod weights;
 
 pub use engine::Engine;
 pub use error::{Result, WorkerError};
+pub use model::ActivationPolicy;
 
 /// Sets up compute threads for this process: all parallel work runs on one rayon pool of `n`
 /// threads (default: one per core), and candle's own pool gets no threads (candle then runs inline

@@ -39,27 +39,43 @@ impl SeqSampler {
 
     /// Samples a token from `logits` (one row, vocabulary-sized).
     pub fn sample(&mut self, seq_id: u64, logits: &[f32], p: &SamplingParams) -> Sample {
-        let logprobs = log_softmax(logits);
-        let mut scores = logits.to_vec();
-        self.apply_penalties(&mut scores, p);
-        let token = if p.temperature <= 0.0 {
-            argmax(&scores)
+        // log p(x) = logit(x) − ln Σ exp(logits), for the few tokens reported.
+        let lse = strata_kernels::math::log_sum_exp(logits);
+        let logprob = |t: u32| {
+            logits
+                .get(t as usize)
+                .map_or(f32::NEG_INFINITY, |&x| (f64::from(x) - lse) as f32)
+        };
+        let penalized;
+        let scores = if p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+        {
+            let mut s = logits.to_vec();
+            self.apply_penalties(&mut s, p);
+            penalized = s;
+            &penalized[..]
         } else {
-            let probs = truncated_probs(&scores, p);
+            logits
+        };
+        let token = if p.temperature <= 0.0 {
+            argmax(scores)
+        } else {
+            let probs = truncated_probs(scores, p);
             // The token being sampled is the `k`-th generated one.
             let k = self.history.len().saturating_sub(self.prompt_len) as u128;
             self.rng.set_word_pos(k * WORDS_PER_DRAW);
             let u: f64 = self.rng.random();
             draw(&probs, u)
         };
-        let top = top_k_logprobs(&logprobs, p.top_logprobs as usize);
+        let top = top_k(logits, p.top_logprobs as usize)
+            .into_iter()
+            .map(|t| (t, logprob(t)))
+            .collect();
         Sample {
             seq_id,
             token,
-            logprob: logprobs
-                .get(token as usize)
-                .copied()
-                .unwrap_or(f32::NEG_INFINITY),
+            logprob: logprob(token),
             top,
         }
     }
@@ -114,22 +130,23 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 
-/// The `k` most likely tokens, best first (ties: lower id first).
-fn top_k_logprobs(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
+/// The `k` tokens of highest logit (so of highest probability), best first (ties: lower id
+/// first).
+fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(idx.len());
     let cmp = |a: &u32, b: &u32| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
             .then(a.cmp(b))
     };
     idx.select_nth_unstable_by(k.saturating_sub(1), cmp);
     idx.truncate(k);
     idx.sort_by(cmp);
-    idx.into_iter().map(|i| (i, logprobs[i as usize])).collect()
+    idx
 }
 
 /// Probabilities after temperature, top-k, top-p and min-p (in that order), as
@@ -314,9 +331,19 @@ mod tests {
     }
 
     #[test]
-    fn top_logprobs_are_sorted() {
-        let lp = log_softmax(&[1.0, 3.0, 2.0, 3.0]);
-        let top = top_k_logprobs(&lp, 3);
-        assert_eq!(top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+    fn top_logprobs_are_sorted_and_are_the_log_softmax() {
+        let logits = [1.0, 3.0, 2.0, 3.0];
+        let lp = log_softmax(&logits);
+        let p = SamplingParams {
+            top_logprobs: 3,
+            ..Default::default()
+        };
+        let s = SeqSampler::new(0, 0).sample(0, &logits, &p);
+        assert_eq!(s.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert_eq!(s.token, 1);
+        assert!((s.logprob - lp[1]).abs() < 1e-6);
+        for (t, l) in s.top {
+            assert!((l - lp[t as usize]).abs() < 1e-6, "token {t}");
+        }
     }
 }

@@ -7,12 +7,12 @@ use std::borrow::Cow;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor, QuantizedType};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
+use strata_kernels::QuantMatrix;
 use strata_kernels::ggml::BlockType;
 use strata_kernels::int8;
-use strata_kernels::{KernelError, QuantMatrix};
 use strata_shared::ggml::GgmlType;
 use strata_shared::isq::IsqType;
 use strata_shared::meta::{ModelMeta, TensorMeta};
@@ -26,8 +26,7 @@ use crate::error::{CandleContext, Result, WorkerError};
 pub enum Weight {
     /// A float tensor (f32, f16 or bf16), run with candle.
     Dense(Tensor),
-    /// A quantized matrix: GGML block types, HQQ and FP8 run with Strata's kernels, k-quants
-    /// with candle's per-row products.
+    /// A quantized matrix (GGML block types, k-quants, HQQ, FP8), run with Strata's kernels.
     Matrix(Arc<dyn QuantMatrix>),
 }
 
@@ -46,154 +45,6 @@ impl Weight {
             Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
             Weight::Matrix(w) => w.format(),
         }
-    }
-}
-
-/// A k-quant matrix (Q2K to Q6K) in candle's CPU block storage, split into chunks of rows.
-/// Products run candle's per-row path on each chunk, the chunks in parallel on Strata's thread
-/// pool: each output element is one quantized dot product, whatever the batch or the thread
-/// count (candle's repacked multi-row kernels are not used).
-pub struct KQuantWeight {
-    dtype: GgmlDType,
-    rows: usize,
-    cols: usize,
-    chunks: Vec<KQuantChunk>,
-}
-
-struct KQuantChunk {
-    row0: usize,
-    rows: usize,
-    blocks: Box<dyn QuantizedType>,
-}
-
-/// Rows per chunk of a k-quant matrix (a multiple of candle's 4-column dot-product groups).
-const KQUANT_CHUNK_ROWS: usize = 64;
-
-impl std::fmt::Debug for KQuantWeight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "KQuantWeight[{:?}; {}x{}]",
-            self.dtype, self.rows, self.cols
-        )
-    }
-}
-
-impl KQuantWeight {
-    /// From 8-byte aligned GGML block bytes (`bytes` long) of a `[rows, cols]` matrix.
-    fn new(
-        dtype: GgmlDType,
-        rows: usize,
-        cols: usize,
-        aligned: &[u64],
-        bytes: usize,
-    ) -> Option<Self> {
-        let row_bytes = cols / dtype.block_size() * dtype.type_size();
-        if !cols.is_multiple_of(dtype.block_size())
-            || bytes != rows * row_bytes
-            || aligned.len() * 8 < bytes
-        {
-            return None;
-        }
-        let raw: &[u8] = &bytemuck::cast_slice(aligned)[..bytes];
-        let chunks = (0..rows)
-            .step_by(KQUANT_CHUNK_ROWS)
-            .map(|row0| {
-                let n = KQUANT_CHUNK_ROWS.min(rows - row0);
-                KQuantChunk {
-                    row0,
-                    rows: n,
-                    blocks: dtype.from_data(Cow::Borrowed(
-                        &raw[row0 * row_bytes..(row0 + n) * row_bytes],
-                    )),
-                }
-            })
-            .collect();
-        Some(KQuantWeight {
-            dtype,
-            rows,
-            cols,
-            chunks,
-        })
-    }
-}
-
-impl QuantMatrix for KQuantWeight {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-
-    fn cols(&self) -> usize {
-        self.cols
-    }
-
-    fn storage_bytes(&self) -> usize {
-        self.chunks
-            .iter()
-            .map(|c| c.blocks.storage_size_in_bytes())
-            .sum()
-    }
-
-    fn format(&self) -> String {
-        format!("{:?}", self.dtype)
-    }
-
-    fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        let c = self
-            .chunks
-            .get(row / KQUANT_CHUNK_ROWS)
-            .ok_or(KernelError::RowOutOfRange {
-                row,
-                rows: self.rows,
-            })?;
-        if out.len() != self.cols {
-            return Err(KernelError::LengthMismatch {
-                what: "output row",
-                expected: self.cols,
-                actual: out.len(),
-            });
-        }
-        match c
-            .blocks
-            .embedding(&[(row - c.row0) as u32], c.rows, self.cols)
-        {
-            Ok(candle_core::CpuStorage::F32(v)) if v.len() == out.len() => {
-                out.copy_from_slice(&v);
-                Ok(())
-            }
-            Ok(_) => Err(KernelError::Backend(
-                "a k-quant row did not dequantize to f32".into(),
-            )),
-            Err(e) => Err(KernelError::Backend(e.to_string())),
-        }
-    }
-
-    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        if x.len() != m * self.cols || out.len() != m * self.rows {
-            return Err(KernelError::LengthMismatch {
-                what: "k-quant product",
-                expected: m * self.cols,
-                actual: x.len(),
-            });
-        }
-        let parts: Vec<Vec<f32>> = self
-            .chunks
-            .par_iter()
-            .map(|c| {
-                let mut part = vec![0f32; m * c.rows];
-                c.blocks
-                    .matmul_t((m, self.cols, c.rows), x, &mut part)
-                    .map_err(|e| KernelError::Backend(e.to_string()))?;
-                Ok(part)
-            })
-            .collect::<Result<_, KernelError>>()?;
-        for (c, part) in self.chunks.iter().zip(&parts) {
-            for i in 0..m {
-                out[i * self.rows + c.row0..i * self.rows + c.row0 + c.rows]
-                    .copy_from_slice(&part[i * c.rows..(i + 1) * c.rows]);
-            }
-        }
-        Ok(())
     }
 }
 
@@ -378,28 +229,26 @@ fn packed_weight(
             .ctx(|| format!("{}: tensor `{}`", meta.file.display(), meta.stored_name))?;
         return Ok(Weight::Matrix(Arc::new(w)));
     }
-    let kquant = match dtype {
-        GgmlType::Q4K => Some(int8::KQuant::Q4K),
-        GgmlType::Q5K => Some(int8::KQuant::Q5K),
-        _ => None,
-    };
-    if let Some(kind) = kquant {
-        let raw: &[u8] = bytemuck::cast_slice::<u64, u8>(&aligned);
-        let data = raw
-            .get(..bytes)
-            .ok_or_else(|| tensor_err(meta, format!("{bytes} bytes were not read")))?;
-        let w = int8::from_kquant_blocks(kind, rows, cols, data)
-            .ctx(|| format!("{}: tensor `{}`", meta.file.display(), meta.stored_name))?;
-        return Ok(Weight::Matrix(Arc::new(w)));
-    }
-    KQuantWeight::new(to_candle_ggml(dtype), rows, cols, &aligned, bytes)
-        .map(|w| Weight::Matrix(Arc::new(w)))
-        .ok_or_else(|| {
-            tensor_err(
+    let kind = match dtype {
+        GgmlType::Q2K => int8::KQuant::Q2K,
+        GgmlType::Q3K => int8::KQuant::Q3K,
+        GgmlType::Q4K => int8::KQuant::Q4K,
+        GgmlType::Q5K => int8::KQuant::Q5K,
+        GgmlType::Q6K => int8::KQuant::Q6K,
+        _ => {
+            return Err(tensor_err(
                 meta,
-                format!("{bytes} bytes do not hold a {dtype} matrix of {rows}x{cols}"),
-            )
-        })
+                format!("{dtype} is not a block-quantized type"),
+            ));
+        }
+    };
+    let raw: &[u8] = bytemuck::cast_slice::<u64, u8>(&aligned);
+    let data = raw
+        .get(..bytes)
+        .ok_or_else(|| tensor_err(meta, format!("{bytes} bytes were not read")))?;
+    let w = int8::from_kquant_blocks(kind, rows, cols, data)
+        .ctx(|| format!("{}: tensor `{}`", meta.file.display(), meta.stored_name))?;
+    Ok(Weight::Matrix(Arc::new(w)))
 }
 
 impl Source {

@@ -30,6 +30,7 @@
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+mod act;
 mod pack;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,8 @@ use crate::cpu::{self, Int8Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
 
+pub use act::QuantizedActivations;
+pub(crate) use act::{ActRow, PlaneRow};
 pub use pack::{Codes, KQuant, from_ggml_blocks, from_hqq, from_kquant_blocks};
 
 /// Weights (and activations) per block.
@@ -64,243 +67,6 @@ pub enum Precision {
     Int8x2,
 }
 
-/// One quantization of `[rows, cols]` values: codes, per-block scales and per-block code sums.
-#[derive(Debug, Clone, Default)]
-struct Plane {
-    /// `[rows][cols / 4]` codes, four to a little-endian `i32` (what a 32-bit lane of
-    /// `vpdpbusd` multiplies).
-    q: Vec<i32>,
-    /// `[rows][cols / 32]` scales `d`.
-    d: Vec<f32>,
-    /// `[rows][cols / 32]` block sums `Σ q`.
-    sum: Vec<i32>,
-}
-
-impl Plane {
-    fn resize(&mut self, values: usize, blocks: usize) {
-        self.q.resize(values / 4, 0);
-        self.d.resize(blocks, 0.0);
-        self.sum.resize(blocks, 0);
-    }
-
-    fn row(&self, i: usize, cols: usize) -> PlaneRow<'_> {
-        let blocks = cols / QBLOCK;
-        PlaneRow {
-            q: &self.q[i * cols / 4..][..cols / 4],
-            d: &self.d[i * blocks..][..blocks],
-            sum: &self.sum[i * blocks..][..blocks],
-        }
-    }
-}
-
-/// Activations `[rows, cols]` quantized to 8 bits per block of [`QBLOCK`]: once, or twice for
-/// the rows quantized at [`Precision::Int8x2`].
-#[derive(Debug, Clone, Default)]
-pub struct QuantizedActivations {
-    rows: usize,
-    cols: usize,
-    hi: Plane,
-    /// The residual's quantization, for the rows that have one.
-    lo: Plane,
-    /// Per row, whether it has the second plane.
-    two: Vec<bool>,
-}
-
-impl QuantizedActivations {
-    /// Quantizes `x` (`[rows, cols]`, row-major) to one 8-bit code per value.
-    ///
-    /// # Errors
-    ///
-    /// [`KernelError::InvalidShape`] if `cols` is not a multiple of [`QBLOCK`];
-    /// [`KernelError::LengthMismatch`] if `x.len() != rows * cols`.
-    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Result<Self, KernelError> {
-        let mut q = QuantizedActivations::default();
-        q.quantize_from(x, rows, cols, Precision::Int8)?;
-        Ok(q)
-    }
-
-    /// Quantizes every row of `x` at `precision` into this value's buffers (no allocation once
-    /// they are large enough).
-    ///
-    /// # Errors
-    ///
-    /// As [`QuantizedActivations::quantize`].
-    pub fn quantize_from(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        cols: usize,
-        precision: Precision,
-    ) -> Result<(), KernelError> {
-        self.quantize_rows(x, rows, cols, |_| precision)
-    }
-
-    /// Quantizes row `i` of `x` at `precision(i)`: a row's codes depend on the row alone.
-    ///
-    /// # Errors
-    ///
-    /// As [`QuantizedActivations::quantize`].
-    pub fn quantize_rows(
-        &mut self,
-        x: &[f32],
-        rows: usize,
-        cols: usize,
-        precision: impl Fn(usize) -> Precision,
-    ) -> Result<(), KernelError> {
-        if !cols.is_multiple_of(QBLOCK) {
-            return Err(KernelError::InvalidShape(format!(
-                "int8 activations need a multiple of {QBLOCK} columns, got {cols}"
-            )));
-        }
-        check_len(
-            "activations",
-            x.len(),
-            checked_len("activations", rows, cols)?,
-        )?;
-        let blocks = rows * (cols / QBLOCK);
-        self.rows = rows;
-        self.cols = cols;
-        self.two.clear();
-        self.two
-            .extend((0..rows).map(|i| precision(i) == Precision::Int8x2));
-        self.hi.resize(rows * cols, blocks);
-        let hi = &mut self.hi;
-        for (((x, q), d), sum) in x
-            .chunks_exact(QBLOCK)
-            .zip(hi.q.chunks_exact_mut(QBLOCK / 4))
-            .zip(&mut hi.d)
-            .zip(&mut hi.sum)
-        {
-            (*d, *sum) = quantize_block(x, q);
-        }
-        if self.two.iter().any(|&t| t) {
-            self.lo.resize(rows * cols, blocks);
-            let per_row = cols / QBLOCK;
-            let mut residual = [0.0f32; QBLOCK];
-            for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
-                if !self.two[b / per_row] {
-                    continue;
-                }
-                let q = quad_bytes(&self.hi.q[b * QBLOCK / 4..][..QBLOCK / 4]);
-                let d = self.hi.d[b];
-                for ((r, &x), &q) in residual.iter_mut().zip(x).zip(&q) {
-                    *r = x - d * f32::from(q);
-                }
-                (self.lo.d[b], self.lo.sum[b]) =
-                    quantize_block(&residual, &mut self.lo.q[b * QBLOCK / 4..][..QBLOCK / 4]);
-            }
-        }
-        Ok(())
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// The precision row `i` was quantized at.
-    pub fn precision(&self, i: usize) -> Precision {
-        if self.two.get(i).copied().unwrap_or(false) {
-            Precision::Int8x2
-        } else {
-            Precision::Int8
-        }
-    }
-
-    /// Row `i`: its planes.
-    fn row(&self, i: usize) -> ActRow<'_> {
-        ActRow {
-            hi: self.hi.row(i, self.cols),
-            lo: self.two[i].then(|| self.lo.row(i, self.cols)),
-        }
-    }
-}
-
-/// The rows `range` of `rows` as runs of at most [`ROW_GROUP`] consecutive rows of one
-/// precision (a row's result never depends on its run).
-fn precision_runs(
-    rows: &[ActRow<'_>],
-    range: std::ops::Range<usize>,
-) -> Vec<std::ops::Range<usize>> {
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for i in range {
-        match runs.last_mut() {
-            Some(g)
-                if g.len() < ROW_GROUP && rows[g.start].lo.is_some() == rows[i].lo.is_some() =>
-            {
-                g.end = i + 1
-            }
-            _ => runs.push(i..i + 1),
-        }
-    }
-    runs
-}
-
-/// One quantized activation row.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ActRow<'a> {
-    pub(crate) hi: PlaneRow<'a>,
-    pub(crate) lo: Option<PlaneRow<'a>>,
-}
-
-impl<'a> ActRow<'a> {
-    /// The row's planes: the value's codes, then (with [`Precision::Int8x2`]) the residual's.
-    #[inline(always)]
-    pub(crate) fn planes(&self) -> impl Iterator<Item = PlaneRow<'a>> + use<'a> {
-        std::iter::once(self.hi).chain(self.lo)
-    }
-}
-
-/// One plane of one activation row.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PlaneRow<'a> {
-    /// Codes, four to an `i32`.
-    pub(crate) q: &'a [i32],
-    pub(crate) d: &'a [f32],
-    pub(crate) sum: &'a [i32],
-}
-
-impl PlaneRow<'_> {
-    /// The codes of block `b`.
-    pub(crate) fn block(&self, b: usize) -> [i8; QBLOCK] {
-        quad_bytes(&self.q[b * QBLOCK / 4..][..QBLOCK / 4])
-    }
-}
-
-/// The 32 codes of 8 quads.
-fn quad_bytes(quads: &[i32]) -> [i8; QBLOCK] {
-    let mut out = [0i8; QBLOCK];
-    for (o, q) in out.chunks_exact_mut(4).zip(quads) {
-        for (o, b) in o.iter_mut().zip(q.to_le_bytes()) {
-            *o = b as i8;
-        }
-    }
-    out
-}
-
-/// Quantizes one block into 8 quads: `(d, Σ q)`. Round half away from zero, as llama.cpp's
-/// `roundf`.
-fn quantize_block(x: &[f32], quads: &mut [i32]) -> (f32, i32) {
-    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (quad, x) in quads.iter_mut().zip(x.chunks_exact(4)) {
-        let mut bytes = [0u8; 4];
-        for (b, &x) in bytes.iter_mut().zip(x) {
-            // |x · id| ≤ 127 (up to rounding of `id`), so the clamp only guards the last ulp.
-            let v = (x * id).round().clamp(-127.0, 127.0) as i8;
-            *b = v as u8;
-            sum += i32::from(v);
-        }
-        *quad = i32::from_le_bytes(bytes);
-    }
-    (d, sum)
-}
-
 /// How a packed format stores its codes, scales and minimums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackFormat {
@@ -315,6 +81,9 @@ pub struct PackFormat {
     /// The integer subtracted from every code (`w = (c − offset) · s + m`). 8-bit codes that
     /// reach 128 must use 128 (the AVX2 kernel then multiplies them as signed bytes).
     pub offset: i32,
+    /// A scale (and minimum) per 16 weights, two per block: the k-quants `Q6_K`, `Q3_K` and
+    /// `Q2_K`.
+    pub sub16: bool,
 }
 
 impl PackFormat {
@@ -322,9 +91,15 @@ impl PackFormat {
         if self.f32_scales { 4 } else { 2 }
     }
 
+    /// Scales per block and row: 1, or 2 with [`PackFormat::sub16`].
+    pub(crate) fn subs(self) -> usize {
+        1 + usize::from(self.sub16)
+    }
+
     /// Bytes of one tile's block: codes, scales, minimums.
     pub(crate) fn block_stride(self) -> usize {
-        self.code_bytes() + TILE_ROWS * self.scale_bytes() * (1 + usize::from(self.has_min))
+        self.code_bytes()
+            + TILE_ROWS * self.scale_bytes() * self.subs() * (1 + usize::from(self.has_min))
     }
 
     pub(crate) fn code_bytes(self) -> usize {
@@ -364,8 +139,8 @@ pub(crate) struct TileBlock<'a> {
 
 impl PackedMatrix {
     /// Packs `rows` rows given by `row_fn(row, codes, scales, mins)`, which fills, for one row,
-    /// its `cols` codes (each below 16 for [`Codes::Nibbles`]), and per block its scale and
-    /// (with `has_min`) its minimum.
+    /// its `cols` codes (each below 16 for [`Codes::Nibbles`]), and per block (per half block
+    /// with [`PackFormat::sub16`]) its scale and (with `has_min`) its minimum.
     ///
     /// # Errors
     ///
@@ -458,7 +233,7 @@ impl PackedMatrix {
         let stride = f.block_stride();
         let block = &tile[b * stride..][..stride];
         let (codes, rest) = block.split_at(f.code_bytes());
-        let (scales, mins) = rest.split_at(TILE_ROWS * f.scale_bytes());
+        let (scales, mins) = rest.split_at(TILE_ROWS * f.scale_bytes() * f.subs());
         TileBlock {
             codes,
             scales,
@@ -466,8 +241,10 @@ impl PackedMatrix {
         }
     }
 
-    /// Scale (or minimum) of lane `r` from a block's scale bytes.
-    pub(crate) fn lane_value(&self, bytes: &[u8], r: usize) -> f32 {
+    /// Scale (or minimum) of sub-block `h`, lane `r`, from a block's scale (or minimum) bytes
+    /// (`[sub-block][lane]`).
+    pub(crate) fn lane_value(&self, bytes: &[u8], h: usize, r: usize) -> f32 {
+        let r = h * TILE_ROWS + r;
         if self.format.f32_scales {
             f32::from_le_bytes([
                 bytes[4 * r],
@@ -511,33 +288,38 @@ impl PackedMatrix {
         let macs = m.saturating_mul(self.rows).saturating_mul(self.cols);
         let threads = rayon::current_num_threads();
         let parallel = macs >= PARALLEL_MIN_MACS && threads > 1;
-        if m > ROW_GROUP * 2 {
-            // Many rows (prefill): tasks take groups of rows, and write their outputs in
-            // place; every task reads the whole matrix (from cache: one matrix is small).
-            let task = |(g, out): (usize, &mut [f32])| {
-                let first = g * ROW_GROUP;
-                let n = out.len() / self.rows;
-                self.rows_against_all_tiles(level, &rows[first..first + n], out);
-            };
-            let chunk = ROW_GROUP * self.rows;
-            if parallel {
-                // A few groups per task: rayon's splitting costs microseconds a job.
-                let groups = m.div_ceil(ROW_GROUP);
-                out.par_chunks_mut(chunk)
-                    .enumerate()
-                    .with_min_len(groups.div_ceil(threads * 4).max(1))
-                    .for_each(task);
-            } else {
-                out.chunks_mut(chunk).enumerate().for_each(task);
-            }
-            return Ok(());
-        }
-        // Few rows (decode): tasks take pairs of tiles (the AVX-512 kernel shares each
-        // activation broadcast between them), all rows; per tile, `[m][16]` results,
-        // scattered into `out` at the end.
+        // Tasks take pairs of tiles (the AVX-512 kernel shares each activation broadcast between
+        // them) against every row, so that the weights are read from memory once whatever the
+        // batch; per tile, `[m][16]` results, scattered into `out` at the end. The scratch
+        // buffer is the calling thread's, reused from call to call.
         let tiles = self.tiles();
-        let mut scratch = vec![0.0f32; tiles * m * TILE_ROWS];
-        let groups = precision_runs(&rows, 0..m);
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.resize(tiles * m * TILE_ROWS, 0.0);
+            self.tile_pairs(level, &rows, scratch, parallel, threads);
+            for (t, tile) in scratch.chunks_exact(m * TILE_ROWS).enumerate() {
+                let first = t * TILE_ROWS;
+                let valid = TILE_ROWS.min(self.rows - first);
+                for (i, lanes) in tile.chunks_exact(TILE_ROWS).enumerate() {
+                    out[i * self.rows + first..][..valid].copy_from_slice(&lanes[..valid]);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Every pair of tiles against every row, into `scratch` (`[tile][m][16]`).
+    fn tile_pairs(
+        &self,
+        level: Int8Level,
+        rows: &[ActRow<'_>],
+        scratch: &mut [f32],
+        parallel: bool,
+        threads: usize,
+    ) {
+        let m = rows.len();
+        let tiles = self.tiles();
+        let groups = act::precision_runs(rows, 0..m);
         let task = |(pair, buf): (usize, &mut [f32])| {
             let n_tiles = buf.len() / (m * TILE_ROWS);
             let both = [self.tile(2 * pair), self.tile(2 * pair + n_tiles - 1)];
@@ -557,47 +339,17 @@ impl PackedMatrix {
         };
         let pair_len = 2 * m * TILE_ROWS;
         if parallel {
-            // One contiguous run of tiles per thread: few rows make short tasks, and rayon's
-            // splitting costs microseconds a job.
+            // Few rows make short tasks, and rayon's splitting costs microseconds a job: one
+            // run of tiles per thread then; more, for balance, when the tasks are long.
             let pairs = tiles.div_ceil(2);
+            let per_thread = if m > ROW_GROUP { 4 } else { 1 };
             scratch
                 .par_chunks_mut(pair_len)
                 .enumerate()
-                .with_min_len(pairs.div_ceil(threads).max(1))
+                .with_min_len(pairs.div_ceil(threads * per_thread).max(1))
                 .for_each(task);
         } else {
             scratch.chunks_mut(pair_len).enumerate().for_each(task);
-        }
-        for (t, tile) in scratch.chunks_exact(m * TILE_ROWS).enumerate() {
-            let first = t * TILE_ROWS;
-            let valid = TILE_ROWS.min(self.rows - first);
-            for (i, lanes) in tile.chunks_exact(TILE_ROWS).enumerate() {
-                out[i * self.rows + first..][..valid].copy_from_slice(&lanes[..valid]);
-            }
-        }
-        Ok(())
-    }
-
-    /// Up to [`ROW_GROUP`] activation rows against every tile, into `out` (`[rows][self.rows]`).
-    fn rows_against_all_tiles(&self, level: Int8Level, rows: &[ActRow<'_>], out: &mut [f32]) {
-        let tiles = self.tiles();
-        let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
-        for g in precision_runs(rows, 0..rows.len()) {
-            let n = g.len();
-            for pair in 0..tiles.div_ceil(2) {
-                let n_tiles = (tiles - 2 * pair).min(2);
-                let both = [self.tile(2 * pair), self.tile(2 * pair + n_tiles - 1)];
-                let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
-                self.tiles_products(level, &both[..n_tiles], &rows[g.clone()], tmp);
-                for t in 0..n_tiles {
-                    let first = (2 * pair + t) * TILE_ROWS;
-                    let valid = TILE_ROWS.min(self.rows - first);
-                    for i in 0..n {
-                        out[(g.start + i) * self.rows + first..][..valid]
-                            .copy_from_slice(&tmp[(t * n + i) * TILE_ROWS..][..valid]);
-                    }
-                }
-            }
         }
     }
 
@@ -638,6 +390,8 @@ impl PackedMatrix {
     /// The portable kernel: the same operations as the SIMD ones, lane by lane.
     fn tile_scalar(&self, tile: &[u8], rows: &[ActRow<'_>], out: &mut [f32]) {
         let f = self.format;
+        let subs = f.subs();
+        let width = QBLOCK / subs;
         let mut acc = [[0.0f32; TILE_ROWS]; ROW_GROUP];
         let mut codes = [[0u8; QBLOCK]; TILE_ROWS];
         for b in 0..self.blocks() {
@@ -645,21 +399,25 @@ impl PackedMatrix {
             pack::unpack_codes(f.codes, block.codes, &mut codes);
             for (acc, row) in acc.iter_mut().zip(rows) {
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let s = self.lane_value(block.scales, r);
                     for p in row.planes() {
                         let q = p.block(b);
-                        let dot: i32 = codes[r]
-                            .iter()
-                            .zip(&q)
-                            .map(|(&c, &q)| i32::from(c) * i32::from(q))
-                            .sum();
-                        let isum = dot - f.offset * p.sum[b];
-                        *acc = (isum as f32).mul_add(s * p.d[b], *acc);
+                        for h in 0..subs {
+                            let s = self.lane_value(block.scales, h, r);
+                            let dot: i32 = codes[r][h * width..][..width]
+                                .iter()
+                                .zip(&q[h * width..][..width])
+                                .map(|(&c, &q)| i32::from(c) * i32::from(q))
+                                .sum();
+                            let isum = dot - f.offset * p.sub_sum(b, h, subs);
+                            *acc = (isum as f32).mul_add(s * p.d[b], *acc);
+                        }
                     }
                     if f.has_min {
-                        let m = self.lane_value(block.mins, r);
                         for p in row.planes() {
-                            *acc = m.mul_add(p.d[b] * p.sum[b] as f32, *acc);
+                            for h in 0..subs {
+                                let m = self.lane_value(block.mins, h, r);
+                                *acc = m.mul_add(p.d[b] * p.sub_sum(b, h, subs) as f32, *acc);
+                            }
                         }
                     }
                 }
@@ -669,6 +427,12 @@ impl PackedMatrix {
             out.copy_from_slice(acc);
         }
     }
+}
+
+thread_local! {
+    /// Each calling thread's scratch buffer for [`PackedMatrix::matmul_quantized`]: a fresh one
+    /// per call would cost page faults on every large product.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Products with fewer multiply-adds than this run on the calling thread.
@@ -702,16 +466,23 @@ impl QuantMatrix for PackedMatrix {
         for (b, out) in out.chunks_exact_mut(QBLOCK).enumerate() {
             let block = self.block(tile, b);
             pack::unpack_codes(self.format.codes, block.codes, &mut codes);
-            let s = self.lane_value(block.scales, r);
-            if self.format.has_min {
-                let m = self.lane_value(block.mins, r);
-                for (w, &c) in out.iter_mut().zip(&codes[r]) {
-                    *w = (i32::from(c) - self.format.offset) as f32 * s + m;
-                }
-            } else {
-                // `(c − offset) · s`: exactly the stored format's `q · d`.
-                for (w, &c) in out.iter_mut().zip(&codes[r]) {
-                    *w = (i32::from(c) - self.format.offset) as f32 * s;
+            let width = QBLOCK / self.format.subs();
+            for (h, (out, codes)) in out
+                .chunks_exact_mut(width)
+                .zip(codes[r].chunks_exact(width))
+                .enumerate()
+            {
+                let s = self.lane_value(block.scales, h, r);
+                if self.format.has_min {
+                    let m = self.lane_value(block.mins, h, r);
+                    for (w, &c) in out.iter_mut().zip(codes) {
+                        *w = (i32::from(c) - self.format.offset) as f32 * s + m;
+                    }
+                } else {
+                    // `(c − offset) · s`: exactly the stored format's `q · d`.
+                    for (w, &c) in out.iter_mut().zip(codes) {
+                        *w = (i32::from(c) - self.format.offset) as f32 * s;
+                    }
                 }
             }
         }

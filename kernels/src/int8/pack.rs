@@ -32,7 +32,9 @@ pub(super) fn pack_tile<F>(
 where
     F: Fn(usize, &mut [u8], &mut [f32], &mut [f32]) -> Result<(), KernelError> + Sync,
 {
-    let blocks = cols / QBLOCK;
+    // Scales (and minimums) per row: one per sub-block.
+    let subs = format.subs();
+    let blocks = cols / QBLOCK * subs;
     let mut codes = vec![0u8; checked_len("tile codes", TILE_ROWS, cols)?];
     let mut scales = vec![0f32; TILE_ROWS * blocks];
     let mut mins = vec![0f32; TILE_ROWS * blocks];
@@ -58,7 +60,7 @@ where
     }
     let stride = format.block_stride();
     let scale_bytes = format.scale_bytes();
-    for b in 0..blocks {
+    for b in 0..cols / QBLOCK {
         let block = &mut out[b * stride..][..stride];
         let (code_out, rest) = block.split_at_mut(format.code_bytes());
         let code = |r: usize, j: usize| codes[r * cols + b * QBLOCK + j];
@@ -83,19 +85,15 @@ where
                 }
             }
         }
-        let (scale_out, min_out) = rest.split_at_mut(TILE_ROWS * scale_bytes);
-        for r in 0..TILE_ROWS {
-            put_value(
-                format,
-                &mut scale_out[r * scale_bytes..],
-                scales[r * blocks + b],
-            );
-            if format.has_min {
-                put_value(
-                    format,
-                    &mut min_out[r * scale_bytes..],
-                    mins[r * blocks + b],
-                );
+        // `[sub-block][lane]`.
+        let (scale_out, min_out) = rest.split_at_mut(TILE_ROWS * scale_bytes * subs);
+        for h in 0..subs {
+            for r in 0..TILE_ROWS {
+                let (at, from) = ((h * TILE_ROWS + r) * scale_bytes, r * blocks + b * subs + h);
+                put_value(format, &mut scale_out[at..], scales[from]);
+                if format.has_min {
+                    put_value(format, &mut min_out[at..], mins[from]);
+                }
             }
         }
     }
@@ -151,6 +149,7 @@ pub fn ggml_format(dtype: BlockType) -> PackFormat {
         f32_scales,
         has_min,
         offset,
+        sub16: false,
     }
 }
 
@@ -260,22 +259,133 @@ fn decode(dtype: BlockType, block: &[u8], codes: &mut [u8]) -> (f32, f32) {
     }
 }
 
-/// The k-quant block formats whose sub-blocks are 32 weights wide, which repack exactly into
-/// int8 tiles (`Q6_K`, `Q3_K` and `Q2_K` have 16-wide sub-blocks and keep their own kernels).
+/// The k-quant block formats (super-blocks of 256 weights), which all repack exactly into int8
+/// tiles: those with 32-wide sub-blocks as one scale per block, those with 16-wide sub-blocks
+/// (`Q6_K`, `Q3_K`, `Q2_K`) as two ([`PackFormat::sub16`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KQuant {
-    /// 4-bit codes, a 6-bit scale and minimum per 32 weights, f16 super-scales (144 bytes per 256).
+    /// 2-bit codes, a 4-bit scale and minimum per 16 weights (84 bytes per 256).
+    Q2K,
+    /// 3-bit codes, a 6-bit signed scale per 16 weights (110 bytes per 256).
+    Q3K,
+    /// 4-bit codes, a 6-bit scale and minimum per 32 weights (144 bytes per 256).
     Q4K,
     /// 5-bit codes, otherwise as `Q4_K` (176 bytes per 256).
     Q5K,
+    /// 6-bit codes, an 8-bit signed scale per 16 weights (210 bytes per 256).
+    Q6K,
 }
+
+/// Weights per k-quant super-block.
+const QK_K: usize = 256;
 
 impl KQuant {
     /// Bytes of one block of 256 weights.
     pub fn block_bytes(self) -> usize {
         match self {
+            KQuant::Q2K => 84,
+            KQuant::Q3K => 110,
             KQuant::Q4K => 144,
             KQuant::Q5K => 176,
+            KQuant::Q6K => 210,
+        }
+    }
+
+    /// The packed form: codes, scales and minimums as ggml dequantizes them.
+    fn format(self) -> PackFormat {
+        let (name, codes, has_min, offset, sub16) = match self {
+            KQuant::Q2K => ("Q2K", Codes::Nibbles, true, 0, true),
+            KQuant::Q3K => ("Q3K", Codes::Nibbles, false, 4, true),
+            KQuant::Q4K => ("Q4K", Codes::Nibbles, true, 0, false),
+            KQuant::Q5K => ("Q5K", Codes::Bytes, true, 0, false),
+            KQuant::Q6K => ("Q6K", Codes::Bytes, false, 32, true),
+        };
+        PackFormat {
+            name,
+            codes,
+            // `d · sc` (an f16 times a small integer) is exact in f32.
+            f32_scales: true,
+            has_min,
+            offset,
+            sub16,
+        }
+    }
+
+    /// One super-block's 256 codes (into `codes`), and its per-sub-block scales and
+    /// minimums (8 or 16 of each), as ggml's `dequantize_row_*` defines the weights.
+    fn decode(self, block: &[u8], codes: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+        match self {
+            KQuant::Q4K | KQuant::Q5K => {
+                let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                let sc = &block[4..16];
+                let (qh, qs) = match self {
+                    KQuant::Q4K => (&[][..], &block[16..144]),
+                    _ => (&block[16..48], &block[48..176]),
+                };
+                for j in 0..4 {
+                    for half in 0..2 {
+                        let sub = 2 * j + half;
+                        let (s, m) = scale_min_k4(sub, sc);
+                        scales[sub] = d * f32::from(s);
+                        mins[sub] = -(dmin * f32::from(m));
+                        for (l, c) in codes[32 * sub..][..32].iter_mut().enumerate() {
+                            let q = qs[32 * j + l];
+                            let mut v = if half == 0 { q & 0x0F } else { q >> 4 };
+                            if self == KQuant::Q5K && qh[l] & (1 << sub) != 0 {
+                                v += 16;
+                            }
+                            *c = v;
+                        }
+                    }
+                }
+            }
+            KQuant::Q6K => {
+                // ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (i8), d.
+                let (ql, qh, sc) = (&block[..128], &block[128..192], &block[192..208]);
+                let d = f16_at(block, 208);
+                for n in 0..2 {
+                    let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+                    for l in 0..32 {
+                        let c = &mut codes[128 * n..];
+                        c[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+                        c[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+                        c[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                        c[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                    }
+                }
+                for (s, &sc) in scales.iter_mut().zip(sc) {
+                    *s = d * f32::from(sc as i8);
+                }
+            }
+            KQuant::Q3K => {
+                // hmask[32], qs[64], scales[12] (16 6-bit values), d.
+                let (hmask, qs, sc) = (&block[..32], &block[32..96], &block[96..108]);
+                let d = f16_at(block, 108);
+                for (sub, s) in scales.iter_mut().enumerate() {
+                    *s = d * f32::from(i16::from(q3k_scale(sc, sub)) - 32);
+                }
+                // Sub-block 2j (+1) of half n: bits `2j` of qs[32n + l] (l + 16), high bit
+                // `4n + j` of hmask[l] (l + 16).
+                for (i, c) in codes[..QK_K].iter_mut().enumerate() {
+                    let (n, j, l) = (i / 128, (i % 128) / 32, i % 32);
+                    let low = (qs[32 * n + l] >> (2 * j)) & 3;
+                    let high = (hmask[l] >> (4 * n + j)) & 1;
+                    *c = low | (high << 2);
+                }
+            }
+            KQuant::Q2K => {
+                // scales[16] (scale low nibble, minimum high nibble), qs[64], d, dmin.
+                let (sc, qs) = (&block[..16], &block[16..80]);
+                let (d, dmin) = (f16_at(block, 80), f16_at(block, 82));
+                for (sub, (s, m)) in scales.iter_mut().zip(mins.iter_mut()).enumerate() {
+                    *s = d * f32::from(sc[sub] & 0x0F);
+                    *m = -(dmin * f32::from(sc[sub] >> 4));
+                }
+                for (i, c) in codes[..QK_K].iter_mut().enumerate() {
+                    let (n, j, l) = (i / 128, (i % 128) / 32, i % 32);
+                    *c = (qs[32 * n + l] >> (2 * j)) & 3;
+                }
+            }
         }
     }
 }
@@ -292,8 +402,16 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Repacks a `rows × cols` matrix of `Q4_K` or `Q5_K` blocks (row-major): per sub-block of 32,
-/// `w = c · (d · sc) − dmin · m`, as ggml dequantizes them.
+/// The 6-bit scale of sub-block `j` of a `Q3_K` block (12 bytes: the low nibbles of all 16
+/// in bytes 0..8, their two high bits in bytes 8..12), unsigned before the `− 32`.
+fn q3k_scale(sc: &[u8], j: usize) -> u8 {
+    let low = if j < 8 { sc[j] & 0x0F } else { sc[j - 8] >> 4 };
+    let high = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+    low | (high << 4)
+}
+
+/// Repacks a `rows × cols` matrix of k-quant blocks (row-major): the same weights, exactly
+/// (per sub-block, `w = (c − offset) · (d · sc)` or `c · (d · sc) − dmin · m`).
 ///
 /// # Errors
 ///
@@ -304,7 +422,6 @@ pub fn from_kquant_blocks(
     cols: usize,
     data: &[u8],
 ) -> Result<PackedMatrix, KernelError> {
-    const QK_K: usize = 256;
     if rows == 0 || cols == 0 || !cols.is_multiple_of(QK_K) {
         return Err(KernelError::InvalidShape(format!(
             "{kind:?} blocks of {QK_K} weights do not divide a {rows}x{cols} matrix"
@@ -316,45 +433,18 @@ pub fn from_kquant_blocks(
         data.len(),
         checked_len("weight bytes", rows, row_bytes)?,
     )?;
-    let format = PackFormat {
-        name: match kind {
-            KQuant::Q4K => "Q4K",
-            KQuant::Q5K => "Q5K",
-        },
-        codes: match kind {
-            KQuant::Q4K => Codes::Nibbles,
-            KQuant::Q5K => Codes::Bytes,
-        },
-        f32_scales: true,
-        has_min: true,
-        offset: 0,
-    };
+    let format = kind.format();
+    // Sub-blocks per super-block.
+    let subs = QK_K / QBLOCK * format.subs();
     PackedMatrix::pack(format, rows, cols, |row, codes, scales, mins| {
         let row = &data[row * row_bytes..][..row_bytes];
         for (b, block) in row.chunks_exact(kind.block_bytes()).enumerate() {
-            let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
-            let sc = &block[4..16];
-            let (qh, qs) = match kind {
-                KQuant::Q4K => (&[][..], &block[16..144]),
-                KQuant::Q5K => (&block[16..48], &block[48..176]),
-            };
-            for j in 0..4 {
-                for half in 0..2 {
-                    let sub = 2 * j + half;
-                    let (s, m) = scale_min_k4(sub, sc);
-                    scales[b * 8 + sub] = d * f32::from(s);
-                    mins[b * 8 + sub] = -(dmin * f32::from(m));
-                    let out = &mut codes[b * QK_K + 32 * sub..][..32];
-                    for (l, c) in out.iter_mut().enumerate() {
-                        let q = qs[32 * j + l];
-                        let mut v = if half == 0 { q & 0x0F } else { q >> 4 };
-                        if kind == KQuant::Q5K && qh[l] & (1 << sub) != 0 {
-                            v += 16;
-                        }
-                        *c = v;
-                    }
-                }
-            }
+            kind.decode(
+                block,
+                &mut codes[b * QK_K..][..QK_K],
+                &mut scales[b * subs..][..subs],
+                &mut mins[b * subs..][..subs],
+            );
         }
         Ok(())
     })
@@ -380,6 +470,7 @@ pub fn from_hqq(w: &HqqWeight) -> Result<PackedMatrix, KernelError> {
         f32_scales: true,
         has_min: true,
         offset: if eight { 128 } else { 0 },
+        sub16: false,
     };
     let cols = w.cols();
     PackedMatrix::pack(format, w.rows(), cols, |row, codes, scales, mins| {

@@ -74,14 +74,20 @@ fn repacking_keeps_every_weight_exactly() {
     }
 }
 
+/// One block of one weight row, read back from the packing: its codes, and per sub-block its
+/// scale and minimum.
+type RowBlock = (Vec<u8>, Vec<f32>, Vec<f32>);
+
 /// The product as the module documentation defines it, in plain scalar code (independent of
 /// the packed layout).
 fn reference(
     packed: &PackedMatrix,
-    w_codes: &[Vec<(Vec<u8>, f32, f32)>],
+    w_codes: &[Vec<RowBlock>],
     x: &QuantizedActivations,
 ) -> Vec<f32> {
     let f = packed.format;
+    let subs = f.subs();
+    let width = QBLOCK / subs;
     let mut out = vec![0.0f32; x.rows() * packed.rows];
     for i in 0..x.rows() {
         let row = x.row(i);
@@ -90,17 +96,26 @@ fn reference(
             for (b, (codes, s, m)) in blocks.iter().enumerate() {
                 for p in row.planes() {
                     let q = p.block(b);
-                    let dot: i32 = codes
-                        .iter()
-                        .zip(&q)
-                        .map(|(&c, &q)| i32::from(c) * i32::from(q))
-                        .sum();
-                    let isum = dot - f.offset * p.sum[b];
-                    acc = (isum as f32).mul_add(s * p.d[b], acc);
+                    for h in 0..subs {
+                        let range = h * width..(h + 1) * width;
+                        let dot: i32 = codes[range.clone()]
+                            .iter()
+                            .zip(&q[range.clone()])
+                            .map(|(&c, &q)| i32::from(c) * i32::from(q))
+                            .sum();
+                        let qsum: i32 = q[range].iter().map(|&q| i32::from(q)).sum();
+                        let isum = dot - f.offset * qsum;
+                        acc = (isum as f32).mul_add(s[h] * p.d[b], acc);
+                    }
                 }
                 if f.has_min {
                     for p in row.planes() {
-                        acc = m.mul_add(p.d[b] * p.sum[b] as f32, acc);
+                        let q = p.block(b);
+                        for h in 0..subs {
+                            let qsum: i32 =
+                                q[h * width..][..width].iter().map(|&q| i32::from(q)).sum();
+                            acc = m[h].mul_add(p.d[b] * qsum as f32, acc);
+                        }
                     }
                 }
             }
@@ -110,10 +125,11 @@ fn reference(
     out
 }
 
-/// Codes, scale and minimum of every block of every row, read back from the packing.
-fn unpacked(packed: &PackedMatrix) -> Vec<Vec<(Vec<u8>, f32, f32)>> {
+/// Codes, scales and minimums of every block of every row, read back from the packing.
+fn unpacked(packed: &PackedMatrix) -> Vec<Vec<RowBlock>> {
     let mut rows = Vec::new();
     let mut codes = [[0u8; QBLOCK]; TILE_ROWS];
+    let subs = packed.format.subs();
     for j in 0..packed.rows {
         let tile = packed.tile(j / TILE_ROWS);
         let r = j % TILE_ROWS;
@@ -121,17 +137,50 @@ fn unpacked(packed: &PackedMatrix) -> Vec<Vec<(Vec<u8>, f32, f32)>> {
         for b in 0..packed.blocks() {
             let block = packed.block(tile, b);
             pack::unpack_codes(packed.format.codes, block.codes, &mut codes);
-            let s = packed.lane_value(block.scales, r);
-            let m = if packed.format.has_min {
-                packed.lane_value(block.mins, r)
-            } else {
-                0.0
-            };
-            blocks.push((codes[r].to_vec(), s, m));
+            let s = (0..subs).map(|h| packed.lane_value(block.scales, h, r));
+            let m = (0..subs).map(|h| {
+                if packed.format.has_min {
+                    packed.lane_value(block.mins, h, r)
+                } else {
+                    0.0
+                }
+            });
+            blocks.push((codes[r].to_vec(), s.collect(), m.collect()));
         }
         rows.push(blocks);
     }
     rows
+}
+
+/// Checks every level against [`reference`], bit for bit, for activations of several batch
+/// sizes and both precisions.
+fn check_levels(packed: &PackedMatrix, name: &str, rng: &mut Rng) {
+    let (rows, cols) = (packed.rows, packed.cols);
+    let codes = unpacked(packed);
+    for (m, precision) in [
+        (1, Precision::Int8),
+        (2, Precision::Int8x2),
+        (4, Precision::Int8),
+        (5, Precision::Int8x2),
+        (9, Precision::Int8),
+    ] {
+        let x = activations(rng, m, cols);
+        let mut q = QuantizedActivations::default();
+        q.quantize_from(&x, m, cols, precision).unwrap();
+        let want = reference(packed, &codes, &q);
+        for level in int8_levels() {
+            let mut out = vec![f32::NAN; m * rows];
+            packed.matmul_quantized_at(level, &q, &mut out).unwrap();
+            for (k, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{name} {rows}x{cols} m={m} {}: element {k}: {a} vs {b}",
+                    level.name()
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -148,31 +197,14 @@ fn every_level_matches_the_definition_bit_for_bit() {
             }
             let data = random_blocks(&mut rng, dtype, rows, cols);
             let packed = from_ggml_blocks(dtype, rows, cols, &data).unwrap();
-            let codes = unpacked(&packed);
-            for (m, precision) in [
-                (1, Precision::Int8),
-                (2, Precision::Int8x2),
-                (4, Precision::Int8),
-                (5, Precision::Int8x2),
-                (9, Precision::Int8),
-            ] {
-                let x = activations(&mut rng, m, cols);
-                let mut q = QuantizedActivations::default();
-                q.quantize_from(&x, m, cols, precision).unwrap();
-                let want = reference(&packed, &codes, &q);
-                for level in int8_levels() {
-                    let mut out = vec![f32::NAN; m * rows];
-                    packed.matmul_quantized_at(level, &q, &mut out).unwrap();
-                    for (k, (a, b)) in out.iter().zip(&want).enumerate() {
-                        assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "{dtype:?} {rows}x{cols} m={m} {}: element {k}: {a} vs {b}",
-                            level.name()
-                        );
-                    }
-                }
-            }
+            check_levels(&packed, &format!("{dtype:?}"), &mut rng);
+        }
+    }
+    for kind in KQUANTS {
+        for (rows, cols) in [(1usize, 256usize), (17, 512), (45, 256)] {
+            let data = random_kquant_blocks(&mut rng, kind, rows, cols);
+            let packed = from_kquant_blocks(kind, rows, cols, &data).unwrap();
+            check_levels(&packed, &format!("{kind:?}"), &mut rng);
         }
     }
 }
@@ -237,19 +269,45 @@ fn products_are_close_to_the_f32_product() {
 #[test]
 fn quantization_rounds_to_the_nearest_step_and_sums_the_codes() {
     let mut x = vec![0.0f32; 64];
-    x[0] = 1.27;
-    x[1] = -0.5;
-    x[2] = 0.005; // half a step: rounds away from zero
+    x[0] = 127.0;
+    x[1] = -50.4;
+    x[2] = 2.5; // half a step: ties go to even
+    x[3] = 3.5;
+    x[20] = -1.0;
     let q = QuantizedActivations::quantize(&x, 1, 64).unwrap();
     let row = q.row(0);
     let hi = row.hi;
-    assert_eq!(hi.d[0], 1.27 / 127.0);
-    assert_eq!(&hi.block(0)[..3], &[127, -50, 1]);
-    assert_eq!(hi.sum[0], 127 - 50 + 1);
+    assert_eq!(hi.d[0], 1.0);
+    assert_eq!(&hi.block(0)[..4], &[127, -50, 2, 4]);
+    assert_eq!(hi.block(0)[20], -1);
+    assert_eq!(hi.sum[0], 127 - 50 + 2 + 4 - 1);
+    assert_eq!(hi.half[0], 127 - 50 + 2 + 4);
     assert_eq!((hi.d[1], hi.sum[1]), (0.0, 0), "a zero block");
     assert!(hi.block(1).iter().all(|&v| v == 0));
     assert!(row.lo.is_none());
     assert_eq!(q.precision(0), Precision::Int8);
+}
+
+#[test]
+fn every_level_quantizes_alike() {
+    let mut rng = Rng::new(9);
+    let (rows, cols) = (5, 320);
+    let x = activations(&mut rng, rows, cols);
+    let q = QuantizedActivations::quantize(&x, rows, cols).unwrap();
+    for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
+        let mut quads = [0i32; QBLOCK / 4];
+        let (d, sum, half) = act::quantize_block(x, &mut quads);
+        assert_eq!(
+            (d.to_bits(), sum, half),
+            (q.hi.d[b].to_bits(), q.hi.sum[b], q.hi.half[b]),
+            "block {b}"
+        );
+        assert_eq!(
+            &quads[..],
+            &q.hi.q[b * QBLOCK / 4..][..QBLOCK / 4],
+            "block {b}"
+        );
+    }
 }
 
 #[test]
@@ -284,6 +342,7 @@ fn bad_shapes_are_errors() {
         f32_scales: false,
         has_min: false,
         offset: 0,
+        sub16: false,
     };
     let err = PackedMatrix::pack(nibble, 1, 32, |_, codes, _, _| {
         codes[5] = 16;
@@ -364,49 +423,197 @@ fn rows_of_either_precision_mix_in_one_product() {
     }
 }
 
+const KQUANTS: [KQuant; 5] = [
+    KQuant::Q2K,
+    KQuant::Q3K,
+    KQuant::Q4K,
+    KQuant::Q5K,
+    KQuant::Q6K,
+];
+
+/// Random k-quant blocks with sane super-scales.
+fn random_kquant_blocks(rng: &mut Rng, kind: KQuant, rows: usize, cols: usize) -> Vec<u8> {
+    let mut data = Vec::new();
+    for _ in 0..rows * cols / 256 {
+        let mut block: Vec<u8> = (0..kind.block_bytes())
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let d = f16::from_f32(0.001 + rng.uniform() * 0.01).to_le_bytes();
+        let dmin = f16::from_f32(0.001 + rng.uniform() * 0.005).to_le_bytes();
+        let (at_d, at_dmin) = match kind {
+            KQuant::Q2K => (80, Some(82)),
+            KQuant::Q3K => (108, None),
+            KQuant::Q4K | KQuant::Q5K => (0, Some(2)),
+            KQuant::Q6K => (208, None),
+        };
+        block[at_d..at_d + 2].copy_from_slice(&d);
+        if let Some(at) = at_dmin {
+            block[at..at + 2].copy_from_slice(&dmin);
+        }
+        data.extend_from_slice(&block);
+    }
+    data
+}
+
+/// ggml's `dequantize_row_q*_K` for one block, transcribed loop for loop.
+fn ggml_kquant(kind: KQuant, x: &[u8]) -> Vec<f32> {
+    let half = |at: usize| f16::from_le_bytes([x[at], x[at + 1]]).to_f32();
+    let mut y = Vec::with_capacity(256);
+    match kind {
+        KQuant::Q2K => {
+            let (d, min) = (half(80), half(82));
+            let (scales, qs) = (&x[..16], &x[16..80]);
+            let mut is = 0;
+            for n in 0..2 {
+                let q = &qs[32 * n..];
+                for shift in [0, 2, 4, 6] {
+                    for off in [0, 16] {
+                        let sc = scales[is];
+                        is += 1;
+                        let (dl, ml) = (d * f32::from(sc & 0xF), min * f32::from(sc >> 4));
+                        for l in 0..16 {
+                            y.push(dl * f32::from((q[l + off] >> shift) & 3) - ml);
+                        }
+                    }
+                }
+            }
+        }
+        KQuant::Q3K => {
+            let d = half(108);
+            let (hm, qs, raw) = (&x[..32], &x[32..96], &x[96..108]);
+            let mut aux = [0u32; 4];
+            for (k, a) in aux.iter_mut().take(3).enumerate() {
+                *a = u32::from_le_bytes([
+                    raw[4 * k],
+                    raw[4 * k + 1],
+                    raw[4 * k + 2],
+                    raw[4 * k + 3],
+                ]);
+            }
+            let (kmask1, kmask2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+            let tmp = aux[2];
+            aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+            aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+            aux[0] = (aux[0] & kmask2) | ((tmp & kmask1) << 4);
+            aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+            let scales: Vec<i8> = aux
+                .iter()
+                .flat_map(|a| a.to_le_bytes())
+                .map(|b| b as i8)
+                .collect();
+            let (mut is, mut m) = (0, 1u8);
+            for n in 0..2 {
+                let q = &qs[32 * n..];
+                for shift in [0, 2, 4, 6] {
+                    for off in [0, 16] {
+                        let dl = d * f32::from(i16::from(scales[is]) - 32);
+                        is += 1;
+                        for l in 0..16 {
+                            let v = ((q[l + off] >> shift) & 3) as i8
+                                - if hm[l + off] & m != 0 { 0 } else { 4 };
+                            y.push(dl * f32::from(v));
+                        }
+                    }
+                    m <<= 1;
+                }
+            }
+        }
+        KQuant::Q4K | KQuant::Q5K => {
+            let (d, min) = (half(0), half(2));
+            let sc = &x[4..16];
+            let (qh, ql) = if kind == KQuant::Q4K {
+                (&[][..], &x[16..144])
+            } else {
+                (&x[16..48], &x[48..176])
+            };
+            for (j, is) in [0usize, 2, 4, 6].into_iter().enumerate() {
+                let (s1, m1) = scale_min_k4_ref(is, sc);
+                let (s2, m2) = scale_min_k4_ref(is + 1, sc);
+                let (d1, m1) = (d * f32::from(s1), min * f32::from(m1));
+                let (d2, m2) = (d * f32::from(s2), min * f32::from(m2));
+                let q = &ql[32 * j..];
+                let high = |l: usize, u: u8| {
+                    if !qh.is_empty() && qh[l] & u != 0 {
+                        16
+                    } else {
+                        0
+                    }
+                };
+                for l in 0..32 {
+                    y.push(d1 * f32::from((q[l] & 0xF) + high(l, 1 << (2 * j))) - m1);
+                }
+                for l in 0..32 {
+                    y.push(d2 * f32::from((q[l] >> 4) + high(l, 2 << (2 * j))) - m2);
+                }
+            }
+        }
+        KQuant::Q6K => {
+            let d = half(208);
+            let mut out = [0.0f32; 256];
+            for n in 0..2 {
+                let (ql, qh, sc) = (&x[64 * n..], &x[128 + 32 * n..], &x[192 + 8 * n..]);
+                let sc = |i: usize| f32::from(sc[i] as i8);
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                    let y = &mut out[128 * n..];
+                    y[l] = d * sc(is) * f32::from(q1);
+                    y[l + 32] = d * sc(is + 2) * f32::from(q2);
+                    y[l + 64] = d * sc(is + 4) * f32::from(q3);
+                    y[l + 96] = d * sc(is + 6) * f32::from(q4);
+                }
+            }
+            y.extend_from_slice(&out);
+        }
+    }
+    y
+}
+
+/// ggml's `get_scale_min_k4`.
+fn scale_min_k4_ref(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
 #[test]
-fn k_quants_and_hqq_repack_to_the_same_weights() {
-    use crate::hqq;
+fn k_quants_repack_to_ggml_weights_exactly() {
     let mut rng = Rng::new(7);
     let (rows, cols) = (18, 512);
-    // Q4_K and Q5_K: random bytes with sane super-scales; compare with candle-free reference
-    // dequantization of the packing against the f32 product of its own dequantized rows.
-    for kind in [KQuant::Q4K, KQuant::Q5K] {
-        let mut data = Vec::new();
-        for _ in 0..rows * cols / 256 {
-            let mut block: Vec<u8> = (0..kind.block_bytes())
-                .map(|_| rng.next_u64() as u8)
-                .collect();
-            block[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
-            block[2..4].copy_from_slice(&f16::from_f32(0.005).to_le_bytes());
-            data.extend_from_slice(&block);
-        }
+    for kind in KQUANTS {
+        let data = random_kquant_blocks(&mut rng, kind, rows, cols);
         let w = from_kquant_blocks(kind, rows, cols, &data).unwrap();
-        // Sub-block 0 of row 0, by the ggml formula.
-        let d = 0.01f32;
-        let dmin = 0.005f32;
-        let (sc, m) = scale_min_k4_ref(0, &data[4..16]);
         let mut row = vec![0.0; cols];
-        w.dequantize_row(0, &mut row).unwrap();
-        let qs0 = if kind == KQuant::Q4K {
-            &data[16..]
-        } else {
-            &data[48..]
-        };
-        for l in 0..32 {
-            let mut q = qs0[l] & 0x0F;
-            if kind == KQuant::Q5K && data[16 + l] & 1 != 0 {
-                q += 16;
-            }
-            let want = f32::from(q) * (f16::from_f32(d).to_f32() * f32::from(sc))
-                - f16::from_f32(dmin).to_f32() * f32::from(m);
-            assert!(
-                (row[l] - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "{kind:?} {l}"
+        for r in 0..rows {
+            w.dequantize_row(r, &mut row).unwrap();
+            let want: Vec<f32> = data[r * cols / 256 * kind.block_bytes()..]
+                .chunks_exact(kind.block_bytes())
+                .take(cols / 256)
+                .flat_map(|b| ggml_kquant(kind, b))
+                .collect();
+            assert_eq!(
+                row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{kind:?} row {r}"
             );
         }
         check_against_its_weights(&w, &mut rng);
     }
+}
+
+#[test]
+fn hqq_repacks_to_the_same_weights() {
+    use crate::hqq;
+    let mut rng = Rng::new(8);
+    let (rows, cols) = (18, 512);
     for bits in [4, 8] {
         let group = if bits == 4 { 32 } else { 64 };
         let x = rng.normal_vec(rows * cols, 0.05);
@@ -425,10 +632,6 @@ fn k_quants_and_hqq_repack_to_the_same_weights() {
         }
         check_against_its_weights(&w, &mut rng);
     }
-}
-
-fn scale_min_k4_ref(j: usize, q: &[u8]) -> (u8, u8) {
-    (q[j] & 63, q[j + 4] & 63)
 }
 
 /// The int8 product at every level is close to the f32 product with the matrix's own weights,

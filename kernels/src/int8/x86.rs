@@ -11,20 +11,23 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m256i, __m512, _MM_HINT_T0, _mm_prefetch, _mm256_abs_epi8, _mm256_add_epi32,
+    __m256, __m256i, __m512, __m512i, _MM_HINT_T0, _mm_prefetch, _mm256_abs_epi8, _mm256_add_epi32,
     _mm256_and_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32,
     _mm256_fmadd_ps, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8,
     _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256,
-    _mm256_sign_epi8, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256, _mm512_add_epi32,
-    _mm512_and_si512, _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_dpbusd_epi32, _mm512_fmadd_ps,
-    _mm512_mul_ps, _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
-    _mm512_setzero_si512, _mm512_srli_epi16, _mm512_sub_epi32,
+    _mm256_sign_epi8, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256, _mm512_abs_ps,
+    _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps, _mm512_cvtph_ps,
+    _mm512_cvtps_epi32, _mm512_fmadd_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
+    _mm512_reduce_add_epi32, _mm512_reduce_max_ps, _mm512_roundscale_ps, _mm512_set1_epi8,
+    _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_srli_epi16,
+    _mm512_sub_epi32,
 };
 
 use super::{ActRow, Codes, PackedMatrix, PlaneRow, TILE_ROWS};
 use crate::cpu::{Avx2, Avx512Vnni, AvxVnni};
 use crate::x86::{
-    load_f32x8_le, load_f32x16_le, load_i256, load_i512, load_u8x16, store_f32x8, store_f32x16,
+    load_f32x8_le, load_f32x16, load_f32x16_le, load_i256, load_i512, load_u8x16, store_f32x8,
+    store_f32x16, store_i128,
 };
 
 /// The 8 quads (four codes each, what one `vpdpbusd` lane multiplies) of block `b` of a plane
@@ -124,11 +127,17 @@ fn tile_avx512vnni_impl(
     let two = rows.first().is_some_and(|r| r.lo.is_some());
     macro_rules! go {
         ($t:literal, $n:literal) => {
-            match (nib, two) {
-                (true, false) => tile_512::<$t, $n, true, false>(w, tiles, rows, out),
-                (false, false) => tile_512::<$t, $n, false, false>(w, tiles, rows, out),
-                (true, true) => tile_512::<$t, $n, true, true>(w, tiles, rows, out),
-                (false, true) => tile_512::<$t, $n, false, true>(w, tiles, rows, out),
+            match (nib, two, w.format.sub16) {
+                (true, false, false) => tile_512::<$t, $n, true, false, false>(w, tiles, rows, out),
+                (false, false, false) => {
+                    tile_512::<$t, $n, false, false, false>(w, tiles, rows, out)
+                }
+                (true, true, false) => tile_512::<$t, $n, true, true, false>(w, tiles, rows, out),
+                (false, true, false) => tile_512::<$t, $n, false, true, false>(w, tiles, rows, out),
+                (true, false, true) => tile_512::<$t, $n, true, false, true>(w, tiles, rows, out),
+                (false, false, true) => tile_512::<$t, $n, false, false, true>(w, tiles, rows, out),
+                (true, true, true) => tile_512::<$t, $n, true, true, true>(w, tiles, rows, out),
+                (false, true, true) => tile_512::<$t, $n, false, true, true>(w, tiles, rows, out),
             }
         };
     }
@@ -160,14 +169,15 @@ macro_rules! unroll_tiles {
     }};
 }
 
-/// The integer sums `Σ c · q` of one block, for `$T` tiles (their block bytes `$blocks`) and
-/// `$N` activation rows (one plane each, the quads `$q`): `[[__m512i; N]; T]`. Straight-line
+/// The integer sums `Σ c · q` over quads `$from..$to` of one block (all 8, or the 4 of one
+/// half), for `$T` tiles (their block bytes `$blocks`) and `$N` activation rows (one plane
+/// each, the quads `$q`): `[[__m512i; N]; T]`. Straight-line
 /// code with constant indices, so that the `T × N` sums (independent chains) stay in registers
 /// and each activation quad is broadcast once for all tiles. A macro rather than a function:
 /// a function would not be inlined (target features forbid `inline(always)`), and would return
 /// its vectors through memory.
 macro_rules! isums {
-    ($T:expr, $N:expr, $nib:expr, $blocks:expr, $code_bytes:expr, $q:expr) => {{
+    ($T:expr, $N:expr, $nib:expr, $blocks:expr, $code_bytes:expr, $q:expr, $from:expr, $to:expr) => {{
         let low = _mm512_set1_epi8(0x0F);
         // With few chains (one or two rows), even and odd quads go to separate sums, halving
         // the chain of dependent `vpdpbusd`s.
@@ -179,26 +189,28 @@ macro_rules! isums {
         });
         macro_rules! k {
             ($k:literal) => {{
-                let mut c = [_mm512_setzero_si512(); $T];
-                unroll_tiles!($T, t, {
-                    c[t] = if $nib {
-                        let p = load_i512(&g[t][$k % 4]);
-                        if $k < 4 {
-                            _mm512_and_si512(p, low)
-                        } else {
-                            _mm512_and_si512(_mm512_srli_epi16::<4>(p), low)
-                        }
-                    } else {
-                        load_i512(&g[t][$k])
-                    };
-                });
-                let h = if split { $k % 2 } else { 0 };
-                unroll_rows!($N, i, {
-                    let x = _mm512_set1_epi32($q[i][$k]);
+                if $from <= $k && $k < $to {
+                    let mut c = [_mm512_setzero_si512(); $T];
                     unroll_tiles!($T, t, {
-                        a[h][t][i] = _mm512_dpbusd_epi32(a[h][t][i], c[t], x);
+                        c[t] = if $nib {
+                            let p = load_i512(&g[t][$k % 4]);
+                            if $k < 4 {
+                                _mm512_and_si512(p, low)
+                            } else {
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(p), low)
+                            }
+                        } else {
+                            load_i512(&g[t][$k])
+                        };
                     });
-                });
+                    let h = if split { $k % 2 } else { 0 };
+                    unroll_rows!($N, i, {
+                        let x: &i32 = &$q[i][$k];
+                        unroll_tiles!($T, t, {
+                            a[h][t][i] = dpbusd_bcst!(a[h][t][i], c[t], x);
+                        });
+                    });
+                }
             }};
         }
         k!(0);
@@ -217,6 +229,28 @@ macro_rules! isums {
             });
         }
         a[0]
+    }};
+}
+
+/// `vpdpbusd` of `$c` with the quad `$x` (an `&i32`) broadcast from memory by the instruction
+/// itself (`{1to16}`): left to the compiler, the broadcasts of a block are hoisted into
+/// registers that do not exist, and spilled.
+macro_rules! dpbusd_bcst {
+    ($a:expr, $c:expr, $x:expr) => {{
+        let mut a: __m512i = $a;
+        let x: *const i32 = $x;
+        // SAFETY: `x` points at a live `i32` (a reference); the instruction reads those 4 bytes
+        // and writes only `a`. The caller's target features include AVX-512 VNNI.
+        unsafe {
+            std::arch::asm!(
+                "vpdpbusd {a}, {c}, dword ptr [{x}]{{1to16}}",
+                a = inout(zmm_reg) a,
+                c = in(zmm_reg) $c,
+                x = in(reg) x,
+                options(pure, readonly, nostack, preserves_flags),
+            );
+        }
+        a
     }};
 }
 
@@ -249,7 +283,7 @@ fn lanes_512(bytes: &[u8], f32s: bool) -> __m512 {
 /// run as independent chains. `out` is `[T][N][16]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[inline]
-fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool>(
+fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, const SUB: bool>(
     w: &PackedMatrix,
     tiles: &[&[u8]],
     rows: &[ActRow<'_>],
@@ -262,6 +296,7 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool>(
         TILE_ROWS * f.scale_bytes(),
         f.block_stride(),
     );
+    let subs = if SUB { 2 } else { 1 };
     let (hi, lo) = planes::<N>(rows);
     let mut acc = [[_mm512_setzero_ps(); N]; T];
     // No closures below: they would not inherit the target features, and would not inline.
@@ -280,24 +315,25 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool>(
             hq[i] = codes_of(&hi[i], b);
             lq[i] = codes_of(&lo[i], b);
         });
-        let mut s = [_mm512_setzero_ps(); T];
-        unroll_tiles!(T, t, {
-            s[t] = lanes_512(&blocks[t][code_bytes..], f32s);
-        });
-        // One plane at a time (fewer live vectors): `acc ← fma(Σ, s·d)` for the value's
-        // plane, then for the residual's, then the minimums' terms: the scalar kernel's order.
+        // One plane at a time (fewer live vectors), and within it one sub-block at a time:
+        // `acc ← fma(Σ, s·d)` for the value's plane, then for the residual's, then the
+        // minimums' terms: the scalar kernel's order.
         macro_rules! plane {
             ($q:expr, $p:expr) => {{
-                let sums = isums!(T, N, NIB, blocks, code_bytes, $q);
-                unroll_tiles!(T, t, {
-                    unroll_rows!(N, i, {
-                        let p = &$p[i];
-                        let isum =
-                            _mm512_sub_epi32(sums[t][i], _mm512_set1_epi32(offset * p.sum[b]));
-                        let sd = _mm512_mul_ps(s[t], _mm512_set1_ps(p.d[b]));
-                        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, acc[t][i]);
+                for h in 0..subs {
+                    let (from, to) = if SUB { (4 * h, 4 * h + 4) } else { (0, 8) };
+                    let sums = isums!(T, N, NIB, blocks, code_bytes, $q, from, to);
+                    unroll_tiles!(T, t, {
+                        let s = lanes_512(&blocks[t][code_bytes + h * scale_bytes..], f32s);
+                        unroll_rows!(N, i, {
+                            let p = &$p[i];
+                            let q_sum = _mm512_set1_epi32(offset * p.sub_sum(b, h, subs));
+                            let isum = _mm512_sub_epi32(sums[t][i], q_sum);
+                            let sd = _mm512_mul_ps(s, _mm512_set1_ps(p.d[b]));
+                            acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, acc[t][i]);
+                        });
                     });
-                });
+                }
             }};
         }
         plane!(hq, hi);
@@ -306,14 +342,14 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool>(
         }
         if has_min {
             unroll_tiles!(T, t, {
-                let m = lanes_512(&blocks[t][code_bytes + scale_bytes..], f32s);
+                let mins = &blocks[t][code_bytes + subs * scale_bytes..];
                 unroll_rows!(N, i, {
-                    let (h, l) = (&hi[i], &lo[i]);
-                    acc[t][i] =
-                        _mm512_fmadd_ps(m, _mm512_set1_ps(h.d[b] * h.sum[b] as f32), acc[t][i]);
-                    if TWO {
-                        let ds = _mm512_set1_ps(l.d[b] * l.sum[b] as f32);
-                        acc[t][i] = _mm512_fmadd_ps(m, ds, acc[t][i]);
+                    for p in [&hi[i], &lo[i]].into_iter().take(1 + usize::from(TWO)) {
+                        for h in 0..subs {
+                            let m = lanes_512(&mins[h * scale_bytes..], f32s);
+                            let ds = _mm512_set1_ps(p.d[b] * p.sub_sum(b, h, subs) as f32);
+                            acc[t][i] = _mm512_fmadd_ps(m, ds, acc[t][i]);
+                        }
                     }
                 });
             });
@@ -382,15 +418,16 @@ fn lanes_256(bytes: &[u8], h: usize, f32s: bool) -> __m256 {
     }
 }
 
-/// `Σ_k c[k] · q[4k..4k + 4]` per lane with VNNI, in two chains.
+/// `Σ_k c[k] · q[4k..4k + 4]` per lane with VNNI, in two chains (`c` and `q` of an even
+/// length).
 #[target_feature(enable = "avx2,avxvnni")]
 #[inline]
-fn dot_vnni(c: &[__m256i; 8], q: &[i32; 8], _signed: bool) -> __m256i {
+fn dot_vnni(c: &[__m256i], q: &[i32], _signed: bool) -> __m256i {
     let mut a = _mm256_setzero_si256();
     let mut b = _mm256_setzero_si256();
-    for k in (0..8).step_by(2) {
-        a = _mm256_dpbusd_avx_epi32(a, c[k], _mm256_set1_epi32(q[k]));
-        b = _mm256_dpbusd_avx_epi32(b, c[k + 1], _mm256_set1_epi32(q[k + 1]));
+    for (c, q) in c.chunks_exact(2).zip(q.chunks_exact(2)) {
+        a = _mm256_dpbusd_avx_epi32(a, c[0], _mm256_set1_epi32(q[0]));
+        b = _mm256_dpbusd_avx_epi32(b, c[1], _mm256_set1_epi32(q[1]));
     }
     _mm256_add_epi32(a, b)
 }
@@ -399,11 +436,11 @@ fn dot_vnni(c: &[__m256i; 8], q: &[i32; 8], _signed: bool) -> __m256i {
 /// holds signed codes.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn dot_madd(c: &[__m256i; 8], q: &[i32; 8], signed: bool) -> __m256i {
+fn dot_madd(c: &[__m256i], q: &[i32], signed: bool) -> __m256i {
     let ones = _mm256_set1_epi16(1);
     let mut a = _mm256_setzero_si256();
-    for (k, c) in c.iter().enumerate() {
-        let x = _mm256_set1_epi32(q[k]);
+    for (c, &q) in c.iter().zip(q) {
+        let x = _mm256_set1_epi32(q);
         let pairs = if signed {
             _mm256_maddubs_epi16(_mm256_abs_epi8(*c), _mm256_sign_epi8(x, *c))
         } else {
@@ -427,7 +464,9 @@ macro_rules! tile_256 {
             out: &mut [f32],
         ) {
             let f = w.format;
-            let (has_min, f32s) = (f.has_min, f.f32_scales);
+            let (has_min, f32s, subs) = (f.has_min, f.f32_scales, f.subs());
+            // Quads per sub-block.
+            let width = 8 / subs;
             let signed: bool = $signed_codes(f);
             // Signed codes already hold the offset.
             let offset = if signed { 0 } else { f.offset };
@@ -437,62 +476,51 @@ macro_rules! tile_256 {
             let low = _mm256_set1_epi8(0x0F);
             let flip = _mm256_set1_epi8(-128);
             for (b, block) in tile.chunks_exact(f.block_stride()).enumerate() {
-                let (codes, rest) = block.split_at(code_bytes);
+                let (codes, scales) = block.split_at(code_bytes);
+                let mins = &scales[subs * scale_bytes..];
                 let g = codes.as_chunks::<64>().0;
-                for h in 0..2 {
+                for half in 0..2 {
                     let mut c = [_mm256_setzero_si256(); 8];
                     if NIB {
                         for k in 0..4 {
-                            let p = load_i256(&g[k].as_chunks::<32>().0[h]);
+                            let p = load_i256(&g[k].as_chunks::<32>().0[half]);
                             c[k] = _mm256_and_si256(p, low);
                             c[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(p), low);
                         }
                     } else {
                         for k in 0..8 {
-                            let p = load_i256(&g[k].as_chunks::<32>().0[h]);
+                            let p = load_i256(&g[k].as_chunks::<32>().0[half]);
                             c[k] = if signed { _mm256_xor_si256(p, flip) } else { p };
                         }
                     }
-                    let s = lanes_256(rest, h, f32s);
-                    let m = if has_min {
-                        lanes_256(&rest[scale_bytes..], h, f32s)
-                    } else {
-                        _mm256_setzero_ps()
-                    };
                     unroll_rows!(N, i, {
-                        let mut a = acc[i][h];
-                        let (hp, lp) = (&hi[i], &lo[i]);
-                        let isum = _mm256_sub_epi32(
-                            $dot(&c, codes_of(hp, b), signed),
-                            _mm256_set1_epi32(offset * hp.sum[b]),
-                        );
-                        a = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(isum),
-                            _mm256_mul_ps(s, _mm256_set1_ps(hp.d[b])),
-                            a,
-                        );
-                        if TWO {
-                            let isum = _mm256_sub_epi32(
-                                $dot(&c, codes_of(lp, b), signed),
-                                _mm256_set1_epi32(offset * lp.sum[b]),
-                            );
-                            a = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(isum),
-                                _mm256_mul_ps(s, _mm256_set1_ps(lp.d[b])),
-                                a,
-                            );
-                        }
-                        if has_min {
-                            a = _mm256_fmadd_ps(m, _mm256_set1_ps(hp.d[b] * hp.sum[b] as f32), a);
-                            if TWO {
+                        let mut a = acc[i][half];
+                        for p in [&hi[i], &lo[i]].into_iter().take(1 + usize::from(TWO)) {
+                            let q = codes_of(p, b);
+                            for h in 0..subs {
+                                let s = lanes_256(&scales[h * scale_bytes..], half, f32s);
+                                let k = h * width..(h + 1) * width;
+                                let isum = _mm256_sub_epi32(
+                                    $dot(&c[k.clone()], &q[k], signed),
+                                    _mm256_set1_epi32(offset * p.sub_sum(b, h, subs)),
+                                );
                                 a = _mm256_fmadd_ps(
-                                    m,
-                                    _mm256_set1_ps(lp.d[b] * lp.sum[b] as f32),
+                                    _mm256_cvtepi32_ps(isum),
+                                    _mm256_mul_ps(s, _mm256_set1_ps(p.d[b])),
                                     a,
                                 );
                             }
                         }
-                        acc[i][h] = a;
+                        if has_min {
+                            for p in [&hi[i], &lo[i]].into_iter().take(1 + usize::from(TWO)) {
+                                for h in 0..subs {
+                                    let m = lanes_256(&mins[h * scale_bytes..], half, f32s);
+                                    let ds = p.d[b] * p.sub_sum(b, h, subs) as f32;
+                                    a = _mm256_fmadd_ps(m, _mm256_set1_ps(ds), a);
+                                }
+                            }
+                        }
+                        acc[i][half] = a;
                     });
                 }
             }
@@ -522,3 +550,55 @@ tile_256!(
     no_signed_codes
 );
 tile_256!(tile_madd, "avx2,fma,f16c", dot_madd, signed_codes);
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+
+/// [`super::act::quantize_block`] for every block of `x`, 32 values as two vectors, with the
+/// same operations (so the same codes, scales and sums).
+pub(super) fn quantize_blocks_512(
+    token: Avx512Vnni,
+    x: &[f32],
+    q: &mut [i32],
+    d: &mut [f32],
+    sum: &mut [i32],
+    half: &mut [i32],
+) {
+    // SAFETY: the `Avx512Vnni` token proves the CPU supports AVX-512F/BW, AVX2 and FMA.
+    unsafe { quantize_blocks_512_impl(token, x, q, d, sum, half) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+fn quantize_blocks_512_impl(
+    _: Avx512Vnni,
+    x: &[f32],
+    q: &mut [i32],
+    d: &mut [f32],
+    sum: &mut [i32],
+    half: &mut [i32],
+) {
+    let blocks = x.as_chunks::<32>().0;
+    let quads = q.as_chunks_mut::<8>().0;
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    for ((((x, q), d), sum), half) in blocks.iter().zip(quads).zip(d).zip(sum).zip(half) {
+        let [a, b] = x.as_chunks::<16>().0 else {
+            continue;
+        };
+        let (a, b) = (load_f32x16(a), load_f32x16(b));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        *d = amax / 127.0;
+        let id = _mm512_set1_ps(if *d > 0.0 { 1.0 / *d } else { 0.0 });
+        let code = |v: __m512| {
+            // Round to nearest, ties to even, then clamp: the scalar order.
+            let r = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(v, id));
+            _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi))
+        };
+        let (qa, qb) = (code(a), code(b));
+        *half = _mm512_reduce_add_epi32(qa);
+        *sum = *half + _mm512_reduce_add_epi32(qb);
+        let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
+        for (quads, v) in q.as_chunks_mut::<4>().0.iter_mut().zip(bytes) {
+            store_i128(quads, v);
+        }
+    }
+}

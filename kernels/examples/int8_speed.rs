@@ -1,0 +1,62 @@
+//! Speed of the int8 products on this CPU: `cargo run --release -p strata-kernels --example
+//! int8_speed`. Prints, per format, shape and batch, the time of one product and its rate in
+//! billions of weight-activation multiply-adds per second (per activation plane).
+
+use std::time::Instant;
+
+use strata_kernels::ggml::BlockType;
+use strata_kernels::int8::{Precision, QuantizedActivations, from_ggml_blocks};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for dtype in [BlockType::Q4_1, BlockType::Q8_0] {
+        for (rows, cols) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
+            let blocks = rows * cols / dtype.block_size();
+            let mut data = Vec::with_capacity(blocks * dtype.block_bytes());
+            for _ in 0..blocks {
+                let mut b: Vec<u8> = (0..dtype.block_bytes()).map(|_| next() as u8).collect();
+                b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+                if dtype == BlockType::Q4_1 {
+                    b[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
+                }
+                data.extend_from_slice(&b);
+            }
+            let w = from_ggml_blocks(dtype, rows, cols, &data)?;
+            for m in [1usize, 4, 16, 64] {
+                for precision in [Precision::Int8, Precision::Int8x2] {
+                    let x: Vec<f32> = (0..m * cols)
+                        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let mut q = QuantizedActivations::default();
+                    let mut out = vec![0.0f32; m * rows];
+                    q.quantize_from(&x, m, cols, precision)?;
+                    w.matmul_quantized(&q, &mut out)?;
+                    // The best of several rounds: other tenants of the machine only slow a
+                    // round down.
+                    let reps = (400_000_000 / (m * rows * cols)).clamp(2, 400);
+                    let mut s = f64::INFINITY;
+                    for _ in 0..7 {
+                        let t = Instant::now();
+                        for _ in 0..reps {
+                            q.quantize_from(&x, m, cols, precision)?;
+                            w.matmul_quantized(&q, &mut out)?;
+                        }
+                        s = s.min(t.elapsed().as_secs_f64() / reps as f64);
+                    }
+                    println!(
+                        "{dtype:?} {rows}x{cols} m={m:<3} {precision:?}: {:8.1} us, {:6.1} GMAC/s",
+                        s * 1e6,
+                        (m * rows * cols) as f64 / s / 1e9
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

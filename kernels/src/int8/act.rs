@@ -1,0 +1,279 @@
+//! Activations quantized for the int8 products: per row and block of [`QBLOCK`], one 8-bit
+//! plane (or two, the second quantizing what the first leaves), with each block's scale, code
+//! sum and the sum of its first half (what formats with 16-wide sub-blocks subtract).
+
+use super::{Precision, QBLOCK, ROW_GROUP};
+use crate::cpu::{self, Int8Level};
+use crate::error::KernelError;
+use crate::matrix::{check_len, checked_len};
+
+/// One quantization of `[rows, cols]` values: codes, per-block scales and per-block code sums.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Plane {
+    /// `[rows][cols / 4]` codes, four to a little-endian `i32` (what a 32-bit lane of
+    /// `vpdpbusd` multiplies).
+    pub(super) q: Vec<i32>,
+    /// `[rows][cols / 32]` scales `d`.
+    pub(super) d: Vec<f32>,
+    /// `[rows][cols / 32]` block sums `Σ q`.
+    pub(super) sum: Vec<i32>,
+    /// `[rows][cols / 32]` sums of the first 16 codes of each block.
+    pub(super) half: Vec<i32>,
+}
+
+impl Plane {
+    fn resize(&mut self, values: usize, blocks: usize) {
+        self.q.resize(values / 4, 0);
+        self.d.resize(blocks, 0.0);
+        self.sum.resize(blocks, 0);
+        self.half.resize(blocks, 0);
+    }
+
+    fn row(&self, i: usize, cols: usize) -> PlaneRow<'_> {
+        let blocks = cols / QBLOCK;
+        PlaneRow {
+            q: &self.q[i * cols / 4..][..cols / 4],
+            d: &self.d[i * blocks..][..blocks],
+            sum: &self.sum[i * blocks..][..blocks],
+            half: &self.half[i * blocks..][..blocks],
+        }
+    }
+}
+
+/// Activations `[rows, cols]` quantized to 8 bits per block of [`QBLOCK`]: once, or twice for
+/// the rows quantized at [`Precision::Int8x2`].
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedActivations {
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) hi: Plane,
+    /// The residual's quantization, for the rows that have one.
+    pub(super) lo: Plane,
+    /// Per row, whether it has the second plane.
+    two: Vec<bool>,
+}
+
+impl QuantizedActivations {
+    /// Quantizes `x` (`[rows, cols]`, row-major) to one 8-bit code per value.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::InvalidShape`] if `cols` is not a multiple of [`QBLOCK`];
+    /// [`KernelError::LengthMismatch`] if `x.len() != rows * cols`.
+    pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        let mut q = QuantizedActivations::default();
+        q.quantize_from(x, rows, cols, Precision::Int8)?;
+        Ok(q)
+    }
+
+    /// Quantizes every row of `x` at `precision` into this value's buffers (no allocation once
+    /// they are large enough).
+    ///
+    /// # Errors
+    ///
+    /// As [`QuantizedActivations::quantize`].
+    pub fn quantize_from(
+        &mut self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        precision: Precision,
+    ) -> Result<(), KernelError> {
+        self.quantize_rows(x, rows, cols, |_| precision)
+    }
+
+    /// Quantizes row `i` of `x` at `precision(i)`: a row's codes depend on the row alone.
+    ///
+    /// # Errors
+    ///
+    /// As [`QuantizedActivations::quantize`].
+    pub fn quantize_rows(
+        &mut self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        precision: impl Fn(usize) -> Precision,
+    ) -> Result<(), KernelError> {
+        if !cols.is_multiple_of(QBLOCK) {
+            return Err(KernelError::InvalidShape(format!(
+                "int8 activations need a multiple of {QBLOCK} columns, got {cols}"
+            )));
+        }
+        check_len(
+            "activations",
+            x.len(),
+            checked_len("activations", rows, cols)?,
+        )?;
+        let blocks = rows * (cols / QBLOCK);
+        self.rows = rows;
+        self.cols = cols;
+        self.two.clear();
+        self.two
+            .extend((0..rows).map(|i| precision(i) == Precision::Int8x2));
+        self.hi.resize(rows * cols, blocks);
+        let hi = &mut self.hi;
+        match cpu::int8_level() {
+            #[cfg(target_arch = "x86_64")]
+            Int8Level::Avx512Vnni(t) => super::x86::quantize_blocks_512(
+                t,
+                x,
+                &mut hi.q,
+                &mut hi.d,
+                &mut hi.sum,
+                &mut hi.half,
+            ),
+            _ => {
+                for ((((x, q), d), sum), half) in x
+                    .chunks_exact(QBLOCK)
+                    .zip(hi.q.chunks_exact_mut(QBLOCK / 4))
+                    .zip(&mut hi.d)
+                    .zip(&mut hi.sum)
+                    .zip(&mut hi.half)
+                {
+                    (*d, *sum, *half) = quantize_block(x, q);
+                }
+            }
+        }
+        if self.two.iter().any(|&t| t) {
+            self.lo.resize(rows * cols, blocks);
+            let per_row = cols / QBLOCK;
+            let mut residual = [0.0f32; QBLOCK];
+            for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
+                if !self.two[b / per_row] {
+                    continue;
+                }
+                let q = quad_bytes(&self.hi.q[b * QBLOCK / 4..][..QBLOCK / 4]);
+                let d = self.hi.d[b];
+                for ((r, &x), &q) in residual.iter_mut().zip(x).zip(&q) {
+                    *r = x - d * f32::from(q);
+                }
+                (self.lo.d[b], self.lo.sum[b], self.lo.half[b]) =
+                    quantize_block(&residual, &mut self.lo.q[b * QBLOCK / 4..][..QBLOCK / 4]);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The precision row `i` was quantized at.
+    pub fn precision(&self, i: usize) -> Precision {
+        if self.two.get(i).copied().unwrap_or(false) {
+            Precision::Int8x2
+        } else {
+            Precision::Int8
+        }
+    }
+
+    /// Row `i`: its planes.
+    pub(super) fn row(&self, i: usize) -> ActRow<'_> {
+        ActRow {
+            hi: self.hi.row(i, self.cols),
+            lo: self.two[i].then(|| self.lo.row(i, self.cols)),
+        }
+    }
+}
+
+/// The rows `range` of `rows` as runs of at most [`ROW_GROUP`] consecutive rows of one
+/// precision (a row's result never depends on its run).
+pub(super) fn precision_runs(
+    rows: &[ActRow<'_>],
+    range: std::ops::Range<usize>,
+) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for i in range {
+        match runs.last_mut() {
+            Some(g)
+                if g.len() < ROW_GROUP && rows[g.start].lo.is_some() == rows[i].lo.is_some() =>
+            {
+                g.end = i + 1
+            }
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
+/// One quantized activation row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ActRow<'a> {
+    pub(crate) hi: PlaneRow<'a>,
+    pub(crate) lo: Option<PlaneRow<'a>>,
+}
+
+impl<'a> ActRow<'a> {
+    /// The row's planes: the value's codes, then (with [`Precision::Int8x2`]) the residual's.
+    #[inline(always)]
+    pub(crate) fn planes(&self) -> impl Iterator<Item = PlaneRow<'a>> + use<'a> {
+        std::iter::once(self.hi).chain(self.lo)
+    }
+}
+
+/// One plane of one activation row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlaneRow<'a> {
+    /// Codes, four to an `i32`.
+    pub(crate) q: &'a [i32],
+    pub(crate) d: &'a [f32],
+    pub(crate) sum: &'a [i32],
+    /// Sums of the first 16 codes of each block.
+    pub(crate) half: &'a [i32],
+}
+
+impl PlaneRow<'_> {
+    /// `Σ q` over sub-block `h` of block `b`: the whole block (`subs` 1) or its half `h`
+    /// (`subs` 2).
+    #[inline(always)]
+    pub(crate) fn sub_sum(&self, b: usize, h: usize, subs: usize) -> i32 {
+        match (subs, h) {
+            (1, _) => self.sum[b],
+            (_, 0) => self.half[b],
+            _ => self.sum[b] - self.half[b],
+        }
+    }
+
+    /// The codes of block `b`.
+    pub(crate) fn block(&self, b: usize) -> [i8; QBLOCK] {
+        quad_bytes(&self.q[b * QBLOCK / 4..][..QBLOCK / 4])
+    }
+}
+
+/// The 32 codes of 8 quads.
+fn quad_bytes(quads: &[i32]) -> [i8; QBLOCK] {
+    let mut out = [0i8; QBLOCK];
+    for (o, q) in out.chunks_exact_mut(4).zip(quads) {
+        for (o, b) in o.iter_mut().zip(q.to_le_bytes()) {
+            *o = b as i8;
+        }
+    }
+    out
+}
+
+/// Quantizes one block into 8 quads: `(d, Σ q, Σ q of the first 16)`. Rounds to nearest, ties
+/// to even, as llama.cpp's SIMD quantizers (`_mm256_round_ps`) do.
+pub(super) fn quantize_block(x: &[f32], quads: &mut [i32]) -> (f32, i32, i32) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (mut sum, mut half) = (0i32, 0i32);
+    for (k, (quad, x)) in quads.iter_mut().zip(x.chunks_exact(4)).enumerate() {
+        if k == QBLOCK / 8 {
+            half = sum;
+        }
+        let mut bytes = [0u8; 4];
+        for (b, &x) in bytes.iter_mut().zip(x) {
+            // |x · id| ≤ 127 (up to rounding of `id`), so the clamp only guards the last ulp.
+            let v = (x * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+            *b = v as u8;
+            sum += i32::from(v);
+        }
+        *quad = i32::from_le_bytes(bytes);
+    }
+    (d, sum, half)
+}
