@@ -111,6 +111,15 @@ async fn check_served(
         .expect("model info")
         .into_inner();
     assert_eq!(info.workers.len(), workers, "{info:?}");
+    for w in &info.workers {
+        // Each worker says which kernels it picked for this CPU.
+        assert!(
+            w.kernels.starts_with("f32 ") && w.kernels.contains(", int8 "),
+            "worker {} reports kernels {:?}",
+            w.address,
+            w.kernels
+        );
+    }
     let route = info
         .route
         .iter()

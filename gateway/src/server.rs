@@ -283,6 +283,7 @@ fn model_info(
                 rss_bytes: w.rss_bytes,
                 peak_rss_bytes: w.peak_rss_bytes,
                 load_seconds: w.load_seconds,
+                kernels: w.kernels.clone(),
                 error: w.error.clone(),
             })
             .collect(),

@@ -31,6 +31,8 @@ pub struct WorkerInfo {
     pub rss_bytes: u64,
     pub peak_rss_bytes: u64,
     pub load_seconds: f64,
+    /// The compute kernels the worker picked for its CPU.
+    pub kernels: String,
     pub error: String,
 }
 
@@ -183,6 +185,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
             rss_bytes: 0,
             peak_rss_bytes: 0,
             load_seconds: 0.0,
+            kernels: String::new(),
             error: String::new(),
         });
     }
@@ -282,7 +285,7 @@ async fn load_one(
                 progress.update(p.done as usize, p.total as usize, &p.tensor);
             }
             Some(load_event::Event::Loaded(l)) => {
-                tracing::info!(worker = %info.address, device = %info.device, data = %l.data_address, weight_bytes = l.weight_bytes, seconds = l.load_seconds, "worker loaded");
+                tracing::info!(worker = %info.address, device = %info.device, data = %l.data_address, weight_bytes = l.weight_bytes, seconds = l.load_seconds, kernels = %l.kernels, "worker loaded");
                 workers.update(&info.address, |w| {
                     w.state = WorkerState::Ready;
                     w.data_address = l.data_address.clone();
@@ -290,6 +293,7 @@ async fn load_one(
                     w.rss_bytes = l.rss_bytes;
                     w.peak_rss_bytes = l.peak_rss_bytes;
                     w.load_seconds = l.load_seconds;
+                    w.kernels = l.kernels.clone();
                 });
                 return Ok((info.address.clone(), client));
             }

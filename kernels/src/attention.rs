@@ -1,9 +1,11 @@
 //! Causal attention over a paged KV cache, in f32.
 //!
-//! The cache of one layer is a pool of fixed-size blocks shared by all sequences. `k_pool` and
-//! `v_pool` are laid out `[block][kv_head][slot][head_dim]`, `block_size` slots per block. A
-//! sequence owns the blocks listed in its block table: position `p` lives in block
-//! `block_table[p / block_size]`, slot `p % block_size`.
+//! The cache of one layer is a pool of fixed-size blocks shared by all sequences, `block_size`
+//! slots per block. `v_pool` is laid out `[block][kv_head][slot][head_dim]`; `k_pool` holds each
+//! block's keys transposed, `[block][kv_head][head_dim][slot]`, so that the scores of a run of
+//! slots are one vector per dimension of the query (`Σ_d q[d] · K[d][slots]`: broadcast
+//! multiply-adds, no horizontal sums). A sequence owns the blocks listed in its block table:
+//! position `p` lives in block `block_table[p / block_size]`, slot `p % block_size`.
 //!
 //! Each (query token, head) pair is computed with an online softmax (as in FlashAttention):
 //! keys are visited in runs of consecutive slots, the scores of a run are kept on the stack, and
@@ -66,9 +68,10 @@ impl AttentionShape {
             .ok_or_else(|| overflow("KV block"))
     }
 
-    /// Offset in a pool of the vector of `kv_head` at `slot` of `block`.
-    fn offset(&self, block: usize, kv_head: usize, slot: usize) -> usize {
-        ((block * self.n_kv_heads + kv_head) * self.block_size + slot) * self.head_dim
+    /// Offset in a pool of the part of `block` that holds `kv_head`: in `v_pool` its first
+    /// value vector, in `k_pool` its `[head_dim][block_size]` transposed keys.
+    fn head_offset(&self, block: usize, kv_head: usize) -> usize {
+        (block * self.n_kv_heads + kv_head) * self.block_size * self.head_dim
     }
 }
 
@@ -175,9 +178,12 @@ pub fn write_kv(
         let block = block_table[pos / shape.block_size] as usize;
         let slot = pos % shape.block_size;
         for (kv_head, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-            let at = shape.offset(block, kv_head, slot);
-            k_pool[at..at + hd].copy_from_slice(k);
-            v_pool[at..at + hd].copy_from_slice(v);
+            let at = shape.head_offset(block, kv_head);
+            let keys = &mut k_pool[at..at + hd * shape.block_size];
+            for (d, &k) in k.iter().enumerate() {
+                keys[d * shape.block_size + slot] = k;
+            }
+            v_pool[at + slot * hd..][..hd].copy_from_slice(v);
         }
     }
     Ok(())
@@ -434,16 +440,14 @@ impl PagedAttention<'_> {
             let slot = pos % bs;
             let n = (bs - slot).min(last + 1 - pos).min(RUN);
             let block = self.block_table[pos / bs] as usize;
-            let at = shape.offset(block, kv_head, slot);
-            let keys = &self.k_pool[at..at + n * hd];
-            let values = &self.v_pool[at..at + n * hd];
+            let at = shape.head_offset(block, kv_head);
+            let keys = &self.k_pool[at..at + hd * bs];
+            let values = &self.v_pool[at + slot * hd..][..n * hd];
             let scores = &mut scores[..n];
 
             let heads = q.chunks_exact(hd).zip(out.chunks_exact_mut(hd));
             for ((q, out), (max, denominator)) in heads.zip(max.iter_mut().zip(&mut denominator)) {
-                for (score, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                    *score = ops.dot(q, key) * self.scale;
-                }
+                ops.scores(q, keys, bs, slot, self.scale, scores);
                 let run_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 if run_max > *max {
                     // Rescale what has been accumulated so far to the new maximum (a no-op on
@@ -456,10 +460,8 @@ impl PagedAttention<'_> {
                 // The run's weights, exponentiated together (the same bits at every level).
                 scores.iter_mut().for_each(|s| *s -= *max);
                 math::exp_in_place(scores);
-                for (&weight, value) in scores.iter().zip(values.chunks_exact(hd)) {
-                    *denominator += weight;
-                    ops.axpy(out, weight, value);
-                }
+                *denominator += scores.iter().sum::<f32>();
+                ops.accumulate(out, scores, values);
             }
             pos += n;
         }
@@ -482,40 +484,47 @@ fn head_batch(shape: &AttentionShape) -> usize {
 /// The vector primitives of the attention kernel, one implementation per SIMD level. All slices
 /// passed to one call have the same length.
 trait VectorOps: Copy {
-    /// `Σ a[i] · b[i]`.
-    fn dot(self, a: &[f32], b: &[f32]) -> f32;
-    /// `y[i] += a · x[i]`.
-    fn axpy(self, y: &mut [f32], a: f32, x: &[f32]);
+    /// The scores of `out.len()` consecutive slots from `slot` of one block's transposed keys
+    /// (`keys[d · block_size + s]`): `out[j] = scale · Σ_d q[d] · keys[d][slot + j]`, the sum
+    /// over `d` in order.
+    fn scores(
+        self,
+        q: &[f32],
+        keys: &[f32],
+        block_size: usize,
+        slot: usize,
+        scale: f32,
+        out: &mut [f32],
+    );
+    /// `y[i] += Σ_j w[j] · x[j][i]` (`x` is `w.len()` rows of `y.len()`), each element's terms
+    /// added in the order of `j`.
+    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]);
     /// `y[i] *= a`.
     fn scale(self, y: &mut [f32], a: f32);
 }
 
-/// Portable implementation: eight independent lanes, a shape LLVM vectorizes on any target.
+/// Portable implementation: loops over independent elements, a shape LLVM vectorizes.
 #[derive(Clone, Copy)]
 struct Portable;
 
-/// Lanes of [`Portable`].
-const LANES: usize = 8;
-
 impl VectorOps for Portable {
     #[inline(always)]
-    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-        let (a_chunks, a_tail) = a.as_chunks::<LANES>();
-        let (b_chunks, b_tail) = b.as_chunks::<LANES>();
-        let mut lanes = [0.0f32; LANES];
-        for (a, b) in a_chunks.iter().zip(b_chunks) {
-            for ((lane, a), b) in lanes.iter_mut().zip(a).zip(b) {
-                *lane += a * b;
+    fn scores(self, q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
+        out.fill(0.0);
+        for (&q, keys) in q.iter().zip(keys.chunks_exact(bs)) {
+            for (o, &k) in out.iter_mut().zip(&keys[slot..]) {
+                *o += q * k;
             }
         }
-        let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
-        lanes.iter().sum::<f32>() + tail
+        out.iter_mut().for_each(|o| *o *= scale);
     }
 
     #[inline(always)]
-    fn axpy(self, y: &mut [f32], a: f32, x: &[f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += a * x;
+    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]) {
+        for (&w, x) in w.iter().zip(x.chunks_exact(y.len())) {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y += w * x;
+            }
         }
     }
 

@@ -21,6 +21,13 @@ pub(crate) fn load_u8x16(bytes: &[u8; 16]) -> __m128i {
     unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
 }
 
+/// Loads four `i32` (16 bytes) (SSE2).
+#[inline]
+pub(crate) fn load_i128(src: &[i32; 4]) -> __m128i {
+    // SAFETY: `src` is 16 readable bytes, and `_mm_loadu_si128` has no alignment requirement.
+    unsafe { _mm_loadu_si128(src.as_ptr().cast()) }
+}
+
 /// Stores 16 bytes as four `i32` (SSE2).
 #[inline]
 pub(crate) fn store_i128(dst: &mut [i32; 4], v: __m128i) {

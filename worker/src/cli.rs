@@ -65,7 +65,7 @@ pub async fn run(
     health
         .set_serving::<strata_proto::worker::v1::worker_server::WorkerServer<crate::service::WorkerService>>()
         .await;
-    tracing::info!(%control, %data, cpu = strata_kernels::cpu::features(), "worker listening");
+    tracing::info!(%control, %data, kernels = %strata_kernels::cpu::summary(), "worker listening");
     // The launcher reads this line to learn the addresses.
     let line =
         serde_json::json!({"event": "listening", "control": control.to_string(), "data": data});

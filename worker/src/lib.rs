@@ -39,7 +39,7 @@ pub unsafe fn configure_threads(n: Option<usize>) {
     }
 }
 
-/// The SIMD level Strata's own kernels run at on this CPU (`avx512`, `avx2`, `scalar`).
-pub fn cpu_features() -> &'static str {
-    strata_kernels::cpu::features()
+/// The kernels Strata picked for this CPU, e.g. `f32 avx512, int8 avx512-vnni`.
+pub fn cpu_features() -> String {
+    strata_kernels::cpu::summary()
 }

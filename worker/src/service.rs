@@ -382,6 +382,7 @@ impl Worker for WorkerService {
                             rss_bytes: rss.current,
                             peak_rss_bytes: rss.peak,
                             load_seconds: started.elapsed().as_secs_f64(),
+                            kernels: strata_kernels::cpu::summary(),
                         })),
                     }));
                 }

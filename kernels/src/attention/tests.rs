@@ -146,6 +146,7 @@ fn matches_reference_at_every_level() {
         (shape(4, 1, 128, 16), 100, 7, Some(24)), // MQA with a sliding window
         (shape(2, 2, 8, 3), 29, 29, Some(5)),     // window crossing tiny blocks
         (shape(2, 1, 32, 128), 300, 3, None),     // runs longer than RUN within a block
+        (shape(2, 1, 264, 16), 35, 3, None),      // values held in registers in two groups
         (shape(4, 2, 48, 16), 33, 9, Some(1)),    // window of one: attends to itself
         (shape(4, 2, 48, 16), 33, 9, Some(1000)), // window longer than the context
         (shape(16, 1, 32, 8), 50, 2, None),       // two batches of 8 heads per KV head
@@ -253,16 +254,31 @@ fn write_kv_places_vectors_by_block_table() {
     let k: Vec<f32> = (0..3 * 2 * 3).map(|i| i as f32 + 1.0).collect();
     let v: Vec<f32> = k.iter().map(|x| -x).collect();
     write_kv(&shape, &mut k_pool, &mut v_pool, &table, 1, &k, &v, 3).unwrap();
-    let at = |block: usize, head: usize, slot: usize| shape.offset(block, head, slot);
+    // Values `[block][head][slot][dim]`; keys transposed within each block and head,
+    // `[block][head][dim][slot]`.
+    let head_at = |block: usize, head: usize| shape.head_offset(block, head);
     for (t, (block, slot)) in [(2, 1), (0, 0), (0, 1)].into_iter().enumerate() {
         for head in 0..2 {
             let src = (t * 2 + head) * 3;
-            assert_eq!(k_pool[at(block, head, slot)..][..3], k[src..src + 3]);
-            assert_eq!(v_pool[at(block, head, slot)..][..3], v[src..src + 3]);
+            assert_eq!(
+                v_pool[head_at(block, head) + slot * 3..][..3],
+                v[src..src + 3]
+            );
+            for d in 0..3 {
+                assert_eq!(k_pool[head_at(block, head) + d * 2 + slot], k[src + d]);
+            }
         }
     }
-    assert!(k_pool[at(2, 0, 0)..][..3].iter().all(|&x| x == 0.0));
-    assert!(k_pool[at(1, 0, 0)..at(2, 0, 0)].iter().all(|&x| x == 0.0));
+    // Block 2 slot 0 and all of block 1 are untouched.
+    for head in 0..2 {
+        assert!(v_pool[head_at(2, head)..][..3].iter().all(|&x| x == 0.0));
+        assert!((0..3).all(|d| k_pool[head_at(2, head) + d * 2] == 0.0));
+    }
+    assert!(
+        k_pool[head_at(1, 0)..head_at(2, 0)]
+            .iter()
+            .all(|&x| x == 0.0)
+    );
 }
 
 #[test]

@@ -8,14 +8,14 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    _mm256_add_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
-    _mm512_add_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_reduce_add_ps, _mm512_set1_ps,
-    _mm512_setzero_ps,
+    __m512, __mmask16, _mm256_add_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps,
+    _mm256_setzero_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps,
+    _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps,
 };
 
 use super::{PagedAttention, VectorOps};
 use crate::cpu::{Avx2, Avx512};
-use crate::x86::{hsum_f32x8, load_f32x8, load_f32x16, store_f32x8, store_f32x16};
+use crate::x86::{load_f32x8, load_f32x16, store_f32x8, store_f32x16};
 
 /// AVX-512 version of [`PagedAttention::attend`].
 pub(super) fn attend_avx512(
@@ -65,15 +65,15 @@ fn attend_avx2_impl(
 
 impl VectorOps for Avx512 {
     #[inline(always)]
-    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+    fn scores(self, q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
         // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
-        unsafe { dot_avx512(a, b) }
+        unsafe { scores_avx512(q, keys, bs, slot, scale, out) }
     }
 
     #[inline(always)]
-    fn axpy(self, y: &mut [f32], a: f32, x: &[f32]) {
+    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]) {
         // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
-        unsafe { axpy_avx512(y, a, x) }
+        unsafe { accumulate_avx512(y, w, x) }
     }
 
     #[inline(always)]
@@ -85,15 +85,15 @@ impl VectorOps for Avx512 {
 
 impl VectorOps for Avx2 {
     #[inline(always)]
-    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+    fn scores(self, q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
         // SAFETY: `self` proves the CPU supports AVX2 and FMA.
-        unsafe { dot_avx2(a, b) }
+        unsafe { scores_avx2(q, keys, bs, slot, scale, out) }
     }
 
     #[inline(always)]
-    fn axpy(self, y: &mut [f32], a: f32, x: &[f32]) {
+    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]) {
         // SAFETY: `self` proves the CPU supports AVX2 and FMA.
-        unsafe { axpy_avx2(y, a, x) }
+        unsafe { accumulate_avx2(y, w, x) }
     }
 
     #[inline(always)]
@@ -103,39 +103,135 @@ impl VectorOps for Avx2 {
     }
 }
 
+/// Query dimensions whose products go to separate accumulators (then summed pairwise): four
+/// independent chains of multiply-adds instead of one.
+const CHAINS: usize = 4;
+
+/// [`VectorOps::scores`] with AVX-512: 16 slots per vector (the last one masked), per query
+/// dimension one multiply-add of the broadcast `q[d]` with that dimension's keys.
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    let (a_vectors, a_tail) = a.as_chunks::<16>();
-    let (b_vectors, b_tail) = b.as_chunks::<16>();
-    // Two accumulators (even and odd vectors) halve the FMA dependency chain.
-    let (a_pairs, a_last) = a_vectors.as_chunks::<2>();
-    let (b_pairs, b_last) = b_vectors.as_chunks::<2>();
-    let mut even = _mm512_setzero_ps();
-    let mut odd = _mm512_setzero_ps();
-    for ([a0, a1], [b0, b1]) in a_pairs.iter().zip(b_pairs) {
-        even = _mm512_fmadd_ps(load_f32x16(a0), load_f32x16(b0), even);
-        odd = _mm512_fmadd_ps(load_f32x16(a1), load_f32x16(b1), odd);
+fn scores_avx512(q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
+    let n = out.len();
+    let mut j = 0;
+    while j < n {
+        let len = (n - j).min(16);
+        let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for (d, (&q, keys)) in q.iter().zip(keys.chunks_exact(bs)).enumerate() {
+            let k = &keys[slot + j..][..len];
+            // SAFETY: the mask covers `len` floats, all inside `k`.
+            let k = unsafe { _mm512_maskz_loadu_ps(mask, k.as_ptr()) };
+            acc[d % CHAINS] = _mm512_fmadd_ps(_mm512_set1_ps(q), k, acc[d % CHAINS]);
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let sum = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
+        let o = &mut out[j..j + len];
+        // SAFETY: the mask covers `len` floats, all inside `o`.
+        unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), mask, sum) };
+        j += len;
     }
-    if let ([a], [b]) = (a_last, b_last) {
-        even = _mm512_fmadd_ps(load_f32x16(a), load_f32x16(b), even);
-    }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
-    _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) + tail
 }
 
+/// [`VectorOps::accumulate`] with AVX-512: `y` in registers while the rows of `x` stream past
+/// (for the usual head sizes; others go through memory, with the same operations).
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-fn axpy_avx512(y: &mut [f32], a: f32, x: &[f32]) {
-    let a_v = _mm512_set1_ps(a);
-    let (y_vectors, y_tail) = y.as_chunks_mut::<16>();
-    let (x_vectors, x_tail) = x.as_chunks::<16>();
-    for (y, x) in y_vectors.iter_mut().zip(x_vectors) {
-        let sum = _mm512_fmadd_ps(a_v, load_f32x16(x), load_f32x16(y));
-        store_f32x16(y, sum);
+fn accumulate_avx512(y: &mut [f32], w: &[f32], x: &[f32]) {
+    let width = y.len();
+    let (vectors, tail) = y.as_chunks_mut::<16>();
+    match vectors.len() {
+        4 => accumulate_held_512::<4>(vectors, w, x, width),
+        8 => accumulate_held_512::<8>(vectors, w, x, width),
+        2 => accumulate_held_512::<2>(vectors, w, x, width),
+        _ => {
+            for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
+                let w = _mm512_set1_ps(w);
+                for (y, x) in vectors.iter_mut().zip(row.as_chunks::<16>().0) {
+                    store_f32x16(y, _mm512_fmadd_ps(w, load_f32x16(x), load_f32x16(y)));
+                }
+            }
+        }
     }
-    for (y, x) in y_tail.iter_mut().zip(x_tail) {
-        *y += a * x;
+    let start = width - tail.len();
+    for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
+        for (y, &x) in tail.iter_mut().zip(&row[start..]) {
+            *y = w.mul_add(x, *y);
+        }
+    }
+}
+
+/// `V` vectors of `y` held in registers (a constant count, so the array is registers).
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+fn accumulate_held_512<const V: usize>(y: &mut [[f32; 16]], w: &[f32], x: &[f32], width: usize) {
+    let mut acc: [__m512; V] = std::array::from_fn(|v| load_f32x16(&y[v]));
+    for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
+        let w = _mm512_set1_ps(w);
+        let row = row.as_chunks::<16>().0;
+        for v in 0..V {
+            acc[v] = _mm512_fmadd_ps(w, load_f32x16(&row[v]), acc[v]);
+        }
+    }
+    for v in 0..V {
+        store_f32x16(&mut y[v], acc[v]);
+    }
+}
+
+/// [`VectorOps::scores`] with AVX2: 8 slots per vector.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn scores_avx2(q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
+    let n = out.len();
+    let (vectors, tail) = out.as_chunks_mut::<8>();
+    for (v, o) in vectors.iter_mut().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); CHAINS];
+        for (d, (&q, keys)) in q.iter().zip(keys.chunks_exact(bs)).enumerate() {
+            let k = &keys[slot + 8 * v..].as_chunks::<8>().0[0];
+            acc[d % CHAINS] = _mm256_fmadd_ps(_mm256_set1_ps(q), load_f32x8(k), acc[d % CHAINS]);
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        store_f32x8(o, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+    }
+    // The last slots, one at a time, with the same chains.
+    let start = n - tail.len();
+    for (j, o) in tail.iter_mut().enumerate() {
+        let mut acc = [0.0f32; CHAINS];
+        for (d, (&q, keys)) in q.iter().zip(keys.chunks_exact(bs)).enumerate() {
+            acc[d % CHAINS] = q.mul_add(keys[slot + start + j], acc[d % CHAINS]);
+        }
+        *o = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * scale;
+    }
+}
+
+/// [`VectorOps::accumulate`] with AVX2: `y` in registers (up to 64 floats at a time).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn accumulate_avx2(y: &mut [f32], w: &[f32], x: &[f32]) {
+    const HELD: usize = 8;
+    let width = y.len();
+    let (vectors, tail) = y.as_chunks_mut::<8>();
+    for (c, group) in vectors.chunks_mut(HELD).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); HELD];
+        for (a, y) in acc.iter_mut().zip(group.iter()) {
+            *a = load_f32x8(y);
+        }
+        for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
+            let w = _mm256_set1_ps(w);
+            let row = &row.as_chunks::<8>().0[c * HELD..][..group.len()];
+            for (a, x) in acc.iter_mut().zip(row) {
+                *a = _mm256_fmadd_ps(w, load_f32x8(x), *a);
+            }
+        }
+        for (a, y) in acc.iter().zip(group.iter_mut()) {
+            store_f32x8(y, *a);
+        }
+    }
+    let start = width - tail.len();
+    for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
+        for (y, &x) in tail.iter_mut().zip(&row[start..]) {
+            *y = w.mul_add(x, *y);
+        }
     }
 }
 
@@ -150,42 +246,6 @@ fn scale_avx512(y: &mut [f32], a: f32) {
     }
     for y in tail {
         *y *= a;
-    }
-}
-
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    let (a_vectors, a_tail) = a.as_chunks::<8>();
-    let (b_vectors, b_tail) = b.as_chunks::<8>();
-    // Two accumulators (even and odd vectors) halve the FMA dependency chain.
-    let (a_pairs, a_last) = a_vectors.as_chunks::<2>();
-    let (b_pairs, b_last) = b_vectors.as_chunks::<2>();
-    let mut even = _mm256_setzero_ps();
-    let mut odd = _mm256_setzero_ps();
-    for ([a0, a1], [b0, b1]) in a_pairs.iter().zip(b_pairs) {
-        even = _mm256_fmadd_ps(load_f32x8(a0), load_f32x8(b0), even);
-        odd = _mm256_fmadd_ps(load_f32x8(a1), load_f32x8(b1), odd);
-    }
-    if let ([a], [b]) = (a_last, b_last) {
-        even = _mm256_fmadd_ps(load_f32x8(a), load_f32x8(b), even);
-    }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
-    hsum_f32x8(_mm256_add_ps(even, odd)) + tail
-}
-
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
-    let a_v = _mm256_set1_ps(a);
-    let (y_vectors, y_tail) = y.as_chunks_mut::<8>();
-    let (x_vectors, x_tail) = x.as_chunks::<8>();
-    for (y, x) in y_vectors.iter_mut().zip(x_vectors) {
-        let sum = _mm256_fmadd_ps(a_v, load_f32x8(x), load_f32x8(y));
-        store_f32x8(y, sum);
-    }
-    for (y, x) in y_tail.iter_mut().zip(x_tail) {
-        *y += a * x;
     }
 }
 

@@ -47,7 +47,10 @@ pub struct QuantizedActivations {
     pub(super) rows: usize,
     pub(super) cols: usize,
     pub(super) hi: Plane,
-    /// The residual's quantization, for the rows that have one.
+    /// The residual's quantization, for the rows that have one. Its codes step by `d / 256`
+    /// for the value's step `d`, and its `d`, `sum` and `half` describe the two planes as one
+    /// code `256 · q_hi + q_lo`: `d / 256` and the combined sums. A product then takes
+    /// `(Σ c · q_hi) · 256 + Σ c · q_lo` in integers and converts once.
     pub(super) lo: Plane,
     /// Per row, whether it has the second plane.
     two: Vec<bool>,
@@ -137,18 +140,29 @@ impl QuantizedActivations {
         if self.two.iter().any(|&t| t) {
             self.lo.resize(rows * cols, blocks);
             let per_row = cols / QBLOCK;
-            let mut residual = [0.0f32; QBLOCK];
-            for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
-                if !self.two[b / per_row] {
+            for (i, x) in x.chunks_exact(cols).enumerate() {
+                if !self.two[i] {
                     continue;
                 }
-                let q = quad_bytes(&self.hi.q[b * QBLOCK / 4..][..QBLOCK / 4]);
-                let d = self.hi.d[b];
-                for ((r, &x), &q) in residual.iter_mut().zip(x).zip(&q) {
-                    *r = x - d * f32::from(q);
+                let b = i * per_row..(i + 1) * per_row;
+                let quads = b.start * QBLOCK / 4..b.end * QBLOCK / 4;
+                let (hi, lo) = (&self.hi, &mut self.lo);
+                let (hq, hd) = (&hi.q[quads.clone()], &hi.d[b.clone()]);
+                let lq = &mut lo.q[quads];
+                let (ls, lh) = (&mut lo.sum[b.clone()], &mut lo.half[b.clone()]);
+                match cpu::int8_level() {
+                    #[cfg(target_arch = "x86_64")]
+                    Int8Level::Avx512Vnni(t) => {
+                        super::x86::quantize_residual_512(t, x, hq, hd, lq, ls, lh)
+                    }
+                    _ => quantize_residual(x, hq, hd, lq, ls, lh),
                 }
-                (self.lo.d[b], self.lo.sum[b], self.lo.half[b]) =
-                    quantize_block(&residual, &mut self.lo.q[b * QBLOCK / 4..][..QBLOCK / 4]);
+                // The two planes as one code `256 · q_hi + q_lo` of step `d / 256`.
+                for b in b {
+                    self.lo.d[b] = self.hi.d[b] / RESIDUAL_STEPS;
+                    self.lo.sum[b] += self.hi.sum[b] << 8;
+                    self.lo.half[b] += self.hi.half[b] << 8;
+                }
             }
         }
         Ok(())
@@ -208,10 +222,21 @@ pub(crate) struct ActRow<'a> {
 }
 
 impl<'a> ActRow<'a> {
-    /// The row's planes: the value's codes, then (with [`Precision::Int8x2`]) the residual's.
+    /// The plane whose scales and sums describe the row's code: the value's alone, or (with
+    /// [`Precision::Int8x2`]) the residual's, which describe both planes together.
     #[inline(always)]
-    pub(crate) fn planes(&self) -> impl Iterator<Item = PlaneRow<'a>> + use<'a> {
-        std::iter::once(self.hi).chain(self.lo)
+    pub(crate) fn scales(&self) -> PlaneRow<'a> {
+        self.lo.unwrap_or(self.hi)
+    }
+
+    /// The integer `Σ c · q` of the row's code from its planes' dots: `dot_hi`, or
+    /// `256 · dot_hi + dot_lo`.
+    #[inline(always)]
+    pub(crate) fn combine(dot_hi: i32, dot_lo: Option<i32>) -> i32 {
+        match dot_lo {
+            Some(lo) => (dot_hi << 8) + lo,
+            None => dot_hi,
+        }
     }
 }
 
@@ -255,12 +280,45 @@ fn quad_bytes(quads: &[i32]) -> [i8; QBLOCK] {
     out
 }
 
+/// The residual plane of one row's blocks: `x − d · q_hi` quantized with step `d / 256`
+/// (exactly: a power of two), codes into `quads`, `Σ q` and the first half's into `sum`, `half`.
+pub(super) fn quantize_residual(
+    x: &[f32],
+    hi_quads: &[i32],
+    hi_d: &[f32],
+    quads: &mut [i32],
+    sum: &mut [i32],
+    half: &mut [i32],
+) {
+    let mut residual = [0.0f32; QBLOCK];
+    for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
+        let q = quad_bytes(&hi_quads[b * QBLOCK / 4..][..QBLOCK / 4]);
+        let d = hi_d[b];
+        for ((r, &x), &q) in residual.iter_mut().zip(x).zip(&q) {
+            *r = x - d * f32::from(q);
+        }
+        let id = if d > 0.0 { RESIDUAL_STEPS / d } else { 0.0 };
+        (sum[b], half[b]) =
+            quantize_codes(&residual, id, &mut quads[b * QBLOCK / 4..][..QBLOCK / 4]);
+    }
+}
+
+/// Steps of the residual plane per step of the value's: `2^8`, so that the planes combine
+/// into one integer (`256 · q_hi + q_lo`) by a shift.
+pub(super) const RESIDUAL_STEPS: f32 = 256.0;
+
 /// Quantizes one block into 8 quads: `(d, Σ q, Σ q of the first 16)`. Rounds to nearest, ties
 /// to even, as llama.cpp's SIMD quantizers (`_mm256_round_ps`) do.
 pub(super) fn quantize_block(x: &[f32], quads: &mut [i32]) -> (f32, i32, i32) {
     let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (sum, half) = quantize_codes(x, id, quads);
+    (d, sum, half)
+}
+
+/// The codes `round(x · id)`, clamped to ±127, into 8 quads: `(Σ q, Σ q of the first 16)`.
+fn quantize_codes(x: &[f32], id: f32, quads: &mut [i32]) -> (i32, i32) {
     let (mut sum, mut half) = (0i32, 0i32);
     for (k, (quad, x)) in quads.iter_mut().zip(x.chunks_exact(4)).enumerate() {
         if k == QBLOCK / 8 {
@@ -268,12 +326,14 @@ pub(super) fn quantize_block(x: &[f32], quads: &mut [i32]) -> (f32, i32, i32) {
         }
         let mut bytes = [0u8; 4];
         for (b, &x) in bytes.iter_mut().zip(x) {
-            // |x · id| ≤ 127 (up to rounding of `id`), so the clamp only guards the last ulp.
+            // For a value, |x · id| ≤ 127 up to the rounding of `id`: the clamp only guards
+            // the last ulp. A residual is within half a step of the value's (128 of its own)
+            // and loses at most one of its steps to the clamp, rarely.
             let v = (x * id).round_ties_even().clamp(-127.0, 127.0) as i8;
             *b = v as u8;
             sum += i32::from(v);
         }
         *quad = i32::from_le_bytes(bytes);
     }
-    (d, sum, half)
+    (sum, half)
 }

@@ -3,14 +3,18 @@
 //!
 //! **Activations** ([`QuantizedActivations`]) are quantized once per product input, row by row,
 //! in blocks of [`QBLOCK`] = 32: `q = round(x / d)` with `d = max|x| / 127`, plus the block sum
-//! `Σ q`. Products that read the same input (q, k and v; gate and up) share one quantization.
+//! `Σ q` (and that of its first 16). Products that read the same input (q, k and v; gate and up)
+//! share one quantization. At [`Precision::Int8x2`] a second plane quantizes the residual
+//! `x − d·q` with step `d / 256`: a row's code is then the integer `256 · q_hi + q_lo` of step
+//! `d / 256`, whose products are two `vpdpbusd` sums combined by a shift before one conversion.
 //!
 //! **Weights** ([`PackedMatrix`]) are any format whose weight is `w = (c − offset) · s + m` per
 //! block of 32 along a row, with an unsigned integer code `c`, a fixed integer `offset`, a scale
 //! `s` and a minimum `m` (stored, or 0): the GGML types `Q4_0` (`offset` 8), `Q4_1`, `Q5_0`
 //! (`offset` 16), `Q5_1`, `Q8_0` and `Q8_1` (codes `q + 128`, `offset` 128), `Q8_K`, the
-//! k-quants with 32-wide sub-blocks (`Q4_K`, `Q5_K`), and HQQ's group-wise `(q − z) · s`. They are repacked at load into tiles of
-//! [`TILE_ROWS`] = 16 rows: per tile and block, the codes of the 16 rows interleaved four at a
+//! k-quants (`Q4_K`, `Q5_K` on 32-wide sub-blocks; `Q2_K`, `Q3_K`, `Q6_K` on 16-wide ones, two
+//! scales and minimums per block), and HQQ's group-wise `(q − z) · s`. They are repacked at
+//! load into tiles of [`TILE_ROWS`] = 16 rows: per tile and block, the codes of the 16 rows interleaved four at a
 //! time (so that one 32-bit lane of a vector holds four consecutive codes of one row, what
 //! `vpdpbusd` multiplies with four activation bytes), then the 16 scales, then the 16 minimums.
 //! Codes of at most 4 bits are stored two per byte.
@@ -18,7 +22,7 @@
 //! **Product.** For output row `j` and activation row `i`, block by block in order:
 //!
 //! ```text
-//! acc ← fma(f32(Σ c·q − offset · Σ q), s · d, acc)      (the integer sum is exact)
+//! acc ← fma(f32(Σ c·q − offset · Σ q), s · d, acc)      (per sub-block; the integer sum is exact)
 //! acc ← fma(m, d · Σ q, acc)                              (formats with a given minimum)
 //! ```
 //!
@@ -290,19 +294,29 @@ impl PackedMatrix {
         let parallel = macs >= PARALLEL_MIN_MACS && threads > 1;
         // Tasks take pairs of tiles (the AVX-512 kernel shares each activation broadcast between
         // them) against every row, so that the weights are read from memory once whatever the
-        // batch; per tile, `[m][16]` results, scattered into `out` at the end. The scratch
-        // buffer is the calling thread's, reused from call to call.
+        // batch; per tile, `[m][16]` results. With one row and whole tiles that is `out`'s own
+        // layout; otherwise the results go to a scratch buffer and are scattered into `out`.
         let tiles = self.tiles();
-        SCRATCH.with_borrow_mut(|scratch| {
-            scratch.clear();
-            scratch.resize(tiles * m * TILE_ROWS, 0.0);
-            self.tile_pairs(level, &rows, scratch, parallel, threads);
-            for (t, tile) in scratch.chunks_exact(m * TILE_ROWS).enumerate() {
-                let first = t * TILE_ROWS;
-                let valid = TILE_ROWS.min(self.rows - first);
-                for (i, lanes) in tile.chunks_exact(TILE_ROWS).enumerate() {
-                    out[i * self.rows + first..][..valid].copy_from_slice(&lanes[..valid]);
-                }
+        if m == 1 && self.rows.is_multiple_of(TILE_ROWS) {
+            self.tile_pairs(level, &rows, out, parallel, threads);
+            return Ok(());
+        }
+        // The calling thread's buffer, taken out of its cell for the call: a product of another
+        // computation that this thread runs while it waits (rayon steals work) takes a new one.
+        let mut scratch = SCRATCH.with_borrow_mut(std::mem::take);
+        scratch.clear();
+        scratch.resize(tiles * m * TILE_ROWS, 0.0);
+        self.tile_pairs(level, &rows, &mut scratch, parallel, threads);
+        for (t, tile) in scratch.chunks_exact(m * TILE_ROWS).enumerate() {
+            let first = t * TILE_ROWS;
+            let valid = TILE_ROWS.min(self.rows - first);
+            for (i, lanes) in tile.chunks_exact(TILE_ROWS).enumerate() {
+                out[i * self.rows + first..][..valid].copy_from_slice(&lanes[..valid]);
+            }
+        }
+        SCRATCH.with_borrow_mut(|kept| {
+            if kept.capacity() < scratch.capacity() {
+                *kept = scratch;
             }
         });
         Ok(())
@@ -398,26 +412,26 @@ impl PackedMatrix {
             let block = self.block(tile, b);
             pack::unpack_codes(f.codes, block.codes, &mut codes);
             for (acc, row) in acc.iter_mut().zip(rows) {
+                let e = row.scales();
+                let (hi, lo) = (row.hi.block(b), row.lo.map(|p| p.block(b)));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    for p in row.planes() {
-                        let q = p.block(b);
-                        for h in 0..subs {
-                            let s = self.lane_value(block.scales, h, r);
-                            let dot: i32 = codes[r][h * width..][..width]
-                                .iter()
-                                .zip(&q[h * width..][..width])
-                                .map(|(&c, &q)| i32::from(c) * i32::from(q))
-                                .sum();
-                            let isum = dot - f.offset * p.sub_sum(b, h, subs);
-                            *acc = (isum as f32).mul_add(s * p.d[b], *acc);
-                        }
+                    let dot = |q: &[i8; QBLOCK], h: usize| -> i32 {
+                        codes[r][h * width..][..width]
+                            .iter()
+                            .zip(&q[h * width..][..width])
+                            .map(|(&c, &q)| i32::from(c) * i32::from(q))
+                            .sum()
+                    };
+                    for h in 0..subs {
+                        let s = self.lane_value(block.scales, h, r);
+                        let code_dot = ActRow::combine(dot(&hi, h), lo.as_ref().map(|q| dot(q, h)));
+                        let isum = code_dot - f.offset * e.sub_sum(b, h, subs);
+                        *acc = (isum as f32).mul_add(s * e.d[b], *acc);
                     }
                     if f.has_min {
-                        for p in row.planes() {
-                            for h in 0..subs {
-                                let m = self.lane_value(block.mins, h, r);
-                                *acc = m.mul_add(p.d[b] * p.sub_sum(b, h, subs) as f32, *acc);
-                            }
+                        for h in 0..subs {
+                            let m = self.lane_value(block.mins, h, r);
+                            *acc = m.mul_add(e.d[b] * e.sub_sum(b, h, subs) as f32, *acc);
                         }
                     }
                 }
@@ -431,7 +445,8 @@ impl PackedMatrix {
 
 thread_local! {
     /// Each calling thread's scratch buffer for [`PackedMatrix::matmul_quantized`]: a fresh one
-    /// per call would cost page faults on every large product.
+    /// per call would cost page faults on every large product. A call takes it out of the cell
+    /// and puts it back, so no borrow is held while the product runs.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

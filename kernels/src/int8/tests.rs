@@ -94,28 +94,31 @@ fn reference(
         for (j, blocks) in w_codes.iter().enumerate() {
             let mut acc = 0.0f32;
             for (b, (codes, s, m)) in blocks.iter().enumerate() {
-                for p in row.planes() {
-                    let q = p.block(b);
-                    for h in 0..subs {
-                        let range = h * width..(h + 1) * width;
-                        let dot: i32 = codes[range.clone()]
-                            .iter()
-                            .zip(&q[range.clone()])
-                            .map(|(&c, &q)| i32::from(c) * i32::from(q))
-                            .sum();
-                        let qsum: i32 = q[range].iter().map(|&q| i32::from(q)).sum();
-                        let isum = dot - f.offset * qsum;
-                        acc = (isum as f32).mul_add(s[h] * p.d[b], acc);
-                    }
+                // The row's code per value: `q_hi`, or `256 · q_hi + q_lo` with two planes.
+                let hi = row.hi.block(b);
+                let lo = row.lo.map(|p| p.block(b));
+                let q: Vec<i32> = (0..QBLOCK)
+                    .map(|k| match &lo {
+                        Some(lo) => 256 * i32::from(hi[k]) + i32::from(lo[k]),
+                        None => i32::from(hi[k]),
+                    })
+                    .collect();
+                let d = row.scales().d[b];
+                for h in 0..subs {
+                    let range = h * width..(h + 1) * width;
+                    let dot: i32 = codes[range.clone()]
+                        .iter()
+                        .zip(&q[range.clone()])
+                        .map(|(&c, &q)| i32::from(c) * q)
+                        .sum();
+                    let qsum: i32 = q[range].iter().sum();
+                    let isum = dot - f.offset * qsum;
+                    acc = (isum as f32).mul_add(s[h] * d, acc);
                 }
                 if f.has_min {
-                    for p in row.planes() {
-                        let q = p.block(b);
-                        for h in 0..subs {
-                            let qsum: i32 =
-                                q[h * width..][..width].iter().map(|&q| i32::from(q)).sum();
-                            acc = m[h].mul_add(p.d[b] * qsum as f32, acc);
-                        }
+                    for h in 0..subs {
+                        let qsum: i32 = q[h * width..][..width].iter().sum();
+                        acc = m[h].mul_add(d * qsum as f32, acc);
                     }
                 }
             }
@@ -308,6 +311,24 @@ fn every_level_quantizes_alike() {
             "block {b}"
         );
     }
+    // The residual plane: the portable quantizer's codes and sums, whatever this CPU ran.
+    let mut two = QuantizedActivations::default();
+    two.quantize_from(&x, rows, cols, Precision::Int8x2)
+        .unwrap();
+    let blocks = rows * cols / QBLOCK;
+    let (mut quads, mut sum, mut half) =
+        (vec![0; rows * cols / 4], vec![0; blocks], vec![0; blocks]);
+    act::quantize_residual(&x, &q.hi.q, &q.hi.d, &mut quads, &mut sum, &mut half);
+    assert_eq!(two.lo.q, quads);
+    for b in 0..blocks {
+        assert_eq!(two.lo.sum[b], (q.hi.sum[b] << 8) + sum[b], "block {b}");
+        assert_eq!(two.lo.half[b], (q.hi.half[b] << 8) + half[b], "block {b}");
+        assert_eq!(two.lo.d[b], q.hi.d[b] / 256.0, "block {b}");
+    }
+    assert!(
+        quads.iter().any(|&q| q != 0),
+        "the residual is not all zero"
+    );
 }
 
 #[test]
@@ -668,4 +689,38 @@ fn check_against_its_weights(w: &PackedMatrix, rng: &mut Rng) {
             ),
         }
     }
+}
+
+#[test]
+fn products_nested_on_one_thread_by_work_stealing_give_their_own_results() {
+    // Several threads hand products to one pool (as tests, or several stages, do). A pool
+    // thread that waits for its product's tasks runs other queued work meanwhile, here whole
+    // products of other callers: each must still give its own result (and not find the first
+    // one's buffer in use).
+    let mut rng = Rng::new(31);
+    let (rows, cols, m) = (2056, 256, 5);
+    let data = random_blocks(&mut rng, BlockType::Q4_1, rows, cols);
+    let w = from_ggml_blocks(BlockType::Q4_1, rows, cols, &data).unwrap();
+    let inputs: Vec<QuantizedActivations> = (0..6)
+        .map(|_| QuantizedActivations::quantize(&activations(&mut rng, m, cols), m, cols).unwrap())
+        .collect();
+    let product = |q: &QuantizedActivations| {
+        let mut out = vec![0.0; m * rows];
+        w.matmul_quantized(q, &mut out).map(|()| out)
+    };
+    let expected: Vec<Vec<f32>> = inputs.iter().map(|q| product(q).unwrap()).collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    std::thread::scope(|s| {
+        for (q, expected) in inputs.iter().zip(&expected) {
+            let (pool, product) = (&pool, &product);
+            s.spawn(move || {
+                for _ in 0..200 {
+                    assert_eq!(&pool.install(|| product(q)).unwrap(), expected);
+                }
+            });
+        }
+    });
 }

@@ -15,19 +15,19 @@ use std::arch::x86_64::{
     _mm256_and_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32,
     _mm256_fmadd_ps, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8,
     _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256,
-    _mm256_sign_epi8, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256, _mm512_abs_ps,
-    _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps, _mm512_cvtph_ps,
-    _mm512_cvtps_epi32, _mm512_fmadd_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps,
-    _mm512_reduce_add_epi32, _mm512_reduce_max_ps, _mm512_roundscale_ps, _mm512_set1_epi8,
-    _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_srli_epi16,
-    _mm512_sub_epi32,
+    _mm256_sign_epi8, _mm256_slli_epi32, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256,
+    _mm512_abs_ps, _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8,
+    _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_fmadd_ps, _mm512_max_ps,
+    _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_epi32, _mm512_reduce_max_ps,
+    _mm512_roundscale_ps, _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm512_setzero_si512, _mm512_slli_epi32, _mm512_srli_epi16, _mm512_sub_epi32, _mm512_sub_ps,
 };
 
 use super::{ActRow, Codes, PackedMatrix, PlaneRow, TILE_ROWS};
 use crate::cpu::{Avx2, Avx512Vnni, AvxVnni};
 use crate::x86::{
-    load_f32x8_le, load_f32x16, load_f32x16_le, load_i256, load_i512, load_u8x16, store_f32x8,
-    store_f32x16, store_i128,
+    load_f32x8_le, load_f32x16, load_f32x16_le, load_i128, load_i256, load_i512, load_u8x16,
+    store_f32x8, store_f32x16, store_i128,
 };
 
 /// The 8 quads (four codes each, what one `vpdpbusd` lane multiplies) of block `b` of a plane
@@ -298,6 +298,7 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
     );
     let subs = if SUB { 2 } else { 1 };
     let (hi, lo) = planes::<N>(rows);
+    let sc: [PlaneRow<'_>; N] = std::array::from_fn(|i| rows[i].scales());
     let mut acc = [[_mm512_setzero_ps(); N]; T];
     // No closures below: they would not inherit the target features, and would not inline.
     let mut blocks: [&[u8]; T] = [&[]; T];
@@ -315,41 +316,45 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
             hq[i] = codes_of(&hi[i], b);
             lq[i] = codes_of(&lo[i], b);
         });
-        // One plane at a time (fewer live vectors), and within it one sub-block at a time:
-        // `acc ← fma(Σ, s·d)` for the value's plane, then for the residual's, then the
-        // minimums' terms: the scalar kernel's order.
-        macro_rules! plane {
-            ($q:expr, $p:expr) => {{
-                for h in 0..subs {
-                    let (from, to) = if SUB { (4 * h, 4 * h + 4) } else { (0, 8) };
-                    let sums = isums!(T, N, NIB, blocks, code_bytes, $q, from, to);
-                    unroll_tiles!(T, t, {
-                        let s = lanes_512(&blocks[t][code_bytes + h * scale_bytes..], f32s);
-                        unroll_rows!(N, i, {
-                            let p = &$p[i];
-                            let q_sum = _mm512_set1_epi32(offset * p.sub_sum(b, h, subs));
-                            let isum = _mm512_sub_epi32(sums[t][i], q_sum);
-                            let sd = _mm512_mul_ps(s, _mm512_set1_ps(p.d[b]));
-                            acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, acc[t][i]);
-                        });
+        // One sub-block at a time: the integer sums of the value's plane, then (two planes)
+        // `256 · Σ_hi + Σ_lo`, converted once: `acc ← fma(Σ, s·d)`; then the minimums' terms:
+        // the scalar kernel's order.
+        for h in 0..subs {
+            let (from, to) = if SUB { (4 * h, 4 * h + 4) } else { (0, 8) };
+            let mut sums = isums!(T, N, NIB, blocks, code_bytes, hq, from, to);
+            if TWO {
+                let low_sums = isums!(T, N, NIB, blocks, code_bytes, lq, from, to);
+                unroll_tiles!(T, t, {
+                    unroll_rows!(N, i, {
+                        sums[t][i] =
+                            _mm512_add_epi32(_mm512_slli_epi32::<8>(sums[t][i]), low_sums[t][i]);
                     });
-                }
-            }};
-        }
-        plane!(hq, hi);
-        if TWO {
-            plane!(lq, lo);
+                });
+            }
+            unroll_tiles!(T, t, {
+                let s = lanes_512(&blocks[t][code_bytes + h * scale_bytes..], f32s);
+                unroll_rows!(N, i, {
+                    let e = &sc[i];
+                    let isum = if offset != 0 {
+                        let q_sum = _mm512_set1_epi32(offset * e.sub_sum(b, h, subs));
+                        _mm512_sub_epi32(sums[t][i], q_sum)
+                    } else {
+                        sums[t][i]
+                    };
+                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(e.d[b]));
+                    acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, acc[t][i]);
+                });
+            });
         }
         if has_min {
             unroll_tiles!(T, t, {
                 let mins = &blocks[t][code_bytes + subs * scale_bytes..];
                 unroll_rows!(N, i, {
-                    for p in [&hi[i], &lo[i]].into_iter().take(1 + usize::from(TWO)) {
-                        for h in 0..subs {
-                            let m = lanes_512(&mins[h * scale_bytes..], f32s);
-                            let ds = _mm512_set1_ps(p.d[b] * p.sub_sum(b, h, subs) as f32);
-                            acc[t][i] = _mm512_fmadd_ps(m, ds, acc[t][i]);
-                        }
+                    let e = &sc[i];
+                    for h in 0..subs {
+                        let m = lanes_512(&mins[h * scale_bytes..], f32s);
+                        let ds = _mm512_set1_ps(e.d[b] * e.sub_sum(b, h, subs) as f32);
+                        acc[t][i] = _mm512_fmadd_ps(m, ds, acc[t][i]);
                     }
                 });
             });
@@ -472,6 +477,7 @@ macro_rules! tile_256 {
             let offset = if signed { 0 } else { f.offset };
             let (code_bytes, scale_bytes) = (f.code_bytes(), TILE_ROWS * f.scale_bytes());
             let (hi, lo) = planes::<N>(rows);
+            let sc: [PlaneRow<'_>; N] = std::array::from_fn(|i| rows[i].scales());
             let mut acc = [[_mm256_setzero_ps(); 2]; N];
             let low = _mm256_set1_epi8(0x0F);
             let flip = _mm256_set1_epi8(-128);
@@ -495,29 +501,33 @@ macro_rules! tile_256 {
                     }
                     unroll_rows!(N, i, {
                         let mut a = acc[i][half];
-                        for p in [&hi[i], &lo[i]].into_iter().take(1 + usize::from(TWO)) {
-                            let q = codes_of(p, b);
-                            for h in 0..subs {
-                                let s = lanes_256(&scales[h * scale_bytes..], half, f32s);
-                                let k = h * width..(h + 1) * width;
-                                let isum = _mm256_sub_epi32(
-                                    $dot(&c[k.clone()], &q[k], signed),
-                                    _mm256_set1_epi32(offset * p.sub_sum(b, h, subs)),
-                                );
-                                a = _mm256_fmadd_ps(
-                                    _mm256_cvtepi32_ps(isum),
-                                    _mm256_mul_ps(s, _mm256_set1_ps(p.d[b])),
-                                    a,
+                        let e = &sc[i];
+                        let (qh, ql) = (codes_of(&hi[i], b), codes_of(&lo[i], b));
+                        for h in 0..subs {
+                            let s = lanes_256(&scales[h * scale_bytes..], half, f32s);
+                            let k = h * width..(h + 1) * width;
+                            let mut dot = $dot(&c[k.clone()], &qh[k.clone()], signed);
+                            if TWO {
+                                dot = _mm256_add_epi32(
+                                    _mm256_slli_epi32::<8>(dot),
+                                    $dot(&c[k.clone()], &ql[k], signed),
                                 );
                             }
+                            let isum = _mm256_sub_epi32(
+                                dot,
+                                _mm256_set1_epi32(offset * e.sub_sum(b, h, subs)),
+                            );
+                            a = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(isum),
+                                _mm256_mul_ps(s, _mm256_set1_ps(e.d[b])),
+                                a,
+                            );
                         }
                         if has_min {
-                            for p in [&hi[i], &lo[i]].into_iter().take(1 + usize::from(TWO)) {
-                                for h in 0..subs {
-                                    let m = lanes_256(&mins[h * scale_bytes..], half, f32s);
-                                    let ds = p.d[b] * p.sub_sum(b, h, subs) as f32;
-                                    a = _mm256_fmadd_ps(m, _mm256_set1_ps(ds), a);
-                                }
+                            for h in 0..subs {
+                                let m = lanes_256(&mins[h * scale_bytes..], half, f32s);
+                                let ds = e.d[b] * e.sub_sum(b, h, subs) as f32;
+                                a = _mm256_fmadd_ps(m, _mm256_set1_ps(ds), a);
                             }
                         }
                         acc[i][half] = a;
@@ -594,6 +604,72 @@ fn quantize_blocks_512_impl(
             _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi))
         };
         let (qa, qb) = (code(a), code(b));
+        *half = _mm512_reduce_add_epi32(qa);
+        *sum = *half + _mm512_reduce_add_epi32(qb);
+        let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
+        for (quads, v) in q.as_chunks_mut::<4>().0.iter_mut().zip(bytes) {
+            store_i128(quads, v);
+        }
+    }
+}
+
+/// [`super::act::quantize_residual`] with the same operations (the same codes and sums): the
+/// residual `x − d · q` (a product, then a difference: no fused multiply-add), scaled by
+/// `256 / d`, rounded to nearest even, clamped.
+pub(super) fn quantize_residual_512(
+    token: Avx512Vnni,
+    x: &[f32],
+    hi_quads: &[i32],
+    hi_d: &[f32],
+    q: &mut [i32],
+    sum: &mut [i32],
+    half: &mut [i32],
+) {
+    // SAFETY: the `Avx512Vnni` token proves the CPU supports AVX-512F/BW, AVX2 and FMA.
+    unsafe { quantize_residual_512_impl(token, x, hi_quads, hi_d, q, sum, half) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+fn quantize_residual_512_impl(
+    _: Avx512Vnni,
+    x: &[f32],
+    hi_quads: &[i32],
+    hi_d: &[f32],
+    q: &mut [i32],
+    sum: &mut [i32],
+    half: &mut [i32],
+) {
+    let blocks = x.as_chunks::<32>().0;
+    let his = hi_quads.as_chunks::<8>().0;
+    let quads = q.as_chunks_mut::<8>().0;
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let rows = blocks
+        .iter()
+        .zip(his)
+        .zip(hi_d)
+        .zip(quads)
+        .zip(sum)
+        .zip(half);
+    for (((((x, h), &d), q), sum), half) in rows {
+        let [a, b] = x.as_chunks::<16>().0 else {
+            continue;
+        };
+        let [ha, hb] = h.as_chunks::<4>().0 else {
+            continue;
+        };
+        let dv = _mm512_set1_ps(d);
+        let id = _mm512_set1_ps(if d > 0.0 {
+            super::act::RESIDUAL_STEPS / d
+        } else {
+            0.0
+        });
+        let code = |v: __m512, h: &[i32; 4]| {
+            let hq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load_i128(h)));
+            let r = _mm512_sub_ps(v, _mm512_mul_ps(dv, hq));
+            let r = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(r, id));
+            _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi))
+        };
+        let (qa, qb) = (code(load_f32x16(a), ha), code(load_f32x16(b), hb));
         *half = _mm512_reduce_add_epi32(qa);
         *sum = *half + _mm512_reduce_add_epi32(qb);
         let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
