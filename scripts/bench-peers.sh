@@ -42,7 +42,8 @@ import json, sys
 name, typ, threads = sys.argv[1:4]
 runs = json.load(sys.stdin)
 pp = [r["avg_ts"] for r in runs if r["n_prompt"] and not r["n_gen"]]
-tg = [r["avg_ts"] for r in runs if r["n_gen"]]
+# Decode after a prompt (ik_llama.cpp `-gp`: a `tg64@pp4000` row) before plain decode rows.
+tg = [r["avg_ts"] for r in runs if r["n_gen"] and r["n_prompt"]] or [r["avg_ts"] for r in runs if r["n_gen"]]
 print(name, typ, threads, pp[0] if pp else 0, tg[0] if tg else 0)' "$name" "$type" "$threads" | tee -a "$out"
 }
 
@@ -73,7 +74,7 @@ for round in $(seq 1 "$rounds"); do
     [ -z "${LLAMA_BENCH:-}" ] || peer llama.cpp-4k "$LLAMA_BENCH" Q4_1 2 -p 0 -n 64 -d 4000 -r 1
     ours strata-4k Q4_1 2 --prompt-tokens 4000 --gen-tokens 64 --reps 1 --batch 0
     [ -z "${IK_LLAMA_BENCH:-}" ] || peer ik_llama.cpp-4k "$IK_LLAMA_BENCH" Q4_1 2 -p 4000 -n 0 -r 1
-    [ -z "${IK_LLAMA_BENCH:-}" ] || peer ik_llama.cpp-4k "$IK_LLAMA_BENCH" Q4_1 2 -gp 4000,64 -r 1
+    [ -z "${IK_LLAMA_BENCH:-}" ] || peer ik_llama.cpp-4k "$IK_LLAMA_BENCH" Q4_1 2 -p 0 -n 0 -gp 4000,64 -r 1
     ours strata-4k Q4_1 2 --prompt-tokens 4000 --gen-tokens 64 --reps 1 --batch 0
   fi
 done

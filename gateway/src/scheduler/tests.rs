@@ -1,5 +1,8 @@
 //! The scheduler's state and actor, with a recording [`SeqOutput`]: no tokenizer needed. (The
 //! output stage's own tests, with the real tokenizer, are in `output.rs`.)
+//!
+//! (Longer than our ~800-line guide: it is tests only, sharing one set of fixtures across
+//! admission, growth, preemption, prefix caching, pipelining and the property tests.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
