@@ -2,6 +2,9 @@
 //! int8_speed`. Prints, per format, shape and batch, the time of one product and its rate in
 //! billions of weight-activation multiply-adds per second (per activation plane).
 
+// A benchmark program over fixed, generated inputs: it prints its figures.
+#![allow(clippy::print_stdout)]
+
 use std::time::Instant;
 
 use strata_kernels::ggml::BlockType;

@@ -104,7 +104,7 @@ fn reference(
                     })
                     .collect();
                 let d = row.scales().d[b];
-                for h in 0..subs {
+                for (h, &s) in s.iter().enumerate().take(subs) {
                     let range = h * width..(h + 1) * width;
                     let dot: i32 = codes[range.clone()]
                         .iter()
@@ -113,7 +113,7 @@ fn reference(
                         .sum();
                     let qsum: i32 = q[range].iter().sum();
                     let isum = dot - f.offset * qsum;
-                    acc = (isum as f32).mul_add(s[h] * d, acc);
+                    acc = (isum as f32).mul_add(s * d, acc);
                 }
                 if f.has_min {
                     for h in 0..subs {
@@ -477,6 +477,8 @@ fn random_kquant_blocks(rng: &mut Rng, kind: KQuant, rows: usize, cols: usize) -
 }
 
 /// ggml's `dequantize_row_q*_K` for one block, transcribed loop for loop.
+// A transcription of ggml's C loops, index for index, so that it can be read against them.
+#[allow(clippy::needless_range_loop)]
 fn ggml_kquant(kind: KQuant, x: &[u8]) -> Vec<f32> {
     let half = |at: usize| f16::from_le_bytes([x[at], x[at + 1]]).to_f32();
     let mut y = Vec::with_capacity(256);
