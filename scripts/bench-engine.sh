@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Single-process figures on the default model at 2 threads, interleaved with llama.cpp's
-# llama-bench on the same GGUF (install it with ../shared/tools/get-llama-bench.sh DEST and pass
+# llama-bench on the same GGUF (install it with scripts/get-llama-bench.sh DEST and pass
 # LLAMA_BENCH=DEST/bin/llama-bench). Prints one line per run; compare the best round of each.
 # Usage: scripts/bench-engine.sh [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-strata=${STRATA:-${CARGO_TARGET_DIR:-target}/release/strata}
-[ -x "$strata" ] || cargo build --release --quiet
+source scripts/bench-lib.sh
 model=$("$strata" fetch-model 2>/dev/null)
-lscpu | grep -E '^Model name' || true
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   if [ -n "${LLAMA_BENCH:-}" ]; then

@@ -5,12 +5,10 @@
 # Usage: scripts/bench-isq.sh [TYPES...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-strata=${STRATA:-${CARGO_TARGET_DIR:-target}/release/strata}
-[ -x "$strata" ] || cargo build --release --quiet
+source scripts/bench-lib.sh
 text=tests/golden/smollm2/ppl_text.txt
 types=("$@")
 [ ${#types[@]} -gt 0 ] || types=(as-stored f32 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q2K Q3K Q4K Q5K Q6K Q8K HQQ4 HQQ8 FP8)
-lscpu | grep -E '^Model name' || true
 echo "| type | load s | weights MiB | peak RSS MiB | prefill tok/s | decode tok/s | perplexity |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for t in "${types[@]}"; do

@@ -10,21 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-2}
 streams=${2:-1,4,16,64}
-strata=${STRATA:-${CARGO_TARGET_DIR:-target}/release/strata}
-[ -x "$strata" ] || cargo build --release --quiet
-lscpu | grep -E '^Model name' || true
+source scripts/bench-lib.sh
 declare -A addr pid
 for entry in one=topologies/bench/one-worker.yml two=topologies/default.yml; do
-  name=${entry%%=*}; topo=${entry#*=}
-  out=$(mktemp)
-  "$strata" serve --topology "$topo" --listen 127.0.0.1:0 >"$out" 2>/dev/null &
-  pid[$name]=$!
-  for _ in $(seq 1 600); do grep -q '"ready"' "$out" && break; sleep 0.2; done
-  addr[$name]=$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$out")
-  rm -f "$out"
-  [ -n "${addr[$name]}" ] || { echo "the $name-worker service did not start" >&2; exit 1; }
+  start_service "${entry%%=*}" "${entry#*=}"
 done
-trap 'for p in "${pid[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait' EXIT
+trap stop_services EXIT
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   for shape in "decode-heavy 8 128" "mixed 128 64"; do

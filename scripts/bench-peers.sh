@@ -16,11 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-strata=${STRATA:-${CARGO_TARGET_DIR:-target}/release/strata}
-[ -x "$strata" ] || cargo build --release --quiet
+source scripts/bench-lib.sh
 model=$("$strata" fetch-model 2>/dev/null)
 dir=$(dirname "$model")
-lscpu | grep -E '^Model name' || true
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 

@@ -7,21 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prompt=${1:-128}; gen=${2:-128}; rounds=${3:-5}
-strata=${STRATA:-${CARGO_TARGET_DIR:-target}/release/strata}
-[ -x "$strata" ] || cargo build --release --quiet
-lscpu | grep -E '^Model name' || true
+source scripts/bench-lib.sh
 declare -A addr pid
 topologies=(one=topologies/bench/one-worker.yml two=topologies/default.yml three=topologies/bench/three-workers.yml)
 for entry in "${topologies[@]}"; do
-  name=${entry%%=*}; topo=${entry#*=}
-  out=$(mktemp)
-  "$strata" serve --topology "$topo" --listen 127.0.0.1:0 >"$out" 2>/dev/null &
-  pid[$name]=$!
-  for _ in $(seq 1 600); do grep -q '"ready"' "$out" && break; sleep 0.2; done
-  addr[$name]=$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "$out")
-  rm -f "$out"
+  start_service "${entry%%=*}" "${entry#*=}"
 done
-trap 'for p in "${pid[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait' EXIT
+trap stop_services EXIT
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   echo -n "single process: "

@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use strata_gateway::cli::ModelArgs;
-use strata_proto::v1::{GenerateRequest, SamplingParameters, generate_request, generate_response};
 use strata_shared::wire::KV_BLOCK_SIZE;
 
 use crate::commands::{load_engine, rayon_threads};
@@ -200,7 +199,7 @@ fn batch_decode(
 
 pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
     use strata_proto::v1::strata_client::StrataClient;
-    use strata_proto::v1::{ModelInfoRequest, TokenIds, TokenizeRequest};
+    use strata_proto::v1::{ModelInfoRequest, TokenizeRequest};
     let mut client = StrataClient::connect(format!("http://{}", a.addr))
         .await
         .with_context(|| format!("connecting to {}", a.addr))?;
@@ -217,36 +216,25 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
     let prompt: Vec<u32> = seed.iter().cycle().take(a.prompt_tokens).copied().collect();
     let (mut best_ttft, mut best_decode) = (f64::INFINITY, 0f64);
     for rep in 0..=a.reps.max(1) {
-        let req = GenerateRequest {
-            input: Some(generate_request::Input::TokenIds(TokenIds {
-                ids: prompt.clone(),
-            })),
-            parameters: Some(SamplingParameters {
-                max_tokens: Some(a.gen_tokens),
-                temperature: Some(0.0),
-                ignore_eos: true,
-                ..Default::default()
-            }),
-            add_special_tokens: false,
+        let outcome = crate::load::one(
+            &mut client,
+            crate::load::Request {
+                prompt: prompt.clone(),
+                gen_tokens: a.gen_tokens,
+            },
+        )
+        .await;
+        let (ttft, gaps) = match outcome {
+            crate::load::Outcome::Done { ttft, gaps, .. } => (ttft, gaps),
+            crate::load::Outcome::Failed(code) => anyhow::bail!("generation failed: {code:?}"),
         };
-        let start = Instant::now();
-        let mut stream = client.generate(req).await?.into_inner();
-        let (mut first, mut last, mut n) = (None, start, 0u32);
-        while let Some(msg) = stream.message().await? {
-            if let Some(generate_response::Event::Token(_)) = msg.event {
-                last = Instant::now();
-                first.get_or_insert(last);
-                n += 1;
-            }
-        }
-        let first = first.context("no tokens came back")?;
         if rep == 0 {
             continue;
         }
-        best_ttft = best_ttft.min(first.duration_since(start).as_secs_f64() * 1e3);
-        if n > 1 {
-            best_decode =
-                best_decode.max((n - 1) as f64 / last.duration_since(first).as_secs_f64());
+        best_ttft = best_ttft.min(ttft.as_secs_f64() * 1e3);
+        let decoding: std::time::Duration = gaps.iter().sum();
+        if !gaps.is_empty() {
+            best_decode = best_decode.max(gaps.len() as f64 / decoding.as_secs_f64());
         }
     }
     // Bytes one decode step of one sequence sends over each hop, from the frame encoder itself.

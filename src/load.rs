@@ -101,14 +101,14 @@ impl Lengths {
     }
 }
 
-/// One request to send.
-struct Request {
-    prompt: Vec<u32>,
-    gen_tokens: u32,
+/// One request to send (greedy, past end-of-sequence).
+pub(crate) struct Request {
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) gen_tokens: u32,
 }
 
 /// What one request saw.
-enum Outcome {
+pub(crate) enum Outcome {
     Done {
         ttft: Duration,
         tokens: u32,
@@ -322,7 +322,8 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[rank.clamp(1, values.len()) - 1]
 }
 
-async fn one(client: &mut StrataClient<Channel>, r: Request) -> Outcome {
+/// Sends one request and times its stream.
+pub(crate) async fn one(client: &mut StrataClient<Channel>, r: Request) -> Outcome {
     let req = GenerateRequest {
         input: Some(generate_request::Input::TokenIds(TokenIds {
             ids: r.prompt,
