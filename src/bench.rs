@@ -159,6 +159,7 @@ fn step(seqs: &[(u64, usize, Vec<u32>)], prompt_len: usize) -> strata_shared::wi
             })
             .collect(),
         hidden: None,
+        trace: String::new(),
     }
 }
 
@@ -256,6 +257,7 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
                 history: vec![],
             }],
             hidden,
+            trace: String::new(),
         })
     };
     let frame_len = |f: strata_shared::wire::Frame| f.to_bytes().map_or(0, |b| b.len());

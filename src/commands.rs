@@ -17,6 +17,7 @@ use strata_proto::v1::{
     generate_response, stop_sequence,
 };
 use strata_shared::isq::IsqType;
+use strata_shared::telemetry::LogFormat;
 use strata_shared::wire::KV_BLOCK_SIZE;
 use strata_worker::Engine;
 use strata_worker::cli::WorkerArgs;
@@ -34,6 +35,9 @@ pub struct Cli {
     /// Compute threads per process (default: one per core).
     #[arg(long, global = true, env = "STRATA_THREADS")]
     pub threads: Option<usize>,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, env = "STRATA_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,6 +46,15 @@ impl Cli {
     /// Log level when RUST_LOG is unset (logs go to stderr; results to stdout).
     pub fn default_log_filter(&self) -> &'static str {
         "info"
+    }
+
+    /// The process's name in traces (unless `OTEL_SERVICE_NAME` says otherwise).
+    pub fn service_name(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) | Command::Gateway(_) => "strata-gateway",
+            Command::Worker(_) => "strata-worker",
+            _ => "strata",
+        }
     }
 }
 
@@ -148,7 +161,7 @@ pub struct PerplexityArgs {
 pub fn run(cli: Cli) -> Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        Command::Serve(a) => rt.block_on(serve(a)),
+        Command::Serve(a) => rt.block_on(serve(a, cli.log_format)),
         Command::Gateway(a) => rt.block_on(gateway(a)),
         Command::Worker(a) => {
             Ok(rt.block_on(strata_worker::cli::run(a, strata_shared::shutdown_signal()))?)
@@ -168,12 +181,17 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(a: ServeArgs) -> Result<()> {
+async fn serve(a: ServeArgs, log_format: LogFormat) -> Result<()> {
     let program = std::env::current_exe().context("locating the strata executable")?;
-    // Workers inherit this process's environment, thread settings included.
+    // Workers inherit this process's environment (thread settings and OpenTelemetry's among
+    // them) and log as the gateway does.
     let cmd = WorkerCommand {
         program,
-        args: vec!["worker".into()],
+        args: vec![
+            "--log-format".into(),
+            log_format.as_str().into(),
+            "worker".into(),
+        ],
     };
     let cfg = gateway_config(
         &a.model,

@@ -20,12 +20,18 @@ fn main() -> std::process::ExitCode {
     let cli = commands::Cli::parse();
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { strata_worker::configure_threads(cli.threads) };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.default_log_filter()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // Flushes the trace exporter when it goes, at the end of `main`.
+    let _telemetry = match strata_shared::telemetry::init(
+        cli.service_name(),
+        cli.log_format,
+        cli.default_log_filter(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     // Settings the workers read from the environment, checked before anything starts.
     if let Err(e) = strata_worker::ActivationPolicy::from_env() {
         eprintln!("error: {e}");

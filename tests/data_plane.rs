@@ -69,6 +69,7 @@ fn step(step_id: u64, seq_id: u64, pos0: u32, tokens: Vec<u32>) -> StepFrame {
             history: vec![],
         }],
         hidden: None,
+        trace: String::new(),
     }
 }
 

@@ -63,6 +63,7 @@ fn engine_greedy(
                         history: vec![],
                     }],
                     hidden: None,
+                    trace: String::new(),
                 };
                 pos += feed.len() as u32;
                 let s = engine.step(step).expect("engine step");

@@ -85,6 +85,9 @@ pub struct ServingArgs {
     /// Seconds to wait for workers to start and become reachable.
     #[arg(long, default_value_t = 600)]
     pub connect_timeout_secs: u64,
+    /// Serve Prometheus metrics on this address, at `/metrics` (port 0 picks a free one).
+    #[arg(long, env = "STRATA_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -158,5 +161,6 @@ pub fn gateway_config(
         step_timeout: Duration::from_secs(s.step_timeout_secs),
         connect_timeout: Duration::from_secs(s.connect_timeout_secs),
         workers,
+        metrics_listen: s.metrics_listen.clone(),
     }
 }

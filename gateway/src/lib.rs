@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod error;
 pub mod launcher;
+pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod scheduler;

@@ -12,18 +12,16 @@ use strata_gateway::cli::GatewayArgs;
     about = "Strata gateway: serves the gRPC API over remote workers"
 )]
 struct Cli {
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
+    log_format: strata_shared::telemetry::LogFormat,
     #[command(flatten)]
     gateway: GatewayArgs,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let _telemetry = strata_shared::telemetry::init("strata-gateway", cli.log_format, "info")?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(strata_gateway::server::run(
         cli.gateway.config()?,

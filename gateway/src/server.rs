@@ -19,6 +19,7 @@ use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{FloatType, Plan, PlanOptions};
 use strata_shared::source::{DEFAULT_MODEL_SPEC, ModelFiles};
+use strata_shared::telemetry;
 use strata_shared::topology::Topology;
 use strata_shared::transport::{FrameListener, TcpTransport, Transport, advertised_address};
 use strata_shared::wire::{DEFAULT_MAX_FRAME_BYTES, KV_BLOCK_SIZE};
@@ -28,6 +29,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::GatewayError;
 use crate::launcher::{LocalWorker, WorkerCommand, spawn_workers};
+use crate::metrics::GatewayMetrics;
 use crate::pipeline::RingPipeline;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerState, SchedulerStats};
 use crate::service::StrataService;
@@ -123,6 +125,8 @@ pub struct GatewayConfig {
     pub step_timeout: Duration,
     pub connect_timeout: Duration,
     pub workers: WorkerSource,
+    /// Where to serve Prometheus metrics (`/metrics`); `None`: nowhere.
+    pub metrics_listen: Option<String>,
 }
 
 /// The model and plan the gateway serves (resolved from metadata only).
@@ -501,6 +505,22 @@ async fn serve(
         resolved.tokenizer.eos_ids().to_vec(),
     );
     let stats = state.stats();
+    let metrics = Arc::new(GatewayMetrics::new(Some((
+        Arc::clone(&stats),
+        kv_blocks,
+        KV_BLOCK_SIZE,
+    )))?);
+    let metrics_addr = match &cfg.metrics_listen {
+        Some(addr) => {
+            let m = Arc::clone(&metrics);
+            let local = telemetry::metrics::serve(addr, Arc::new(move || m.render()))
+                .await
+                .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
+            tracing::info!(metrics = %local, "serving Prometheus metrics at /metrics");
+            Some(local.to_string())
+        }
+        None => None,
+    };
     let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop.clone());
 
     let tokenizer = Arc::clone(&resolved.tokenizer);
@@ -518,7 +538,7 @@ async fn serve(
             context,
         )
     });
-    let service = StrataService::new(tokenizer, limits, scheduler, info);
+    let service = StrataService::new(tokenizer, limits, scheduler, info, metrics);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<StrataServer<StrataService>>().await;
@@ -554,7 +574,7 @@ async fn serve(
     tracing::info!(listen = %local_addr, "gateway ready");
     {
         let mut out = std::io::stdout().lock();
-        let line = serde_json::json!({"event": "ready", "listen": local_addr.to_string()});
+        let line = serde_json::json!({"event": "ready", "listen": local_addr.to_string(), "metrics": metrics_addr});
         let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     }
 

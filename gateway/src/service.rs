@@ -1,6 +1,10 @@
 //! The public API (`strata.v1.Strata`). Each streaming call validates its request once, hands
 //! it to the scheduler with a bounded channel and returns that channel as the response stream;
 //! when the client goes away the channel closes and the scheduler cancels the sequence.
+//!
+//! Each streaming call gets a request id (returned in the `x-request-id` response header) and
+//! a `request` span, a child of the client's `traceparent` when it sends one; every log line
+//! about the request carries both ids.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,12 +14,14 @@ use strata_proto::v1::{
     ChatRequest, DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse,
     ModelInfoRequest, ModelInfoResponse, TokenizeRequest, TokenizeResponse,
 };
+use strata_shared::telemetry;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::GatewayError;
-use crate::scheduler::{Scheduler, StreamOutput};
+use crate::metrics::GatewayMetrics;
+use crate::scheduler::{RequestObserver, Scheduler, StreamOutput};
 use crate::tokenizer::ModelTokenizer;
 use crate::validation::{self, Limits, ValidRequest};
 
@@ -29,6 +35,7 @@ pub struct StrataService {
     limits: Limits,
     scheduler: Scheduler,
     info: InfoFn,
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl StrataService {
@@ -37,25 +44,69 @@ impl StrataService {
         limits: Limits,
         scheduler: Scheduler,
         info: InfoFn,
+        metrics: Arc<GatewayMetrics>,
     ) -> Self {
         StrataService {
             tokenizer,
             limits,
             scheduler,
             info,
+            metrics,
         }
     }
 
-    async fn stream(
+    /// Validates a streaming call's request (`validate`) within the request's span and hands
+    /// it to the scheduler.
+    async fn stream<R>(
         &self,
-        req: ValidRequest,
-        deadline: Option<Instant>,
+        method: &'static str,
+        request: Request<R>,
+        validate: impl FnOnce(R, &ModelTokenizer, &Limits) -> Result<ValidRequest, GatewayError>,
     ) -> Result<Response<ReceiverStream<Result<GenerateResponse, Status>>>, Status> {
+        let deadline = deadline_of(request.metadata());
+        let request_id = format!("{:016x}", rand::random::<u64>());
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            method,
+            trace_id = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        telemetry::set_parent(&span, traceparent);
+        span.record("trace_id", telemetry::trace_id_of(&span).as_str());
+        let validated = tracing::info_span!(parent: &span, "validate")
+            .in_scope(|| validate(request.into_inner(), &self.tokenizer, &self.limits));
+        let req = match validated {
+            Ok(r) => r,
+            Err(e) => {
+                let status = Status::from(e);
+                self.metrics.failed(status.code());
+                span.record("status", format!("{:?}", status.code()).as_str());
+                tracing::info!(parent: &span, status = ?status.code(), message = status.message(), "request refused");
+                return Err(status);
+            }
+        };
+        span.record("prompt_tokens", req.input_ids.len());
+        tracing::info!(parent: &span, prompt_tokens = req.input_ids.len(), max_tokens = req.max_new_tokens, "request received");
         // Room for every token event and the final message: a full channel never blocks the scheduler.
         let (tx, rx) = mpsc::channel(req.max_new_tokens as usize + 2);
-        let output = StreamOutput::new(&self.tokenizer, &req, tx);
+        let prompt_tokens = u32::try_from(req.input_ids.len()).unwrap_or(u32::MAX);
+        let observer = RequestObserver::new(Arc::clone(&self.metrics), span, prompt_tokens);
+        let output = StreamOutput::new(&self.tokenizer, &req, tx).observed(observer);
         self.scheduler.submit(req, output, deadline).await?;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let mut response = Response::new(ReceiverStream::new(rx));
+        if let Ok(v) = request_id.parse() {
+            response.metadata_mut().insert("x-request-id", v);
+        }
+        Ok(response)
     }
 }
 
@@ -68,18 +119,14 @@ impl Strata for StrataService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = deadline_of(request.metadata());
-        let req = validation::generate(request.into_inner(), &self.tokenizer, &self.limits)?;
-        self.stream(req, deadline).await
+        self.stream("generate", request, validation::generate).await
     }
 
     async fn chat(
         &self,
         request: Request<ChatRequest>,
     ) -> Result<Response<Self::ChatStream>, Status> {
-        let deadline = deadline_of(request.metadata());
-        let req = validation::chat(request.into_inner(), &self.tokenizer, &self.limits)?;
-        self.stream(req, deadline).await
+        self.stream("chat", request, validation::chat).await
     }
 
     async fn tokenize(

@@ -271,8 +271,14 @@ async fn load_one(
 ) -> Result<(String, WorkerClient<Channel>), GatewayError> {
     let who = format!("worker {} ({})", info.address, info.device);
     let mut client = connect(&info.address, deadline).await?;
+    // The worker's load span joins this one's trace (W3C context in the call's metadata).
+    let span = tracing::info_span!("load", worker = %info.address, device = %info.device);
+    let mut request = tonic::Request::new(req);
+    if let Ok(v) = strata_shared::telemetry::traceparent_of(&span).parse() {
+        request.metadata_mut().insert("traceparent", v);
+    }
     let mut stream = client
-        .load(req)
+        .load(request)
         .await
         .map_err(|s| GatewayError::Unavailable(format!("{who} refused to load: {}", s.message())))?
         .into_inner();

@@ -3,7 +3,8 @@
 //! - model metadata read from file headers ([`gguf`], [`safetensors`], [`config`], [`meta`],
 //!   [`source`]), never tensor data;
 //! - the user's model [`topology`] format and the load [`plan`] it resolves to;
-//! - the data plane's [`wire`] frames and [`transport`].
+//! - the data plane's [`wire`] frames and [`transport`];
+//! - logs, traces and metrics, set up alike in every process ([`telemetry`]).
 //!
 //! Architecture invariant: this crate does no tensor math and depends on no tensor library.
 
@@ -18,6 +19,7 @@ pub mod names;
 pub mod plan;
 pub mod safetensors;
 pub mod source;
+pub mod telemetry;
 pub mod topology;
 pub mod transport;
 pub mod wire;

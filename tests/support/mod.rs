@@ -49,6 +49,8 @@ pub fn prompts() -> Vec<Prompt> {
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// Where it serves Prometheus metrics (with `--metrics-listen`).
+    pub metrics: Option<String>,
     log: Arc<Mutex<String>>,
 }
 
@@ -81,7 +83,10 @@ impl Server {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                         && v["event"] == "ready"
                     {
-                        let _ = tx.send(v["listen"].as_str().unwrap_or_default().to_string());
+                        let _ = tx.send((
+                            v["listen"].as_str().unwrap_or_default().to_string(),
+                            v["metrics"].as_str().map(str::to_string),
+                        ));
                     }
                 }
             });
@@ -100,7 +105,14 @@ impl Server {
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(addr) => return Ok(Server { child, addr, log }),
+                Ok((addr, metrics)) => {
+                    return Ok(Server {
+                        child,
+                        addr,
+                        metrics,
+                        log,
+                    });
+                }
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
                         std::thread::sleep(Duration::from_millis(200));
@@ -170,6 +182,47 @@ impl Drop for Server {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A `strata worker` process on ephemeral ports; killed on drop.
+pub struct Worker {
+    child: Child,
+    /// Control-plane URL, for `strata gateway --worker DEVICE=URL`.
+    pub control: String,
+    /// Where it serves Prometheus metrics (with `--metrics-listen`).
+    pub metrics: Option<String>,
+}
+
+impl Worker {
+    /// Starts `strata worker --listen 127.0.0.1:0 <args>` and waits for its listening line.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Worker {
+        let mut child = Command::new(strata())
+            .args(["worker", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start strata worker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the worker's listening line");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON listening line");
+        Worker {
+            control: format!("http://{}", v["control"].as_str().expect("control address")),
+            metrics: v["metrics"].as_str().map(str::to_string),
+            child,
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

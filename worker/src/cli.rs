@@ -22,6 +22,9 @@ pub struct WorkerArgs {
     /// listening on 0.0.0.0).
     #[arg(long, env = "STRATA_WORKER_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
+    /// Serve Prometheus metrics on this address, at `/metrics` (port 0 picks a free one).
+    #[arg(long, env = "STRATA_WORKER_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Largest data-plane frame accepted, in MiB.
     #[arg(long, default_value_t = 256)]
     pub max_frame_mib: usize,
@@ -59,16 +62,35 @@ pub async fn run(
         max_frame_bytes: max_frame,
         ..TcpTransport::default()
     };
-    let (service, data) =
-        crate::service::start(&data_listen, args.advertise_host.as_deref(), transport).await?;
+    let metrics = std::sync::Arc::new(crate::metrics::WorkerMetrics::new()?);
+    let metrics_addr = match &args.metrics_listen {
+        Some(addr) => {
+            let m = std::sync::Arc::clone(&metrics);
+            let local = strata_shared::telemetry::metrics::serve(
+                addr,
+                std::sync::Arc::new(move || m.render()),
+            )
+            .await
+            .map_err(|e| WorkerError::Load(e.to_string()))?;
+            tracing::info!(metrics = %local, "serving Prometheus metrics at /metrics");
+            Some(local.to_string())
+        }
+        None => None,
+    };
+    let (service, data) = crate::service::start(
+        &data_listen,
+        args.advertise_host.as_deref(),
+        transport,
+        metrics,
+    )
+    .await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<strata_proto::worker::v1::worker_server::WorkerServer<crate::service::WorkerService>>()
         .await;
     tracing::info!(%control, %data, kernels = %strata_kernels::cpu::summary(), "worker listening");
     // The launcher reads this line to learn the addresses.
-    let line =
-        serde_json::json!({"event": "listening", "control": control.to_string(), "data": data});
+    let line = serde_json::json!({"event": "listening", "control": control.to_string(), "data": data, "metrics": metrics_addr});
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     drop(out);

@@ -162,6 +162,7 @@ impl Engine {
                 history: Vec::new(),
             }],
             hidden: None,
+            trace: String::new(),
         };
         let result = (|| {
             self.fill_tables(&mut step)?;

@@ -10,6 +10,7 @@ pub mod error;
 pub mod kv;
 pub mod layers;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod service;

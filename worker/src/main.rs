@@ -14,6 +14,9 @@ struct Cli {
     /// Compute threads (default: one per core).
     #[arg(long, env = "STRATA_THREADS")]
     threads: Option<usize>,
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).
+    #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text")]
+    log_format: strata_shared::telemetry::LogFormat,
     #[command(flatten)]
     worker: WorkerArgs,
 }
@@ -23,12 +26,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // SAFETY: first thing in `main`, before any other thread exists.
     unsafe { strata_worker::configure_threads(cli.threads) };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = strata_shared::telemetry::init("strata-worker", cli.log_format, "info")?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(strata_worker::cli::run(
         cli.worker,

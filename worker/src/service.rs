@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::WorkerError;
 use crate::memory;
+use crate::metrics::{Direction, WorkerMetrics};
 use crate::model::{ModelSlice, SliceSpec, TensorLoad};
 use crate::stage::Stage;
 
@@ -57,6 +58,7 @@ struct Shared {
     data_address: String,
     jobs: mpsc::Sender<Job>,
     transport: TcpTransport,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Shared {
@@ -94,15 +96,17 @@ pub async fn start(
     data_listen: &str,
     advertise_host: Option<&str>,
     transport: TcpTransport,
+    metrics: Arc<WorkerMetrics>,
 ) -> Result<(WorkerServer<WorkerService>, String), WorkerError> {
     let listener = transport.bind(data_listen).await?;
     let local = listener.local_addr();
     let data_address = advertised_address(&local, advertise_host);
     // One step is in flight per ring; a short queue bounds what frames can hold in memory.
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(8);
+    let compute_metrics = Arc::clone(&metrics);
     std::thread::Builder::new()
         .name("strata-compute".into())
-        .spawn(move || compute_loop(jobs_rx))
+        .spawn(move || compute_loop(jobs_rx, &compute_metrics))
         .map_err(|e| WorkerError::Load(format!("cannot start the compute thread: {e}")))?;
     tokio::spawn(accept_frames(listener, jobs_tx.clone(), |r| match r {
         Ok(frame) => Job::Frame(frame),
@@ -115,12 +119,15 @@ pub async fn start(
         data_address: data_address.clone(),
         jobs: jobs_tx,
         transport,
+        metrics,
     });
     Ok((WorkerServer::new(WorkerService { shared }), data_address))
 }
 
-/// Runs frames through the stages, in arrival order.
-fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
+/// Runs frames through the stages, in arrival order. Each step runs in a `stage` span, a child
+/// of the span that sent it (the gateway's batch step, or the previous stage), and hands its
+/// own context on with the frame it sends.
+fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics) {
     let mut stages: HashMap<u32, Stage> = HashMap::new();
     let mut routes: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
     while let Some(job) = jobs.blocking_recv() {
@@ -133,6 +140,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
                 tracing::warn!(error = %why, "data plane: dropping a broken connection")
             }
             Job::Frame(frame) => {
+                metrics.frame(Direction::In, frame.wire_len());
                 // Steps and errors are addressed to a stage on this worker; its route says where
                 // the result (or the error, passed along untouched) goes next.
                 let to = match &frame {
@@ -153,12 +161,29 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>) {
                 let next = match frame {
                     Frame::Step(step) => {
                         let step_id = step.step_id;
+                        let span = tracing::info_span!(
+                            "stage",
+                            step_id,
+                            stage = to,
+                            seqs = step.seqs.len(),
+                            tokens = step.seqs.iter().map(|s| s.tokens.len()).sum::<usize>(),
+                        );
+                        strata_shared::telemetry::set_parent(&span, &step.trace);
+                        let _entered = span.enter();
+                        let started = Instant::now();
                         let result = match stages.get_mut(&to) {
                             Some(s) => s.run(step),
                             None => Err(WorkerError::Step(format!(
                                 "stage {to} is not loaded on this worker"
                             ))),
                         };
+                        metrics.forward(to, started.elapsed());
+                        let result = result.map(|mut next| {
+                            if let Frame::Step(s) = &mut next {
+                                s.trace = strata_shared::telemetry::traceparent_of(&span);
+                            }
+                            next
+                        });
                         result.unwrap_or_else(|e| {
                             tracing::error!(stage = to, step_id, error = %e, "step failed");
                             Frame::Error(ErrorFrame {
@@ -191,7 +216,7 @@ async fn outbound(
     rx: mpsc::Receiver<Frame>,
     shared: Arc<Shared>,
 ) {
-    if let Err(e) = send_all(sender, &addr, rx).await {
+    if let Err(e) = send_all(sender, &addr, rx, &shared.metrics).await {
         tracing::error!(%addr, error = %e, "data plane: sending failed; this worker's ring is broken");
         shared.set_phase(Phase::Failed(format!(
             "data plane: sending to the next hop {addr} failed: {e}"
@@ -203,10 +228,15 @@ async fn send_all(
     mut sender: impl FrameSender,
     addr: &str,
     mut rx: mpsc::Receiver<Frame>,
+    metrics: &WorkerMetrics,
 ) -> Result<(), WireError> {
     while let Some(frame) = rx.recv().await {
+        let started = Instant::now();
         match sender.send(&frame).await {
-            Ok(()) => {}
+            Ok(()) => {
+                metrics.sent(addr, started.elapsed());
+                metrics.frame(Direction::Out, frame.wire_len());
+            }
             // A frame over the peer's limit never left: say so down the ring instead.
             Err(e @ WireError::TooLarge { .. }) => {
                 let Frame::Step(step) = &frame else {
@@ -285,6 +315,14 @@ impl Worker for WorkerService {
         &self,
         request: Request<LoadRequest>,
     ) -> Result<Response<Self::LoadStream>, Status> {
+        // A child of the gateway's load span, when its call carries a `traceparent`.
+        let span = tracing::info_span!("load");
+        let traceparent = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        strata_shared::telemetry::set_parent(&span, traceparent);
         let req = request.into_inner();
         if req.kv_block_size as usize != KV_BLOCK_SIZE {
             return Err(Status::invalid_argument(format!(
@@ -332,6 +370,7 @@ impl Worker for WorkerService {
         let shared = Arc::clone(&self.shared);
         let kv_blocks = req.kv_blocks.max(1) as usize;
         tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let started = Instant::now();
             let result = (|| -> Result<(Vec<Stage>, usize), WorkerError> {
                 let revision = (!req.revision.is_empty()).then_some(req.revision.as_str());
@@ -367,6 +406,7 @@ impl Worker for WorkerService {
                         *s = indices;
                     }
                     shared.set_phase(Phase::Ready);
+                    shared.metrics.loaded(started.elapsed().as_secs_f64());
                     let rss = memory::rss();
                     tracing::info!(
                         weight_bytes = bytes,

@@ -86,6 +86,7 @@ impl Stage {
                 releases: step.releases,
                 seqs: step.seqs,
                 hidden: activations,
+                trace: step.trace,
             }));
         }
         let samples = match hidden {

@@ -276,6 +276,14 @@ impl Source {
     }
 }
 
+/// Nanoseconds this process has spent in in-situ quantization.
+static ISQ_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Seconds this process has spent in in-situ quantization (what the worker's metrics report).
+pub fn isq_seconds() -> f64 {
+    ISQ_NANOS.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
+}
+
 /// Loads one tensor as `spec` says.
 pub fn load(meta: &TensorMeta, spec: &LoadSpec) -> Result<Weight> {
     load_weighted(meta, spec, None)
@@ -307,7 +315,11 @@ pub fn load_weighted(
                 .and_then(|t| t.to_vec1::<f32>())
                 .ctx(ctx)?;
             drop(f32s);
-            quantize(meta, &data, rows, cols, isq, importance)
+            let started = std::time::Instant::now();
+            let quantized = quantize(meta, &data, rows, cols, isq, importance);
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            ISQ_NANOS.fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+            quantized
         }
         (None, Some(f)) => Ok(Weight::Dense(
             src.to_f32(meta)?.to_dtype(float_dtype(f)).ctx(ctx)?,

@@ -563,6 +563,7 @@ fn check_greedy(model: &Model, meta: &ModelMeta) {
                 history: vec![],
             }],
             hidden: None,
+            trace: String::new(),
         };
         let samples = e.step(step).unwrap();
         assert_eq!(samples.samples.len(), 1);

@@ -81,6 +81,7 @@ fn one_seq_step(
             history: vec![],
         }],
         hidden: None,
+        trace: String::new(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! streams API events to the client. A client that is gone (its stream closed) is cancelled
 //! and its KV released; one past its deadline gets DEADLINE_EXCEEDED.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
@@ -20,7 +21,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use output::{EventSender, SeqEnd, SeqOutput, StreamOutput, TokenVerdict};
+pub use output::{EventSender, RequestObserver, SeqEnd, SeqOutput, StreamOutput, TokenVerdict};
 pub use state::{NewRequest, SchedulerConfig, SchedulerState, SchedulerStats};
 
 /// Handle to the scheduler actor.
@@ -82,6 +83,8 @@ async fn run<P: Pipeline, O: SeqOutput>(
     let mut retry_releases_at: Option<tokio::time::Instant> = None;
     let depth = pipeline.depth().max(1);
     let mut open = true;
+    // The span of each step in flight; it ends when the step completes.
+    let mut spans: HashMap<u64, tracing::Span> = HashMap::new();
     loop {
         // With every handle gone and nothing left to answer, stop (releases still pending are
         // moot: nobody will send those sequences again).
@@ -94,11 +97,13 @@ async fn run<P: Pipeline, O: SeqOutput>(
         state.reap(Instant::now());
         // Keep the pipeline full.
         while state.in_flight() < depth && (retry_releases_at.is_none() || state.has_requests()) {
-            let Some(step) = state.next_step() else {
+            let Some(mut step) = state.next_step() else {
                 break;
             };
             let id = step.step_id;
+            spans.insert(id, state.trace_step(&mut step));
             if let Err(e) = pipeline.submit(step).await {
+                spans.remove(&id);
                 tracing::error!(error = %e, step = id, "a step could not be sent");
                 state.on_step_failed(id, &e);
                 retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
@@ -108,17 +113,20 @@ async fn run<P: Pipeline, O: SeqOutput>(
         state.publish();
         let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
         tokio::select! {
-            c = pipeline.next_completion(), if state.in_flight() > 0 => match c.result {
-                Ok(samples) => {
-                    retry_releases_at = None;
-                    state.on_samples(samples);
+            c = pipeline.next_completion(), if state.in_flight() > 0 => {
+                spans.remove(&c.step_id);
+                match c.result {
+                    Ok(samples) => {
+                        retry_releases_at = None;
+                        state.on_samples(samples);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, step = c.step_id, "step failed; failing its sequences");
+                        state.on_step_failed(c.step_id, &e);
+                        retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, step = c.step_id, "step failed; failing its sequences");
-                    state.on_step_failed(c.step_id, &e);
-                    retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
-                }
-            },
+            }
             r = rx.recv(), if open => match r {
                 Some(r) => state.enqueue(r),
                 None => open = false,

@@ -4,6 +4,7 @@
 //! the client's stream. It is the only part of scheduling that needs the tokenizer.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use strata_proto::v1::{
     FinishReason, Finished, GenerateResponse, Timings, Token, TopLogprob, Usage, generate_response,
@@ -12,6 +13,7 @@ use strata_shared::wire::Sample;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use crate::metrics::GatewayMetrics;
 use crate::tokenizer::{ModelTokenizer, StopMatcher, StopOutcome, StreamDecoder};
 use crate::validation::ValidRequest;
 
@@ -52,6 +54,103 @@ pub trait SeqOutput: Send + 'static {
     fn fail(self, status: Status);
     /// Whether the client has gone (its stream closed).
     fn is_closed(&self) -> bool;
+    /// The sequence was sent in step `step_id`, whose span is `batch`.
+    fn scheduled(&mut self, _step_id: u64, _batch: &tracing::Span) {}
+    /// The request's span: a batch step it leads is traced as its child.
+    fn span(&self) -> Option<&tracing::Span> {
+        None
+    }
+}
+
+/// What an output stage reports about its request: the metrics it feeds and the request's
+/// span, with children for its time in the queue and for each step it took part in (each
+/// linked to the batch step's span, which every worker's spans descend from).
+#[derive(Debug)]
+pub struct RequestObserver {
+    metrics: Option<Arc<GatewayMetrics>>,
+    span: tracing::Span,
+    queue: Option<tracing::Span>,
+    step: Option<tracing::Span>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+    prompt_tokens: u32,
+}
+
+impl RequestObserver {
+    /// Observes a request of `prompt_tokens` tokens, arrived now, whose span is `span`.
+    pub fn new(metrics: Arc<GatewayMetrics>, span: tracing::Span, prompt_tokens: u32) -> Self {
+        let queue = tracing::info_span!(parent: &span, "queue");
+        RequestObserver {
+            metrics: Some(metrics),
+            span,
+            queue: Some(queue),
+            step: None,
+            arrived: Instant::now(),
+            last_token: None,
+            prompt_tokens,
+        }
+    }
+
+    /// Observes nothing.
+    pub fn none() -> Self {
+        RequestObserver {
+            metrics: None,
+            span: tracing::Span::none(),
+            queue: None,
+            step: None,
+            arrived: Instant::now(),
+            last_token: None,
+            prompt_tokens: 0,
+        }
+    }
+
+    fn scheduled(&mut self, step_id: u64, batch: &tracing::Span) {
+        self.queue = None;
+        let step = tracing::info_span!(parent: &self.span, "step", step_id);
+        strata_shared::telemetry::link(&step, batch);
+        self.step = Some(step);
+    }
+
+    fn token(&mut self) {
+        self.step = None;
+        let now = Instant::now();
+        if let Some(m) = &self.metrics {
+            if self.last_token.is_none() {
+                m.first_token(now - self.arrived, self.prompt_tokens);
+            }
+            m.token(self.last_token.map(|t| now - t));
+        }
+        self.last_token = Some(now);
+    }
+
+    fn finished(&mut self, end: &SeqEnd) {
+        self.step = None;
+        let reason = crate::metrics::finish_label(end.reason);
+        self.span.record("finish_reason", reason);
+        self.span.record("completion_tokens", end.completion_tokens);
+        self.span.record("status", "OK");
+        tracing::info!(parent: &self.span, reason, completion_tokens = end.completion_tokens, "request finished");
+        if let Some(m) = &self.metrics {
+            let ms = |v: f64| Duration::from_secs_f64(v.max(0.0) / 1000.0);
+            m.finished(
+                end.reason,
+                ms(end.timings.total_ms),
+                ms(end.timings.queue_ms),
+                ms(end.timings.time_to_first_token_ms),
+            );
+        }
+    }
+
+    fn failed(&mut self, status: &Status) {
+        self.step = None;
+        self.queue = None;
+        let code = format!("{:?}", status.code());
+        self.span.record("status", code.as_str());
+        tracing::warn!(parent: &self.span, status = %code, message = status.message(), "request failed");
+        if let Some(m) = &self.metrics {
+            m.failed(status.code());
+        }
+    }
 }
 
 /// The real output stage: detokenizer, stop matcher and the client's event channel.
@@ -62,6 +161,7 @@ pub struct StreamOutput {
     decoder: StreamDecoder,
     stop: StopMatcher,
     logprobs: bool,
+    observer: RequestObserver,
 }
 
 impl StreamOutput {
@@ -76,12 +176,20 @@ impl StreamOutput {
             decoder: tokenizer.stream_decoder(&request.input_ids, !request.include_special_tokens),
             stop: StopMatcher::new(request.stop.clone()),
             logprobs: request.logprobs,
+            observer: RequestObserver::none(),
         }
+    }
+
+    /// Reports to `observer` what happens to the request.
+    pub fn observed(mut self, observer: RequestObserver) -> Self {
+        self.observer = observer;
+        self
     }
 }
 
 impl SeqOutput for StreamOutput {
     fn token(&mut self, sample: &Sample, index: u32) -> TokenVerdict {
+        self.observer.token();
         let delta = match self.decoder.push(sample.token) {
             Ok(d) => d,
             Err(e) => {
@@ -129,6 +237,7 @@ impl SeqOutput for StreamOutput {
     }
 
     fn finish(mut self, end: SeqEnd) {
+        self.observer.finished(&end);
         // A stop sequence is never emitted; any other end releases the held-back text.
         let text = if end.reason == FinishReason::Stop {
             String::new()
@@ -151,12 +260,21 @@ impl SeqOutput for StreamOutput {
         }));
     }
 
-    fn fail(self, status: Status) {
+    fn fail(mut self, status: Status) {
+        self.observer.failed(&status);
         let _ = self.events.try_send(Err(status));
     }
 
     fn is_closed(&self) -> bool {
         self.events.is_closed()
+    }
+
+    fn scheduled(&mut self, step_id: u64, batch: &tracing::Span) {
+        self.observer.scheduled(step_id, batch);
+    }
+
+    fn span(&self) -> Option<&tracing::Span> {
+        Some(&self.observer.span)
     }
 }
 

@@ -514,7 +514,36 @@ impl<O: SeqOutput> SchedulerState<O> {
             releases,
             seqs,
             hidden: None,
+            trace: String::new(),
         })
+    }
+
+    /// Opens the span of `step` (just built by [`SchedulerState::next_step`]) and puts its
+    /// W3C context in the frame, so that every stage's spans descend from it. The span is a
+    /// child of its first sequence's request span; every sequence's output is told it was
+    /// scheduled, and links its own step span to this one. The span lasts until it is dropped.
+    pub fn trace_step(&mut self, step: &mut StepFrame) -> tracing::Span {
+        let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
+        let ids: Vec<u64> = step.seqs.iter().map(|s| s.seq_id).collect();
+        let parent = self
+            .running
+            .iter()
+            .find(|s| ids.first() == Some(&s.id))
+            .and_then(|s| s.output.span())
+            .cloned();
+        let span = match &parent {
+            Some(p) => {
+                tracing::info_span!(parent: p, "batch_step", step_id = step.step_id, seqs = ids.len(), tokens)
+            }
+            None => {
+                tracing::info_span!(parent: None, "batch_step", step_id = step.step_id, seqs = ids.len(), tokens)
+            }
+        };
+        for s in self.running.iter_mut().filter(|s| ids.contains(&s.id)) {
+            s.output.scheduled(step.step_id, &span);
+        }
+        step.trace = strata_shared::telemetry::traceparent_of(&span);
+        span
     }
 
     /// Applies a completed step's samples: hands tokens to the outputs, finishes sequences,

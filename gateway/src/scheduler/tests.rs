@@ -241,6 +241,7 @@ fn prefill_then_decode_positions() {
                 history: vec![],
             }],
             hidden: None,
+            trace: String::new(),
         }
     );
     assert_eq!(

@@ -25,7 +25,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"STRF";
 /// Wire version; a peer with another version is refused.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Prelude length in bytes.
 pub const PRELUDE_LEN: usize = 24;
 /// Tokens per KV cache block. The gateway reserves and the stages allocate in these blocks, so
@@ -334,6 +334,9 @@ wire_struct! {
         pub seqs: Vec<SeqStep>,
         /// Hidden states from the previous stage; `None` into the first stage.
         pub hidden: Option<Activations>,
+        /// W3C `traceparent` of the span that sent the step (the gateway's step span, then each
+        /// stage's), so that every process's spans join the batch's trace; empty: none.
+        pub trace: String,
     }
 }
 
@@ -476,6 +479,12 @@ impl Frame {
         out.put_slice(&h);
         out.put_slice(&payload);
         Ok(())
+    }
+
+    /// Bytes the whole frame takes on the wire (prelude, header and payload).
+    pub fn wire_len(&self) -> u64 {
+        let (_, h, payload) = self.parts();
+        (PRELUDE_LEN + h.len() + payload.len()) as u64
     }
 
     /// The whole frame as bytes (no size limit beyond the header's).

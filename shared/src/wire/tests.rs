@@ -43,6 +43,7 @@ fn frames_round_trip() {
             cols: 2,
             data: Bytes::from(vec![0u8; 24]),
         }),
+        trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
     });
     assert_eq!(round_trip(&step), step);
     let samples = Frame::Samples(SamplesFrame {
@@ -127,6 +128,7 @@ fn the_codec_reassembles_frames_from_any_chunking() {
                 cols: 3,
                 data: Bytes::from((0u8..12).collect::<Vec<_>>()),
             }),
+            trace: String::new(),
         }),
     ];
     let mut stream = BytesMut::new();
@@ -165,6 +167,7 @@ fn a_payload_must_match_the_activations_it_claims() {
             releases: vec![],
             seqs: vec![],
             hidden,
+            trace: String::new(),
         })
     };
     let mut a = Activations {
