@@ -170,6 +170,34 @@ fn the_chart_lints_and_renders_manifests_kubernetes_accepts_for_cpu_and_gpu_valu
 }
 
 #[test]
+fn the_service_monitor_scrapes_the_metrics_port_of_the_gateway_and_every_worker() {
+    let manifests = render(&["--set", "metrics.serviceMonitor.enabled=true"])
+        .unwrap_or_else(|e| panic!("helm template:\n{e}"));
+    let docs = documents(&manifests);
+    let monitors = of_kind(&docs, "ServiceMonitor");
+    assert_eq!(monitors.len(), 1);
+    let spec = &monitors[0]["spec"];
+    assert_eq!(spec["endpoints"][0]["port"], "metrics");
+    assert_eq!(spec["endpoints"][0]["path"], "/metrics");
+    let selector = spec["selector"]["matchLabels"]
+        .as_mapping()
+        .expect("matchLabels");
+    let services = of_kind(&docs, "Service");
+    assert_eq!(services.len(), 2, "the gateway's and the workers'");
+    for service in services {
+        let labels = service["metadata"]["labels"].as_mapping().expect("labels");
+        for (k, v) in selector {
+            assert_eq!(labels.get(k), Some(v), "{service:?}");
+        }
+        let ports = service["spec"]["ports"].as_sequence().expect("ports");
+        assert!(ports.iter().any(|p| p["name"] == "metrics"), "{service:?}");
+    }
+    // Without the Prometheus Operator's CRD nothing asks for one.
+    let docs = documents(&render(&[]).expect("default values render"));
+    assert!(of_kind(&docs, "ServiceMonitor").is_empty());
+}
+
+#[test]
 fn a_topology_the_chart_cannot_place_fails_to_render_with_the_charts_message() {
     let err = render(&["-f", "tests/deploy/three-devices-two-pods.yaml"])
         .expect_err("three devices with workers.maxPods 2 must not render");
@@ -517,6 +545,24 @@ async fn the_charts_command_lines_start_a_working_pipeline() {
     assert!(!tokens.is_empty(), "{finished:?}");
 
     // The same generation in one process, all stages local, with the same topology.
+    // Every pod serves the metrics the chart points Prometheus at.
+    for pod in pods.iter().chain([&gateway]) {
+        let port = pod.container["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == "metrics")
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("{}: no metrics port", pod.name));
+        let text = support::scrape(&format!("{}:{port}", pod.ip));
+        let series = if pod.name == "gateway" {
+            "strata_generation_tokens_total"
+        } else {
+            "strata_worker_frames_total{direction=\"in\"}"
+        };
+        assert!(support::metric(&text, series) > 0.0, "{}: {text}", pod.name);
+    }
+
     let out = Command::new(support::strata())
         .args([
             "generate",

@@ -9,7 +9,7 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value;
 use strata_proto::v1::{GenerateRequest, SamplingParameters, generate_request};
-use support::{Server, Worker, generate};
+use support::{Server, Worker, generate, metric, scrape};
 use tokio::sync::oneshot;
 
 /// A span as the receiver got it, with the pid of the process that sent it.
@@ -276,22 +276,6 @@ async fn a_dead_collector_fails_no_request() {
     }
 }
 
-/// `GET /metrics` over plain HTTP/1.1: the body.
-fn scrape(addr: &str) -> String {
-    let mut conn = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    conn.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    conn.read_to_string(&mut response)
-        .expect("read the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    body.to_string()
-}
-
 /// `promtool check metrics` on `text` (Debian's `prometheus` package, which `.ci/run` installs).
 fn promtool_check(text: &str) {
     let mut child = Command::new("promtool")
@@ -318,13 +302,6 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The value of one series (`name{labels}` exactly as written), 0 when absent.
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,7 +345,7 @@ async fn metrics_pass_promtool_and_move_by_what_known_requests_did() {
 
     let after = scrape(&gw);
     promtool_check(&after);
-    let delta = |series: &str| value(&after, series) - value(&before, series);
+    let delta = |series: &str| metric(&after, series) - metric(&before, series);
     assert_eq!(
         delta("strata_prompt_tokens_total"),
         prompt_tokens,
@@ -400,13 +377,13 @@ async fn metrics_pass_promtool_and_move_by_what_known_requests_did() {
         delta("strata_inter_token_latency_seconds_count"),
         completion_tokens - 3.0
     );
-    assert_eq!(value(&after, "strata_num_requests_running"), 0.0);
-    assert_eq!(value(&after, "strata_kv_cache_usage_perc"), 0.0);
+    assert_eq!(metric(&after, "strata_num_requests_running"), 0.0);
+    assert_eq!(metric(&after, "strata_kv_cache_usage_perc"), 0.0);
 
     for (stage, w) in [(0, &w0), (1, &w1)] {
         let text = scrape(w.metrics.as_deref().expect("the worker's metrics address"));
         promtool_check(&text);
-        let forward = value(
+        let forward = metric(
             &text,
             &format!("strata_worker_step_forward_seconds_count{{stage=\"{stage}\"}}"),
         );
@@ -418,11 +395,11 @@ async fn metrics_pass_promtool_and_move_by_what_known_requests_did() {
             "strata_worker_model_load_seconds",
             "strata_worker_resident_memory_bytes",
         ] {
-            assert!(value(&text, series) > 0.0, "{series} in\n{text}");
+            assert!(metric(&text, series) > 0.0, "{series} in\n{text}");
         }
         assert_eq!(
-            value(&text, "strata_worker_frames_total{direction=\"in\"}"),
-            value(&text, "strata_worker_frames_total{direction=\"out\"}"),
+            metric(&text, "strata_worker_frames_total{direction=\"in\"}"),
+            metric(&text, "strata_worker_frames_total{direction=\"out\"}"),
             "every step frame in went on"
         );
     }

@@ -226,6 +226,31 @@ impl Drop for Worker {
     }
 }
 
+/// `GET /metrics` over plain HTTP/1.1 at `addr`: the body (Prometheus' text format).
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    conn.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The value of one series (`name{labels}` exactly as written) in scraped metrics; 0 when
+/// absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `kill SIG TARGET`.
 pub fn signal(sig: &str, target: &str) {
     let status = Command::new("kill")

@@ -112,6 +112,18 @@ with a message that names the value and the device, when the chart cannot place 
       fieldPath: status.podIP
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+- name: STRATA_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $.Values.tracing.sampler | quote }}
+{{- with $.Values.tracing.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
 - name: STRATA_CACHE
   value: /cache/strata
 - name: HF_HOME
