@@ -200,11 +200,11 @@ async fn serve(a: ServeArgs, log_format: LogFormat) -> Result<()> {
         "127.0.0.1:0".into(),
         None,
     );
-    Ok(strata_gateway::server::run(cfg, strata_shared::shutdown_signal()).await?)
+    Ok(strata_gateway::server::run(cfg, strata_shared::stop_signals()).await?)
 }
 
 async fn gateway(a: GatewayArgs) -> Result<()> {
-    Ok(strata_gateway::server::run(a.config()?, strata_shared::shutdown_signal()).await?)
+    Ok(strata_gateway::server::run(a.config()?, strata_shared::stop_signals()).await?)
 }
 
 fn plan(a: PlanArgs) -> Result<()> {

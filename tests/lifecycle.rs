@@ -1,5 +1,6 @@
 //! The service's life around its worker processes: Ctrl-C ends every stream as cancelled and
-//! stops every worker; a worker that dies turns the service NOT_SERVING and fails requests with
+//! stops every worker; SIGTERM drains (the streams in flight finish, new requests are refused,
+//! health turns NOT_SERVING) and then stops; a worker that dies turns the service NOT_SERVING and fails requests with
 //! UNAVAILABLE naming it; a client that leaves frees its KV cache on every worker of the ring.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -134,6 +135,87 @@ async fn ctrl_c_cancels_the_streams_and_stops_every_worker() {
     assert!(
         !log.contains("ERROR") && log.matches("worker stopped").count() == 2,
         "a clean stop logs no error:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_streams_in_flight_finish_refuses_new_ones_and_then_stops() {
+    const STREAMS: usize = 8;
+    const TOKENS: u32 = 48;
+    let mut server = Server::start(&["serve", "--drain-secs", "300"])
+        .unwrap_or_else(|log| panic!("server failed: {log}"));
+    let workers = server.children();
+    let client = server.client().await;
+    // Eight streams, each seen running (its first token arrived) before the signal.
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut stream = client
+            .clone()
+            .generate(long_story(TOKENS))
+            .await
+            .expect("generate")
+            .into_inner();
+        stream.message().await.expect("token").expect("stream open");
+        streams.push(stream);
+    }
+    support::signal("-TERM", &server.pid().to_string());
+
+    // Draining: health says NOT_SERVING and a new request is refused, naming the reason.
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect while draining");
+    let health = HealthClient::new(channel);
+    let not_serving = eventually(Duration::from_secs(30), || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status == ServingStatus::NotServing as i32)
+        }
+    })
+    .await;
+    assert!(not_serving, "health still SERVING while draining");
+    let refused = generate(&mut client.clone(), long_story(4))
+        .await
+        .expect_err("a new request while draining");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("shutting down"), "{refused:?}");
+
+    // Every stream in flight runs to its end, none cancelled.
+    for (i, mut stream) in streams.into_iter().enumerate() {
+        let mut tokens = 1;
+        let mut finished = None;
+        while let Some(msg) = stream.message().await.expect("the stream ends cleanly") {
+            match msg.event {
+                Some(generate_response::Event::Token(_)) => tokens += 1,
+                Some(generate_response::Event::Finished(f)) => finished = Some(f),
+                None => {}
+            }
+        }
+        let finished = finished.unwrap_or_else(|| panic!("stream {i} got no final message"));
+        assert_eq!(
+            finished.reason,
+            FinishReason::Length as i32,
+            "stream {i}: {finished:?}"
+        );
+        assert_eq!(tokens, TOKENS, "stream {i}");
+    }
+    // Then the gateway stops on its own, and its workers with it.
+    let status = server.wait_exit();
+    assert!(status.success(), "exit status {status}\n{}", server.log());
+    let log = server.log();
+    assert!(log.contains("drained: every request has finished"), "{log}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            workers.iter().all(|&w| !alive(w))
+        })
+        .await,
+        "workers {workers:?} outlived the gateway"
     );
 }
 

@@ -88,6 +88,10 @@ pub struct ServingArgs {
     /// Serve Prometheus metrics on this address, at `/metrics` (port 0 picks a free one).
     #[arg(long, env = "STRATA_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// On SIGTERM, seconds the requests in flight may take to finish (no new ones are taken)
+    /// before the rest are cancelled; 0 cancels at once. Ctrl-C always cancels at once.
+    #[arg(long, default_value_t = 30)]
+    pub drain_secs: u64,
 }
 
 #[derive(Args)]
@@ -162,5 +166,6 @@ pub fn gateway_config(
         connect_timeout: Duration::from_secs(s.connect_timeout_secs),
         workers,
         metrics_listen: s.metrics_listen.clone(),
+        drain: Duration::from_secs(s.drain_secs),
     }
 }

@@ -23,9 +23,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = strata_shared::telemetry::init("strata-gateway", cli.log_format, "info")?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(strata_gateway::server::run(
-        cli.gateway.config()?,
-        strata_shared::shutdown_signal(),
-    ))?;
+    let cfg = cli.gateway.config()?;
+    rt.block_on(async { strata_gateway::server::run(cfg, strata_shared::stop_signals()).await })?;
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! load and link them, then serve the API (with health and reflection) until shutdown.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -127,6 +126,8 @@ pub struct GatewayConfig {
     pub workers: WorkerSource,
     /// Where to serve Prometheus metrics (`/metrics`); `None`: nowhere.
     pub metrics_listen: Option<String>,
+    /// How long SIGTERM lets the requests in flight finish.
+    pub drain: Duration,
 }
 
 /// The model and plan the gateway serves (resolved from metadata only).
@@ -309,21 +310,46 @@ fn model_info(
     }
 }
 
-/// Runs the gateway until `shutdown` resolves. Prints `{"event":"ready","listen":ADDR}` on
-/// stdout once it serves.
+/// Runs the gateway until it is asked to stop (`stops`: SIGINT and SIGTERM, see
+/// [`strata_shared::stop_signals`]). Prints `{"event":"ready","listen":ADDR}` on stdout once it
+/// serves.
+///
+/// Ctrl-C stops at once: every stream in flight ends as cancelled. SIGTERM drains first: health
+/// turns NOT_SERVING, new requests are refused with UNAVAILABLE, and the requests in flight may
+/// finish for up to `cfg.drain`; then (or at a second signal) the rest are cancelled.
 pub async fn run(
     cfg: GatewayConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut stops: tokio::sync::mpsc::Receiver<strata_shared::Stop>,
 ) -> Result<(), GatewayError> {
-    // Listen for the stop signal from the very start: Ctrl-C or SIGTERM while workers load
-    // stops the startup cleanly instead of killing the process mid-way.
+    // Listen for signals from the very start: one while workers load stops the startup
+    // cleanly instead of killing the process mid-way.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drain = cfg.drain;
+    let signal_stop = Arc::clone(&stop_tx);
     tokio::spawn(async move {
-        shutdown.await;
+        let Some(first) = stops.recv().await else {
+            return;
+        };
+        if first == strata_shared::Stop::Terminate && !drain.is_zero() {
+            tracing::info!(
+                seconds = drain.as_secs(),
+                "SIGTERM: draining (no new requests; those in flight may finish)"
+            );
+            let _ = drain_tx.send(true);
+            tokio::select! {
+                _ = stops.recv() => tracing::info!("asked again: stopping now"),
+                () = tokio::time::sleep(drain) => {
+                    tracing::warn!("the drain time is up: cancelling the requests still running");
+                }
+            }
+        }
         tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
+        let _ = signal_stop.send(true);
     });
     let mut stopped = stop_rx.clone();
+    let mut draining = drain_rx.clone();
     let mut local = Vec::new();
     let started = tokio::select! {
         r = start(&cfg, &mut local) => r?,
@@ -332,9 +358,14 @@ pub async fn run(
             stop_local_workers(local).await;
             return Ok(());
         }
+        _ = draining.wait_for(|d| *d) => {
+            tracing::info!("stopped before serving");
+            stop_local_workers(local).await;
+            return Ok(());
+        }
     };
     let supervisor = started.supervisor.abort_handle();
-    let served = serve(&cfg, started, stop_rx).await;
+    let served = serve(&cfg, started, stop_rx, drain_rx, stop_tx).await;
     // Workers stopping now is no failure.
     supervisor.abort();
     stop_local_workers(local).await;
@@ -477,6 +508,8 @@ async fn serve(
     cfg: &GatewayConfig,
     started: Started,
     stop: watch::Receiver<bool>,
+    mut drain: watch::Receiver<bool>,
+    stop_tx: Arc<watch::Sender<bool>>,
 ) -> Result<(), GatewayError> {
     let Started {
         resolved,
@@ -522,6 +555,7 @@ async fn serve(
         None => None,
     };
     let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop.clone());
+    let drain_stats = Arc::clone(&stats);
 
     let tokenizer = Arc::clone(&resolved.tokenizer);
     let info_cfg = cfg.model.clone();
@@ -538,7 +572,15 @@ async fn serve(
             context,
         )
     });
-    let service = StrataService::new(tokenizer, limits, scheduler, info, metrics);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = StrataService::new(
+        tokenizer,
+        limits,
+        scheduler,
+        info,
+        metrics,
+        Arc::clone(&draining),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<StrataServer<StrataService>>().await;
@@ -556,6 +598,31 @@ async fn serve(
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
             }
+        }
+    });
+    // Draining (SIGTERM): refuse new requests, report NOT_SERVING so that load balancers stop
+    // sending, and stop once every request has finished.
+    let drain_health = health.clone();
+    tokio::spawn(async move {
+        if drain.wait_for(|d| *d).await.is_err() {
+            return;
+        }
+        draining.store(true, Ordering::SeqCst);
+        drain_health
+            .set_not_serving::<StrataServer<StrataService>>()
+            .await;
+        drain_health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        loop {
+            let running = drain_stats.running.load(Ordering::SeqCst);
+            let waiting = drain_stats.waiting.load(Ordering::SeqCst);
+            if running == 0 && waiting == 0 {
+                tracing::info!("drained: every request has finished");
+                let _ = stop_tx.send(true);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
     let reflection_v1 = reflection()

@@ -7,6 +7,7 @@
 //! about the request carries both ids.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::strata_server::Strata;
@@ -36,6 +37,8 @@ pub struct StrataService {
     scheduler: Scheduler,
     info: InfoFn,
     metrics: Arc<GatewayMetrics>,
+    /// Set on SIGTERM: new requests are refused.
+    draining: Arc<AtomicBool>,
 }
 
 impl StrataService {
@@ -45,6 +48,7 @@ impl StrataService {
         scheduler: Scheduler,
         info: InfoFn,
         metrics: Arc<GatewayMetrics>,
+        draining: Arc<AtomicBool>,
     ) -> Self {
         StrataService {
             tokenizer,
@@ -52,6 +56,7 @@ impl StrataService {
             scheduler,
             info,
             metrics,
+            draining,
         }
     }
 
@@ -63,6 +68,12 @@ impl StrataService {
         request: Request<R>,
         validate: impl FnOnce(R, &ModelTokenizer, &Limits) -> Result<ValidRequest, GatewayError>,
     ) -> Result<Response<ReceiverStream<Result<GenerateResponse, Status>>>, Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            self.metrics.failed(tonic::Code::Unavailable);
+            return Err(Status::unavailable(
+                "the gateway is shutting down: it finishes the requests it has and takes no new ones",
+            ));
+        }
         let deadline = deadline_of(request.metadata());
         let request_id = format!("{:016x}", rand::random::<u64>());
         let span = tracing::info_span!(

@@ -29,6 +29,41 @@ pub use plan::PlanError;
 pub use topology::TopologyError;
 pub use wire::WireError;
 
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Ctrl-C (SIGINT): stop now.
+    Interrupt,
+    /// SIGTERM (what Kubernetes sends): the gateway drains first.
+    Terminate,
+}
+
+/// Every request to stop (SIGINT and SIGTERM), in the order they come. Call it within a tokio
+/// runtime.
+pub fn stop_signals() -> tokio::sync::mpsc::Receiver<Stop> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            tracing::error!("cannot listen for SIGINT and SIGTERM");
+            return std::future::pending().await;
+        };
+        loop {
+            let stop = tokio::select! {
+                _ = int.recv() => Stop::Interrupt,
+                _ = term.recv() => Stop::Terminate,
+            };
+            if tx.send(stop).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Resolves when the process is asked to stop: Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
