@@ -92,6 +92,14 @@ pub struct ServingArgs {
     /// before the rest are cancelled; 0 cancels at once. Ctrl-C always cancels at once.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
+    /// Require an API key on the API (`authorization: Bearer KEY`), from this file of
+    /// `NAME KEY [MAX_STREAMS]` lines; it is read again when it changes.
+    #[arg(long, env = "STRATA_API_KEYS")]
+    pub api_keys: Option<std::path::PathBuf>,
+    /// With --api-keys: leave health checks and server reflection open (Kubernetes' gRPC
+    /// probes present no credentials).
+    #[arg(long)]
+    pub open_health: bool,
 }
 
 #[derive(Args)]
@@ -167,5 +175,7 @@ pub fn gateway_config(
         workers,
         metrics_listen: s.metrics_listen.clone(),
         drain: Duration::from_secs(s.drain_secs),
+        api_keys: s.api_keys.clone(),
+        open_health: s.open_health,
     }
 }

@@ -5,6 +5,7 @@
 //! Architecture invariant: the gateway never touches tensors; it sees token ids, sampling
 //! parameters and samples. It does not depend on candle.
 
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod launcher;

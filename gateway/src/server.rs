@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::auth::ApiKeys;
 use crate::error::GatewayError;
 use crate::launcher::{LocalWorker, WorkerCommand, spawn_workers};
 use crate::metrics::GatewayMetrics;
@@ -128,6 +129,10 @@ pub struct GatewayConfig {
     pub metrics_listen: Option<String>,
     /// How long SIGTERM lets the requests in flight finish.
     pub drain: Duration,
+    /// The API key file (`--api-keys`); `None`: the API is open.
+    pub api_keys: Option<PathBuf>,
+    /// Health and reflection stay open with API keys.
+    pub open_health: bool,
 }
 
 /// The model and plan the gateway serves (resolved from metadata only).
@@ -321,6 +326,8 @@ pub async fn run(
     cfg: GatewayConfig,
     mut stops: tokio::sync::mpsc::Receiver<strata_shared::Stop>,
 ) -> Result<(), GatewayError> {
+    // A bad key file stops the gateway before any worker loads.
+    let api_keys = cfg.api_keys.as_deref().map(ApiKeys::load).transpose()?;
     // Listen for signals from the very start: one while workers load stops the startup
     // cleanly instead of killing the process mid-way.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -365,7 +372,7 @@ pub async fn run(
         }
     };
     let supervisor = started.supervisor.abort_handle();
-    let served = serve(&cfg, started, stop_rx, drain_rx, stop_tx).await;
+    let served = serve(&cfg, started, api_keys, stop_rx, drain_rx, stop_tx).await;
     // Workers stopping now is no failure.
     supervisor.abort();
     stop_local_workers(local).await;
@@ -507,6 +514,7 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
 async fn serve(
     cfg: &GatewayConfig,
     started: Started,
+    api_keys: Option<Arc<ApiKeys>>,
     stop: watch::Receiver<bool>,
     mut drain: watch::Receiver<bool>,
     stop_tx: Arc<watch::Sender<bool>>,
@@ -645,11 +653,32 @@ async fn serve(
         let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     }
 
+    // API keys: every call of the API presents one; health and reflection too, unless
+    // --open-health.
+    if let Some(keys) = &api_keys {
+        keys.watch();
+    }
+    let api_auth = api_keys.clone();
+    let authenticate = move |mut req: tonic::Request<()>| {
+        if let Some(keys) = &api_auth {
+            let caller = keys.check(req.metadata())?;
+            req.extensions_mut().insert(caller);
+        }
+        Ok(req)
+    };
+    let tools_auth = api_keys.filter(|_| !cfg.open_health);
+    let tools = move |req: tonic::Request<()>| {
+        if let Some(keys) = &tools_auth {
+            keys.check(req.metadata())?;
+        }
+        Ok(req)
+    };
+    use tonic::service::interceptor::InterceptedService;
     let served = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(StrataServer::new(service))
+        .add_service(InterceptedService::new(health_service, tools.clone()))
+        .add_service(InterceptedService::new(reflection_v1, tools.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, tools))
+        .add_service(StrataServer::with_interceptor(service, authenticate))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let mut stop = stop;
             let _ = stop.wait_for(|s| *s).await;

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::error::GatewayError;
 use crate::metrics::GatewayMetrics;
 use crate::scheduler::{RequestObserver, Scheduler, StreamOutput};
@@ -74,12 +75,18 @@ impl StrataService {
                 "the gateway is shutting down: it finishes the requests it has and takes no new ones",
             ));
         }
+        let caller = request.extensions().get::<Caller>().cloned();
+        let permit = match &caller {
+            Some(c) => c.admit().inspect_err(|s| self.metrics.failed(s.code()))?,
+            None => None,
+        };
         let deadline = deadline_of(request.metadata());
         let request_id = format!("{:016x}", rand::random::<u64>());
         let span = tracing::info_span!(
             "request",
             request_id = %request_id,
             method,
+            api_key = caller.as_ref().map_or("", |c| c.name.as_str()),
             trace_id = tracing::field::Empty,
             prompt_tokens = tracing::field::Empty,
             completion_tokens = tracing::field::Empty,
@@ -110,7 +117,8 @@ impl StrataService {
         // Room for every token event and the final message: a full channel never blocks the scheduler.
         let (tx, rx) = mpsc::channel(req.max_new_tokens as usize + 2);
         let prompt_tokens = u32::try_from(req.input_ids.len()).unwrap_or(u32::MAX);
-        let observer = RequestObserver::new(Arc::clone(&self.metrics), span, prompt_tokens);
+        let observer =
+            RequestObserver::new(Arc::clone(&self.metrics), span, prompt_tokens).holding(permit);
         let output = StreamOutput::new(&self.tokenizer, &req, tx).observed(observer);
         self.scheduler.submit(req, output, deadline).await?;
         let mut response = Response::new(ReceiverStream::new(rx));

@@ -74,6 +74,8 @@ pub struct RequestObserver {
     arrived: Instant,
     last_token: Option<Instant>,
     prompt_tokens: u32,
+    /// The request's place in its API key's stream limit, given back when it ends.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl RequestObserver {
@@ -88,7 +90,14 @@ impl RequestObserver {
             arrived: Instant::now(),
             last_token: None,
             prompt_tokens,
+            _permit: None,
         }
+    }
+
+    /// Holds `permit` until the request ends.
+    pub fn holding(mut self, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        self._permit = permit;
+        self
     }
 
     /// Observes nothing.
@@ -101,6 +110,7 @@ impl RequestObserver {
             arrived: Instant::now(),
             last_token: None,
             prompt_tokens: 0,
+            _permit: None,
         }
     }
 
