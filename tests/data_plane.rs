@@ -6,9 +6,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
 use strata_gateway::workers::stage_spec;
 use strata_proto::worker::v1::worker_client::WorkerClient;
 use strata_proto::worker::v1::{LinkRequest, LoadRequest, NextHop, load_event};
@@ -21,36 +18,7 @@ use strata_shared::transport::{
     FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport,
 };
 use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplingParams, SeqStep, StepFrame};
-
-struct Worker {
-    child: Child,
-    control: String,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn worker() -> Worker {
-    let mut child = Command::new(support::strata())
-        .args(["worker", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    Worker {
-        control: format!("http://{}", v["control"].as_str().unwrap()),
-        child,
-    }
-}
+use support::Worker;
 
 fn step(step_id: u64, seq_id: u64, pos0: u32, tokens: Vec<u32>) -> StepFrame {
     StepFrame {
@@ -83,7 +51,7 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
     )
     .unwrap();
     let plan = Plan::resolve(&meta, &topology, &PlanOptions::default()).unwrap();
-    let (a, b) = (worker(), worker());
+    let (a, b) = (Worker::start(&[], &[]), Worker::start(&[], &[]));
 
     // Load stage 0 on a, stage 1 on b.
     let mut data = Vec::new();

@@ -14,7 +14,7 @@ use strata_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
     SamplingParameters, WorkerState, generate_request, generate_response,
 };
-use support::{Server, alive, generate};
+use support::{Server, Worker, alive, generate};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -216,6 +216,66 @@ async fn sigterm_lets_the_streams_in_flight_finish_refuses_new_ones_and_then_sto
         })
         .await,
         "workers {workers:?} outlived the gateway"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_sent_to_any_data_plane_port_changes_no_stream() {
+    use std::io::Write;
+    let worker = Worker::start(&[], &[]);
+    let data = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let server = Server::start(&[
+        "gateway",
+        "--topology",
+        "none",
+        "--worker",
+        &format!("cpu[0]={}", worker.control),
+        "--data-listen",
+        &data,
+    ])
+    .unwrap_or_else(|log| panic!("gateway failed: {log}"));
+    let mut client = server.client().await;
+    let (want, _) = generate(&mut client, long_story(96))
+        .await
+        .expect("a clean run");
+
+    let mut stream = client
+        .generate(long_story(96))
+        .await
+        .expect("generate")
+        .into_inner();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        if let Some(generate_response::Event::Token(t)) =
+            stream.message().await.expect("token").expect("open").event
+        {
+            got.push(t.id);
+        }
+    }
+    // Mid-stream, a stranger writes garbage to the gateway's and the worker's data planes.
+    for addr in [&data, &worker.data] {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: strata\r\n\r\n")
+            .expect("write garbage");
+    }
+    let mut finished = None;
+    while let Some(msg) = stream.message().await.expect("the stream goes on") {
+        match msg.event {
+            Some(generate_response::Event::Token(t)) => got.push(t.id),
+            Some(generate_response::Event::Finished(f)) => finished = Some(f),
+            None => {}
+        }
+    }
+    let finished = finished.expect("a final message");
+    assert_eq!(finished.reason, FinishReason::Length as i32, "{finished:?}");
+    assert_eq!(got, want.iter().map(|t| t.id).collect::<Vec<_>>());
+    assert!(
+        server.log().contains("dropped an inbound connection"),
+        "{}",
+        server.log()
     );
 }
 

@@ -136,11 +136,10 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
                         };
                     }
                     Some(Ok(other)) => tracing::warn!(?other, "data plane: ignoring a frame for no step in flight"),
-                    Some(Err(e)) => {
-                        if let Some(c) = self.fail_oldest(GatewayError::Unavailable(format!("data plane: {e}"))) {
-                            return c;
-                        }
-                    }
+                    // One inbound connection's garbage ends that connection only: a stage whose
+                    // link really broke is caught by the supervisor (its worker reports itself
+                    // failed or stops answering) or by the step's deadline.
+                    Some(Err(e)) => tracing::warn!(error = %e, "data plane: dropped an inbound connection"),
                     None => {
                         if let Some(c) = self.fail_oldest(GatewayError::Unavailable("data plane: the return path closed".into())) {
                             return c;

@@ -190,6 +190,8 @@ pub struct Worker {
     child: Child,
     /// Control-plane URL, for `strata gateway --worker DEVICE=URL`.
     pub control: String,
+    /// Data-plane address.
+    pub data: String,
     /// Where it serves Prometheus metrics (with `--metrics-listen`).
     pub metrics: Option<String>,
 }
@@ -213,6 +215,7 @@ impl Worker {
         let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON listening line");
         Worker {
             control: format!("http://{}", v["control"].as_str().expect("control address")),
+            data: v["data"].as_str().expect("data address").to_string(),
             metrics: v["metrics"].as_str().map(str::to_string),
             child,
         }
