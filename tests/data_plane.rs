@@ -15,10 +15,12 @@ use strata_shared::plan::{Plan, PlanOptions};
 use strata_shared::source::ModelFiles;
 use strata_shared::topology::Topology;
 use strata_shared::transport::{
-    FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport,
+    FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport, hello,
 };
 use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplingParams, SeqStep, StepFrame};
 use support::Worker;
+
+const SESSION: &str = "0123456789abcdef0123456789abcdef";
 
 fn step(step_id: u64, seq_id: u64, pos0: u32, tokens: Vec<u32>) -> StepFrame {
     StepFrame {
@@ -66,6 +68,7 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
                 stages: vec![stage_spec(&plan, s.index).unwrap()],
                 kv_blocks: 8,
                 kv_block_size: KV_BLOCK_SIZE as u32,
+                session: SESSION.into(),
             })
             .await
             .unwrap()
@@ -106,8 +109,13 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
         })
         .await
         .unwrap();
-    let mut to_first = transport.connect(&first).await.unwrap();
+    let mut to_first = hello(&transport, &first, SESSION).await.unwrap();
     let (mut back, _) = listener.accept().await.unwrap();
+    // The last stage's connection opens with the session token it was given.
+    match back.recv().await.unwrap().unwrap() {
+        Frame::Hello(h) => assert_eq!(h.session, SESSION),
+        other => panic!("expected a hello frame, got {other:?}"),
+    }
 
     let mut round_trip = async |frame: StepFrame| {
         to_first.send(&Frame::Step(frame)).await.unwrap();

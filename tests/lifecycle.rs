@@ -14,6 +14,7 @@ use strata_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
     SamplingParameters, WorkerState, generate_request, generate_response,
 };
+use strata_shared::wire::{Frame, HelloFrame, SamplesFrame};
 use support::{Server, Worker, alive, generate};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -220,7 +221,7 @@ async fn sigterm_lets_the_streams_in_flight_finish_refuses_new_ones_and_then_sto
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_sent_to_any_data_plane_port_changes_no_stream() {
+async fn garbage_or_foreign_frames_sent_to_any_data_plane_port_change_no_stream() {
     use std::io::Write;
     let worker = Worker::start(&[], &[]);
     let data = {
@@ -255,11 +256,30 @@ async fn garbage_sent_to_any_data_plane_port_changes_no_stream() {
             got.push(t.id);
         }
     }
-    // Mid-stream, a stranger writes garbage to the gateway's and the worker's data planes.
+    // Mid-stream, a stranger writes garbage to the gateway's and the worker's data planes, then
+    // well-formed frames without the session's token: empty samples for every step id the
+    // gateway may have in flight (step ids are sequential), a hello with a guessed token.
     for addr in [&data, &worker.data] {
         let mut conn = std::net::TcpStream::connect(addr).expect("connect");
         conn.write_all(b"GET / HTTP/1.1\r\nHost: strata\r\n\r\n")
             .expect("write garbage");
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        let mut bytes = Vec::new();
+        for step_id in 1..400 {
+            let foreign = Frame::Samples(SamplesFrame {
+                step_id,
+                samples: vec![],
+            });
+            bytes.extend_from_slice(&foreign.to_bytes().unwrap());
+        }
+        conn.write_all(&bytes).expect("write foreign frames");
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        let guess = Frame::Hello(HelloFrame {
+            session: "0".repeat(32),
+        });
+        conn.write_all(&guess.to_bytes().unwrap())
+            .expect("write a hello");
+        conn.write_all(&bytes).expect("write foreign frames");
     }
     let mut finished = None;
     while let Some(msg) = stream.message().await.expect("the stream goes on") {
@@ -272,10 +292,12 @@ async fn garbage_sent_to_any_data_plane_port_changes_no_stream() {
     let finished = finished.expect("a final message");
     assert_eq!(finished.reason, FinishReason::Length as i32, "{finished:?}");
     assert_eq!(got, want.iter().map(|t| t.id).collect::<Vec<_>>());
+    let log = server.log();
     assert!(
-        server.log().contains("dropped an inbound connection"),
-        "{}",
-        server.log()
+        log.matches("refused a connection that did not present this session's token")
+            .count()
+            >= 3,
+        "{log}"
     );
 }
 

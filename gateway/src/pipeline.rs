@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use strata_shared::transport::{FrameSender, Transport, accept_frames};
+use strata_shared::transport::{FrameSender, Transport, accept_frames, hello};
 use strata_shared::wire::{Frame, SamplesFrame, StepFrame, WireError};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -54,17 +54,19 @@ impl<T: Transport> RingPipeline<T> {
     pub async fn connect(
         transport: &T,
         first_addr: &str,
+        session: &str,
         stages: usize,
         listener: T::Listener,
         failures: watch::Receiver<Option<String>>,
         step_timeout: Duration,
     ) -> Result<Self, GatewayError> {
-        let first = transport
-            .connect(first_addr)
+        let first = hello(transport, first_addr, session)
             .await
             .map_err(|e| GatewayError::Unavailable(format!("data plane: {e}")))?;
         let (tx, results) = mpsc::channel(64);
-        tokio::spawn(accept_frames(listener, tx, |r| r));
+        // The session never changes: the sender may go.
+        let (_, session) = watch::channel(session.to_string());
+        tokio::spawn(accept_frames(listener, tx, |r| r, session));
         Ok(RingPipeline {
             first,
             first_addr: first_addr.to_string(),

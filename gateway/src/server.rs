@@ -461,8 +461,12 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
             format!("{} tokens is too many", cfg.kv_cache_tokens),
         )
     })?;
+    // A fresh data-plane session: only connections that present it get in (the workers', and
+    // this gateway's to the first stage), so a stranger's bytes or frames reach no step.
+    let session = format!("{:032x}", rand::random::<u128>());
     let workers = load_and_link(&Deployment {
         plan: &resolved.plan,
+        session: &session,
         model: &cfg.model.model,
         revision: cfg.model.revision.as_deref(),
         addresses: &addresses,
@@ -494,6 +498,7 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
     let pipeline = RingPipeline::connect(
         &transport,
         &first.data_address,
+        &session,
         resolved.plan.route.len(),
         data_listener,
         failures_rx.clone(),

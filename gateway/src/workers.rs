@@ -114,6 +114,8 @@ async fn connect(address: &str, deadline: Instant) -> Result<WorkerClient<Channe
 #[derive(Debug, Clone, Copy)]
 pub struct Deployment<'a> {
     pub plan: &'a Plan,
+    /// The data-plane session token every connection must present.
+    pub session: &'a str,
     /// The model as the user named it; each worker resolves it itself.
     pub model: &'a str,
     pub revision: Option<&'a str>,
@@ -154,6 +156,7 @@ pub fn stage_spec(plan: &Plan, index: usize) -> Option<StageSpec> {
 pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> {
     let Deployment {
         plan,
+        session,
         model,
         revision,
         addresses,
@@ -209,6 +212,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
                 .collect(),
             kv_blocks,
             kv_block_size,
+            session: session.to_string(),
         };
         let workers = workers.clone();
         tasks.spawn(async move {

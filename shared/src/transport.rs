@@ -183,10 +183,15 @@ impl FrameListener for TcpFrameListener {
 
 /// Accepts peers on `listener` forever; every frame any of them sends (and the error that ends a
 /// connection, if any) goes to `sink`, wrapped by `wrap`. Ends when `sink` closes.
+///
+/// A connection must open with a hello frame carrying the current `session` token (see
+/// [`hello`]); one that opens with anything else, or while no session is set, is dropped and
+/// logged, and none of its frames reach `sink`: only the peers the gateway linked get in.
 pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
     mut listener: L,
     sink: tokio::sync::mpsc::Sender<T>,
     wrap: fn(Result<Frame, WireError>) -> T,
+    session: tokio::sync::watch::Receiver<String>,
 ) {
     loop {
         let (mut rx, peer) = match listener.accept().await {
@@ -202,7 +207,24 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
         }
         tracing::debug!(%peer, "data plane: inbound connection");
         let sink = sink.clone();
+        let session = session.clone();
         tokio::spawn(async move {
+            let opened = rx.recv().await;
+            let expected = session.borrow().clone();
+            match opened {
+                Ok(Some(Frame::Hello(h))) if !expected.is_empty() && h.session == expected => {}
+                Ok(None) => return,
+                other => {
+                    let what = match other {
+                        Ok(Some(Frame::Hello(_))) => "a wrong session token".to_string(),
+                        Ok(Some(_)) => "a frame before its hello".to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(None) => String::new(),
+                    };
+                    tracing::warn!(%peer, reason = %what, "data plane: refused a connection that did not present this session's token");
+                    return;
+                }
+            }
             loop {
                 let item = match rx.recv().await {
                     Ok(Some(f)) => Ok(f),
@@ -216,6 +238,21 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
             }
         });
     }
+}
+
+/// Connects to a data-plane peer and presents the session token, as [`accept_frames`] requires.
+pub async fn hello<T: Transport>(
+    transport: &T,
+    addr: &str,
+    session: &str,
+) -> Result<T::Sender, WireError> {
+    let mut sender = transport.connect(addr).await?;
+    sender
+        .send(&Frame::Hello(crate::wire::HelloFrame {
+            session: session.to_string(),
+        }))
+        .await?;
+    Ok(sender)
 }
 
 /// The address peers should use for a listener bound to `local`: its port on `host` when one is

@@ -18,7 +18,7 @@ use strata_proto::worker::v1::{
 use strata_shared::meta::ModelMeta;
 use strata_shared::source::ModelFiles;
 use strata_shared::transport::{
-    FrameListener, FrameSender, TcpTransport, Transport, accept_frames, advertised_address,
+    FrameListener, FrameSender, TcpTransport, Transport, accept_frames, advertised_address, hello,
 };
 use strata_shared::wire::{ErrorFrame, Frame, KV_BLOCK_SIZE, WireError};
 use tokio::sync::mpsc;
@@ -59,6 +59,8 @@ struct Shared {
     jobs: mpsc::Sender<Job>,
     transport: TcpTransport,
     metrics: Arc<WorkerMetrics>,
+    /// The data-plane session token of the gateway that loaded this worker.
+    session: tokio::sync::watch::Sender<String>,
 }
 
 impl Shared {
@@ -108,10 +110,16 @@ pub async fn start(
         .name("strata-compute".into())
         .spawn(move || compute_loop(jobs_rx, &compute_metrics))
         .map_err(|e| WorkerError::Load(format!("cannot start the compute thread: {e}")))?;
-    tokio::spawn(accept_frames(listener, jobs_tx.clone(), |r| match r {
-        Ok(frame) => Job::Frame(frame),
-        Err(e) => Job::PeerLost(e.to_string()),
-    }));
+    let (session, session_rx) = tokio::sync::watch::channel(String::new());
+    tokio::spawn(accept_frames(
+        listener,
+        jobs_tx.clone(),
+        |r| match r {
+            Ok(frame) => Job::Frame(frame),
+            Err(e) => Job::PeerLost(e.to_string()),
+        },
+        session_rx,
+    ));
     let shared = Arc::new(Shared {
         phase: Mutex::new(Phase::Idle),
         device: Mutex::new(String::new()),
@@ -120,6 +128,7 @@ pub async fn start(
         jobs: jobs_tx,
         transport,
         metrics,
+        session,
     });
     Ok((WorkerServer::new(WorkerService { shared }), data_address))
 }
@@ -146,8 +155,10 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics) {
                 let to = match &frame {
                     Frame::Step(s) => s.stage,
                     Frame::Error(e) => e.to,
-                    Frame::Samples(_) => {
-                        tracing::warn!("data plane: a samples frame reached a worker; dropping it");
+                    Frame::Samples(_) | Frame::Hello(_) => {
+                        tracing::warn!(
+                            "data plane: a samples or hello frame reached a worker's stages; dropping it"
+                        );
                         continue;
                     }
                 };
@@ -198,7 +209,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics) {
                         e.to = to + 1;
                         Frame::Error(e)
                     }
-                    Frame::Samples(_) => continue,
+                    Frame::Samples(_) | Frame::Hello(_) => continue,
                 };
                 if out.blocking_send(next).is_err() {
                     tracing::error!(stage = to, "data plane: the outbound connection is gone");
@@ -324,6 +335,11 @@ impl Worker for WorkerService {
             .unwrap_or_default();
         strata_shared::telemetry::set_parent(&span, traceparent);
         let req = request.into_inner();
+        if req.session.is_empty() {
+            return Err(Status::invalid_argument(
+                "session: the data-plane session token is required",
+            ));
+        }
         if req.kv_block_size as usize != KV_BLOCK_SIZE {
             return Err(Status::invalid_argument(format!(
                 "kv_block_size: {} tokens, but this worker's KV blocks hold {KV_BLOCK_SIZE}",
@@ -366,6 +382,8 @@ impl Worker for WorkerService {
         if let Ok(mut d) = self.shared.device.lock() {
             *d = req.device.clone();
         }
+        // From now on only the new gateway's connections get in.
+        self.shared.session.send_replace(req.session.clone());
         let (tx, rx) = mpsc::channel(64);
         let shared = Arc::clone(&self.shared);
         let kv_blocks = req.kv_blocks.max(1) as usize;
@@ -462,17 +480,15 @@ impl Worker for WorkerService {
             let tx = match by_addr.get(&hop.address) {
                 Some(tx) => tx.clone(),
                 None => {
-                    let sender =
-                        self.shared
-                            .transport
-                            .connect(&hop.address)
-                            .await
-                            .map_err(|e| {
-                                Status::unavailable(format!(
-                                    "stage {}: next hop {}: {e}",
-                                    hop.stage, hop.address
-                                ))
-                            })?;
+                    let session = self.shared.session.borrow().clone();
+                    let sender = hello(&self.shared.transport, &hop.address, &session)
+                        .await
+                        .map_err(|e| {
+                            Status::unavailable(format!(
+                                "stage {}: next hop {}: {e}",
+                                hop.stage, hop.address
+                            ))
+                        })?;
                     let (tx, rx) = mpsc::channel(64);
                     tokio::spawn(outbound(
                         sender,

@@ -377,17 +377,28 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// The first frame on every data-plane connection: the session token the gateway handed
+    /// its workers at load. A listener drops a connection that opens with anything else.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct HelloFrame {
+        pub session: String,
+    }
+}
+
 /// Any data-plane frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Step(StepFrame),
     Samples(SamplesFrame),
     Error(ErrorFrame),
+    Hello(HelloFrame),
 }
 
 const KIND_STEP: u16 = 1;
 const KIND_SAMPLES: u16 = 2;
 const KIND_ERROR: u16 = 3;
+const KIND_HELLO: u16 = 4;
 
 /// The parsed prelude.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,7 +422,7 @@ impl Prelude {
             return Err(WireError::Version(version));
         }
         let kind = b.get_u16_le();
-        if !(KIND_STEP..=KIND_ERROR).contains(&kind) {
+        if !(KIND_STEP..=KIND_HELLO).contains(&kind) {
             return Err(WireError::Kind(kind));
         }
         let header_len = b.get_u32_le();
@@ -453,6 +464,10 @@ impl Frame {
             Frame::Error(e) => {
                 e.put(&mut h);
                 (KIND_ERROR, Bytes::new())
+            }
+            Frame::Hello(hello) => {
+                hello.put(&mut h);
+                (KIND_HELLO, Bytes::new())
             }
         };
         (kind, h, payload)
@@ -539,6 +554,7 @@ impl Frame {
             }
             KIND_SAMPLES => Frame::Samples(SamplesFrame::get(&mut r)?),
             KIND_ERROR => Frame::Error(ErrorFrame::get(&mut r)?),
+            KIND_HELLO => Frame::Hello(HelloFrame::get(&mut r)?),
             k => return Err(WireError::Kind(k)),
         };
         if !r.buf.is_empty() {

@@ -186,3 +186,11 @@ fn a_payload_must_match_the_activations_it_claims() {
         "{err}"
     );
 }
+
+#[test]
+fn a_hello_carries_its_session_token() {
+    let hello = Frame::Hello(HelloFrame {
+        session: "0af7651916cd43dd8448eb211c80319c".into(),
+    });
+    assert_eq!(round_trip(&hello), hello);
+}
