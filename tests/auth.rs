@@ -12,10 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::strata_client::StrataClient;
-use strata_proto::v1::{
-    GenerateRequest, ModelInfoRequest, SamplingParameters, generate_request, generate_response,
-};
-use support::Server;
+use strata_proto::v1::{ModelInfoRequest, generate_response};
+use support::{Server, long_story};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -25,21 +23,6 @@ use tonic_health::pb::health_client::HealthClient;
 const ALICE: &str = "sk-alice-4f1c9a7e2b6d8c03";
 const BOB: &str = "sk-bob-9d2e7b4c1a8f6e05";
 const CAROL: &str = "sk-carol-3a5c7e9b1d2f4a68";
-
-fn request(max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(generate_request::Input::Prompt(
-            "Tell me a long story about".into(),
-        )),
-        parameters: Some(SamplingParameters {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        add_special_tokens: false,
-    }
-}
 
 fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
@@ -57,7 +40,7 @@ async fn run(
     max_tokens: u32,
 ) -> Result<usize, tonic::Status> {
     let mut stream = client
-        .generate(with_key(request(max_tokens), key))
+        .generate(with_key(long_story(max_tokens), key))
         .await?
         .into_inner();
     let mut tokens = 0;
@@ -133,7 +116,7 @@ async fn api_keys_admit_their_callers_within_their_limits_and_reload() {
 
     // alice may hold one stream at a time.
     let mut first = client
-        .generate(with_key(request(64), Some(ALICE)))
+        .generate(with_key(long_story(64), Some(ALICE)))
         .await
         .expect("alice's first stream")
         .into_inner();

@@ -12,7 +12,6 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -36,16 +35,7 @@ fn chart() -> PathBuf {
 
 /// The directory holding helm, hadolint and kubernetes-validate.
 fn tools() -> PathBuf {
-    let script = root().join("scripts/setup-deploy-tools.sh");
-    let out = Command::new(&script)
-        .output()
-        .expect("run scripts/setup-deploy-tools.sh");
-    assert!(
-        out.status.success(),
-        "scripts/setup-deploy-tools.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    support::setup("scripts/setup-deploy-tools.sh")
 }
 
 fn tool(name: &str, args: &[&str]) -> Output {
@@ -381,15 +371,7 @@ fn start(
         .unwrap_or_else(|e| panic!("start {}: {e}", pod.name));
     let log = Arc::new(Mutex::new(format!("$ strata {}\n", args.join(" "))));
     if let Some(err) = child.stderr.take() {
-        let log = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut l) = log.lock() {
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            }
-        });
+        support::collect_lines(err, &log);
     }
     Running {
         name: pod.name.clone(),

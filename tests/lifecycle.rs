@@ -11,31 +11,16 @@ use std::time::{Duration, Instant};
 
 use strata_proto::v1::strata_client::StrataClient;
 use strata_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
-    SamplingParameters, WorkerState, generate_request, generate_response,
+    FinishReason, GenerateResponse, ModelInfoRequest, ModelInfoResponse, WorkerState,
+    generate_response,
 };
 use strata_shared::wire::{Frame, HelloFrame, SamplesFrame};
-use support::{Server, Worker, alive, generate};
+use support::{Server, Worker, alive, generate, long_story};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-fn long_story(max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(generate_request::Input::Prompt(
-            "Tell me a long story about".into(),
-        )),
-        parameters: Some(SamplingParameters {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..SamplingParameters::default()
-        }),
-        add_special_tokens: false,
-    }
-}
 
 /// Serves `args`, starts a long generation and reads `tokens` of it.
 async fn serve_and_stream(

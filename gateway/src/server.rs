@@ -602,14 +602,7 @@ async fn serve(
     tokio::spawn(async move {
         while failures.changed().await.is_ok() {
             if failures.borrow().is_some() {
-                // Both the API's own status and the server's overall one (the empty name, which
-                // plain `grpc.health.v1.Health/Check` calls and Kubernetes probes ask about).
-                health_watch
-                    .set_not_serving::<StrataServer<StrataService>>()
-                    .await;
-                health_watch
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                not_serving(&health_watch).await;
             }
         }
     });
@@ -621,12 +614,7 @@ async fn serve(
             return;
         }
         draining.store(true, Ordering::SeqCst);
-        drain_health
-            .set_not_serving::<StrataServer<StrataService>>()
-            .await;
-        drain_health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        not_serving(&drain_health).await;
         loop {
             let running = drain_stats.running.load(Ordering::SeqCst);
             let waiting = drain_stats.waiting.load(Ordering::SeqCst);
@@ -692,6 +680,17 @@ async fn serve(
     // The scheduler has cancelled every stream and told the workers to free their sequences.
     let _ = tokio::time::timeout(Duration::from_secs(10), scheduler_task).await;
     served.map_err(|e| GatewayError::Internal(format!("gRPC server: {e}")))
+}
+
+/// Turns health NOT_SERVING: both the API's own status and the server's overall one (the empty
+/// name, which plain `grpc.health.v1.Health/Check` calls and Kubernetes probes ask about).
+async fn not_serving(health: &tonic_health::server::HealthReporter) {
+    health
+        .set_not_serving::<StrataServer<StrataService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
 }
 
 /// Server reflection for the public API and health, as grpcurl and other tools discover them.

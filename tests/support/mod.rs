@@ -92,15 +92,7 @@ impl Server {
             });
         }
         if let Some(err) = child.stderr.take() {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = log.lock() {
-                        l.push_str(&line);
-                        l.push('\n');
-                    }
-                }
-            });
+            collect_lines(err, &log);
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         loop {
@@ -183,6 +175,19 @@ impl Drop for Server {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Appends every line `from` yields to `log`, on a thread of its own, until it ends.
+pub fn collect_lines(from: impl std::io::Read + Send + 'static, log: &Arc<Mutex<String>>) {
+    let log = Arc::clone(log);
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if let Ok(mut l) = log.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
 }
 
 /// A `strata worker` process on ephemeral ports; killed on drop.
@@ -324,14 +329,35 @@ pub fn topology_file(yaml: &str) -> (tempfile::TempDir, PathBuf) {
 /// The virtualenv holding grpcurl and Python gRPC, installed on first use by
 /// `scripts/setup-test-peers.sh` (which `.ci/run` also runs).
 pub fn peers_venv() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/setup-test-peers.sh");
-    let out = Command::new(&script)
+    setup("scripts/setup-test-peers.sh")
+}
+
+/// Runs one of the repository's setup scripts (idempotent installers) and returns the path it
+/// prints.
+pub fn setup(script: &str) -> PathBuf {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
         .output()
-        .expect("run scripts/setup-test-peers.sh");
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
     assert!(
         out.status.success(),
-        "scripts/setup-test-peers.sh failed:\n{}",
+        "{script} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A greedy generation that runs its whole length (end-of-sequence ignored).
+pub fn long_story(max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(strata_proto::v1::generate_request::Input::Prompt(
+            "Tell me a long story about".into(),
+        )),
+        parameters: Some(strata_proto::v1::SamplingParameters {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        add_special_tokens: false,
+    }
 }
