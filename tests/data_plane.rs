@@ -69,6 +69,7 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
                 kv_blocks: 8,
                 kv_block_size: KV_BLOCK_SIZE as u32,
                 session: SESSION.into(),
+                model_fingerprint: String::new(),
             })
             .await
             .unwrap()

@@ -339,3 +339,62 @@ fn a_worker_that_fails_to_load_stops_startup_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn a_worker_with_another_copy_of_the_model_is_refused_at_load() {
+    use std::os::unix::fs::FileExt;
+    // The same hub id resolves, in each process's own cache, to files that differ in one byte
+    // of tensor data (as a fine-tune or a stale cache would): the worker refuses to load.
+    let model = strata_shared::source::fetch_default_model().expect("default model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cache = |home: &str, file: &std::path::Path| {
+        let repo = tmp.path().join(home).join("hub/models--acme--smol");
+        let snap = repo.join("snapshots/0123abcd");
+        std::fs::create_dir_all(&snap).expect("mkdir");
+        std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
+        std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
+        std::fs::copy(file, snap.join("smol.gguf")).expect("copy the model");
+        snap.join("smol.gguf")
+    };
+    cache("gw", &model);
+    let other = cache("wk", &model);
+    let files =
+        strata_shared::source::ModelFiles::resolve(model.to_str().unwrap(), None).expect("resolve");
+    let meta = strata_shared::meta::ModelMeta::open(files).expect("open");
+    let first = meta.tensors.values().next().expect("a tensor");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&other)
+        .expect("open the copy");
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, first.offset + 7).expect("read");
+    f.write_all_at(&[byte[0] ^ 0x55], first.offset + 7)
+        .expect("write");
+    drop(f);
+
+    let home = |h: &str| tmp.path().join(h).to_str().unwrap().to_string();
+    let (wk, gw) = (home("wk"), home("gw"));
+    let worker = support::Worker::start(&[], &[("HF_HOME", &wk), ("HF_HUB_OFFLINE", "1")]);
+    let err = Server::start_with_env(
+        &[
+            "gateway",
+            "--model",
+            "acme/smol:smol.gguf",
+            "--topology",
+            "none",
+            "--worker",
+            &format!("cpu[0]={}", worker.control),
+            "--data-listen",
+            "127.0.0.1:0",
+        ],
+        &[("HF_HOME", &gw), ("HF_HUB_OFFLINE", "1")],
+    )
+    .err()
+    .expect("startup must fail");
+    assert!(
+        err.contains("failed to load") && err.contains("has fingerprint sha256:"),
+        "{err}"
+    );
+    assert!(err.contains("both must load the same model files"), "{err}");
+}

@@ -464,9 +464,11 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
     // A fresh data-plane session: only connections that present it get in (the workers', and
     // this gateway's to the first stage), so a stranger's bytes or frames reach no step.
     let session = format!("{:032x}", rand::random::<u128>());
+    let fingerprint = resolved.meta.fingerprint()?;
     let workers = load_and_link(&Deployment {
         plan: &resolved.plan,
         session: &session,
+        fingerprint: &fingerprint,
         model: &cfg.model.model,
         revision: cfg.model.revision.as_deref(),
         addresses: &addresses,

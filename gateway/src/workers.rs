@@ -116,6 +116,8 @@ pub struct Deployment<'a> {
     pub plan: &'a Plan,
     /// The data-plane session token every connection must present.
     pub session: &'a str,
+    /// The model's fingerprint, which every worker's copy must match.
+    pub fingerprint: &'a str,
     /// The model as the user named it; each worker resolves it itself.
     pub model: &'a str,
     pub revision: Option<&'a str>,
@@ -157,6 +159,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
     let Deployment {
         plan,
         session,
+        fingerprint,
         model,
         revision,
         addresses,
@@ -213,6 +216,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
             kv_blocks,
             kv_block_size,
             session: session.to_string(),
+            model_fingerprint: fingerprint.to_string(),
         };
         let workers = workers.clone();
         tasks.spawn(async move {

@@ -394,6 +394,21 @@ impl Worker for WorkerService {
                 let revision = (!req.revision.is_empty()).then_some(req.revision.as_str());
                 let files = ModelFiles::resolve(&req.model, revision)?;
                 let meta = ModelMeta::open(files)?;
+                if !req.model_fingerprint.is_empty() {
+                    let mine = meta.fingerprint()?;
+                    if mine != req.model_fingerprint {
+                        return Err(WorkerError::Load(format!(
+                            "this worker's copy of `{}` ({}) has fingerprint {mine}, the gateway's has {}: both must load the same model files",
+                            req.model,
+                            meta.files
+                                .weights
+                                .first()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                            req.model_fingerprint
+                        )));
+                    }
+                }
                 let mut stages = Vec::new();
                 let mut bytes = 0;
                 for (index, spec) in &specs {
