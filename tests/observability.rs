@@ -276,19 +276,17 @@ async fn a_dead_collector_fails_no_request() {
     }
 }
 
-/// `promtool check metrics` on `text` (Debian's `prometheus` package, which `.ci/run` installs).
+/// `promtool check metrics` on `text` (Debian's `prometheus` package's promtool, which
+/// `scripts/setup-deploy-tools.sh` provides).
 fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
+    let promtool = support::setup("scripts/setup-deploy-tools.sh").join("promtool");
+    let mut child = Command::new(&promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run promtool ({e}): install Debian's `prometheus` package, as .ci/run does"
-            )
-        });
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", promtool.display()));
     child
         .stdin
         .take()
