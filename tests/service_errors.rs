@@ -271,45 +271,27 @@ fn an_unreachable_worker_stops_startup_naming_it() {
     assert!(err.contains("exited with exit status: 1"), "{err}");
 }
 
-#[test]
-fn a_worker_that_fails_to_load_stops_startup_naming_it() {
-    // The gateway reads the model from its Hugging Face cache; the worker, started elsewhere
-    // with an empty cache and no network, cannot find it.
-    let model = strata_shared::source::fetch_default_model().expect("default model");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let snap = tmp
-        .path()
-        .join("gw/hub/models--acme--smol/snapshots/0123abcd");
+/// A Hugging Face cache under `home` in which the hub id `acme/smol` holds `model` as
+/// `smol.gguf` (copied when `copy`, else linked); the file's path.
+fn hub_cache(home: &std::path::Path, model: &std::path::Path, copy: bool) -> std::path::PathBuf {
+    let repo = home.join("hub/models--acme--smol");
+    let snap = repo.join("snapshots/0123abcd");
     std::fs::create_dir_all(&snap).expect("mkdir");
-    std::os::unix::fs::symlink(&model, snap.join("smol.gguf")).expect("symlink");
-    let refs = tmp.path().join("gw/hub/models--acme--smol/refs");
-    std::fs::create_dir_all(&refs).expect("mkdir");
-    std::fs::write(refs.join("main"), "0123abcd").expect("ref");
-    let empty = tmp.path().join("worker-home");
-    std::fs::create_dir_all(&empty).expect("mkdir");
+    std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
+    std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
+    let file = snap.join("smol.gguf");
+    if copy {
+        std::fs::copy(model, &file).expect("copy the model");
+    } else {
+        std::os::unix::fs::symlink(model, &file).expect("symlink");
+    }
+    file
+}
 
-    let mut worker = std::process::Command::new(support::strata())
-        .args(["worker", "--listen", "127.0.0.1:0"])
-        .env("HF_HOME", &empty)
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("worker");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(worker.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("ready line");
-    let ready: serde_json::Value = serde_json::from_str(&line).expect("json");
-    let control = ready["control"]
-        .as_str()
-        .expect("control address")
-        .to_string();
-
-    let gw_home = tmp.path().join("gw");
-    let err = Server::start_with_env(
+/// Starts a gateway for `acme/smol:smol.gguf` (from the cache at `home`, offline) on `worker`;
+/// the startup must fail: its log.
+fn gateway_on_hub_model_fails(worker: &support::Worker, home: &std::path::Path) -> String {
+    Server::start_with_env(
         &[
             "gateway",
             "--model",
@@ -317,21 +299,41 @@ fn a_worker_that_fails_to_load_stops_startup_naming_it() {
             "--topology",
             "none",
             "--worker",
-            &format!("cpu[0]=http://{control}"),
+            &format!("cpu[0]={}", worker.control),
             "--data-listen",
             "127.0.0.1:0",
         ],
         &[
-            ("HF_HOME", gw_home.to_str().expect("utf-8")),
+            ("HF_HOME", home.to_str().expect("utf-8")),
             ("HF_HUB_OFFLINE", "1"),
         ],
     )
     .err()
-    .expect("startup must fail");
-    let _ = worker.kill();
-    let _ = worker.wait();
+    .expect("startup must fail")
+}
+
+#[test]
+fn a_worker_that_fails_to_load_stops_startup_naming_it() {
+    // The gateway reads the model from its Hugging Face cache; the worker, started elsewhere
+    // with an empty cache and no network, cannot find it.
+    let model = strata_shared::source::fetch_default_model().expect("default model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    hub_cache(&tmp.path().join("gw"), &model, false);
+    let empty = tmp.path().join("worker-home");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let worker = support::Worker::start(
+        &[],
+        &[
+            ("HF_HOME", empty.to_str().expect("utf-8")),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    let err = gateway_on_hub_model_fails(&worker, &tmp.path().join("gw"));
     assert!(
-        err.contains(&format!("worker http://{control} (cpu[0]) failed to load")),
+        err.contains(&format!(
+            "worker {} (cpu[0]) failed to load",
+            worker.control
+        )),
         "{err}"
     );
     assert!(
@@ -347,17 +349,8 @@ fn a_worker_with_another_copy_of_the_model_is_refused_at_load() {
     // of tensor data (as a fine-tune or a stale cache would): the worker refuses to load.
     let model = strata_shared::source::fetch_default_model().expect("default model");
     let tmp = tempfile::tempdir().expect("tmp");
-    let cache = |home: &str, file: &std::path::Path| {
-        let repo = tmp.path().join(home).join("hub/models--acme--smol");
-        let snap = repo.join("snapshots/0123abcd");
-        std::fs::create_dir_all(&snap).expect("mkdir");
-        std::fs::create_dir_all(repo.join("refs")).expect("mkdir");
-        std::fs::write(repo.join("refs/main"), "0123abcd").expect("ref");
-        std::fs::copy(file, snap.join("smol.gguf")).expect("copy the model");
-        snap.join("smol.gguf")
-    };
-    cache("gw", &model);
-    let other = cache("wk", &model);
+    hub_cache(&tmp.path().join("gw"), &model, false);
+    let other = hub_cache(&tmp.path().join("wk"), &model, true);
     let files =
         strata_shared::source::ModelFiles::resolve(model.to_str().unwrap(), None).expect("resolve");
     let meta = strata_shared::meta::ModelMeta::open(files).expect("open");
@@ -373,25 +366,15 @@ fn a_worker_with_another_copy_of_the_model_is_refused_at_load() {
         .expect("write");
     drop(f);
 
-    let home = |h: &str| tmp.path().join(h).to_str().unwrap().to_string();
-    let (wk, gw) = (home("wk"), home("gw"));
-    let worker = support::Worker::start(&[], &[("HF_HOME", &wk), ("HF_HUB_OFFLINE", "1")]);
-    let err = Server::start_with_env(
+    let wk = tmp.path().join("wk");
+    let worker = support::Worker::start(
+        &[],
         &[
-            "gateway",
-            "--model",
-            "acme/smol:smol.gguf",
-            "--topology",
-            "none",
-            "--worker",
-            &format!("cpu[0]={}", worker.control),
-            "--data-listen",
-            "127.0.0.1:0",
+            ("HF_HOME", wk.to_str().expect("utf-8")),
+            ("HF_HUB_OFFLINE", "1"),
         ],
-        &[("HF_HOME", &gw), ("HF_HUB_OFFLINE", "1")],
-    )
-    .err()
-    .expect("startup must fail");
+    );
+    let err = gateway_on_hub_model_fails(&worker, &tmp.path().join("gw"));
     assert!(
         err.contains("failed to load") && err.contains("has fingerprint sha256:"),
         "{err}"

@@ -355,17 +355,18 @@ pub async fn run(
         tracing::info!("shutting down");
         let _ = signal_stop.send(true);
     });
-    let mut stopped = stop_rx.clone();
-    let mut draining = drain_rx.clone();
+    let (mut stopped, mut draining) = (stop_rx.clone(), drain_rx.clone());
+    // Before serving there is nothing to drain: either signal stops the startup.
+    let asked_to_stop = async {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => {}
+            _ = draining.wait_for(|d| *d) => {}
+        }
+    };
     let mut local = Vec::new();
     let started = tokio::select! {
         r = start(&cfg, &mut local) => r?,
-        _ = stopped.wait_for(|s| *s) => {
-            tracing::info!("stopped before serving");
-            stop_local_workers(local).await;
-            return Ok(());
-        }
-        _ = draining.wait_for(|d| *d) => {
+        () = asked_to_stop => {
             tracing::info!("stopped before serving");
             stop_local_workers(local).await;
             return Ok(());
@@ -558,17 +559,11 @@ async fn serve(
         kv_blocks,
         KV_BLOCK_SIZE,
     )))?);
-    let metrics_addr = match &cfg.metrics_listen {
-        Some(addr) => {
-            let m = Arc::clone(&metrics);
-            let local = telemetry::metrics::serve(addr, Arc::new(move || m.render()))
-                .await
-                .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
-            tracing::info!(metrics = %local, "serving Prometheus metrics at /metrics");
-            Some(local.to_string())
-        }
-        None => None,
-    };
+    let m = Arc::clone(&metrics);
+    let metrics_addr =
+        telemetry::metrics::serve_if(cfg.metrics_listen.as_deref(), Arc::new(move || m.render()))
+            .await
+            .map_err(|e| GatewayError::Unavailable(e.to_string()))?;
     let (scheduler, scheduler_task) = Scheduler::spawn(pipeline, state, stop.clone());
     let drain_stats = Arc::clone(&stats);
 

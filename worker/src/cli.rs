@@ -63,20 +63,13 @@ pub async fn run(
         ..TcpTransport::default()
     };
     let metrics = std::sync::Arc::new(crate::metrics::WorkerMetrics::new()?);
-    let metrics_addr = match &args.metrics_listen {
-        Some(addr) => {
-            let m = std::sync::Arc::clone(&metrics);
-            let local = strata_shared::telemetry::metrics::serve(
-                addr,
-                std::sync::Arc::new(move || m.render()),
-            )
-            .await
-            .map_err(|e| WorkerError::Load(e.to_string()))?;
-            tracing::info!(metrics = %local, "serving Prometheus metrics at /metrics");
-            Some(local.to_string())
-        }
-        None => None,
-    };
+    let m = std::sync::Arc::clone(&metrics);
+    let metrics_addr = strata_shared::telemetry::metrics::serve_if(
+        args.metrics_listen.as_deref(),
+        std::sync::Arc::new(move || m.render()),
+    )
+    .await
+    .map_err(|e| WorkerError::Load(e.to_string()))?;
     let (service, data) = crate::service::start(
         &data_listen,
         args.advertise_host.as_deref(),

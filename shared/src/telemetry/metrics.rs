@@ -80,6 +80,20 @@ pub async fn serve(addr: &str, render: Render) -> Result<SocketAddr, TelemetryEr
     Ok(local)
 }
 
+/// Serves `/metrics` on `addr` when one is given (`--metrics-listen`) and logs where; the
+/// address it listens on, for the process's ready line.
+pub async fn serve_if(
+    addr: Option<&str>,
+    render: Render,
+) -> Result<Option<String>, TelemetryError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let local = serve(addr, render).await?;
+    tracing::info!(metrics = %local, "serving Prometheus metrics at /metrics");
+    Ok(Some(local.to_string()))
+}
+
 async fn respond<B>(req: Request<B>, render: Render) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status, content_type: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));

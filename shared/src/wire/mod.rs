@@ -74,6 +74,8 @@ impl From<std::io::Error> for WireError {
 trait Wire: Sized {
     /// Bytes of the shortest encoding (bounds item counts by the bytes left).
     const MIN_LEN: usize;
+    /// Bytes `put` writes.
+    fn len(&self) -> usize;
     fn put(&self, out: &mut BytesMut);
     fn get(r: &mut Reader<'_>) -> Result<Self, WireError>;
 }
@@ -82,6 +84,9 @@ macro_rules! wire_primitive {
     ($($t:ty => $put:ident, $get:ident;)*) => {$(
         impl Wire for $t {
             const MIN_LEN: usize = std::mem::size_of::<$t>();
+            fn len(&self) -> usize {
+                Self::MIN_LEN
+            }
             fn put(&self, out: &mut BytesMut) {
                 out.$put(*self);
             }
@@ -102,6 +107,9 @@ wire_primitive! {
 
 impl Wire for bool {
     const MIN_LEN: usize = 1;
+    fn len(&self) -> usize {
+        1
+    }
     fn put(&self, out: &mut BytesMut) {
         out.put_u8(u8::from(*self));
     }
@@ -112,6 +120,9 @@ impl Wire for bool {
 
 impl<T: Wire> Wire for Vec<T> {
     const MIN_LEN: usize = 4;
+    fn len(&self) -> usize {
+        4 + self.iter().map(Wire::len).sum::<usize>()
+    }
     fn put(&self, out: &mut BytesMut) {
         out.put_u32_le(self.len() as u32);
         for item in self {
@@ -126,6 +137,9 @@ impl<T: Wire> Wire for Vec<T> {
 
 impl Wire for String {
     const MIN_LEN: usize = 4;
+    fn len(&self) -> usize {
+        4 + String::len(self)
+    }
     fn put(&self, out: &mut BytesMut) {
         out.put_u32_le(self.len() as u32);
         out.put_slice(self.as_bytes());
@@ -138,6 +152,9 @@ impl Wire for String {
 
 impl<T: Wire> Wire for Option<T> {
     const MIN_LEN: usize = 1;
+    fn len(&self) -> usize {
+        1 + self.as_ref().map_or(0, Wire::len)
+    }
     fn put(&self, out: &mut BytesMut) {
         match self {
             Some(v) => {
@@ -157,6 +174,9 @@ impl<T: Wire> Wire for Option<T> {
 
 impl<A: Wire, B: Wire> Wire for (A, B) {
     const MIN_LEN: usize = A::MIN_LEN + B::MIN_LEN;
+    fn len(&self) -> usize {
+        self.0.len() + self.1.len()
+    }
     fn put(&self, out: &mut BytesMut) {
         self.0.put(out);
         self.1.put(out);
@@ -181,6 +201,9 @@ macro_rules! wire_struct {
 
         impl Wire for $name {
             const MIN_LEN: usize = 0 $(+ <$ty as Wire>::MIN_LEN)*;
+            fn len(&self) -> usize {
+                0 $(+ Wire::len(&self.$field))*
+            }
             fn put(&self, out: &mut BytesMut) {
                 $(self.$field.put(out);)*
             }
@@ -271,6 +294,10 @@ pub struct Activations {
 
 impl Wire for Activations {
     const MIN_LEN: usize = 9;
+    /// The shape only: the data travels as the frame's payload.
+    fn len(&self) -> usize {
+        Self::MIN_LEN
+    }
     fn put(&self, out: &mut BytesMut) {
         (self.dtype as u8).put(out);
         self.rows.put(out);
@@ -496,10 +523,16 @@ impl Frame {
         Ok(())
     }
 
-    /// Bytes the whole frame takes on the wire (prelude, header and payload).
+    /// Bytes the whole frame takes on the wire (prelude, header and payload), from the field
+    /// descriptions alone: nothing is encoded.
     pub fn wire_len(&self) -> u64 {
-        let (_, h, payload) = self.parts();
-        (PRELUDE_LEN + h.len() + payload.len()) as u64
+        let (header, payload) = match self {
+            Frame::Step(s) => (s.len(), s.hidden.as_ref().map_or(0, |a| a.data.len())),
+            Frame::Samples(s) => (s.len(), 0),
+            Frame::Error(e) => (e.len(), 0),
+            Frame::Hello(h) => (h.len(), 0),
+        };
+        (PRELUDE_LEN + header + payload) as u64
     }
 
     /// The whole frame as bytes (no size limit beyond the header's).

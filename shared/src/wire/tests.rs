@@ -11,6 +11,8 @@ fn round_trip(f: &Frame) -> Frame {
         PRELUDE_LEN + prelude.header_len as usize + prelude.payload_len as usize,
         bytes.len()
     );
+    // The length the metrics count, computed without encoding, is what was encoded.
+    assert_eq!(f.wire_len(), bytes.len() as u64, "{f:?}");
     Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap()
 }
 
