@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use strata_gateway::GatewayError;
-use strata_gateway::pipeline::{Completion, Pipeline};
+use strata_gateway::pipeline::{Completion, Pipeline, PipelineEvent};
 use strata_shared::wire::StepFrame;
 use strata_worker::Engine;
 use tokio::sync::mpsc;
@@ -49,9 +49,9 @@ impl Pipeline for LocalPipeline {
         Ok(())
     }
 
-    async fn next_completion(&mut self) -> Completion {
+    async fn next_event(&mut self) -> PipelineEvent {
         match self.done_rx.recv().await {
-            Some(c) => c,
+            Some(c) => PipelineEvent::Completed(c),
             // The sender lives in `self`: this cannot end.
             None => std::future::pending().await,
         }

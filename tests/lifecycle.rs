@@ -1,7 +1,9 @@
 //! The service's life around its worker processes: Ctrl-C ends every stream as cancelled and
 //! stops every worker; SIGTERM drains (the streams in flight finish, new requests are refused,
-//! health turns NOT_SERVING) and then stops; a worker that dies turns the service NOT_SERVING and fails requests with
-//! UNAVAILABLE naming it; a client that leaves frees its KV cache on every worker of the ring.
+//! health turns NOT_SERVING) and then stops; with recovery off (`--recovery-secs 0`), a worker
+//! that dies turns the service NOT_SERVING and fails requests with UNAVAILABLE naming it (with
+//! recovery on, `tests/recovery.rs`, the ring is rebuilt and no stream is lost); a client that
+//! leaves frees its KV cache on every worker of the ring.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -287,8 +289,9 @@ async fn garbage_or_foreign_frames_sent_to_any_data_plane_port_change_no_stream(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_worker_turns_the_service_unhealthy_and_fails_requests_naming_it() {
-    let server = Server::start(&["serve"]).unwrap_or_else(|log| panic!("server failed: {log}"));
+async fn without_recovery_a_dead_worker_turns_the_service_unhealthy_and_fails_requests_naming_it() {
+    let server = Server::start(&["serve", "--recovery-secs", "0"])
+        .unwrap_or_else(|log| panic!("server failed: {log}"));
     let workers = server.children();
     assert_eq!(workers.len(), 2);
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
@@ -340,7 +343,7 @@ async fn a_dead_worker_turns_the_service_unhealthy_and_fails_requests_naming_it(
         "{}",
         err.message()
     );
-    // ModelInfo shows which worker failed (the supervisor polls every 5 s).
+    // ModelInfo shows which worker failed.
     let failed = info_until(&client, Duration::from_secs(15), |info| {
         info.workers
             .iter()

@@ -79,9 +79,15 @@ pub struct ServingArgs {
     /// `max_tokens` of requests that leave it unset.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: u32,
-    /// Seconds a step may take before it is failed.
+    /// Seconds a step may take before its ring counts as broken (and is rebuilt).
     #[arg(long, default_value_t = 300)]
     pub step_timeout_secs: u64,
+    /// Seconds that rebuilding the ring after a worker failure may take (restarting a local
+    /// worker, or waiting for a remote one at the same address, then reloading and relinking
+    /// every worker) while the requests in flight wait to resume; past it they fail with
+    /// UNAVAILABLE, and the gateway goes on trying. 0: never rebuild.
+    #[arg(long, default_value_t = 120)]
+    pub recovery_secs: u64,
     /// Seconds to wait for workers to start and become reachable.
     #[arg(long, default_value_t = 600)]
     pub connect_timeout_secs: u64,
@@ -172,6 +178,7 @@ pub fn gateway_config(
         default_max_tokens: s.default_max_tokens,
         step_timeout: Duration::from_secs(s.step_timeout_secs),
         connect_timeout: Duration::from_secs(s.connect_timeout_secs),
+        recovery: Duration::from_secs(s.recovery_secs),
         workers,
         metrics_listen: s.metrics_listen.clone(),
         drain: Duration::from_secs(s.drain_secs),

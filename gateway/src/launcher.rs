@@ -44,97 +44,87 @@ struct Ready {
     control: String,
 }
 
-/// Starts one worker per device and waits until each reports its addresses, pushing each onto
-/// `out` as soon as it runs (so that the caller stops it whatever happens next). When a worker
+/// Starts the worker process for `device` and waits until it reports its addresses. When it
 /// exits on its own, `failures` says so.
-pub async fn spawn_workers(
+pub async fn spawn_worker(
     cmd: &WorkerCommand,
-    devices: &[DeviceSpec],
-    failures: watch::Sender<Option<String>>,
+    device: DeviceSpec,
+    failures: Arc<watch::Sender<Option<String>>>,
     start_timeout: Duration,
-    out: &mut Vec<LocalWorker>,
-) -> Result<(), GatewayError> {
-    for &device in devices {
-        let mut command = Command::new(&cmd.program);
-        command
-            .args(&cmd.args)
-            .args(["--listen", "127.0.0.1:0", "--exit-with-stdin"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // A process group of its own: a terminal's Ctrl-C reaches the gateway alone, which
-            // then ends the streams and stops its workers in order.
-            .process_group(0)
-            .kill_on_drop(true);
-        // On a terminal the gateway draws the workers' load progress; their own info lines
-        // would only break up the bars (RUST_LOG, when set, still decides).
-        if Progress::new().draws_bars() && std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "warn");
-        }
-        let mut child = command.spawn().map_err(|e| {
-            GatewayError::Unavailable(format!(
-                "cannot start the worker for {device} ({}): {e}",
-                cmd.program.display()
-            ))
-        })?;
-        let pid = child.id();
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| GatewayError::Internal("worker stdout not captured".into()))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(start_timeout, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(r) = serde_json::from_str::<Ready>(&line) {
-                    return Some(r);
-                }
-            }
-            None
-        })
-        .await;
-        let ready = match ready {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                let status = child
-                    .wait()
-                    .await
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                return Err(GatewayError::Unavailable(format!(
-                    "the worker for {device} exited before listening ({status})"
-                )));
-            }
-            Err(_) => {
-                return Err(GatewayError::Unavailable(format!(
-                    "the worker for {device} did not start listening within {start_timeout:?}"
-                )));
-            }
-        };
-        tracing::info!(%device, control = %ready.control, pid, "worker started");
-        let stdin = child.stdin.take();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let exited = tokio::spawn(watch_exit(
-            child,
-            device,
-            failures.clone(),
-            Arc::clone(&stopping),
-        ));
-        out.push(LocalWorker {
-            device,
-            control: ready.control,
-            pid,
-            stdin,
-            stopping,
-            exited,
-        });
+) -> Result<LocalWorker, GatewayError> {
+    let mut command = Command::new(&cmd.program);
+    command
+        .args(&cmd.args)
+        .args(["--listen", "127.0.0.1:0", "--exit-with-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        // A process group of its own: a terminal's Ctrl-C reaches the gateway alone, which
+        // then ends the streams and stops its workers in order.
+        .process_group(0)
+        .kill_on_drop(true);
+    // On a terminal the gateway draws the workers' load progress; their own info lines
+    // would only break up the bars (RUST_LOG, when set, still decides).
+    if Progress::new().draws_bars() && std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "warn");
     }
-    Ok(())
+    let mut child = command.spawn().map_err(|e| {
+        GatewayError::Unavailable(format!(
+            "cannot start the worker for {device} ({}): {e}",
+            cmd.program.display()
+        ))
+    })?;
+    let pid = child.id();
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| GatewayError::Internal("worker stdout not captured".into()))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(start_timeout, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(r) = serde_json::from_str::<Ready>(&line) {
+                return Some(r);
+            }
+        }
+        None
+    })
+    .await;
+    let ready = match ready {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            return Err(GatewayError::Unavailable(format!(
+                "the worker for {device} exited before listening ({status})"
+            )));
+        }
+        Err(_) => {
+            return Err(GatewayError::Unavailable(format!(
+                "the worker for {device} did not start listening within {start_timeout:?}"
+            )));
+        }
+    };
+    tracing::info!(%device, control = %ready.control, pid, "worker started");
+    let stdin = child.stdin.take();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let exited = tokio::spawn(watch_exit(child, device, failures, Arc::clone(&stopping)));
+    Ok(LocalWorker {
+        device,
+        control: ready.control,
+        pid,
+        stdin,
+        stopping,
+        exited,
+    })
 }
 
 async fn watch_exit(
     mut child: Child,
     device: DeviceSpec,
-    failures: watch::Sender<Option<String>>,
+    failures: Arc<watch::Sender<Option<String>>>,
     stopping: Arc<AtomicBool>,
 ) {
     let status = child.wait().await;
@@ -158,6 +148,11 @@ async fn watch_exit(
 }
 
 impl LocalWorker {
+    /// Whether its process still runs.
+    pub fn is_alive(&self) -> bool {
+        !self.exited.is_finished()
+    }
+
     /// Asks the worker to exit by closing its stdin, and waits up to `grace` for it; a worker
     /// still running then is killed.
     pub async fn stop(mut self, grace: Duration) {

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod keeper;
 pub mod launcher;
 pub mod metrics;
 pub mod pipeline;

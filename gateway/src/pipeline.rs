@@ -2,9 +2,15 @@
 //! and gives back their samples. Several steps may be in flight at once (one per stage keeps
 //! every stage busy); they complete in any order. The ring over a [`Transport`] is the real
 //! one; `strata generate` plugs an in-process engine behind the same trait.
+//!
+//! A ring can break (a worker dies, a link stalls) and be rebuilt by the
+//! [`keeper`](crate::keeper): the pipeline then reports [`PipelineEvent::Broken`] (every step in
+//! flight is lost, and no step is taken) and later [`PipelineEvent::Restored`], or
+//! [`PipelineEvent::Lost`] when the keeper gives up for now.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use strata_shared::transport::{FrameSender, Transport, accept_frames, hello};
@@ -13,12 +19,26 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
+use crate::keeper::RingStatus;
 
 /// The outcome of one step.
 #[derive(Debug)]
 pub struct Completion {
     pub step_id: u64,
     pub result: Result<SamplesFrame, GatewayError>,
+}
+
+/// What happened next on the pipeline.
+#[derive(Debug)]
+pub enum PipelineEvent {
+    /// A step completed, or failed on its own (its sequences end; the others go on).
+    Completed(Completion),
+    /// The route broke: every step in flight is lost, and steps are refused until `Restored`.
+    Broken(String),
+    /// The route works again, under a new data-plane session.
+    Restored,
+    /// Rebuilding the route gave up for now: requests fail with this cause until `Restored`.
+    Lost(String),
 }
 
 /// Carries steps through the route.
@@ -29,62 +49,106 @@ pub trait Pipeline: Send + 'static {
     /// Sends a step on its way. An error means it never left (it completes with nothing).
     fn submit(&mut self, step: StepFrame) -> impl Future<Output = Result<(), GatewayError>> + Send;
 
-    /// The next step to complete; called only while steps are in flight.
-    fn next_completion(&mut self) -> impl Future<Output = Completion> + Send;
+    /// The next event: a step completing, or the route breaking or coming back. With nothing
+    /// in flight and a route that holds, it waits.
+    fn next_event(&mut self) -> impl Future<Output = PipelineEvent> + Send;
 }
 
 /// The ring: steps go to the first stage over a persistent connection; the last stage's
-/// samples come back to the gateway's own data-plane listener.
+/// samples come back to the gateway's own data-plane listener. The [`keeper`](crate::keeper)
+/// publishes where the first stage is and under which session; the pipeline follows.
 pub struct RingPipeline<T: Transport> {
-    first: T::Sender,
-    first_addr: String,
+    transport: T,
+    /// The connection to the first stage, while the ring holds.
+    first: Option<(T::Sender, String)>,
+    /// The keeper's epoch this pipeline is connected to (0: none yet).
+    epoch: u64,
+    /// Whether the scheduler was told the ring is lost (and not yet that it is back).
+    lost: bool,
     stages: usize,
     results: mpsc::Receiver<Result<Frame, WireError>>,
-    failures: watch::Receiver<Option<String>>,
+    status: watch::Receiver<RingStatus>,
+    /// Where the pipeline reports a failure it sees itself (a send that fails, a step that
+    /// gets no answer): the keeper rebuilds the ring.
+    failures: Arc<watch::Sender<Option<String>>>,
     step_timeout: Duration,
     /// Steps in flight, by id, with when they were sent.
     pending: BTreeMap<u64, Instant>,
 }
 
 impl<T: Transport> RingPipeline<T> {
-    /// Connects to the first stage at `first_addr` and collects the frames that `listener`
-    /// (the gateway's data-plane listener, where the last stage sends) receives. `failures`
-    /// carries a worker failure, which fails the steps in flight at once. `stages` is the
+    /// Collects the frames that `listener` (the gateway's data-plane listener, where the last
+    /// stage sends) receives from connections that present `session` (the keeper sets it for
+    /// each ring it builds), and follows the ring that `status` describes. `stages` is the
     /// route's length.
-    pub async fn connect(
-        transport: &T,
-        first_addr: &str,
-        session: &str,
+    pub fn new(
+        transport: T,
         stages: usize,
         listener: T::Listener,
-        failures: watch::Receiver<Option<String>>,
+        session: watch::Receiver<String>,
+        status: watch::Receiver<RingStatus>,
+        failures: Arc<watch::Sender<Option<String>>>,
         step_timeout: Duration,
-    ) -> Result<Self, GatewayError> {
-        let first = hello(transport, first_addr, session)
-            .await
-            .map_err(|e| GatewayError::Unavailable(format!("data plane: {e}")))?;
+    ) -> Self {
         let (tx, results) = mpsc::channel(64);
-        // The session never changes: the sender may go.
-        let (_, session) = watch::channel(session.to_string());
         tokio::spawn(accept_frames(listener, tx, |r| r, session));
-        Ok(RingPipeline {
-            first,
-            first_addr: first_addr.to_string(),
+        RingPipeline {
+            transport,
+            first: None,
+            epoch: 0,
+            lost: false,
             stages,
             results,
+            status,
             failures,
             step_timeout,
             pending: BTreeMap::new(),
-        })
+        }
     }
 
-    /// Fails the oldest step in flight with `err`.
-    fn fail_oldest(&mut self, err: GatewayError) -> Option<Completion> {
-        let (step_id, _) = self.pending.pop_first()?;
-        Some(Completion {
-            step_id,
-            result: Err(err),
-        })
+    /// Connects to the first stage of the ring the keeper announced. A failure goes to the
+    /// keeper.
+    pub async fn connect(&mut self) -> Result<(), GatewayError> {
+        let RingStatus::Up {
+            epoch,
+            first,
+            session,
+        } = self.status.borrow_and_update().clone()
+        else {
+            return Err(GatewayError::Unavailable("the ring is not up".into()));
+        };
+        self.epoch = epoch;
+        match hello(&self.transport, &first, &session).await {
+            Ok(sender) => {
+                self.first = Some((sender, first));
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("data plane: connecting to the first stage at {first}: {e}");
+                self.report(&why);
+                Err(GatewayError::Unavailable(why))
+            }
+        }
+    }
+
+    /// Tells the keeper the ring is broken (unless something already did).
+    fn report(&self, why: &str) {
+        tracing::error!("{why}");
+        self.failures.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(why.to_string());
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The ring broke under the steps in flight: they are lost.
+    fn broken(&mut self, why: String) -> PipelineEvent {
+        self.first = None;
+        self.pending.clear();
+        PipelineEvent::Broken(why)
     }
 }
 
@@ -94,77 +158,102 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
     }
 
     async fn submit(&mut self, step: StepFrame) -> Result<(), GatewayError> {
-        if let Some(f) = self.failures.borrow().clone() {
-            return Err(GatewayError::Unavailable(f));
-        }
         let id = step.step_id;
-        self.first.send(&Frame::Step(step)).await.map_err(|e| {
-            GatewayError::Unavailable(format!(
-                "sending step {id} to the first stage at {}: {e}",
-                self.first_addr
-            ))
-        })?;
+        let Some((first, addr)) = self.first.as_mut() else {
+            return Err(GatewayError::Unavailable(
+                "the ring is being rebuilt".into(),
+            ));
+        };
+        if let Err(e) = first.send(&Frame::Step(step)).await {
+            let why = format!("data plane: sending step {id} to the first stage at {addr}: {e}");
+            self.report(&why);
+            // It counts as sent: the ring's failure completes it, with the others in flight.
+        }
         self.pending.insert(id, Instant::now());
         Ok(())
     }
 
-    async fn next_completion(&mut self) -> Completion {
-        let mut watching = true;
+    async fn next_event(&mut self) -> PipelineEvent {
         loop {
-            let failure = self.failures.borrow().clone();
-            if let Some(f) = failure
-                && let Some(c) = self.fail_oldest(GatewayError::Unavailable(f))
-            {
-                return c;
+            let status = self.status.borrow_and_update().clone();
+            match status {
+                // Rebuilt while this pipeline looked away: what was in flight is lost.
+                RingStatus::Up { epoch, .. } if epoch != self.epoch && self.first.is_some() => {
+                    return self.broken("the ring was rebuilt".into());
+                }
+                RingStatus::Up { epoch, .. } if epoch != self.epoch || self.first.is_none() => {
+                    if epoch == self.epoch {
+                        // This epoch's connection failed; the keeper rebuilds.
+                    } else if self.connect().await.is_ok() {
+                        self.lost = false;
+                        return PipelineEvent::Restored;
+                    }
+                }
+                RingStatus::Up { .. } => {}
+                RingStatus::Recovering { cause } if self.first.is_some() => {
+                    return self.broken(cause);
+                }
+                RingStatus::Recovering { .. } | RingStatus::Starting => {}
+                RingStatus::Down { cause } if self.first.is_some() || !self.lost => {
+                    self.first = None;
+                    self.pending.clear();
+                    self.lost = true;
+                    return PipelineEvent::Lost(cause);
+                }
+                RingStatus::Down { .. } => {}
             }
-            let Some((&oldest, &sent)) = self.pending.first_key_value() else {
-                // Nothing in flight: nothing will ever complete.
-                std::future::pending::<()>().await;
-                continue;
-            };
-            let deadline = sent + self.step_timeout;
+            let oldest = self
+                .pending
+                .first_key_value()
+                .map(|(&id, &sent)| (id, sent));
+            let deadline = oldest.map(|(_, sent)| sent + self.step_timeout);
             tokio::select! {
                 frame = self.results.recv() => match frame {
                     Some(Ok(Frame::Samples(s))) if self.pending.remove(&s.step_id).is_some() => {
-                        return Completion { step_id: s.step_id, result: Ok(s) };
+                        return PipelineEvent::Completed(Completion { step_id: s.step_id, result: Ok(s) });
                     }
                     Some(Ok(Frame::Error(e))) if self.pending.remove(&e.step_id).is_some() => {
-                        return Completion {
+                        return PipelineEvent::Completed(Completion {
                             step_id: e.step_id,
                             result: Err(GatewayError::Unavailable(format!(
                                 "stage {} failed step {}: {}",
                                 e.stage, e.step_id, e.message
                             ))),
-                        };
+                        });
                     }
-                    Some(Ok(other)) => tracing::warn!(?other, "data plane: ignoring a frame for no step in flight"),
+                    Some(Ok(other)) => tracing::debug!(?other, "data plane: ignoring a frame for no step in flight"),
                     // One inbound connection's garbage ends that connection only: a stage whose
-                    // link really broke is caught by the supervisor (its worker reports itself
+                    // link really broke is caught by the keeper (its worker reports itself
                     // failed or stops answering) or by the step's deadline.
                     Some(Err(e)) => tracing::warn!(error = %e, "data plane: dropped an inbound connection"),
                     None => {
-                        if let Some(c) = self.fail_oldest(GatewayError::Unavailable("data plane: the return path closed".into())) {
-                            return c;
-                        }
+                        let why = "data plane: the gateway's listener stopped".to_string();
+                        self.report(&why);
+                        return self.broken(why);
                     }
                 },
-                changed = self.failures.changed(), if watching => {
-                    // A failure is picked up at the top of the loop; nobody reporting any more
-                    // leaves the deadline.
+                changed = self.status.changed() => {
                     if changed.is_err() {
-                        watching = false;
+                        // The keeper is gone (shutdown): nothing changes any more.
+                        std::future::pending::<()>().await;
                     }
                 }
-                () = tokio::time::sleep_until(deadline) => {
-                    self.pending.remove(&oldest);
-                    return Completion {
-                        step_id: oldest,
-                        result: Err(GatewayError::Unavailable(format!(
-                            "step {oldest} got no answer within {:?}", self.step_timeout
-                        ))),
-                    };
+                () = sleep_until(deadline) => {
+                    if let Some((id, _)) = oldest {
+                        let why = format!("step {id} got no answer within {:?}", self.step_timeout);
+                        self.report(&why);
+                        return self.broken(why);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at` (forever when there is none).
+pub async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

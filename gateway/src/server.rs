@@ -1,7 +1,6 @@
 //! Putting the gateway together: resolve the model and the plan, start or reach the workers,
 //! load and link them, then serve the API (with health and reflection) until shutdown.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,14 +27,16 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::auth::ApiKeys;
 use crate::error::GatewayError;
-use crate::launcher::{LocalWorker, WorkerCommand, spawn_workers};
+pub use crate::keeper::WorkerSource;
+use crate::keeper::{Keeper, KeeperConfig, RingStatus};
+use crate::launcher::LocalWorker;
 use crate::metrics::GatewayMetrics;
 use crate::pipeline::RingPipeline;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerState, SchedulerStats};
 use crate::service::StrataService;
 use crate::tokenizer::ModelTokenizer;
 use crate::validation::Limits;
-use crate::workers::{Deployment, WorkerState, Workers, load_and_link, supervise};
+use crate::workers::{WorkerState, Workers};
 
 /// The default topology, for the default model.
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../../topologies/default.yml");
@@ -86,15 +87,6 @@ impl TopologyChoice {
     }
 }
 
-/// Where the workers come from.
-#[derive(Debug, Clone)]
-pub enum WorkerSource {
-    /// Start one worker process per device on this machine.
-    Spawn(WorkerCommand),
-    /// Workers started elsewhere: device → control-plane address.
-    Remote(HashMap<DeviceSpec, String>),
-}
-
 /// The model to serve and how to load it.
 #[derive(Debug, Clone)]
 pub struct ModelChoice {
@@ -125,6 +117,9 @@ pub struct GatewayConfig {
     pub step_timeout: Duration,
     pub connect_timeout: Duration,
     pub workers: WorkerSource,
+    /// How long rebuilding the ring after a worker failure may take before the requests
+    /// waiting on it fail; zero: never rebuild.
+    pub recovery: Duration,
     /// Where to serve Prometheus metrics (`/metrics`); `None`: nowhere.
     pub metrics_listen: Option<String>,
     /// How long SIGTERM lets the requests in flight finish.
@@ -225,6 +220,7 @@ fn model_info(
     r: &Resolved,
     workers: &Workers,
     stats: &SchedulerStats,
+    rebuilds: &std::sync::atomic::AtomicU64,
     kv_tokens: usize,
     context: usize,
 ) -> ModelInfoResponse {
@@ -311,6 +307,8 @@ fn model_info(
             prefix_cache_hits: stats.prefix_hits.load(Ordering::Relaxed),
             computed_tokens: stats.computed_tokens.load(Ordering::Relaxed),
             cached_prompt_tokens: stats.cached_tokens.load(Ordering::Relaxed),
+            ring_rebuilds: rebuilds.load(Ordering::Relaxed),
+            requeued_sequences: stats.requeued.load(Ordering::Relaxed),
         }),
     }
 }
@@ -363,25 +361,36 @@ pub async fn run(
             _ = draining.wait_for(|d| *d) => {}
         }
     };
-    let mut local = Vec::new();
+    let local = Arc::new(std::sync::Mutex::new(Vec::new()));
     let started = tokio::select! {
-        r = start(&cfg, &mut local) => r?,
+        r = start(&cfg, &local) => r,
         () = asked_to_stop => {
             tracing::info!("stopped before serving");
-            stop_local_workers(local).await;
+            stop_local_workers(&local).await;
             return Ok(());
         }
     };
-    let supervisor = started.supervisor.abort_handle();
+    let started = match started {
+        Ok(s) => s,
+        Err(e) => {
+            stop_local_workers(&local).await;
+            return Err(e);
+        }
+    };
+    let keeper = started.keeper.abort_handle();
     let served = serve(&cfg, started, api_keys, stop_rx, drain_rx, stop_tx).await;
-    // Workers stopping now is no failure.
-    supervisor.abort();
-    stop_local_workers(local).await;
+    // Workers stopping now is no failure, and no ring is rebuilt.
+    keeper.abort();
+    stop_local_workers(&local).await;
     served
 }
 
 /// Closes the local workers' stdin and waits (a while) for all of them to exit.
-async fn stop_local_workers(local: Vec<LocalWorker>) {
+async fn stop_local_workers(local: &std::sync::Mutex<Vec<LocalWorker>>) {
+    let local = local
+        .lock()
+        .map(|mut l| std::mem::take(&mut *l))
+        .unwrap_or_default();
     let mut stopping = tokio::task::JoinSet::new();
     for w in local {
         stopping.spawn(w.stop(Duration::from_secs(10)));
@@ -394,15 +403,20 @@ struct Started {
     resolved: Resolved,
     workers: Workers,
     pipeline: RingPipeline<TcpTransport>,
-    failures: watch::Receiver<Option<String>>,
+    ring: watch::Receiver<RingStatus>,
+    recoveries: Arc<std::sync::atomic::AtomicU64>,
     kv_blocks: usize,
-    supervisor: tokio::task::JoinHandle<()>,
+    /// The keeper, watching the workers and rebuilding the ring.
+    keeper: tokio::task::JoinHandle<()>,
 }
 
 /// Resolves the plan, starts or reaches the workers, loads and links them and connects the
-/// ring. Local workers are pushed onto `local` as they start, so the caller stops them whatever
+/// ring. Local workers go into `local` as they start, so the caller stops them whatever
 /// happens here.
-async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Started, GatewayError> {
+async fn start(
+    cfg: &GatewayConfig,
+    local: &Arc<std::sync::Mutex<Vec<LocalWorker>>>,
+) -> Result<Started, GatewayError> {
     if cfg.max_running == 0 || cfg.max_batch_tokens < cfg.max_running {
         return Err(GatewayError::invalid(
             "--max-batch-tokens",
@@ -429,25 +443,6 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
 
     resolved.log_plan_notes(cfg.model.isq);
 
-    let (failures_tx, failures_rx) = watch::channel::<Option<String>>(None);
-    let addresses: HashMap<DeviceSpec, String> = match &cfg.workers {
-        WorkerSource::Spawn(cmd) => {
-            spawn_workers(
-                cmd,
-                &resolved.plan.devices,
-                failures_tx.clone(),
-                cfg.connect_timeout,
-                local,
-            )
-            .await?;
-            local
-                .iter()
-                .map(|w| (w.device, w.control.clone()))
-                .collect()
-        }
-        WorkerSource::Remote(map) => map.clone(),
-    };
-
     let transport = TcpTransport::default();
     let data_listener = transport.bind(&cfg.data_listen).await.map_err(|e| {
         GatewayError::Unavailable(format!("--data-listen {}: {e}", cfg.data_listen))
@@ -462,59 +457,45 @@ async fn start(cfg: &GatewayConfig, local: &mut Vec<LocalWorker>) -> Result<Star
             format!("{} tokens is too many", cfg.kv_cache_tokens),
         )
     })?;
-    // A fresh data-plane session: only connections that present it get in (the workers', and
-    // this gateway's to the first stage), so a stranger's bytes or frames reach no step.
-    let session = format!("{:032x}", rand::random::<u128>());
-    let fingerprint = resolved.meta.fingerprint()?;
-    let workers = load_and_link(&Deployment {
-        plan: &resolved.plan,
-        session: &session,
-        fingerprint: &fingerprint,
-        model: &cfg.model.model,
-        revision: cfg.model.revision.as_deref(),
-        addresses: &addresses,
-        kv_blocks: kv_blocks_wire,
-        kv_block_size: KV_BLOCK_SIZE as u32,
-        gateway_data_address: &data_address,
-        connect_timeout: cfg.connect_timeout,
-    })
-    .await?;
-    // Local workers are also watched for exiting (at once), but only a status poll sees a
-    // worker that is alive and failed, and keeps each worker's memory figures current.
-    let supervisor = tokio::spawn(supervise(
-        workers.clone(),
-        failures_tx.clone(),
-        Duration::from_secs(5),
-    ));
-
-    let first = workers
-        .snapshot()
-        .into_iter()
-        .find(|w| {
-            resolved
-                .plan
-                .route
-                .first()
-                .is_some_and(|s| s.device == w.device)
-        })
-        .ok_or_else(|| GatewayError::Internal("no worker runs the first stage".into()))?;
-    let pipeline = RingPipeline::connect(
-        &transport,
-        &first.data_address,
-        &session,
+    let mut keeper = Keeper::new(
+        KeeperConfig {
+            plan: resolved.plan.clone(),
+            model: cfg.model.model.clone(),
+            revision: cfg.model.revision.clone(),
+            fingerprint: resolved.meta.fingerprint()?,
+            kv_blocks: kv_blocks_wire,
+            kv_block_size: KV_BLOCK_SIZE as u32,
+            gateway_data_address: data_address,
+            connect_timeout: cfg.connect_timeout,
+            source: cfg.workers.clone(),
+            recovery: cfg.recovery,
+            poll: Duration::from_millis(500),
+        },
+        Arc::clone(local),
+    );
+    keeper.start().await?;
+    let ring = keeper.status();
+    let mut pipeline = RingPipeline::new(
+        transport,
         resolved.plan.route.len(),
         data_listener,
-        failures_rx.clone(),
+        keeper.listener_session(),
+        keeper.status(),
+        keeper.failures(),
         cfg.step_timeout,
-    )
-    .await?;
+    );
+    pipeline.connect().await?;
+    let workers = keeper.workers();
+    let recoveries = keeper.recoveries();
+    let keeper = tokio::spawn(keeper.run());
     Ok(Started {
         resolved,
         workers,
         pipeline,
-        failures: failures_rx,
+        ring,
+        recoveries,
         kv_blocks,
-        supervisor,
+        keeper,
     })
 }
 
@@ -531,9 +512,10 @@ async fn serve(
         resolved,
         workers,
         pipeline,
-        failures: failures_rx,
+        mut ring,
+        recoveries,
         kv_blocks,
-        supervisor: _,
+        keeper: _,
     } = started;
     let kv_tokens = kv_blocks * KV_BLOCK_SIZE;
     let context = resolved.meta.config.max_position_embeddings.min(kv_tokens);
@@ -578,6 +560,7 @@ async fn serve(
             &info_resolved,
             &info_workers,
             &stats,
+            &recoveries,
             kv_tokens,
             context,
         )
@@ -594,12 +577,17 @@ async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<StrataServer<StrataService>>().await;
+    // NOT_SERVING while the ring is being rebuilt or is down; SERVING again once it is back
+    // (unless draining).
     let health_watch = health.clone();
-    let mut failures = failures_rx.clone();
+    let ring_draining = Arc::clone(&draining);
     tokio::spawn(async move {
-        while failures.changed().await.is_ok() {
-            if failures.borrow().is_some() {
+        while ring.changed().await.is_ok() {
+            let up = matches!(*ring.borrow_and_update(), RingStatus::Up { .. });
+            if !up {
                 not_serving(&health_watch).await;
+            } else if !ring_draining.load(Ordering::SeqCst) {
+                serving(&health_watch).await;
             }
         }
     });
@@ -677,6 +665,14 @@ async fn serve(
     // The scheduler has cancelled every stream and told the workers to free their sequences.
     let _ = tokio::time::timeout(Duration::from_secs(10), scheduler_task).await;
     served.map_err(|e| GatewayError::Internal(format!("gRPC server: {e}")))
+}
+
+/// Turns health SERVING: both the API's own status and the server's overall one.
+async fn serving(health: &tonic_health::server::HealthReporter) {
+    health.set_serving::<StrataServer<StrataService>>().await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 }
 
 /// Turns health NOT_SERVING: both the API's own status and the server's overall one (the empty

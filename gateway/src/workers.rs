@@ -62,6 +62,13 @@ impl Workers {
         }
     }
 
+    /// Replaces what it knows with `infos` (a new load of every worker).
+    fn reset(&self, infos: Vec<WorkerInfo>) {
+        if let Ok(mut g) = self.inner.lock() {
+            *g = infos;
+        }
+    }
+
     /// Marks a worker failed.
     pub fn fail(&self, address: &str, why: &str) {
         self.update(address, |w| {
@@ -154,8 +161,9 @@ pub fn stage_spec(plan: &Plan, index: usize) -> Option<StageSpec> {
 }
 
 /// Loads every stage of the plan on the worker that owns its device, all workers at once, and
-/// links the ring. Any failure names the worker and stops everything.
-pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> {
+/// links the ring; `workers` follows their states. Any failure names the worker and stops
+/// everything. A worker loaded before (the ring is being rebuilt) drops what it held.
+pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), GatewayError> {
     let Deployment {
         plan,
         session,
@@ -195,9 +203,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
             error: String::new(),
         });
     }
-    let workers = Workers {
-        inner: Arc::new(Mutex::new(infos.clone())),
-    };
+    workers.reset(infos.clone());
     let deadline = Instant::now() + connect_timeout;
     // One progress bar per worker on a terminal; log lines otherwise.
     let progress = Progress::new();
@@ -267,7 +273,7 @@ pub async fn load_and_link(d: &Deployment<'_>) -> Result<Workers, GatewayError> 
             ))
         })?;
     }
-    Ok(workers)
+    Ok(())
 }
 
 async fn load_one(
@@ -320,52 +326,54 @@ async fn load_one(
     }
 }
 
-/// Polls every worker's status; the first one that stops answering or reports a failure is
-/// published on `failures` and marked failed.
-pub async fn supervise(workers: Workers, failures: watch::Sender<Option<String>>, every: Duration) {
-    let mut clients: HashMap<String, WorkerClient<Channel>> = HashMap::new();
-    loop {
-        tokio::time::sleep(every).await;
-        for w in workers.snapshot() {
-            if w.state == WorkerState::Failed {
-                continue;
-            }
-            let client = match clients.get_mut(&w.address) {
-                Some(c) => c,
-                None => match tokio::time::timeout(every, WorkerClient::connect(w.address.clone()))
-                    .await
-                {
-                    Ok(Ok(c)) => clients.entry(w.address.clone()).or_insert(c),
-                    Ok(Err(e)) => {
-                        report(&workers, &failures, &w, &format!("unreachable: {e}"));
-                        continue;
-                    }
-                    Err(_) => {
-                        report(&workers, &failures, &w, "unreachable: connecting timed out");
-                        continue;
-                    }
-                },
-            };
-            match tokio::time::timeout(every, client.status(StatusRequest {})).await {
-                Ok(Ok(s)) => {
-                    let s = s.into_inner();
-                    if s.state == State::Failed as i32 {
-                        report(&workers, &failures, &w, &s.error);
-                    } else {
-                        workers.update(&w.address, |i| {
-                            i.rss_bytes = s.rss_bytes;
-                            i.peak_rss_bytes = s.peak_rss_bytes;
-                        });
-                    }
+/// Polls every worker's status once (each call within `timeout`); the first one that stops
+/// answering or reports a failure is published on `failures` and marked failed. `clients` keeps
+/// the control-plane connections between polls.
+pub async fn poll_once(
+    workers: &Workers,
+    clients: &mut HashMap<String, WorkerClient<Channel>>,
+    failures: &watch::Sender<Option<String>>,
+    timeout: Duration,
+) {
+    for w in workers.snapshot() {
+        if w.state != WorkerState::Ready {
+            continue;
+        }
+        let client = match clients.get_mut(&w.address) {
+            Some(c) => c,
+            None => match tokio::time::timeout(timeout, WorkerClient::connect(w.address.clone()))
+                .await
+            {
+                Ok(Ok(c)) => clients.entry(w.address.clone()).or_insert(c),
+                Ok(Err(e)) => {
+                    report(workers, failures, &w, &format!("unreachable: {e}"));
+                    continue;
                 }
-                Ok(Err(e)) => report(
-                    &workers,
-                    &failures,
-                    &w,
-                    &format!("status failed: {}", e.message()),
-                ),
-                Err(_) => report(&workers, &failures, &w, "status timed out"),
+                Err(_) => {
+                    report(workers, failures, &w, "unreachable: connecting timed out");
+                    continue;
+                }
+            },
+        };
+        match tokio::time::timeout(timeout, client.status(StatusRequest {})).await {
+            Ok(Ok(s)) => {
+                let s = s.into_inner();
+                if s.state == State::Failed as i32 {
+                    report(workers, failures, &w, &s.error);
+                } else {
+                    workers.update(&w.address, |i| {
+                        i.rss_bytes = s.rss_bytes;
+                        i.peak_rss_bytes = s.peak_rss_bytes;
+                    });
+                }
             }
+            Ok(Err(e)) => report(
+                workers,
+                failures,
+                &w,
+                &format!("status failed: {}", e.message()),
+            ),
+            Err(_) => report(workers, failures, &w, "status timed out"),
         }
     }
 }

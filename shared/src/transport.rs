@@ -186,7 +186,9 @@ impl FrameListener for TcpFrameListener {
 ///
 /// A connection must open with a hello frame carrying the current `session` token (see
 /// [`hello`]); one that opens with anything else, or while no session is set, is dropped and
-/// logged, and none of its frames reach `sink`: only the peers the gateway linked get in.
+/// logged, and none of its frames reach `sink`: only the peers the gateway linked get in. A new
+/// session (the gateway rebuilt the ring) ends every connection opened under the old one: no
+/// frame of a step from before the rebuild gets in after it.
 pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
     mut listener: L,
     sink: tokio::sync::mpsc::Sender<T>,
@@ -209,8 +211,9 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
         let sink = sink.clone();
         let session = session.clone();
         tokio::spawn(async move {
+            let mut session = session;
             let opened = rx.recv().await;
-            let expected = session.borrow().clone();
+            let expected = session.borrow_and_update().clone();
             match opened {
                 Ok(Some(Frame::Hello(h))) if !expected.is_empty() && h.session == expected => {}
                 Ok(None) => return,
@@ -225,8 +228,22 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
                     return;
                 }
             }
+            // Nobody can change a session whose sender is gone.
+            let mut watching = true;
             loop {
-                let item = match rx.recv().await {
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    changed = session.changed(), if watching => {
+                        if changed.is_err() {
+                            watching = false;
+                        } else if *session.borrow_and_update() != expected {
+                            tracing::debug!(%peer, "data plane: closing a connection of an earlier session");
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let item = match received {
                     Ok(Some(f)) => Ok(f),
                     Ok(None) => return,
                     Err(e) => Err(e),

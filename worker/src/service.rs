@@ -219,15 +219,22 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics) {
     }
 }
 
-/// Sends frames queued for one peer over one persistent connection. If the connection breaks,
-/// the ring is broken: the worker reports itself failed, which the gateway's supervisor sees.
+/// Sends frames queued for one peer over one persistent connection, opened under data-plane
+/// session `session`. If the connection breaks while that session is current, the ring is
+/// broken: the worker reports itself failed, which the gateway's supervisor sees (a link of an
+/// earlier session breaking is the old ring going away).
 async fn outbound(
     sender: impl FrameSender,
     addr: String,
+    session: String,
     rx: mpsc::Receiver<Frame>,
     shared: Arc<Shared>,
 ) {
     if let Err(e) = send_all(sender, &addr, rx, &shared.metrics).await {
+        if *shared.session.borrow() != session {
+            tracing::debug!(%addr, error = %e, "data plane: a link of an earlier session broke");
+            return;
+        }
         tracing::error!(%addr, error = %e, "data plane: sending failed; this worker's ring is broken");
         shared.set_phase(Phase::Failed(format!(
             "data plane: sending to the next hop {addr} failed: {e}"
@@ -508,6 +515,7 @@ impl Worker for WorkerService {
                     tokio::spawn(outbound(
                         sender,
                         hop.address.clone(),
+                        session,
                         rx,
                         Arc::clone(&self.shared),
                     ));

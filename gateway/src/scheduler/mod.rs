@@ -5,6 +5,11 @@
 //! [`SeqOutput`]; the real one, [`StreamOutput`], detokenizes, matches stop sequences and
 //! streams API events to the client. A client that is gone (its stream closed) is cancelled
 //! and its KV released; one past its deadline gets DEADLINE_EXCEEDED.
+//!
+//! When the ring breaks (a worker died), every sequence waits again with its tokens so far and
+//! no step is sent until the ring is rebuilt; then the sequences are recomputed through the
+//! normal batched prefill and go on, each with exactly the tokens it would have had. Only when
+//! the rebuild gives up do the requests fail, with UNAVAILABLE naming the cause.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -12,7 +17,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::GatewayError;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PipelineEvent, sleep_until};
 use crate::validation::ValidRequest;
 
 pub mod blocks;
@@ -85,6 +90,10 @@ async fn run<P: Pipeline, O: SeqOutput>(
     let mut open = true;
     // The span of each step in flight; it ends when the step completes.
     let mut spans: HashMap<u64, tracing::Span> = HashMap::new();
+    // The ring is being rebuilt: nothing is sent.
+    let mut suspended = false;
+    // Rebuilding gave up: new requests fail at once with this.
+    let mut lost: Option<GatewayError> = None;
     loop {
         // With every handle gone and nothing left to answer, stop (releases still pending are
         // moot: nobody will send those sequences again).
@@ -92,11 +101,14 @@ async fn run<P: Pipeline, O: SeqOutput>(
             break;
         }
         while let Ok(r) = rx.try_recv() {
-            state.enqueue(r);
+            admit_or_refuse(&mut state, r, lost.as_ref());
         }
         state.reap(Instant::now());
         // Keep the pipeline full.
-        while state.in_flight() < depth && (retry_releases_at.is_none() || state.has_requests()) {
+        while !suspended
+            && state.in_flight() < depth
+            && (retry_releases_at.is_none() || state.has_requests())
+        {
             let Some(mut step) = state.next_step() else {
                 break;
             };
@@ -113,22 +125,43 @@ async fn run<P: Pipeline, O: SeqOutput>(
         state.publish();
         let deadline = state.next_deadline().map(tokio::time::Instant::from_std);
         tokio::select! {
-            c = pipeline.next_completion(), if state.in_flight() > 0 => {
-                spans.remove(&c.step_id);
-                match c.result {
-                    Ok(samples) => {
-                        retry_releases_at = None;
-                        state.on_samples(samples);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, step = c.step_id, "step failed; failing its sequences");
-                        state.on_step_failed(c.step_id, &e);
-                        retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
+            event = pipeline.next_event() => match event {
+                PipelineEvent::Completed(c) => {
+                    spans.remove(&c.step_id);
+                    match c.result {
+                        Ok(samples) => {
+                            retry_releases_at = None;
+                            state.on_samples(samples);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, step = c.step_id, "step failed; failing its sequences");
+                            state.on_step_failed(c.step_id, &e);
+                            retry_releases_at = Some(tokio::time::Instant::now() + RELEASE_RETRY);
+                        }
                     }
                 }
-            }
+                PipelineEvent::Broken(cause) => {
+                    spans.clear();
+                    suspended = true;
+                    let n = state.requeue_all();
+                    tracing::warn!(sequences = n, %cause, "the ring broke: every sequence waits for it with its tokens so far");
+                }
+                PipelineEvent::Restored => {
+                    suspended = false;
+                    lost = None;
+                    retry_releases_at = None;
+                    tracing::info!("the ring is back: the waiting sequences resume");
+                }
+                PipelineEvent::Lost(cause) => {
+                    spans.clear();
+                    suspended = true;
+                    let err = GatewayError::Unavailable(cause);
+                    state.fail_all(&err);
+                    lost = Some(err);
+                }
+            },
             r = rx.recv(), if open => match r {
-                Some(r) => state.enqueue(r),
+                Some(r) => admit_or_refuse(&mut state, r, lost.as_ref()),
                 None => open = false,
             },
             _ = shutdown.changed() => {}
@@ -144,17 +177,24 @@ async fn run<P: Pipeline, O: SeqOutput>(
     if let Some(step) = state.next_step() {
         let free = async {
             if pipeline.submit(step).await.is_ok() {
-                pipeline.next_completion().await;
+                // Its completion, or the ring breaking under it.
+                let _ = pipeline.next_event().await;
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), free).await;
     }
 }
 
-/// Sleeps until `at` (forever when there is none).
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Queues a request, or fails it at once while the ring is lost.
+fn admit_or_refuse<O: SeqOutput>(
+    state: &mut SchedulerState<O>,
+    r: NewRequest<O>,
+    lost: Option<&GatewayError>,
+) {
+    match lost {
+        Some(err) => r
+            .output
+            .fail(GatewayError::Unavailable(err.to_string()).into()),
+        None => state.enqueue(r),
     }
 }

@@ -54,6 +54,8 @@ pub struct SchedulerStats {
     pub max_in_flight: AtomicUsize,
     /// Sequences preempted (their blocks taken back, to be recomputed).
     pub preemptions: AtomicU64,
+    /// Sequences that waited for a rebuilt ring (to be recomputed).
+    pub requeued: AtomicU64,
     /// Prompt blocks looked up in the prefix cache, and found.
     pub prefix_queries: AtomicU64,
     pub prefix_hits: AtomicU64,
@@ -636,9 +638,49 @@ impl<O: SeqOutput> SchedulerState<O> {
         }
     }
 
-    /// Ends every running sequence with an error (the pipeline failed under them): those in
-    /// flight, and the others.
-    pub fn fail_running(&mut self, err: &GatewayError) {
+    /// The ring broke, and every worker's KV cache with it: each running sequence waits again
+    /// (in front of the queue, oldest first) with the tokens it has, to be recomputed once the
+    /// ring is back; its output does not change. Steps in flight are forgotten, every block is
+    /// free, the prefix cache is empty, and no release is owed (the rebuilt workers hold
+    /// nothing). Sequences whose client left or whose deadline passed meanwhile end now.
+    /// Returns how many sequences wait to be recomputed.
+    pub fn requeue_all(&mut self) -> usize {
+        self.in_flight.clear();
+        for s in &mut self.running {
+            s.in_flight = None;
+        }
+        let doomed: Vec<(u64, Doom)> = self
+            .running
+            .iter_mut()
+            .filter_map(|s| s.doomed.take().map(|d| (s.id, d)))
+            .collect();
+        for (id, d) in doomed {
+            self.doom(id, d);
+        }
+        let mut running = std::mem::take(&mut self.running);
+        running.sort_unstable_by_key(|s| s.id);
+        let n = running.len();
+        for mut s in running.into_iter().rev() {
+            s.table.clear();
+            s.computed = 0;
+            s.fresh = true;
+            s.prefix_checked = false;
+            self.waiting.push_front(s);
+        }
+        for s in &mut self.waiting {
+            s.table.clear();
+            s.computed = 0;
+            s.prefix_checked = false;
+        }
+        self.blocks = BlockManager::new(self.cfg.kv_blocks, self.cfg.block_size);
+        self.releases.clear();
+        self.stats.requeued.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Ends every request with an error (the ring is lost): those running, in flight or not,
+    /// and those waiting.
+    pub fn fail_all(&mut self, err: &GatewayError) {
         for (_, (_, releases)) in self.in_flight.drain() {
             self.releases.extend(releases);
         }
@@ -646,12 +688,16 @@ impl<O: SeqOutput> SchedulerState<O> {
             s.in_flight = None;
             s.doomed = None;
         }
+        let status = || Status::from(GatewayError::Unavailable(err.to_string()));
         let ids: Vec<u64> = self.running.iter().map(|s| s.id).collect();
         for id in ids {
             if let Some(s) = self.remove(id) {
-                s.output
-                    .fail(Status::from(GatewayError::Unavailable(err.to_string())));
+                s.output.fail(status());
             }
+        }
+        for s in self.waiting.drain(..) {
+            self.blocks.release(&s.table);
+            s.output.fail(status());
         }
     }
 

@@ -774,27 +774,60 @@ fn a_failed_step_fails_only_its_sequences() {
 }
 
 #[test]
-fn fail_running_errors_every_running_stream() {
+fn fail_all_errors_every_stream() {
     let mut st = state(64, 64, 2);
     let mut a = submit(&mut st, request(4, 10));
     let mut b = submit(&mut st, request(4, 10));
     let mut c = submit(&mut st, request(4, 10)); // waits for a slot
     let step = st.next_step().unwrap();
     feed(&mut st, &step, vec![sample(1, 500), sample(2, 500)]);
-    st.fail_running(&GatewayError::Unavailable("worker cpu[1] died".into()));
-    for rx in [&mut a, &mut b] {
+    st.fail_all(&GatewayError::Unavailable("worker cpu[1] died".into()));
+    for (rx, tokens) in [(&mut a, 1), (&mut b, 1), (&mut c, 0)] {
         let r = drain(rx);
-        assert_eq!(r.tokens.len(), 1);
+        assert_eq!(r.tokens.len(), tokens);
         assert!(r.end.is_none());
         let e = r.error.unwrap();
         assert_eq!(e.code(), Code::Unavailable);
         assert!(e.message().contains("worker cpu[1] died"), "{e:?}");
     }
-    // Their KV is released with the next step, which runs the waiting request.
+    // Their KV is released with the next step.
     let step = st.next_step().unwrap();
     assert_eq!(step.releases, vec![1, 2]);
-    assert_eq!(seq_ids(&step), vec![3]);
-    assert!(drain(&mut c).error.is_none());
+    assert!(step.seqs.is_empty());
+    complete_empty(&mut st, &step);
+    assert!(st.is_idle());
+    st.check_blocks().unwrap();
+}
+
+#[test]
+fn a_broken_ring_requeues_every_sequence_with_its_tokens_and_recomputes_it() {
+    let mut st = state(64, 64, 2);
+    let mut a = submit(&mut st, request(4, 10));
+    let mut b = submit(&mut st, request(4, 10));
+    let _c = submit(&mut st, request(4, 10)); // waits for a slot
+    let step = st.next_step().unwrap();
+    feed(&mut st, &step, vec![sample(1, 500), sample(2, 600)]);
+    // A step in flight when the ring breaks is lost.
+    let lost = st.next_step().unwrap();
+    assert_eq!(seq_ids(&lost), vec![1, 2]);
+    assert_eq!(st.requeue_all(), 2);
+    assert_eq!(st.in_flight(), 0);
+    assert_eq!(st.blocks.available(), 64);
+    st.check_blocks().unwrap();
+    // Once the ring is back, the oldest go first, each recomputed from all its tokens
+    // (prompt and what it generated) as a fresh sequence, with no release owed.
+    let step = st.next_step().unwrap();
+    assert!(step.releases.is_empty());
+    assert_eq!(seq_ids(&step), vec![1, 2]);
+    for s in &step.seqs {
+        assert!(s.fresh && s.sample);
+        assert_eq!((s.pos0, s.tokens.len()), (0, 5));
+        assert_eq!(s.tokens[4], if s.seq_id == 1 { 500 } else { 600 });
+    }
+    feed(&mut st, &step, vec![sample(1, 501), sample(2, 601)]);
+    assert_eq!(drain(&mut a).ids(), vec![500, 501]);
+    assert_eq!(drain(&mut b).ids(), vec![600, 601]);
+    st.check_blocks().unwrap();
 }
 
 #[test]
@@ -845,15 +878,17 @@ impl crate::pipeline::Pipeline for BrokenRing {
         Ok(())
     }
 
-    async fn next_completion(&mut self) -> crate::pipeline::Completion {
+    async fn next_event(&mut self) -> crate::pipeline::PipelineEvent {
         tokio::task::yield_now().await;
         match self.failed.pop() {
-            Some(step_id) => crate::pipeline::Completion {
-                step_id,
-                result: Err(GatewayError::Unavailable(
-                    "the worker for cpu[1] exited".into(),
-                )),
-            },
+            Some(step_id) => {
+                crate::pipeline::PipelineEvent::Completed(crate::pipeline::Completion {
+                    step_id,
+                    result: Err(GatewayError::Unavailable(
+                        "the worker for cpu[1] exited".into(),
+                    )),
+                })
+            }
             None => std::future::pending().await,
         }
     }
@@ -909,6 +944,8 @@ enum Op {
     Fail(usize),
     /// The `i`-th client still listening leaves.
     Leave(usize),
+    /// The ring breaks under every step in flight, and is rebuilt.
+    Rebuild,
 }
 
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -920,6 +957,7 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         4 => (0usize..4, 498u32..520).prop_map(|(i, t)| Op::Complete(i, t)),
         1 => (0usize..4).prop_map(Op::Fail),
         1 => (0usize..8).prop_map(Op::Leave),
+        1 => Just(Op::Rebuild),
     ]
 }
 
@@ -927,7 +965,8 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
     /// Under random arrivals, steps, completions in any order, failures, clients leaving,
-    /// preemptions (a small cache) and prefix sharing: no block is ever leaked or held twice,
+    /// rings breaking, preemptions (a small cache) and prefix sharing: no block is ever leaked
+    /// or held twice,
     /// no sequence is in two steps at once, and when everything has ended every block is back.
     #[test]
     fn blocks_are_never_leaked_or_held_twice(ops in proptest::collection::vec(op(), 1..120)) {
@@ -981,6 +1020,11 @@ proptest::proptest! {
                         drop(clients.remove(i % clients.len()));
                         st.reap(Instant::now());
                     }
+                }
+                Op::Rebuild => {
+                    flying.clear();
+                    st.requeue_all();
+                    proptest::prop_assert_eq!(st.blocks.held(), 0);
                 }
             }
             if let Err(e) = st.check_blocks() {

@@ -1,0 +1,224 @@
+//! A worker that dies loses no stream: the gateway restarts it, rebuilds the ring under a new
+//! session, recomputes every sequence from its tokens so far and resumes the streams, each with
+//! exactly the tokens and log-probabilities of a fault-free run. Checked with `kill -9` of the
+//! worker of the first stage, of a middle one and of the last, over a route of three workers
+//! that revisits one of them, under 16 concurrent greedy and seeded streams.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use strata_proto::v1::strata_client::StrataClient;
+use strata_proto::v1::{
+    GenerateRequest, ModelInfoRequest, SamplingParameters, TokenIds, generate_request,
+    generate_response,
+};
+use support::{Server, prompts, topology_file};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// (token id, log-probability) per generated token.
+type Output = Vec<(u32, f32)>;
+
+/// 16 requests: the golden prompts greedy and seeded, and prompts of other lengths.
+fn requests() -> Vec<GenerateRequest> {
+    let golden = prompts();
+    let long: Vec<u32> = golden.iter().flat_map(|p| p.prompt_ids.clone()).collect();
+    let mut out = Vec::new();
+    for (i, p) in golden.iter().enumerate() {
+        out.push(request(&p.prompt_ids, 32, None));
+        out.push(request(&p.prompt_ids, 32, Some(7 + i as u64)));
+    }
+    let mut i = 0;
+    while out.len() < 16 {
+        let ids: Vec<u32> = long
+            .iter()
+            .cycle()
+            .skip(i * 7)
+            .take(5 + i * 13)
+            .copied()
+            .collect();
+        out.push(request(
+            &ids,
+            24 + i as u32,
+            (i % 2 == 1).then_some(100 + i as u64),
+        ));
+        i += 1;
+    }
+    out
+}
+
+fn request(ids: &[u32], max_tokens: u32, seed: Option<u64>) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(generate_request::Input::TokenIds(TokenIds {
+            ids: ids.to_vec(),
+        })),
+        parameters: Some(SamplingParameters {
+            max_tokens: Some(max_tokens),
+            temperature: Some(if seed.is_some() { 0.8 } else { 0.0 }),
+            seed,
+            ignore_eos: true,
+            logprobs: true,
+            ..Default::default()
+        }),
+        add_special_tokens: false,
+    }
+}
+
+/// Runs every request at once; `received` counts the tokens that arrive, over all streams.
+async fn run_all(
+    client: &StrataClient<Channel>,
+    reqs: &[GenerateRequest],
+    received: Arc<AtomicUsize>,
+) -> Vec<Result<Output, tonic::Status>> {
+    let tasks: Vec<_> = reqs
+        .iter()
+        .map(|r| {
+            let mut c = client.clone();
+            let r = r.clone();
+            let received = Arc::clone(&received);
+            tokio::spawn(async move {
+                let mut stream = c.generate(r).await?.into_inner();
+                let mut out = Vec::new();
+                while let Some(msg) = stream.message().await? {
+                    if let Some(generate_response::Event::Token(t)) = msg.event {
+                        out.push((t.id, t.logprob.expect("logprobs requested")));
+                        received.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// The pid of the worker process now serving `device`, from the gateway's log ("worker
+/// started" lines, the latest one per device).
+fn worker_pid(server: &Server, device: &str) -> u32 {
+    server
+        .log()
+        .lines()
+        .filter(|l| l.contains("worker started") && l.contains(&format!("device={device}")))
+        .filter_map(|l| {
+            l.split("pid=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .last()
+        .unwrap_or_else(|| panic!("no worker started for {device}:\n{}", server.log()))
+}
+
+async fn serving(server: &Server) -> bool {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_first_a_middle_or_the_last_worker_mid_stream_changes_no_token() {
+    // Four stages on three workers; cpu[0] runs the first stage and, again, the third.
+    let (_dir, topology) = topology_file(
+        "0-8:\n  device: cpu[0]\n8-16:\n  device: cpu[1]\n16-23:\n  device: cpu[0]\n23-30:\n  device: cpu[2]\n",
+    );
+    let server = Server::start(&["serve", "--topology", topology.to_str().unwrap()])
+        .unwrap_or_else(|log| panic!("server failed: {log}"));
+    let mut client = server.client().await;
+    let reqs = requests();
+    let total: usize = reqs
+        .iter()
+        .map(|r| r.parameters.as_ref().and_then(|p| p.max_tokens).unwrap() as usize)
+        .sum();
+    let fault_free: Vec<Output> = run_all(&client, &reqs, Arc::default())
+        .await
+        .into_iter()
+        .map(|r| r.expect("a fault-free run"))
+        .collect();
+
+    for (kills, victim) in [(1, "cpu[0]"), (2, "cpu[1]"), (3, "cpu[2]")] {
+        let pid = worker_pid(&server, victim);
+        let received = Arc::new(AtomicUsize::new(0));
+        let run = tokio::spawn({
+            let client = client.clone();
+            let reqs = reqs.clone();
+            let received = Arc::clone(&received);
+            async move { run_all(&client, &reqs, received).await }
+        });
+        // Mid-stream: a quarter of the tokens are out.
+        while received.load(Ordering::SeqCst) < total / 4 && !run.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        support::signal("-KILL", &pid.to_string());
+        let outputs = tokio::time::timeout(Duration::from_secs(180), run)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "streams stalled after {victim} was killed:\n{}",
+                    server.log()
+                )
+            })
+            .expect("run");
+        let at = received.load(Ordering::SeqCst);
+        for (i, (got, want)) in outputs.iter().zip(&fault_free).enumerate() {
+            let got = got.as_ref().unwrap_or_else(|e| {
+                panic!(
+                    "request {i} failed after {victim} was killed: {e:?}\n{}",
+                    server.log()
+                )
+            });
+            assert_eq!(
+                got.iter().map(|t| t.0).collect::<Vec<_>>(),
+                want.iter().map(|t| t.0).collect::<Vec<_>>(),
+                "request {i}: tokens differ from the fault-free run after {victim} was killed"
+            );
+            for (j, (a, b)) in got.iter().zip(want).enumerate() {
+                assert_eq!(
+                    a.1.to_bits(),
+                    b.1.to_bits(),
+                    "request {i}, token {j}: log-probability {} against {} fault-free",
+                    a.1,
+                    b.1
+                );
+            }
+        }
+        assert!(at == total, "{at} of {total} tokens");
+        let info = client
+            .model_info(ModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let counters = info.scheduler.expect("scheduler counters");
+        assert_eq!(counters.ring_rebuilds, kills, "{counters:?}");
+        assert!(counters.requeued_sequences > 0, "{counters:?}");
+        assert_eq!(
+            (info.running, info.waiting, info.kv_cache_reserved_tokens),
+            (0, 0, 0),
+            "every block back once all is done: {info:?}"
+        );
+        assert_ne!(worker_pid(&server, victim), pid, "{victim} was restarted");
+        assert!(serving(&server).await, "SERVING again after the rebuild");
+    }
+    let log = server.log();
+    assert!(log.contains("rebuilding the ring"), "{log}");
+}
