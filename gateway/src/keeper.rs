@@ -321,6 +321,19 @@ impl Keeper {
     }
 }
 
+/// Publishes a failure of the ring on `failures`, unless one is already there (the first
+/// cause is the one reported).
+pub fn report_failure(failures: &watch::Sender<Option<String>>, why: &str) {
+    failures.send_if_modified(|f| {
+        if f.is_none() {
+            *f = Some(why.to_string());
+            true
+        } else {
+            false
+        }
+    });
+}
+
 fn take_local(local: &Mutex<Vec<LocalWorker>>, device: DeviceSpec) -> Option<LocalWorker> {
     let mut l = local.lock().ok()?;
     let at = l.iter().position(|w| w.device == device)?;

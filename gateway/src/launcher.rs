@@ -137,14 +137,7 @@ async fn watch_exit(
         Err(e) => format!("the worker process for {device} is lost: {e}"),
     };
     tracing::error!("{msg}");
-    failures.send_if_modified(|f| {
-        if f.is_none() {
-            *f = Some(msg.clone());
-            true
-        } else {
-            false
-        }
-    });
+    crate::keeper::report_failure(&failures, &msg);
 }
 
 impl LocalWorker {

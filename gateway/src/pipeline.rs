@@ -13,13 +13,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_shared::transport::{FrameSender, Transport, accept_frames, hello};
+use strata_shared::transport::{FrameSender, Transport, accept_frames, hello, next_or_heartbeat};
 use strata_shared::wire::{Frame, SamplesFrame, StepFrame, WireError};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
-use crate::keeper::RingStatus;
+use crate::keeper::{RingStatus, report_failure};
 
 /// The outcome of one step.
 #[derive(Debug)]
@@ -59,8 +59,9 @@ pub trait Pipeline: Send + 'static {
 /// publishes where the first stage is and under which session; the pipeline follows.
 pub struct RingPipeline<T: Transport> {
     transport: T,
-    /// The connection to the first stage, while the ring holds.
-    first: Option<(T::Sender, String)>,
+    /// The queue of the link to the first stage (a task sends it, with heartbeats), and the
+    /// stage's address, while the ring holds.
+    first: Option<(mpsc::Sender<Frame>, String)>,
     /// The keeper's epoch this pipeline is connected to (0: none yet).
     epoch: u64,
     /// Whether the scheduler was told the ring is lost (and not yet that it is back).
@@ -120,7 +121,16 @@ impl<T: Transport> RingPipeline<T> {
         self.epoch = epoch;
         match hello(&self.transport, &first, &session).await {
             Ok(sender) => {
-                self.first = Some((sender, first));
+                let (queue, frames) = mpsc::channel(16);
+                tokio::spawn(send_to_first(
+                    sender,
+                    frames,
+                    first.clone(),
+                    epoch,
+                    self.status.clone(),
+                    Arc::clone(&self.failures),
+                ));
+                self.first = Some((queue, first));
                 Ok(())
             }
             Err(e) => {
@@ -134,14 +144,7 @@ impl<T: Transport> RingPipeline<T> {
     /// Tells the keeper the ring is broken (unless something already did).
     fn report(&self, why: &str) {
         tracing::error!("{why}");
-        self.failures.send_if_modified(|f| {
-            if f.is_none() {
-                *f = Some(why.to_string());
-                true
-            } else {
-                false
-            }
-        });
+        report_failure(&self.failures, why);
     }
 
     /// The ring broke under the steps in flight: they are lost.
@@ -164,10 +167,10 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
                 "the ring is being rebuilt".into(),
             ));
         };
-        if let Err(e) = first.send(&Frame::Step(step)).await {
-            let why = format!("data plane: sending step {id} to the first stage at {addr}: {e}");
-            self.report(&why);
-            // It counts as sent: the ring's failure completes it, with the others in flight.
+        if first.send(Frame::Step(step)).await.is_err() {
+            // The link's task has ended on an error, which it reported: the ring's failure
+            // completes this step, with the others in flight.
+            tracing::debug!(step = id, first = %addr, "the link to the first stage is down");
         }
         self.pending.insert(id, Instant::now());
         Ok(())
@@ -222,10 +225,14 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
                         });
                     }
                     Some(Ok(other)) => tracing::debug!(?other, "data plane: ignoring a frame for no step in flight"),
-                    // One inbound connection's garbage ends that connection only: a stage whose
-                    // link really broke is caught by the keeper (its worker reports itself
-                    // failed or stops answering) or by the step's deadline.
-                    Some(Err(e)) => tracing::warn!(error = %e, "data plane: dropped an inbound connection"),
+                    // Only the ring's own links get past the session check: one that breaks or
+                    // stalls breaks the ring (unless it is already being rebuilt).
+                    Some(Err(e)) if self.first.is_some() => {
+                        let why = format!("data plane: the link from the last stage: {e}");
+                        self.report(&why);
+                        return self.broken(why);
+                    }
+                    Some(Err(e)) => tracing::debug!(error = %e, "data plane: a link of a broken ring ended"),
                     None => {
                         let why = "data plane: the gateway's listener stopped".to_string();
                         self.report(&why);
@@ -246,6 +253,42 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Sends the steps queued for the first stage, with heartbeats while there are none, until the
+/// queue closes (the ring was rebuilt) or sending fails, which breaks the ring of `epoch` (and
+/// only that one).
+async fn send_to_first<S: FrameSender>(
+    mut sender: S,
+    mut frames: mpsc::Receiver<Frame>,
+    addr: String,
+    epoch: u64,
+    mut status: watch::Receiver<RingStatus>,
+    failures: Arc<watch::Sender<Option<String>>>,
+) {
+    let ours = |s: &RingStatus| matches!(s, RingStatus::Up { epoch: e, .. } if *e == epoch);
+    loop {
+        // A link of an earlier ring ends, even one whose peer stopped reading.
+        let next = tokio::select! {
+            frame = next_or_heartbeat(&mut frames) => frame,
+            _ = status.wait_for(|s| !ours(s)) => return,
+        };
+        let Some(frame) = next else {
+            return;
+        };
+        let sent = tokio::select! {
+            sent = sender.send(&frame) => sent,
+            _ = status.wait_for(|s| !ours(s)) => return,
+        };
+        if let Err(e) = sent {
+            if ours(&status.borrow()) {
+                let why = format!("data plane: sending to the first stage at {addr}: {e}");
+                tracing::error!("{why}");
+                report_failure(&failures, &why);
+            }
+            return;
         }
     }
 }

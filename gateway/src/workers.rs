@@ -382,12 +382,5 @@ fn report(workers: &Workers, failures: &watch::Sender<Option<String>>, w: &Worke
     let msg = format!("worker {} ({}) failed: {why}", w.address, w.device);
     tracing::error!("{msg}");
     workers.fail(&w.address, why);
-    failures.send_if_modified(|f| {
-        if f.is_none() {
-            *f = Some(msg.clone());
-            true
-        } else {
-            false
-        }
-    });
+    crate::keeper::report_failure(failures, &msg);
 }

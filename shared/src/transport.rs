@@ -12,6 +12,13 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::wire::{DEFAULT_MAX_FRAME_BYTES, Frame, FrameCodec, WireError};
 
+/// How often a sender with nothing to send sends a heartbeat.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a receiver waits for any frame (a heartbeat at least) before it counts the link as
+/// stalled, or half-open, and drops it with an error.
+pub const LINK_DEADLINE: Duration = Duration::from_millis(1500);
+
 /// Sends frames to one peer, in order.
 pub trait FrameSender: Send + 'static {
     fn send(&mut self, frame: &Frame) -> impl Future<Output = Result<(), WireError>> + Send;
@@ -189,6 +196,11 @@ impl FrameListener for TcpFrameListener {
 /// logged, and none of its frames reach `sink`: only the peers the gateway linked get in. A new
 /// session (the gateway rebuilt the ring) ends every connection opened under the old one: no
 /// frame of a step from before the rebuild gets in after it.
+///
+/// Heartbeats keep a connection alive and go no further. A connection that sends nothing for
+/// [`LINK_DEADLINE`] (a stalled or half-open link) ends with an error to `sink`, as does one
+/// that breaks, while its session is current: the receiver handles it as a failure of the
+/// peer behind it.
 pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
     mut listener: L,
     sink: tokio::sync::mpsc::Sender<T>,
@@ -212,17 +224,18 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
         let session = session.clone();
         tokio::spawn(async move {
             let mut session = session;
-            let opened = rx.recv().await;
+            let opened = tokio::time::timeout(LINK_DEADLINE, rx.recv()).await;
             let expected = session.borrow_and_update().clone();
             match opened {
-                Ok(Some(Frame::Hello(h))) if !expected.is_empty() && h.session == expected => {}
-                Ok(None) => return,
+                Ok(Ok(Some(Frame::Hello(h)))) if !expected.is_empty() && h.session == expected => {}
+                Ok(Ok(None)) => return,
                 other => {
                     let what = match other {
-                        Ok(Some(Frame::Hello(_))) => "a wrong session token".to_string(),
-                        Ok(Some(_)) => "a frame before its hello".to_string(),
-                        Err(e) => e.to_string(),
-                        Ok(None) => String::new(),
+                        Ok(Ok(Some(Frame::Hello(_)))) => "a wrong session token".to_string(),
+                        Ok(Ok(Some(_))) => "a frame before its hello".to_string(),
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(None)) => String::new(),
+                        Err(_) => format!("no hello within {LINK_DEADLINE:?}"),
                     };
                     tracing::warn!(%peer, reason = %what, "data plane: refused a connection that did not present this session's token");
                     return;
@@ -232,7 +245,14 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
             let mut watching = true;
             loop {
                 let received = tokio::select! {
-                    r = rx.recv() => r,
+                    r = tokio::time::timeout(LINK_DEADLINE, rx.recv()) => r.unwrap_or_else(|_| {
+                        Err(WireError::Io {
+                            context: format!(
+                                "no frame from {peer} for {LINK_DEADLINE:?}: the link stalled"
+                            ),
+                            source: std::io::ErrorKind::TimedOut.into(),
+                        })
+                    }),
                     changed = session.changed(), if watching => {
                         if changed.is_err() {
                             watching = false;
@@ -244,8 +264,11 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
                     }
                 };
                 let item = match received {
+                    Ok(Some(Frame::Heartbeat)) => continue,
                     Ok(Some(f)) => Ok(f),
                     Ok(None) => return,
+                    // An earlier session's link going away is no failure of this one.
+                    Err(_) if *session.borrow() != expected => return,
                     Err(e) => Err(e),
                 };
                 let last = item.is_err();
@@ -254,6 +277,15 @@ pub async fn accept_frames<L: FrameListener, T: Send + 'static>(
                 }
             }
         });
+    }
+}
+
+/// The next frame to send from `queue`, or a heartbeat when none came for
+/// [`HEARTBEAT_EVERY`]; `None` once the queue is closed and empty.
+pub async fn next_or_heartbeat(queue: &mut tokio::sync::mpsc::Receiver<Frame>) -> Option<Frame> {
+    match tokio::time::timeout(HEARTBEAT_EVERY, queue.recv()).await {
+        Ok(frame) => frame,
+        Err(_) => Some(Frame::Heartbeat),
     }
 }
 

@@ -19,6 +19,7 @@ use strata_shared::meta::ModelMeta;
 use strata_shared::source::ModelFiles;
 use strata_shared::transport::{
     FrameListener, FrameSender, TcpTransport, Transport, accept_frames, advertised_address, hello,
+    next_or_heartbeat,
 };
 use strata_shared::wire::{ErrorFrame, Frame, KV_BLOCK_SIZE, WireError};
 use tokio::sync::mpsc;
@@ -33,13 +34,15 @@ use crate::stage::Stage;
 
 /// What the compute thread is asked to do.
 enum Job {
-    /// Take over freshly loaded stages.
-    Install(Vec<Stage>),
+    /// Take over freshly loaded stages (every frame queued before goes to the old ones), and
+    /// say so.
+    Install(Vec<Stage>, std::sync::mpsc::SyncSender<()>),
     /// Route each stage's output: stage index → outbound queue.
     Route(HashMap<u32, mpsc::Sender<Frame>>),
     /// A frame from the data plane.
     Frame(Frame),
-    /// An inbound data-plane connection broke.
+    /// An inbound data-plane connection of the current session broke or stalled: the ring is
+    /// broken.
     PeerLost(String),
 }
 
@@ -52,7 +55,7 @@ enum Phase {
 }
 
 struct Shared {
-    phase: Mutex<Phase>,
+    phase: Arc<Mutex<Phase>>,
     device: Mutex<String>,
     stages: Mutex<Vec<u32>>,
     data_address: String,
@@ -67,6 +70,15 @@ impl Shared {
     fn set_phase(&self, p: Phase) {
         if let Ok(mut g) = self.phase.lock() {
             *g = p;
+        }
+    }
+
+    /// Marks a ready worker failed (a failure seen while it loads concerns the old stages).
+    fn fail_if_ready(phase: &Mutex<Phase>, why: String) {
+        if let Ok(mut g) = phase.lock()
+            && *g == Phase::Ready
+        {
+            *g = Phase::Failed(why);
         }
     }
 
@@ -106,9 +118,11 @@ pub async fn start(
     // One step is in flight per ring; a short queue bounds what frames can hold in memory.
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(8);
     let compute_metrics = Arc::clone(&metrics);
+    let phase = Arc::new(Mutex::new(Phase::Idle));
+    let compute_phase = Arc::clone(&phase);
     std::thread::Builder::new()
         .name("strata-compute".into())
-        .spawn(move || compute_loop(jobs_rx, &compute_metrics))
+        .spawn(move || compute_loop(jobs_rx, &compute_metrics, &compute_phase))
         .map_err(|e| WorkerError::Load(format!("cannot start the compute thread: {e}")))?;
     let (session, session_rx) = tokio::sync::watch::channel(String::new());
     tokio::spawn(accept_frames(
@@ -121,7 +135,7 @@ pub async fn start(
         session_rx,
     ));
     let shared = Arc::new(Shared {
-        phase: Mutex::new(Phase::Idle),
+        phase,
         device: Mutex::new(String::new()),
         stages: Mutex::new(Vec::new()),
         data_address: data_address.clone(),
@@ -136,17 +150,19 @@ pub async fn start(
 /// Runs frames through the stages, in arrival order. Each step runs in a `stage` span, a child
 /// of the span that sent it (the gateway's batch step, or the previous stage), and hands its
 /// own context on with the frame it sends.
-fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics) {
+fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &Mutex<Phase>) {
     let mut stages: HashMap<u32, Stage> = HashMap::new();
     let mut routes: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
     while let Some(job) = jobs.blocking_recv() {
         match job {
-            Job::Install(list) => {
+            Job::Install(list, done) => {
                 stages = list.into_iter().map(|s| (s.index(), s)).collect();
+                let _ = done.send(());
             }
             Job::Route(r) => routes = r,
             Job::PeerLost(why) => {
-                tracing::warn!(error = %why, "data plane: dropping a broken connection")
+                tracing::error!(error = %why, "data plane: an inbound link broke; this worker's ring is broken");
+                Shared::fail_if_ready(phase, format!("data plane: {why}"));
             }
             Job::Frame(frame) => {
                 metrics.frame(Direction::In, frame.wire_len());
@@ -155,7 +171,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics) {
                 let to = match &frame {
                     Frame::Step(s) => s.stage,
                     Frame::Error(e) => e.to,
-                    Frame::Samples(_) | Frame::Hello(_) => {
+                    Frame::Samples(_) | Frame::Hello(_) | Frame::Heartbeat => {
                         tracing::warn!(
                             "data plane: a samples or hello frame reached a worker's stages; dropping it"
                         );
@@ -209,7 +225,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics) {
                         e.to = to + 1;
                         Frame::Error(e)
                     }
-                    Frame::Samples(_) | Frame::Hello(_) => continue,
+                    Frame::Samples(_) | Frame::Hello(_) | Frame::Heartbeat => continue,
                 };
                 if out.blocking_send(next).is_err() {
                     tracing::error!(stage = to, "data plane: the outbound connection is gone");
@@ -230,7 +246,13 @@ async fn outbound(
     rx: mpsc::Receiver<Frame>,
     shared: Arc<Shared>,
 ) {
-    if let Err(e) = send_all(sender, &addr, rx, &shared.metrics).await {
+    // A new session (the ring rebuilt) ends this link even if its peer stopped reading.
+    let mut sessions = shared.session.subscribe();
+    let sent = tokio::select! {
+        r = send_all(sender, &addr, rx, &shared.metrics) => r,
+        _ = sessions.wait_for(|s| *s != session) => return,
+    };
+    if let Err(e) = sent {
         if *shared.session.borrow() != session {
             tracing::debug!(%addr, error = %e, "data plane: a link of an earlier session broke");
             return;
@@ -248,7 +270,11 @@ async fn send_all(
     mut rx: mpsc::Receiver<Frame>,
     metrics: &WorkerMetrics,
 ) -> Result<(), WireError> {
-    while let Some(frame) = rx.recv().await {
+    while let Some(frame) = next_or_heartbeat(&mut rx).await {
+        if matches!(frame, Frame::Heartbeat) {
+            sender.send(&frame).await?;
+            continue;
+        }
         let started = Instant::now();
         match sender.send(&frame).await {
             Ok(()) => {
@@ -436,7 +462,15 @@ impl Worker for WorkerService {
             match result {
                 Ok((stages, bytes)) => {
                     let indices: Vec<u32> = stages.iter().map(Stage::index).collect();
-                    if shared.jobs.blocking_send(Job::Install(stages)).is_err() {
+                    let (installed, done) = std::sync::mpsc::sync_channel(1);
+                    // Ready only once the compute thread runs the new stages: a link failure it
+                    // reports before then concerns the old ones.
+                    if shared
+                        .jobs
+                        .blocking_send(Job::Install(stages, installed))
+                        .is_err()
+                        || done.recv().is_err()
+                    {
                         shared.set_phase(Phase::Failed("the compute thread is gone".into()));
                         let _ =
                             tx.blocking_send(Err(Status::internal("the compute thread is gone")));

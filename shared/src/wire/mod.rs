@@ -25,7 +25,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"STRF";
 /// Wire version; a peer with another version is refused.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Prelude length in bytes.
 pub const PRELUDE_LEN: usize = 24;
 /// Tokens per KV cache block. The gateway reserves and the stages allocate in these blocks, so
@@ -420,12 +420,16 @@ pub enum Frame {
     Samples(SamplesFrame),
     Error(ErrorFrame),
     Hello(HelloFrame),
+    /// Sent on an idle connection so that its receiver can tell a quiet link from a stalled
+    /// one (see `transport::LINK_DEADLINE`). Empty.
+    Heartbeat,
 }
 
 const KIND_STEP: u16 = 1;
 const KIND_SAMPLES: u16 = 2;
 const KIND_ERROR: u16 = 3;
 const KIND_HELLO: u16 = 4;
+const KIND_HEARTBEAT: u16 = 5;
 
 /// The parsed prelude.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,7 +453,7 @@ impl Prelude {
             return Err(WireError::Version(version));
         }
         let kind = b.get_u16_le();
-        if !(KIND_STEP..=KIND_HELLO).contains(&kind) {
+        if !(KIND_STEP..=KIND_HEARTBEAT).contains(&kind) {
             return Err(WireError::Kind(kind));
         }
         let header_len = b.get_u32_le();
@@ -496,6 +500,7 @@ impl Frame {
                 hello.put(&mut h);
                 (KIND_HELLO, Bytes::new())
             }
+            Frame::Heartbeat => (KIND_HEARTBEAT, Bytes::new()),
         };
         (kind, h, payload)
     }
@@ -531,6 +536,7 @@ impl Frame {
             Frame::Samples(s) => (s.len(), 0),
             Frame::Error(e) => (e.len(), 0),
             Frame::Hello(h) => (h.len(), 0),
+            Frame::Heartbeat => (0, 0),
         };
         (PRELUDE_LEN + header + payload) as u64
     }
@@ -588,6 +594,7 @@ impl Frame {
             KIND_SAMPLES => Frame::Samples(SamplesFrame::get(&mut r)?),
             KIND_ERROR => Frame::Error(ErrorFrame::get(&mut r)?),
             KIND_HELLO => Frame::Hello(HelloFrame::get(&mut r)?),
+            KIND_HEARTBEAT => Frame::Heartbeat,
             k => return Err(WireError::Kind(k)),
         };
         if !r.buf.is_empty() {

@@ -196,3 +196,10 @@ fn a_hello_carries_its_session_token() {
     });
     assert_eq!(round_trip(&hello), hello);
 }
+
+#[test]
+fn a_heartbeat_is_a_prelude_alone() {
+    assert_eq!(round_trip(&Frame::Heartbeat), Frame::Heartbeat);
+    let bytes = Frame::Heartbeat.to_bytes().unwrap();
+    assert_eq!(bytes.len() as u64, Frame::Heartbeat.wire_len());
+}
