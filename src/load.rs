@@ -235,6 +235,7 @@ pub async fn load(a: LoadArgs) -> Result<()> {
                 "requests_per_second": report.requests_per_second,
                 "ttft_ms_p50": report.ttft_ms.0, "ttft_ms_p99": report.ttft_ms.1,
                 "inter_token_ms_p50": report.itl_ms.0, "inter_token_ms_p99": report.itl_ms.1,
+                "inter_token_ms_max": report.itl_ms_max,
                 "errors": report.errors,
             });
             match (streams, a.rate) {
@@ -282,6 +283,8 @@ struct Report {
     ttft_ms: (f64, f64),
     /// Gap between consecutive tokens of a stream, p50 and p99, in milliseconds.
     itl_ms: (f64, f64),
+    /// The longest such gap (a stall, or a ring being rebuilt, shows here).
+    itl_ms_max: f64,
     /// Failed requests by gRPC status.
     errors: BTreeMap<String, usize>,
 }
@@ -307,6 +310,7 @@ impl Report {
             requests_per_second: ttft.len() as f64 / wall,
             ttft_ms: (percentile(&mut ttft, 0.5), percentile(&mut ttft, 0.99)),
             itl_ms: (percentile(&mut gaps, 0.5), percentile(&mut gaps, 0.99)),
+            itl_ms_max: percentile(&mut gaps, 1.0),
             errors,
         }
     }

@@ -313,8 +313,10 @@ async fn without_recovery_a_dead_worker_turns_the_service_unhealthy_and_fails_re
 
     support::signal("-KILL", &workers[1].to_string());
 
-    // The overall status (what probes ask) and the API's own both turn NOT_SERVING.
-    for service in ["", "strata.v1.Strata"] {
+    // The overall status (what probes ask) and the API's own both turn NOT_SERVING; with
+    // recovery off the ring stays down, so even `liveness` (what a liveness probe asks) fails
+    // and Kubernetes restarts the gateway.
+    for service in ["", "strata.v1.Strata", "liveness"] {
         let turned = eventually(Duration::from_secs(10), || {
             let mut health = health.clone();
             async move {

@@ -175,6 +175,7 @@ fn worker_pid(server: &Server, device: &str) -> u32 {
     server
         .log()
         .lines()
+        .rev()
         .filter(|l| l.contains("worker started") && l.contains(&format!("device={device}")))
         .filter_map(|l| {
             l.split("pid=")
@@ -184,22 +185,30 @@ fn worker_pid(server: &Server, device: &str) -> u32 {
                 .parse()
                 .ok()
         })
-        .last()
+        .next()
         .unwrap_or_else(|| panic!("no worker started for {device}:\n{}", server.log()))
 }
 
+/// Whether health is SERVING overall and for `liveness`.
 async fn serving(server: &Server) -> bool {
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
         .expect("uri")
         .connect()
         .await
         .expect("connect");
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+    let mut health = HealthClient::new(channel);
+    for service in ["", "liveness"] {
+        let ok = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32);
+        if !ok {
+            return false;
+        }
+    }
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

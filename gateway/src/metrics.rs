@@ -32,6 +32,7 @@ pub struct GatewayMetrics {
     waiting: IntGauge,
     kv_usage: Gauge,
     preemptions: IntCounter,
+    requeued: IntCounter,
     prefix_queries: IntCounter,
     prefix_hits: IntCounter,
     scheduler: Option<(Arc<SchedulerStats>, usize, usize)>,
@@ -132,6 +133,10 @@ impl GatewayMetrics {
                 "strata_num_preemptions_total",
                 "Requests preempted (their KV cache taken back, to be recomputed).",
             )?,
+            requeued: IntCounter::new(
+                "strata_num_requeued_total",
+                "Requests that waited for the ring to be rebuilt after a worker failed (recomputed from their tokens so far).",
+            )?,
             prefix_queries: IntCounter::new(
                 "strata_prefix_cache_queries_total",
                 "Prompt tokens looked up in the prefix cache (in whole blocks).",
@@ -157,6 +162,7 @@ impl GatewayMetrics {
         r.register(Box::new(m.waiting.clone()))?;
         r.register(Box::new(m.kv_usage.clone()))?;
         r.register(Box::new(m.preemptions.clone()))?;
+        r.register(Box::new(m.requeued.clone()))?;
         r.register(Box::new(m.prefix_queries.clone()))?;
         r.register(Box::new(m.prefix_hits.clone()))?;
         // Every finish reason and the common failures exist from the start, at zero.
@@ -210,6 +216,7 @@ impl GatewayMetrics {
             // The scheduler's counters only grow: catch the exported ones up with them.
             let catch_up = |c: &IntCounter, now: u64| c.inc_by(now.saturating_sub(c.get()));
             catch_up(&self.preemptions, stats.preemptions.load(Ordering::Relaxed));
+            catch_up(&self.requeued, stats.requeued.load(Ordering::Relaxed));
             let block = *block_size as u64;
             catch_up(
                 &self.prefix_queries,

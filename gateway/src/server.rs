@@ -578,13 +578,23 @@ async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<StrataServer<StrataService>>().await;
     // NOT_SERVING while the ring is being rebuilt or is down; SERVING again once it is back
-    // (unless draining).
+    // (unless draining). The `liveness` service (what a liveness probe asks) fails only while
+    // the ring is down for good: a restart of the gateway then does no worse.
+    health
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
     let health_watch = health.clone();
     let ring_draining = Arc::clone(&draining);
     tokio::spawn(async move {
         while ring.changed().await.is_ok() {
-            let up = matches!(*ring.borrow_and_update(), RingStatus::Up { .. });
-            if !up {
+            let status = ring.borrow_and_update().clone();
+            let alive = if matches!(status, RingStatus::Down { .. }) {
+                tonic_health::ServingStatus::NotServing
+            } else {
+                tonic_health::ServingStatus::Serving
+            };
+            health_watch.set_service_status(LIVENESS, alive).await;
+            if !matches!(status, RingStatus::Up { .. }) {
                 not_serving(&health_watch).await;
             } else if !ring_draining.load(Ordering::SeqCst) {
                 serving(&health_watch).await;
@@ -666,6 +676,10 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(10), scheduler_task).await;
     served.map_err(|e| GatewayError::Internal(format!("gRPC server: {e}")))
 }
+
+/// The health service name a liveness probe asks about: SERVING while the gateway serves or is
+/// rebuilding its ring, NOT_SERVING once rebuilding has given up.
+pub const LIVENESS: &str = "liveness";
 
 /// Turns health SERVING: both the API's own status and the server's overall one.
 async fn serving(health: &tonic_health::server::HealthReporter) {

@@ -261,8 +261,18 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+        Self::read(BufReader::with_capacity(1 << 16, file), file_len, path)
+    }
+
+    /// Reads a GGUF header from the whole file held in `bytes` (`path` names it in errors).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, ModelError> {
+        Self::read(bytes, bytes.len() as u64, path)
+    }
+
+    /// Reads the header from `inner`, the start of a file of `file_len` bytes.
+    fn read(inner: impl Read, file_len: u64, path: &Path) -> Result<Self, ModelError> {
         let mut r = HeaderReader {
-            inner: BufReader::with_capacity(1 << 16, file),
+            inner,
             pos: 0,
             file_len,
             path: path.to_path_buf(),

@@ -458,7 +458,8 @@ impl Prelude {
         }
         let header_len = b.get_u32_le();
         let payload_len = b.get_u64_le();
-        let size = u64::from(header_len) + payload_len;
+        // A length near u64::MAX must not wrap around into a small frame.
+        let size = u64::from(header_len).saturating_add(payload_len);
         if header_len as usize > MAX_HEADER_BYTES || size > max_frame as u64 {
             return Err(WireError::TooLarge {
                 size,

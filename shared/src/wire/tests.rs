@@ -203,3 +203,18 @@ fn a_heartbeat_is_a_prelude_alone() {
     let bytes = Frame::Heartbeat.to_bytes().unwrap();
     assert_eq!(bytes.len() as u64, Frame::Heartbeat.wire_len());
 }
+
+#[test]
+fn a_payload_length_that_would_wrap_around_is_refused_not_a_panic() {
+    // Found by fuzzing (shared/fuzz, target `frame`): a hello whose payload length is u64::MAX
+    // once summed to a small size and split the buffer past its end.
+    let mut bytes = Frame::Hello(HelloFrame {
+        session: "7af7651844b211c".into(),
+    })
+    .to_bytes()
+    .unwrap();
+    bytes[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+    bytes.extend_from_slice(&[0; 8]);
+    let err = Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap_err();
+    assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
+}
