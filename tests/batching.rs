@@ -10,11 +10,8 @@
 mod support;
 
 use strata_proto::v1::strata_client::StrataClient;
-use strata_proto::v1::{
-    GenerateRequest, ModelInfoRequest, ModelInfoResponse, SamplingParameters, TokenIds,
-    generate_request,
-};
-use support::{Server, generate, prompts, topology_file};
+use strata_proto::v1::{GenerateRequest, ModelInfoRequest, ModelInfoResponse};
+use support::{Server, generate, prompts, token_request, topology_file};
 use tonic::transport::Channel;
 
 /// (token id, log-probability) per generated token.
@@ -28,11 +25,11 @@ fn mixed_requests() -> Vec<(String, GenerateRequest)> {
     for p in &golden {
         out.push((
             format!("{} greedy", p.name),
-            request(&p.prompt_ids, 24, None),
+            token_request(&p.prompt_ids, 24, None),
         ));
         out.push((
             format!("{} seeded", p.name),
-            request(&p.prompt_ids, 24, Some(7)),
+            token_request(&p.prompt_ids, 24, Some(7)),
         ));
     }
     let long: Vec<u32> = golden.iter().flat_map(|p| p.prompt_ids.clone()).collect();
@@ -47,28 +44,11 @@ fn mixed_requests() -> Vec<(String, GenerateRequest)> {
         let seed = (i % 2 == 1).then_some(100 + i as u64);
         out.push((
             format!("{len} tokens"),
-            request(&ids, 16 + 4 * i as u32, seed),
+            token_request(&ids, 16 + 4 * i as u32, seed),
         ));
     }
     assert_eq!(out.len(), 16);
     out
-}
-
-fn request(ids: &[u32], max_tokens: u32, seed: Option<u64>) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(generate_request::Input::TokenIds(TokenIds {
-            ids: ids.to_vec(),
-        })),
-        parameters: Some(SamplingParameters {
-            max_tokens: Some(max_tokens),
-            temperature: Some(if seed.is_some() { 0.8 } else { 0.0 }),
-            seed,
-            ignore_eos: true,
-            logprobs: true,
-            ..Default::default()
-        }),
-        add_special_tokens: false,
-    }
 }
 
 async fn run_one(client: &mut StrataClient<Channel>, req: GenerateRequest) -> Output {
@@ -211,7 +191,7 @@ async fn a_shared_system_prompt_is_served_from_the_prefix_cache() {
     let ask = |q: &[u32]| {
         let mut ids = system.clone();
         ids.extend_from_slice(q);
-        request(&ids, 8, None)
+        token_request(&ids, 8, None)
     };
     let first = run_one(&mut client, ask(&[504, 3575, 282])).await;
     let before = info(&mut client).await.scheduler.unwrap();
@@ -251,7 +231,7 @@ async fn a_full_queue_refuses_and_a_deadline_ends_a_request() {
     ])
     .unwrap_or_else(|log| panic!("server failed: {log}"));
     let client = server.client().await;
-    let long = || request(&[504, 3575, 282], 400, None);
+    let long = || token_request(&[504, 3575, 282], 400, None);
     // One runs, one waits, the third is refused.
     let mut running = client.clone();
     let first = tokio::spawn(async move { generate(&mut running, long()).await });

@@ -15,16 +15,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use strata_proto::v1::strata_client::StrataClient;
-use strata_proto::v1::{
-    GenerateRequest, ModelInfoRequest, SamplingParameters, TokenIds, generate_request,
-    generate_response,
-};
-use support::{Server, Worker, prompts, topology_file};
+use strata_proto::v1::{GenerateRequest, ModelInfoRequest, generate_response};
+use support::{Server, Worker, prompts, token_request, topology_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// (token id, log-probability) per generated token.
 type Output = Vec<(u32, f32)>;
@@ -35,8 +30,8 @@ fn requests() -> Vec<GenerateRequest> {
     let long: Vec<u32> = golden.iter().flat_map(|p| p.prompt_ids.clone()).collect();
     let mut out = Vec::new();
     for (i, p) in golden.iter().enumerate() {
-        out.push(request(&p.prompt_ids, 32, None));
-        out.push(request(&p.prompt_ids, 32, Some(7 + i as u64)));
+        out.push(token_request(&p.prompt_ids, 32, None));
+        out.push(token_request(&p.prompt_ids, 32, Some(7 + i as u64)));
     }
     let mut i = 0;
     while out.len() < 16 {
@@ -47,7 +42,7 @@ fn requests() -> Vec<GenerateRequest> {
             .take(5 + i * 13)
             .copied()
             .collect();
-        out.push(request(
+        out.push(token_request(
             &ids,
             24 + i as u32,
             (i % 2 == 1).then_some(100 + i as u64),
@@ -55,23 +50,6 @@ fn requests() -> Vec<GenerateRequest> {
         i += 1;
     }
     out
-}
-
-fn request(ids: &[u32], max_tokens: u32, seed: Option<u64>) -> GenerateRequest {
-    GenerateRequest {
-        input: Some(generate_request::Input::TokenIds(TokenIds {
-            ids: ids.to_vec(),
-        })),
-        parameters: Some(SamplingParameters {
-            max_tokens: Some(max_tokens),
-            temperature: Some(if seed.is_some() { 0.8 } else { 0.0 }),
-            seed,
-            ignore_eos: true,
-            logprobs: true,
-            ..Default::default()
-        }),
-        add_special_tokens: false,
-    }
 }
 
 /// Runs every request at once; `received` counts the tokens that arrive, over all streams.
@@ -191,20 +169,10 @@ fn worker_pid(server: &Server, device: &str) -> u32 {
 
 /// Whether health is SERVING overall and for `liveness`.
 async fn serving(server: &Server) -> bool {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = HealthClient::new(channel);
+    let mut health = support::health_client(&server.addr).await;
     for service in ["", "liveness"] {
-        let ok = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32);
-        if !ok {
+        if support::health_status(&mut health, service).await != Some(ServingStatus::Serving as i32)
+        {
             return false;
         }
     }

@@ -361,3 +361,46 @@ pub fn long_story(max_tokens: u32) -> GenerateRequest {
         add_special_tokens: false,
     }
 }
+
+/// A request for `max_tokens` after the token ids `ids`, run to its length with log-probabilities:
+/// greedy without a seed, sampled at temperature 0.8 with one.
+pub fn token_request(ids: &[u32], max_tokens: u32, seed: Option<u64>) -> GenerateRequest {
+    GenerateRequest {
+        input: Some(strata_proto::v1::generate_request::Input::TokenIds(
+            strata_proto::v1::TokenIds { ids: ids.to_vec() },
+        )),
+        parameters: Some(strata_proto::v1::SamplingParameters {
+            max_tokens: Some(max_tokens),
+            temperature: Some(if seed.is_some() { 0.8 } else { 0.0 }),
+            seed,
+            ignore_eos: true,
+            logprobs: true,
+            ..Default::default()
+        }),
+        add_special_tokens: false,
+    }
+}
+
+/// A `grpc.health.v1` client of the server at `addr`.
+pub async fn health_client(addr: &str) -> tonic_health::pb::health_client::HealthClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+}
+
+/// The health status of `service` ("" for the server's overall one).
+pub async fn health_status(
+    health: &mut tonic_health::pb::health_client::HealthClient<Channel>,
+    service: &str,
+) -> Option<i32> {
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
