@@ -43,7 +43,7 @@ pub enum WorkerState {
     Failed,
 }
 
-/// The workers of a served model, shared with the API (ModelInfo) and the supervisor.
+/// The workers of a served model, shared with the API (ModelInfo) and the keeper.
 #[derive(Debug, Clone, Default)]
 pub struct Workers {
     inner: Arc<Mutex<Vec<WorkerInfo>>>,

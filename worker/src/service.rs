@@ -237,7 +237,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
 
 /// Sends frames queued for one peer over one persistent connection, opened under data-plane
 /// session `session`. If the connection breaks while that session is current, the ring is
-/// broken: the worker reports itself failed, which the gateway's supervisor sees (a link of an
+/// broken: the worker reports itself failed, which the gateway's keeper sees (a link of an
 /// earlier session breaking is the old ring going away).
 async fn outbound(
     sender: impl FrameSender,

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Pipelining against hop latency: two remote `strata worker`s and `strata gateway` on the default
+# topology, every data-plane hop (gateway → stage 0 → stage 1 → gateway) through a proxy
+# (scripts/delay-proxy.py) that adds DELAY_MS one way, against the same set-up through a proxy
+# that adds nothing. Each process listens on 127.0.0.1 and advertises 127.0.0.2, where its
+# proxy listens. `strata load` runs 16 closed-loop decode-heavy streams (8-token prompts, 128
+# generated) against each, in interleaved rounds.
+# Usage: scripts/bench-delay.sh [ROUNDS] [DELAY_MS]      (defaults: 3, 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+delay=${2:-2}
+source scripts/bench-lib.sh
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pids=()
+trap 'kill ${pids[*]} 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+declare -A gw
+# setup NAME MS: workers, proxies and gateway for one configuration; sets gw[NAME].
+setup() {
+  local name=$1 ms=$2 pw0 pw1 pg ready
+  pw0=$(free_port); pw1=$(free_port); pg=$(free_port)
+  scripts/delay-proxy.py "$ms" "127.0.0.2:$pw0" "127.0.0.1:$pw0" "127.0.0.2:$pw1" "127.0.0.1:$pw1" \
+    "127.0.0.2:$pg" "127.0.0.1:$pg" >"/tmp/delay-$name.proxy" &
+  pids+=($!)
+  local controls=()
+  for i in 0 1; do
+    local port=$pw0; [ "$i" = 1 ] && port=$pw1
+    "$strata" worker --listen 127.0.0.1:0 --data-listen "127.0.0.1:$port" --advertise-host 127.0.0.2 \
+      >"/tmp/delay-$name.w$i" 2>/dev/null &
+    pids+=($!)
+  done
+  for i in 0 1; do
+    for _ in $(seq 1 100); do grep -q control "/tmp/delay-$name.w$i" && break; sleep 0.1; done
+    controls+=("$(sed -n 's/.*"control":"\([^"]*\)".*/\1/p' "/tmp/delay-$name.w$i")")
+  done
+  "$strata" gateway --topology topologies/default.yml --listen 127.0.0.1:0 \
+    --data-listen "127.0.0.1:$pg" --advertise-host 127.0.0.2 \
+    --worker "cpu[0]=http://${controls[0]}" --worker "cpu[1]=http://${controls[1]}" \
+    >"/tmp/delay-$name.gw" 2>/dev/null &
+  pids+=($!)
+  for _ in $(seq 1 600); do grep -q '"ready"' "/tmp/delay-$name.gw" && break; sleep 0.2; done
+  gw[$name]=$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "/tmp/delay-$name.gw")
+  [ -n "${gw[$name]}" ] || { echo "the $name gateway did not start" >&2; exit 1; }
+}
+setup direct 0
+setup delayed "$delay"
+for round in $(seq 1 "$rounds"); do
+  for name in direct delayed; do
+    "$strata" load --addr "${gw[$name]}" --streams 16 --prompt-tokens 8 --gen-tokens 128 \
+      --seed "$round" --json | sed "s/^{/{\"round\":$round,\"hops\":\"$name\",/"
+  done
+done
