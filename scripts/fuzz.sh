@@ -36,7 +36,7 @@ for t in "${targets[@]}"; do
   if ! cargo +nightly fuzz run --release "$t" "$scratch/$t" "corpus/$t" -- "${limit[@]}" \
     -print_final_stats=1 >"$scratch/$t.log" 2>&1; then
     tail -n 60 "$scratch/$t.log" >&2
-    echo "fuzz: $t failed; the input that crashed it is in shared/fuzz/artifacts/$t" >&2
+    echo "fuzz: $t failed (above); an input that crashed it is kept in shared/fuzz/artifacts/$t" >&2
     exit 1
   fi
   grep -E 'stat::number_of_executed_units|stat::peak_rss_mb|Done [0-9]+ runs' "$scratch/$t.log"
