@@ -22,7 +22,10 @@ async def pump(reader, writer, delay):
                 await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
-        writer.close()
+        # Half-close: the other direction may still carry data (a data-plane receiver never
+        # writes, and its sender never reads).
+        if writer.can_write_eof():
+            writer.write_eof()
 
     sender = asyncio.ensure_future(deliver())
     try:
@@ -51,6 +54,8 @@ async def serve(listen, target, delay):
             writer.close()
             return
         await asyncio.gather(pump(reader, twriter, delay), pump(treader, writer, delay))
+        writer.close()
+        twriter.close()
 
     return await asyncio.start_server(handle, host, int(port))
 
