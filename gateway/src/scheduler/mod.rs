@@ -155,6 +155,9 @@ async fn run<P: Pipeline, O: SeqOutput>(
                 PipelineEvent::Lost(cause) => {
                     spans.clear();
                     suspended = true;
+                    // The workers' KV caches are gone as after `Broken` (which a pipeline may
+                    // skip): no block or prefix-cache entry of the old ring may outlive it.
+                    state.requeue_all();
                     let err = GatewayError::Unavailable(cause);
                     state.fail_all(&err);
                     lost = Some(err);
