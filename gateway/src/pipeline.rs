@@ -177,21 +177,21 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
     }
 
     async fn next_event(&mut self) -> PipelineEvent {
+        let mut watching = true;
         loop {
             let status = self.status.borrow_and_update().clone();
             match status {
-                // Rebuilt while this pipeline looked away: what was in flight is lost.
-                RingStatus::Up { epoch, .. } if epoch != self.epoch && self.first.is_some() => {
-                    return self.broken("the ring was rebuilt".into());
-                }
-                RingStatus::Up { epoch, .. } if epoch != self.epoch || self.first.is_none() => {
-                    if epoch == self.epoch {
-                        // This epoch's connection failed; the keeper rebuilds.
-                    } else if self.connect().await.is_ok() {
+                RingStatus::Up { epoch, .. } if epoch != self.epoch => {
+                    // Rebuilt while this pipeline looked away: what was in flight is lost.
+                    if self.first.is_some() {
+                        return self.broken("the ring was rebuilt".into());
+                    }
+                    if self.connect().await.is_ok() {
                         self.lost = false;
                         return PipelineEvent::Restored;
                     }
                 }
+                // This ring's (if its connection failed, the keeper is rebuilding).
                 RingStatus::Up { .. } => {}
                 RingStatus::Recovering { cause } if self.first.is_some() => {
                     return self.broken(cause);
@@ -239,11 +239,10 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
                         return self.broken(why);
                     }
                 },
-                changed = self.status.changed() => {
-                    if changed.is_err() {
-                        // The keeper is gone (shutdown): nothing changes any more.
-                        std::future::pending::<()>().await;
-                    }
+                changed = self.status.changed(), if watching => {
+                    // The keeper gone (shutdown): the ring changes no more, but steps in
+                    // flight still complete.
+                    watching = changed.is_ok();
                 }
                 () = sleep_until(deadline) => {
                     if let Some((id, _)) = oldest {
