@@ -210,12 +210,25 @@ async fn kill_9_of_the_first_a_middle_or_the_last_worker_mid_stream_changes_no_t
             &format!("{victim} was killed"),
             || server.log(),
         );
-        let info = client
+        // The scheduler publishes its counters after it has sent each stream's last event: a
+        // client can ask in between. Ask until they settle (a leaked block never does).
+        let mut info = client
             .model_info(ModelInfoRequest {})
             .await
             .unwrap()
             .into_inner();
-        let counters = info.scheduler.expect("scheduler counters");
+        for _ in 0..50 {
+            if (info.running, info.waiting, info.kv_cache_reserved_tokens) == (0, 0, 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            info = client
+                .model_info(ModelInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+        }
+        let counters = info.scheduler.clone().expect("scheduler counters");
         assert_eq!(counters.ring_rebuilds, kills, "{counters:?}");
         assert!(counters.requeued_sequences > 0, "{counters:?}");
         assert_eq!(
