@@ -228,7 +228,7 @@ async fn kill_9_of_the_first_a_middle_or_the_last_worker_mid_stream_changes_no_t
                 .unwrap()
                 .into_inner();
         }
-        let counters = info.scheduler.clone().expect("scheduler counters");
+        let counters = info.scheduler.expect("scheduler counters");
         assert_eq!(counters.ring_rebuilds, kills, "{counters:?}");
         assert!(counters.requeued_sequences > 0, "{counters:?}");
         assert_eq!(
