@@ -13,7 +13,11 @@ delay=${2:-2}
 source scripts/bench-lib.sh
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pids=()
-trap 'kill ${pids[*]} 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+certs=$(mktemp -d)
+trap 'kill ${pids[*]} 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$certs"' EXIT
+# Mutual TLS between the processes, as deployed: one certificate set for both addresses.
+"$strata" certs --out "$certs" --name 127.0.0.1 --name 127.0.0.2 >/dev/null
+tls=(--tls-cert "$certs/tls.crt" --tls-key "$certs/tls.key" --tls-ca "$certs/ca.crt")
 declare -A gw
 # setup NAME MS: workers, proxies and gateway for one configuration; sets gw[NAME].
 setup() {
@@ -26,7 +30,7 @@ setup() {
   for i in 0 1; do
     local port=$pw0; [ "$i" = 1 ] && port=$pw1
     "$strata" worker --listen 127.0.0.1:0 --data-listen "127.0.0.1:$port" --advertise-host 127.0.0.2 \
-      >"/tmp/delay-$name.w$i" 2>/dev/null &
+      "${tls[@]}" >"/tmp/delay-$name.w$i" 2>/dev/null &
     pids+=($!)
   done
   for i in 0 1; do
@@ -35,7 +39,7 @@ setup() {
   done
   "$strata" gateway --topology topologies/default.yml --listen 127.0.0.1:0 \
     --data-listen "127.0.0.1:$pg" --advertise-host 127.0.0.2 \
-    --worker "cpu[0]=http://${controls[0]}" --worker "cpu[1]=http://${controls[1]}" \
+    --worker "cpu[0]=http://${controls[0]}" --worker "cpu[1]=http://${controls[1]}" "${tls[@]}" \
     >"/tmp/delay-$name.gw" 2>/dev/null &
   pids+=($!)
   for _ in $(seq 1 600); do grep -q '"ready"' "/tmp/delay-$name.gw" && break; sleep 0.2; done

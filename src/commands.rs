@@ -80,6 +80,24 @@ pub enum Command {
     Load(crate::load::LoadArgs),
     /// Fetch the default model into the cache (idempotent) and print its path.
     FetchModel,
+    /// Make a CA and one certificate it signed, for the mutual TLS between a gateway and its
+    /// workers: `tls.crt`, `tls.key` and `ca.crt` in a directory (a test or small cluster's
+    /// set; in Kubernetes the Helm chart makes its own).
+    Certs(CertsArgs),
+}
+
+#[derive(Args)]
+pub struct CertsArgs {
+    /// Directory to write into (created if missing; existing files are never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A DNS name or IP address the certificate is valid for (repeat); peers check the one
+    /// they dial, or the gateway's and workers' --tls-server-name.
+    #[arg(long = "name", required = true)]
+    pub names: Vec<String>,
+    /// Days the certificates are valid for.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
 }
 
 #[derive(Args)]
@@ -172,6 +190,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => crate::bench::bench(a),
         Command::BenchServe(a) => rt.block_on(crate::bench::bench_serve(a)),
         Command::Load(a) => rt.block_on(crate::load::load(a)),
+        Command::Certs(a) => {
+            let files = strata_shared::tls::CertSet::generate(&a.names, a.days)?.write(&a.out)?;
+            let mut out = std::io::stdout().lock();
+            for p in [&files.cert, &files.key, &files.ca] {
+                writeln!(out, "{}", p.display())?;
+            }
+            Ok(())
+        }
         Command::FetchModel => {
             let path = strata_shared::source::fetch_default_model()?;
             let mut out = std::io::stdout().lock();
@@ -183,22 +209,43 @@ pub fn run(cli: Cli) -> Result<()> {
 
 async fn serve(a: ServeArgs, log_format: LogFormat) -> Result<()> {
     let program = std::env::current_exe().context("locating the strata executable")?;
+    // Links to the local workers are mutual TLS too: with the certificates given, or else a
+    // set made now, for this run alone, in a directory only this user can read (removed when
+    // the gateway exits).
+    let mut tls = a.serving.tls.clone();
+    let _ephemeral = if tls.files()?.is_none() && !tls.insecure {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("strata-tls-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .context("making a directory for this run's certificates")?;
+        let names = ["127.0.0.1", "localhost", "::1"].map(String::from);
+        let files = strata_shared::tls::CertSet::generate(&names, 30)?.write(dir.path())?;
+        tls.tls_cert = Some(files.cert);
+        tls.tls_key = Some(files.key);
+        tls.tls_ca = Some(files.ca);
+        Some(dir)
+    } else {
+        None
+    };
+    let links = tls.security()?;
     // Workers inherit this process's environment (thread settings and OpenTelemetry's among
     // them) and log as the gateway does.
-    let cmd = WorkerCommand {
-        program,
-        args: vec![
-            "--log-format".into(),
-            log_format.as_str().into(),
-            "worker".into(),
-        ],
-    };
+    let mut args = vec![
+        "--log-format".into(),
+        log_format.as_str().into(),
+        "worker".into(),
+    ];
+    args.extend(tls.to_args());
+    let cmd = WorkerCommand { program, args };
     let cfg = gateway_config(
         &a.model,
         &a.serving,
         WorkerSource::Spawn(cmd),
         "127.0.0.1:0".into(),
         None,
+        links,
     );
     Ok(strata_gateway::server::run(cfg, strata_shared::stop_signals()).await?)
 }

@@ -11,7 +11,7 @@ mod support;
 
 use strata_proto::v1::strata_client::StrataClient;
 use strata_proto::v1::{GenerateRequest, ModelInfoRequest, ModelInfoResponse};
-use support::{Server, generate, prompts, token_request, topology_file};
+use support::{Server, generate, idle_info, prompts, token_request, topology_file};
 use tonic::transport::Channel;
 
 /// (token id, log-probability) per generated token.
@@ -118,7 +118,7 @@ async fn alone_and_batched(args: &[&str], reqs: &[(String, GenerateRequest)]) ->
     for (((name, _), a), b) in reqs.iter().zip(&alone).zip(&batched) {
         same(name, a, b);
     }
-    let info = info(&mut client).await;
+    let info = idle_info(&mut client).await;
     assert_eq!(
         (info.running, info.waiting, info.kv_cache_reserved_tokens),
         (0, 0, 0),
@@ -194,11 +194,11 @@ async fn a_shared_system_prompt_is_served_from_the_prefix_cache() {
         token_request(&ids, 8, None)
     };
     let first = run_one(&mut client, ask(&[504, 3575, 282])).await;
-    let before = info(&mut client).await.scheduler.unwrap();
+    let before = idle_info(&mut client).await.scheduler.unwrap();
     // The same request again is served from the cache, with the same output.
     let again = run_one(&mut client, ask(&[504, 3575, 282])).await;
     same("the same request, cached", &first, &again);
-    let after = info(&mut client).await.scheduler.unwrap();
+    let after = idle_info(&mut client).await.scheduler.unwrap();
     assert!(
         after.cached_prompt_tokens >= before.cached_prompt_tokens + 512,
         "{before:?} → {after:?}"
@@ -211,7 +211,7 @@ async fn a_shared_system_prompt_is_served_from_the_prefix_cache() {
     );
     // Another question after the same system prompt shares it too.
     let _ = run_one(&mut client, ask(&[1, 2, 3, 4])).await;
-    let last = info(&mut client).await;
+    let last = idle_info(&mut client).await;
     let s = last.scheduler.unwrap();
     assert!(s.cached_prompt_tokens >= after.cached_prompt_tokens + 512);
     assert_eq!(last.kv_cache_reserved_tokens, 0);

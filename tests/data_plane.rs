@@ -1,10 +1,12 @@
-//! The data plane between real worker processes, with this test as the gateway: bad steps fail
-//! with an error frame that travels the rest of the ring to the gateway, and the ring keeps
-//! working afterwards.
+//! The data plane between real worker processes, with this test as the gateway (over mutual
+//! TLS, with the certificates the workers were given): bad steps fail with an error frame that
+//! travels the rest of the ring to the gateway, and the ring keeps working afterwards.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
+
+use std::sync::Arc;
 
 use strata_gateway::workers::stage_spec;
 use strata_proto::worker::v1::worker_client::WorkerClient;
@@ -13,12 +15,14 @@ use strata_shared::device::DeviceSpec;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{Plan, PlanOptions};
 use strata_shared::source::ModelFiles;
+use strata_shared::tls::{LinkSecurity, Tls, TlsFiles};
 use strata_shared::topology::Topology;
 use strata_shared::transport::{
     FrameListener, FrameReceiver, FrameSender, TcpTransport, Transport, hello,
 };
 use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplingParams, SeqStep, StepFrame};
 use support::Worker;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const SESSION: &str = "0123456789abcdef0123456789abcdef";
 
@@ -54,12 +58,24 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
     .unwrap();
     let plan = Plan::resolve(&meta, &topology, &PlanOptions::default()).unwrap();
     let (a, b) = (Worker::start(&[], &[]), Worker::start(&[], &[]));
+    let tls = Arc::new(Tls::load(&TlsFiles::in_dir(support::certs()), None).unwrap());
 
     // Load stage 0 on a, stage 1 on b.
     let mut data = Vec::new();
     for (w, device) in [(&a, DeviceSpec::Cpu(0)), (&b, DeviceSpec::Cpu(1))] {
         let s = plan.route.iter().find(|s| s.device == device).unwrap();
-        let mut client = WorkerClient::connect(w.control.clone()).await.unwrap();
+        let channel = Endpoint::from_shared(w.control.replacen("http://", "https://", 1))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                    .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = WorkerClient::new(channel);
         let mut stream = client
             .load(LoadRequest {
                 model: path.to_str().unwrap().into(),
@@ -85,7 +101,7 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
             }
         }
     }
-    let transport = TcpTransport::default();
+    let transport = TcpTransport::new(LinkSecurity::Mtls(tls));
     let mut listener = transport.bind("127.0.0.1:0").await.unwrap();
     let gateway = listener.local_addr();
     let b_data = data[1].2.clone();
@@ -100,6 +116,12 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
         })
         .await
         .unwrap();
+    // Under TLS the last stage's link completes its handshake only while this side reads.
+    let accepted = tokio::spawn(async move {
+        let (mut back, _) = listener.accept().await.unwrap();
+        let first = back.recv().await.unwrap().unwrap();
+        (back, first)
+    });
     let (client_b, ..) = &mut data[1];
     client_b
         .link(LinkRequest {
@@ -111,9 +133,9 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
         .await
         .unwrap();
     let mut to_first = hello(&transport, &first, SESSION).await.unwrap();
-    let (mut back, _) = listener.accept().await.unwrap();
+    let (mut back, opening) = accepted.await.unwrap();
     // The last stage's connection opens with the session token it was given.
-    match back.recv().await.unwrap().unwrap() {
+    match opening {
         Frame::Hello(h) => assert_eq!(h.session, SESSION),
         other => panic!("expected a hello frame, got {other:?}"),
     }

@@ -322,10 +322,14 @@ fn start(
             .iter()
             .find(|v| v["name"] == name)
             .unwrap_or_else(|| panic!("{}: no volume {name}", pod.name));
-        if let Some(cm) = volume["configMap"]["name"].as_str() {
+        // ConfigMaps, and Secrets (the chart writes its own as stringData), as files.
+        let source = volume["configMap"]["name"]
+            .as_str()
+            .or_else(|| volume["secret"]["secretName"].as_str());
+        if let Some(source) = source {
             let data = configmaps
-                .get(cm)
-                .unwrap_or_else(|| panic!("no ConfigMap {cm}"));
+                .get(source)
+                .unwrap_or_else(|| panic!("no ConfigMap or Secret {source}"));
             for (file, content) in data.as_mapping().expect("data") {
                 std::fs::write(path.join(str_of(file)), str_of(content)).expect("write file");
             }
@@ -437,12 +441,13 @@ async fn the_charts_command_lines_start_a_working_pipeline() {
 
     let configmaps: HashMap<String, Value> = of_kind(&docs, "ConfigMap")
         .into_iter()
-        .map(|c| {
-            (
-                str_of(&c["metadata"]["name"]).to_string(),
-                c["data"].clone(),
-            )
-        })
+        .map(|c| (c, "data"))
+        .chain(
+            of_kind(&docs, "Secret")
+                .into_iter()
+                .map(|c| (c, "stringData")),
+        )
+        .map(|(c, data)| (str_of(&c["metadata"]["name"]).to_string(), c[data].clone()))
         .collect();
     // A loopback address per pod, unlikely to be in use by another run.
     let pid = std::process::id();
@@ -486,8 +491,16 @@ async fn the_charts_command_lines_start_a_working_pipeline() {
         wait_serving(&addr, &mut running, Duration::from_secs(60)).await;
     }
     running.push(start(&gateway, &hosts, &configmaps, base.path()));
-    let addr = format!("{}:{}", gateway.ip, probe_port(&gateway.container));
-    wait_serving(&addr, &mut running, Duration::from_secs(300)).await;
+    let health = format!("{}:{}", gateway.ip, probe_port(&gateway.container));
+    wait_serving(&health, &mut running, Duration::from_secs(300)).await;
+    let api_port = gateway.container["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .and_then(|p| p["containerPort"].as_u64())
+        .expect("the gateway's grpc port");
+    let addr = format!("{}:{api_port}", gateway.ip);
 
     let mut client = StrataClient::connect(format!("http://{addr}"))
         .await

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use strata_proto::v1::strata_client::StrataClient;
 use strata_proto::v1::{GenerateRequest, ModelInfoRequest, generate_response};
-use support::{Server, Worker, prompts, token_request, topology_file};
+use support::{Server, Worker, idle_info, prompts, token_request, topology_file};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -210,24 +210,7 @@ async fn kill_9_of_the_first_a_middle_or_the_last_worker_mid_stream_changes_no_t
             &format!("{victim} was killed"),
             || server.log(),
         );
-        // The scheduler publishes its counters after it has sent each stream's last event: a
-        // client can ask in between. Ask until they settle (a leaked block never does).
-        let mut info = client
-            .model_info(ModelInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        for _ in 0..50 {
-            if (info.running, info.waiting, info.kv_cache_reserved_tokens) == (0, 0, 0) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            info = client
-                .model_info(ModelInfoRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-        }
+        let info = idle_info(&mut client).await;
         let counters = info.scheduler.expect("scheduler counters");
         assert_eq!(counters.ring_rebuilds, kills, "{counters:?}");
         assert!(counters.requeued_sequences > 0, "{counters:?}");
@@ -330,6 +313,8 @@ async fn a_stalled_link_between_two_workers_is_caught_by_its_heartbeat_deadline_
         // Far beyond the heartbeat deadline: the stall must not wait for it.
         "--step-timeout-secs",
         "600",
+        "--data-listen",
+        "127.0.0.1:0",
     ])
     .unwrap_or_else(|log| panic!("gateway failed: {log}"));
     let client = server.client().await;

@@ -8,9 +8,10 @@ use clap::Args;
 use strata_shared::device::DeviceSpec;
 use strata_shared::isq::IsqType;
 use strata_shared::plan::FloatType;
+use strata_shared::tls::{LinkSecurity, TlsArgs};
 
 use crate::error::GatewayError;
-use crate::server::{GatewayConfig, ModelChoice, TopologyChoice, WorkerSource};
+use crate::server::{ApiTls, GatewayConfig, ModelChoice, TopologyChoice, WorkerSource};
 
 /// Which model, topology and quantization.
 #[derive(Args, Clone)]
@@ -106,6 +107,37 @@ pub struct ServingArgs {
     /// probes present no credentials).
     #[arg(long)]
     pub open_health: bool,
+    /// Serve the API over TLS with this certificate (PEM, chain first to last); with
+    /// --api-tls-key.
+    #[arg(
+        long,
+        env = "STRATA_API_TLS_CERT",
+        value_name = "FILE",
+        requires = "api_tls_key"
+    )]
+    pub api_tls_cert: Option<std::path::PathBuf>,
+    /// The API certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "STRATA_API_TLS_KEY",
+        value_name = "FILE",
+        requires = "api_tls_cert"
+    )]
+    pub api_tls_key: Option<std::path::PathBuf>,
+    /// With --api-tls-cert: require clients to present a certificate this CA (PEM) signed.
+    #[arg(
+        long,
+        env = "STRATA_API_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "api_tls_cert"
+    )]
+    pub api_tls_client_ca: Option<std::path::PathBuf>,
+    /// Also serve `grpc.health.v1` alone, in plaintext and without API keys, on this address:
+    /// for probes that can present neither (Kubernetes' gRPC probes).
+    #[arg(long, env = "STRATA_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -117,9 +149,10 @@ pub struct GatewayArgs {
     /// A worker for a device of the topology: `cpu[0]=http://host:50061` (repeat per device).
     #[arg(long = "worker", value_parser = parse_worker, required = true)]
     pub workers: Vec<(DeviceSpec, String)>,
-    /// Data-plane address the last stage sends its samples to.
-    #[arg(long, default_value = "0.0.0.0:50052", env = "STRATA_DATA_LISTEN")]
-    pub data_listen: String,
+    /// Data-plane address the last stage sends its samples to (default: 0.0.0.0:50052; with
+    /// --insecure, 127.0.0.1:50052).
+    #[arg(long, env = "STRATA_DATA_LISTEN")]
+    pub data_listen: Option<String>,
     /// Host workers should use to reach this gateway's data plane (e.g. the pod IP).
     #[arg(long, env = "STRATA_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
@@ -147,12 +180,19 @@ impl GatewayArgs {
                 ));
             }
         }
+        let links = self.serving.tls.security()?;
+        let data_listen = self.data_listen.clone().unwrap_or_else(|| match links {
+            // Plaintext frames stay on this machine unless the user says otherwise.
+            LinkSecurity::Plaintext => "127.0.0.1:50052".into(),
+            LinkSecurity::Mtls(_) => "0.0.0.0:50052".into(),
+        });
         Ok(gateway_config(
             &self.model,
             &self.serving,
             WorkerSource::Remote(map),
-            self.data_listen.clone(),
+            data_listen,
             self.advertise_host.clone(),
+            links,
         ))
     }
 }
@@ -164,6 +204,7 @@ pub fn gateway_config(
     workers: WorkerSource,
     data_listen: String,
     advertise_host: Option<String>,
+    links: LinkSecurity,
 ) -> GatewayConfig {
     GatewayConfig {
         model: model.choice(),
@@ -184,5 +225,16 @@ pub fn gateway_config(
         drain: Duration::from_secs(s.drain_secs),
         api_keys: s.api_keys.clone(),
         open_health: s.open_health,
+        links,
+        api_tls: s
+            .api_tls_cert
+            .clone()
+            .zip(s.api_tls_key.clone())
+            .map(|(cert, key)| ApiTls {
+                cert,
+                key,
+                client_ca: s.api_tls_client_ca.clone(),
+            }),
+        health_listen: s.health_listen.clone(),
     }
 }

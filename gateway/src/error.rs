@@ -27,6 +27,9 @@ pub enum GatewayError {
     ResourceExhausted(String),
     #[error("{0}")]
     Internal(String),
+    /// Certificates that cannot be used (files given on the command line).
+    #[error(transparent)]
+    Tls(#[from] strata_shared::TlsError),
 }
 
 impl GatewayError {
@@ -43,7 +46,9 @@ impl From<GatewayError> for Status {
         let code = match &e {
             GatewayError::InvalidArgument { .. } => Code::InvalidArgument,
             GatewayError::FailedPrecondition(_) => Code::FailedPrecondition,
-            GatewayError::Model(_) | GatewayError::Internal(_) => Code::Internal,
+            GatewayError::Model(_) | GatewayError::Internal(_) | GatewayError::Tls(_) => {
+                Code::Internal
+            }
             GatewayError::Unavailable(_) => Code::Unavailable,
             GatewayError::Cancelled(_) => Code::Cancelled,
             GatewayError::DeadlineExceeded(_) => Code::DeadlineExceeded,

@@ -16,10 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use strata_proto::worker::v1::worker_client::WorkerClient;
 use strata_shared::device::DeviceSpec;
 use strata_shared::plan::Plan;
+use strata_shared::tls::LinkSecurity;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use crate::error::GatewayError;
 use crate::launcher::{LocalWorker, WorkerCommand, spawn_worker};
@@ -68,6 +71,8 @@ pub struct KeeperConfig {
     pub gateway_data_address: String,
     /// How long a worker may take to start or become reachable.
     pub connect_timeout: Duration,
+    /// Mutual TLS on the control plane, or plaintext.
+    pub links: LinkSecurity,
     pub source: WorkerSource,
     /// How long a rebuild may take before the requests waiting on it fail; zero: never rebuild.
     pub recovery: Duration,
@@ -142,6 +147,18 @@ impl Keeper {
         Ok(())
     }
 
+    /// One health poll of every ready worker, reusing (and filling) `clients`.
+    async fn poll(&self, clients: &mut HashMap<String, WorkerClient<Channel>>) {
+        poll_once(
+            &self.workers,
+            clients,
+            &self.cfg.links,
+            &self.failures,
+            self.cfg.poll * 2,
+        )
+        .await;
+    }
+
     /// Polls the workers and rebuilds the ring after every failure, until aborted.
     pub async fn run(mut self) {
         let mut clients = HashMap::new();
@@ -153,19 +170,13 @@ impl Keeper {
                     }
                 }
                 () = tokio::time::sleep(self.cfg.poll) => {
-                    poll_once(&self.workers, &mut clients, &self.failures, self.cfg.poll * 2).await;
+                    self.poll(&mut clients).await;
                 }
             }
             let failure = self.failures_rx.borrow_and_update().clone();
             if let Some(cause) = failure {
                 // One more poll marks the workers that failed (ModelInfo shows them).
-                poll_once(
-                    &self.workers,
-                    &mut clients,
-                    &self.failures,
-                    self.cfg.poll * 2,
-                )
-                .await;
+                self.poll(&mut clients).await;
                 clients.clear();
                 self.recover(cause).await;
             }
@@ -312,6 +323,7 @@ impl Keeper {
                 kv_block_size: self.cfg.kv_block_size,
                 gateway_data_address: &self.cfg.gateway_data_address,
                 connect_timeout: self.cfg.connect_timeout,
+                links: &self.cfg.links,
             },
             &self.workers,
         )

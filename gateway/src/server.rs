@@ -18,6 +18,7 @@ use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{FloatType, Plan, PlanOptions};
 use strata_shared::source::{DEFAULT_MODEL_SPEC, ModelFiles};
 use strata_shared::telemetry;
+use strata_shared::tls::{LinkSecurity, ServerIdentity};
 use strata_shared::topology::Topology;
 use strata_shared::transport::{FrameListener, TcpTransport, Transport, advertised_address};
 use strata_shared::wire::{DEFAULT_MAX_FRAME_BYTES, KV_BLOCK_SIZE};
@@ -128,6 +129,22 @@ pub struct GatewayConfig {
     pub api_keys: Option<PathBuf>,
     /// Health and reflection stay open with API keys.
     pub open_health: bool,
+    /// Mutual TLS on the links to the workers (control and data plane), or plaintext.
+    pub links: LinkSecurity,
+    /// TLS on the public API; `None`: plaintext.
+    pub api_tls: Option<ApiTls>,
+    /// Where to serve health alone in plaintext, for probes; `None`: nowhere.
+    pub health_listen: Option<String>,
+}
+
+/// The public API's certificate files (`--api-tls-cert`, `--api-tls-key`,
+/// `--api-tls-client-ca`).
+#[derive(Debug, Clone)]
+pub struct ApiTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Clients must present a certificate this CA signed.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The model and plan the gateway serves (resolved from metadata only).
@@ -326,6 +343,18 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     // A bad key file stops the gateway before any worker loads.
     let api_keys = cfg.api_keys.as_deref().map(ApiKeys::load).transpose()?;
+    // So does an unusable API certificate.
+    let api_tls = cfg
+        .api_tls
+        .as_ref()
+        .map(|t| {
+            ServerIdentity::load(
+                ("--api-tls-cert", &t.cert),
+                ("--api-tls-key", &t.key),
+                t.client_ca.as_deref().map(|p| ("--api-tls-client-ca", p)),
+            )
+        })
+        .transpose()?;
     // Listen for signals from the very start: one while workers load stops the startup
     // cleanly instead of killing the process mid-way.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -378,7 +407,7 @@ pub async fn run(
         }
     };
     let keeper = started.keeper.abort_handle();
-    let served = serve(&cfg, started, api_keys, stop_rx, drain_rx, stop_tx).await;
+    let served = serve(&cfg, started, api_keys, api_tls, stop_rx, drain_rx, stop_tx).await;
     // Workers stopping now is no failure, and no ring is rebuilt.
     keeper.abort();
     stop_local_workers(&local).await;
@@ -443,7 +472,7 @@ async fn start(
 
     resolved.log_plan_notes(cfg.model.isq);
 
-    let transport = TcpTransport::default();
+    let transport = TcpTransport::new(cfg.links.clone());
     let data_listener = transport.bind(&cfg.data_listen).await.map_err(|e| {
         GatewayError::Unavailable(format!("--data-listen {}: {e}", cfg.data_listen))
     })?;
@@ -467,14 +496,15 @@ async fn start(
             kv_block_size: KV_BLOCK_SIZE as u32,
             gateway_data_address: data_address,
             connect_timeout: cfg.connect_timeout,
+            links: cfg.links.clone(),
             source: cfg.workers.clone(),
             recovery: cfg.recovery,
             poll: Duration::from_millis(500),
         },
         Arc::clone(local),
     );
-    keeper.start().await?;
-    let ring = keeper.status();
+    // The listener accepts from now on: under TLS, the last stage's link completes its
+    // handshake while the keeper links the ring.
     let mut pipeline = RingPipeline::new(
         transport,
         resolved.plan.route.len(),
@@ -484,6 +514,8 @@ async fn start(
         keeper.failures(),
         cfg.step_timeout,
     );
+    keeper.start().await?;
+    let ring = keeper.status();
     pipeline.connect().await?;
     let workers = keeper.workers();
     let recoveries = keeper.recoveries();
@@ -504,6 +536,7 @@ async fn serve(
     cfg: &GatewayConfig,
     started: Started,
     api_keys: Option<Arc<ApiKeys>>,
+    api_tls: Option<ServerIdentity>,
     stop: watch::Receiver<bool>,
     mut drain: watch::Receiver<bool>,
     stop_tx: Arc<watch::Sender<bool>>,
@@ -634,10 +667,19 @@ async fn serve(
     let local_addr = listener
         .local_addr()
         .map_err(|e| GatewayError::Internal(format!("listener: {e}")))?;
-    tracing::info!(listen = %local_addr, "gateway ready");
+    let health_addr = match &cfg.health_listen {
+        Some(addr) => Some(
+            strata_proto::health::serve_plaintext(addr, &health)
+                .await
+                .map_err(|e| GatewayError::Unavailable(format!("--health-listen {addr}: {e}")))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %local_addr, api_tls = api_tls.is_some(), links = cfg.links.as_str(), "gateway ready");
     {
         let mut out = std::io::stdout().lock();
-        let line = serde_json::json!({"event": "ready", "listen": local_addr.to_string(), "metrics": metrics_addr});
+        let line = serde_json::json!({"event": "ready", "listen": local_addr.to_string(), "metrics": metrics_addr, "health": health_addr});
         let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     }
 
@@ -662,7 +704,19 @@ async fn serve(
         Ok(req)
     };
     use tonic::service::interceptor::InterceptedService;
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(id) = &api_tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+        if let Some(ca) = &id.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        server = server
+            .tls_config(config)
+            .map_err(|e| GatewayError::Internal(format!("API TLS: {e}")))?;
+    }
+    let served = server
         .add_service(InterceptedService::new(health_service, tools.clone()))
         .add_service(InterceptedService::new(reflection_v1, tools.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, tools))

@@ -11,6 +11,7 @@ use strata_proto::worker::v1::{
 };
 use strata_shared::device::DeviceSpec;
 use strata_shared::plan::Plan;
+use strata_shared::tls::LinkSecurity;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
@@ -78,15 +79,19 @@ impl Workers {
     }
 }
 
-/// The causes under a transport error (tonic's own message is only "transport error").
-fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = Vec::new();
+/// A transport error with its causes (tonic's own message is often only "transport error"),
+/// each said once.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        parts.push(c.to_string());
+        let part = c.to_string();
+        if !out.ends_with(&part) {
+            out = format!("{out}: {part}");
+        }
         cur = c.source();
     }
-    parts.join(": ")
+    out
 }
 
 fn normalize(addr: &str) -> String {
@@ -97,10 +102,36 @@ fn normalize(addr: &str) -> String {
     }
 }
 
-/// Connects to a worker's control plane, retrying until `deadline`.
-async fn connect(address: &str, deadline: Instant) -> Result<WorkerClient<Channel>, GatewayError> {
-    let endpoint = Endpoint::from_shared(address.to_string())
+/// The control-plane endpoint of the worker at `address` (`http://host:port`). Under mutual
+/// TLS: https, presenting this gateway's certificate, and the worker's checked against the CA.
+fn endpoint(address: &str, links: &LinkSecurity) -> Result<Endpoint, GatewayError> {
+    let uri = match links {
+        LinkSecurity::Mtls(_) => address.replacen("http://", "https://", 1),
+        LinkSecurity::Plaintext => address.to_string(),
+    };
+    let endpoint = Endpoint::from_shared(uri)
         .map_err(|e| GatewayError::invalid("--worker", format!("`{address}`: {e}")))?;
+    let LinkSecurity::Mtls(tls) = links else {
+        return Ok(endpoint);
+    };
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    endpoint
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                .domain_name(tls.server_name_for(address)),
+        )
+        .map_err(|e| GatewayError::Internal(format!("control-plane TLS for {address}: {e}")))
+}
+
+/// Connects to a worker's control plane, retrying until `deadline`.
+async fn connect(
+    address: &str,
+    links: &LinkSecurity,
+    deadline: Instant,
+) -> Result<WorkerClient<Channel>, GatewayError> {
+    let endpoint = endpoint(address, links)?;
     let mut last = String::new();
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         // An address that drops packets must not hold the attempt past the deadline.
@@ -108,7 +139,7 @@ async fn connect(address: &str, deadline: Instant) -> Result<WorkerClient<Channe
             Ok(channel) => {
                 return Ok(WorkerClient::new(channel).max_decoding_message_size(64 << 20));
             }
-            Err(e) => last = format!("{e}: {}", source_chain(&e)),
+            Err(e) => last = describe(&e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -137,6 +168,8 @@ pub struct Deployment<'a> {
     pub gateway_data_address: &'a str,
     /// How long workers may take to become reachable.
     pub connect_timeout: Duration,
+    /// Mutual TLS on the control plane, or plaintext.
+    pub links: &'a LinkSecurity,
 }
 
 /// What a worker needs to load route stage `index` of `plan`.
@@ -175,6 +208,7 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
         kv_block_size,
         gateway_data_address,
         connect_timeout,
+        links,
     } = *d;
     let mut infos = Vec::new();
     for device in &plan.devices {
@@ -225,9 +259,10 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
             model_fingerprint: fingerprint.to_string(),
         };
         let workers = workers.clone();
+        let links = links.clone();
         tasks.spawn(async move {
             let address = info.address.clone();
-            let result = load_one(&info, req, deadline, &workers, &mut task).await;
+            let result = load_one(&info, req, &links, deadline, &workers, &mut task).await;
             drop(task);
             if let Err(e) = &result {
                 workers.fail(&address, &e.to_string());
@@ -279,12 +314,13 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
 async fn load_one(
     info: &WorkerInfo,
     req: LoadRequest,
+    links: &LinkSecurity,
     deadline: Instant,
     workers: &Workers,
     progress: &mut ProgressTask,
 ) -> Result<(String, WorkerClient<Channel>), GatewayError> {
     let who = format!("worker {} ({})", info.address, info.device);
-    let mut client = connect(&info.address, deadline).await?;
+    let mut client = connect(&info.address, links, deadline).await?;
     // The worker's load span joins this one's trace (W3C context in the call's metadata).
     let span = tracing::info_span!("load", worker = %info.address, device = %info.device);
     let mut request = tonic::Request::new(req);
@@ -332,6 +368,7 @@ async fn load_one(
 pub async fn poll_once(
     workers: &Workers,
     clients: &mut HashMap<String, WorkerClient<Channel>>,
+    links: &LinkSecurity,
     failures: &watch::Sender<Option<String>>,
     timeout: Duration,
 ) {
@@ -341,8 +378,15 @@ pub async fn poll_once(
         }
         let client = match clients.get_mut(&w.address) {
             Some(c) => c,
-            None => match tokio::time::timeout(timeout, WorkerClient::connect(w.address.clone()))
-                .await
+            None => match tokio::time::timeout(timeout, async {
+                let channel = endpoint(&w.address, links)
+                    .map_err(|e| e.to_string())?
+                    .connect()
+                    .await
+                    .map_err(|e| describe(&e))?;
+                Ok::<_, String>(WorkerClient::new(channel))
+            })
+            .await
             {
                 Ok(Ok(c)) => clients.entry(w.address.clone()).or_insert(c),
                 Ok(Err(e)) => {

@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod health;
+
 /// The public API.
 pub mod v1 {
     tonic::include_proto!("strata.v1");

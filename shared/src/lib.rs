@@ -3,7 +3,7 @@
 //! - model metadata read from file headers ([`gguf`], [`safetensors`], [`config`], [`meta`],
 //!   [`source`]), never tensor data;
 //! - the user's model [`topology`] format and the load [`plan`] it resolves to;
-//! - the data plane's [`wire`] frames and [`transport`];
+//! - the data plane's [`wire`] frames and [`transport`], and the links' mutual [`tls`];
 //! - logs, traces and metrics, set up alike in every process ([`telemetry`]).
 //!
 //! Architecture invariant: this crate does no tensor math and depends on no tensor library.
@@ -20,12 +20,14 @@ pub mod plan;
 pub mod safetensors;
 pub mod source;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 pub mod transport;
 pub mod wire;
 
 pub use error::ModelError;
 pub use plan::PlanError;
+pub use tls::TlsError;
 pub use topology::TopologyError;
 pub use wire::WireError;
 

@@ -1,15 +1,17 @@
 //! The data-plane transport: how frames move between the gateway and the stages. One trait so
-//! that TCP (here), TLS and NCCL (later) fit behind it.
+//! that TCP, plain or under mutual TLS (here), and NCCL (later) fit behind it.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::tls::LinkSecurity;
 use crate::wire::{DEFAULT_MAX_FRAME_BYTES, Frame, FrameCodec, WireError};
 
 /// How often a sender with nothing to send sends a heartbeat.
@@ -46,38 +48,78 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn bind(&self, addr: &str) -> impl Future<Output = Result<Self::Listener, WireError>> + Send;
 }
 
-/// Frames over plain TCP: persistent connections, `TCP_NODELAY`, a frame-size limit.
-#[derive(Debug, Clone, Copy)]
+/// Frames over TCP: persistent connections, `TCP_NODELAY`, a frame-size limit; under mutual
+/// TLS unless `security` is plaintext.
+#[derive(Debug, Clone)]
 pub struct TcpTransport {
     pub max_frame_bytes: usize,
     pub connect_timeout: Duration,
+    pub security: LinkSecurity,
 }
 
-impl Default for TcpTransport {
-    fn default() -> Self {
+impl TcpTransport {
+    /// Plaintext frames with the default limits (tests, and `--insecure`).
+    pub fn plaintext() -> TcpTransport {
+        TcpTransport::new(LinkSecurity::Plaintext)
+    }
+
+    pub fn new(security: LinkSecurity) -> TcpTransport {
         TcpTransport {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             connect_timeout: Duration::from_secs(10),
+            security,
         }
     }
 }
 
+type BoxedRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// The sending half of a TCP frame connection.
 pub struct TcpFrameSender {
     peer: String,
-    writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    writer: FramedWrite<BoxedWrite, FrameCodec>,
 }
 
 /// The receiving half of a TCP frame connection.
 pub struct TcpFrameReceiver {
     peer: String,
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    max_frame_bytes: usize,
+    state: Inbound,
+}
+
+/// An inbound connection: under TLS, its handshake runs in the first `recv` (so that a slow
+/// or hostile peer holds up only its own connection, within the hello deadline).
+enum Inbound {
+    Handshake(Box<tokio_rustls::Accept<TcpStream>>),
+    Open(FramedRead<BoxedRead, FrameCodec>),
+}
+
+/// A TLS stream whose peer may close without a `close_notify` alert: senders here end a link by
+/// dropping it, as on plain TCP. The end of the stream is then a plain end of file, so the codec
+/// tells a close between frames (clean) from one inside a frame (an error), as it does on TCP.
+struct EofAsClose<R>(R);
+
+impl<R: AsyncRead + Unpin> AsyncRead for EofAsClose<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
 }
 
 /// A TCP listener for frame connections.
 pub struct TcpFrameListener {
     listener: TcpListener,
     max_frame_bytes: usize,
+    security: LinkSecurity,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> WireError {
@@ -101,18 +143,42 @@ impl Transport for TcpTransport {
     type Listener = TcpFrameListener;
 
     async fn connect(&self, addr: &str) -> Result<TcpFrameSender, WireError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+        let context = || format!("connecting to data-plane peer {addr}");
+        let open = async {
+            let stream = TcpStream::connect(addr).await.map_err(io_err(context()))?;
+            stream
+                .set_nodelay(true)
+                .map_err(io_err(format!("setting TCP_NODELAY on {addr}")))?;
+            let write: BoxedWrite = match &self.security {
+                LinkSecurity::Plaintext => {
+                    // The sender never reads. Dropping the read half leaves the socket open.
+                    Box::new(stream.into_split().1)
+                }
+                LinkSecurity::Mtls(tls) => {
+                    let name = tls.server_name_for(addr);
+                    let server = ServerName::try_from(name.clone()).map_err(|e| WireError::Io {
+                        context: context(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("`{name}` is not a TLS server name: {e}"),
+                        ),
+                    })?;
+                    let tls = tls
+                        .connector()
+                        .connect(server, stream)
+                        .await
+                        .map_err(io_err(format!("TLS handshake with data-plane peer {addr}")))?;
+                    Box::new(tls)
+                }
+            };
+            Ok::<_, WireError>(write)
+        };
+        let write = tokio::time::timeout(self.connect_timeout, open)
             .await
             .map_err(|_| WireError::Io {
-                context: format!("connecting to data-plane peer {addr}"),
+                context: context(),
                 source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
-            })?
-            .map_err(io_err(format!("connecting to data-plane peer {addr}")))?;
-        stream
-            .set_nodelay(true)
-            .map_err(io_err(format!("setting TCP_NODELAY on {addr}")))?;
-        // The sender never reads. Dropping the read half leaves the socket open.
-        let (_, write) = stream.into_split();
+            })??;
         Ok(TcpFrameSender {
             peer: addr.to_string(),
             writer: FramedWrite::new(write, FrameCodec::new(self.max_frame_bytes)),
@@ -126,6 +192,7 @@ impl Transport for TcpTransport {
         Ok(TcpFrameListener {
             listener,
             max_frame_bytes: self.max_frame_bytes,
+            security: self.security.clone(),
         })
     }
 }
@@ -147,7 +214,20 @@ impl FrameReceiver for TcpFrameReceiver {
         // A clean close comes between frames; one inside a frame (even inside its prelude)
         // is an error.
         let peer = &self.peer;
-        self.reader
+        if let Inbound::Handshake(accept) = &mut self.state {
+            // Cancel-safe: a handshake cut short resumes in the next call.
+            let tls = accept
+                .as_mut()
+                .await
+                .map_err(io_err(format!("TLS handshake with {peer}")))?;
+            let read: BoxedRead = Box::new(EofAsClose(tls));
+            self.state =
+                Inbound::Open(FramedRead::new(read, FrameCodec::new(self.max_frame_bytes)));
+        }
+        let Inbound::Open(reader) = &mut self.state else {
+            return Ok(None);
+        };
+        reader
             .next()
             .await
             .transpose()
@@ -167,14 +247,22 @@ impl FrameListener for TcpFrameListener {
         stream
             .set_nodelay(true)
             .map_err(io_err("setting TCP_NODELAY"))?;
-        let (read, write) = stream.into_split();
-        // Receivers never write.
-        drop(write);
+        let state = match &self.security {
+            LinkSecurity::Plaintext => {
+                let (read, write) = stream.into_split();
+                // Receivers never write.
+                drop(write);
+                let read: BoxedRead = Box::new(read);
+                Inbound::Open(FramedRead::new(read, FrameCodec::new(self.max_frame_bytes)))
+            }
+            LinkSecurity::Mtls(tls) => Inbound::Handshake(Box::new(tls.acceptor().accept(stream))),
+        };
         let peer = peer.to_string();
         Ok((
             TcpFrameReceiver {
                 peer: peer.clone(),
-                reader: FramedRead::new(read, FrameCodec::new(self.max_frame_bytes)),
+                max_frame_bytes: self.max_frame_bytes,
+                state,
             },
             peer,
         ))
@@ -322,7 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_cross_a_tcp_connection_in_order() {
-        let t = TcpTransport::default();
+        let t = TcpTransport::plaintext();
         let mut listener = t.bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr();
         let recv = tokio::spawn(async move {
@@ -355,13 +443,79 @@ mod tests {
         assert_eq!(recv.await.unwrap(), frames);
     }
 
+    fn mtls(dir: &std::path::Path) -> TcpTransport {
+        use crate::tls::{CertSet, Tls};
+        let files = CertSet::generate(&["127.0.0.1".into()], 1)
+            .unwrap()
+            .write(dir)
+            .unwrap();
+        TcpTransport::new(LinkSecurity::Mtls(std::sync::Arc::new(
+            Tls::load(&files, None).unwrap(),
+        )))
+    }
+
+    #[tokio::test]
+    async fn frames_cross_a_mutual_tls_link_and_strangers_are_refused() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ours, theirs) = (mtls(a.path()), mtls(b.path()));
+        let mut listener = ours.bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr();
+        let frame = Frame::Samples(SamplesFrame {
+            step_id: 3,
+            samples: vec![],
+        });
+
+        // A peer whose certificate our CA signed gets its frames through.
+        let server = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..3 {
+                let (mut r, _) = listener.accept().await.unwrap();
+                got.push(r.recv().await.map_err(|e| e.to_string()));
+                if i == 0 {
+                    // A sender that drops its link closes it cleanly, as on TCP.
+                    got.push(r.recv().await.map_err(|e| e.to_string()));
+                }
+            }
+            got
+        });
+        let mut s = ours.connect(&addr).await.unwrap();
+        s.send(&frame).await.unwrap();
+        drop(s);
+        // A certificate from another CA: the handshake fails (the stranger refuses ours first).
+        if let Ok(mut s) = theirs.connect(&addr).await {
+            let _ = s.send(&frame).await;
+        }
+        // Plaintext: not TLS at all.
+        let mut plain = TcpTransport::plaintext().connect(&addr).await.unwrap();
+        let _ = plain.send(&frame).await;
+        let got = server.await.unwrap();
+        assert_eq!(got[..2], [Ok(Some(frame)), Ok(None)]);
+        for refused in &got[2..] {
+            let e = refused.as_ref().unwrap_err();
+            assert!(e.starts_with("TLS handshake with 127.0.0.1:"), "{e}");
+        }
+
+        // And a listener with a certificate our CA did not sign is refused by us.
+        let mut foreign = theirs.bind("127.0.0.1:0").await.unwrap();
+        let foreign_addr = foreign.local_addr();
+        tokio::spawn(async move {
+            let (mut r, _) = foreign.accept().await.unwrap();
+            let _ = r.recv().await;
+        });
+        let e = ours.connect(&foreign_addr).await.err().unwrap().to_string();
+        assert!(
+            e.contains("TLS handshake with data-plane peer") && e.contains("UnknownIssuer"),
+            "{e}"
+        );
+    }
+
     #[tokio::test]
     async fn a_sender_refuses_frames_over_its_limit() {
-        let mut listener = TcpTransport::default().bind("127.0.0.1:0").await.unwrap();
+        let mut listener = TcpTransport::plaintext().bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr();
         let small = TcpTransport {
             max_frame_bytes: 16,
-            ..Default::default()
+            ..TcpTransport::plaintext()
         };
         let mut s = small.connect(&addr).await.unwrap();
         let (mut r, _) = listener.accept().await.unwrap();
@@ -386,7 +540,7 @@ mod tests {
     async fn oversized_frames_are_refused() {
         let t = TcpTransport {
             max_frame_bytes: 16,
-            ..Default::default()
+            ..TcpTransport::plaintext()
         };
         let mut listener = t.bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr();
@@ -394,7 +548,7 @@ mod tests {
             let (mut r, _) = listener.accept().await.unwrap();
             r.recv().await
         });
-        let mut s = TcpTransport::default().connect(&addr).await.unwrap();
+        let mut s = TcpTransport::plaintext().connect(&addr).await.unwrap();
         s.send(&Frame::Error(ErrorFrame {
             step_id: 1,
             stage: 0,
@@ -409,7 +563,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_cut_inside_a_frame_is_an_error_not_a_close() {
-        let mut listener = TcpTransport::default().bind("127.0.0.1:0").await.unwrap();
+        let mut listener = TcpTransport::plaintext().bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr();
         let frame = Frame::Samples(SamplesFrame {
             step_id: 7,

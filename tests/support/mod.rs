@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use strata_proto::v1::strata_client::StrataClient;
-use strata_proto::v1::{Finished, GenerateRequest, Token, generate_response};
+use strata_proto::v1::{
+    Finished, GenerateRequest, ModelInfoRequest, ModelInfoResponse, Token, generate_response,
+};
 use tonic::transport::Channel;
 
 /// The `strata` binary under test.
@@ -45,12 +47,70 @@ pub fn prompts() -> Vec<Prompt> {
         .prompts
 }
 
+/// A certificate set (`strata certs`) for 127.0.0.1, 127.0.0.2 and localhost, made once per
+/// test binary: what separately started gateways and workers present to each other.
+pub fn certs() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-test-certs-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let out = Command::new(strata())
+            .args(["certs", "--out"])
+            .arg(&dir)
+            .args([
+                "--name",
+                "127.0.0.1",
+                "--name",
+                "127.0.0.2",
+                "--name",
+                "localhost",
+            ])
+            .output()
+            .expect("run strata certs");
+        assert!(
+            out.status.success(),
+            "strata certs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// `--tls-cert`, `--tls-key` and `--tls-ca` of [`certs`].
+pub fn tls_args() -> Vec<String> {
+    let dir = certs();
+    ["tls-cert", "tls-key", "tls-ca"]
+        .iter()
+        .zip(["tls.crt", "tls.key", "ca.crt"])
+        .flat_map(|(flag, file)| [format!("--{flag}"), dir.join(file).display().to_string()])
+        .collect()
+}
+
+/// The link flags a test process gets unless it chose its own: [`tls_args`] for a `strata
+/// gateway` or `strata worker` (`strata serve` makes its own certificates).
+fn default_links(args: &[&str]) -> Vec<String> {
+    let chose = args
+        .iter()
+        .any(|a| *a == "--insecure" || a.starts_with("--tls-"));
+    let separate = args.iter().any(|a| *a == "gateway" || *a == "worker");
+    if separate && !chose {
+        tls_args()
+    } else {
+        vec![]
+    }
+}
+
 /// A running `strata serve` (or `strata gateway`) process; terminated on drop.
 pub struct Server {
     child: Child,
     pub addr: String,
     /// Where it serves Prometheus metrics (with `--metrics-listen`).
     pub metrics: Option<String>,
+    /// Where it serves health alone in plaintext (with `--health-listen`).
+    pub health: Option<String>,
     log: Arc<Mutex<String>>,
 }
 
@@ -65,6 +125,7 @@ impl Server {
         use std::os::unix::process::CommandExt;
         let mut child = Command::new(strata())
             .args(args)
+            .args(default_links(args))
             .args(["--listen", "127.0.0.1:0"])
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
@@ -86,6 +147,7 @@ impl Server {
                         let _ = tx.send((
                             v["listen"].as_str().unwrap_or_default().to_string(),
                             v["metrics"].as_str().map(str::to_string),
+                            v["health"].as_str().map(str::to_string),
                         ));
                     }
                 }
@@ -97,11 +159,12 @@ impl Server {
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok((addr, metrics)) => {
+                Ok((addr, metrics, health)) => {
                     return Ok(Server {
                         child,
                         addr,
                         metrics,
+                        health,
                         log,
                     });
                 }
@@ -207,6 +270,7 @@ impl Worker {
         let mut child = Command::new(strata())
             .args(["worker", "--listen", "127.0.0.1:0"])
             .args(args)
+            .args(default_links(&[&["worker"], args].concat()))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -316,6 +380,26 @@ pub async fn generate(
     Err(tonic::Status::internal(
         "stream ended without a Finished message",
     ))
+}
+
+/// `ModelInfo` once the scheduler is idle (nothing running or waiting, no block reserved), or
+/// its last answer after 10 s. The scheduler publishes its counters after it has sent each
+/// stream's last event, so a client that has just read one can ask in between; a leaked block
+/// never settles.
+pub async fn idle_info(client: &mut StrataClient<Channel>) -> ModelInfoResponse {
+    let mut info = ModelInfoResponse::default();
+    for _ in 0..100 {
+        info = client
+            .model_info(ModelInfoRequest {})
+            .await
+            .expect("model info")
+            .into_inner();
+        if (info.running, info.waiting, info.kv_cache_reserved_tokens) == (0, 0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    info
 }
 
 /// Writes `yaml` to a temp file and returns its path (kept alive by the returned guard).

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::io::Write;
 
+use strata_shared::tls::{LinkSecurity, TlsArgs};
 use strata_shared::transport::TcpTransport;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -15,7 +16,8 @@ pub struct WorkerArgs {
     /// Control-plane (gRPC) address to listen on; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:50061", env = "STRATA_WORKER_LISTEN")]
     pub listen: String,
-    /// Data-plane address to listen on (default: the control host, any free port).
+    /// Data-plane address to listen on (default: the control host, any free port; with
+    /// --insecure, loopback).
     #[arg(long, env = "STRATA_WORKER_DATA_LISTEN")]
     pub data_listen: Option<String>,
     /// Host to advertise in the data-plane address given to peers (e.g. the pod IP when
@@ -25,6 +27,12 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics on this address, at `/metrics` (port 0 picks a free one).
     #[arg(long, env = "STRATA_WORKER_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Also serve `grpc.health.v1` alone, in plaintext, on this address: for probes that cannot
+    /// present a certificate (Kubernetes' gRPC probes), when the control plane is under TLS.
+    #[arg(long, env = "STRATA_WORKER_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Largest data-plane frame accepted, in MiB.
     #[arg(long, default_value_t = 256)]
     pub max_frame_mib: usize,
@@ -38,6 +46,7 @@ pub async fn run(
     args: WorkerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
+    let security = args.tls.security()?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| WorkerError::Load(format!("cannot listen on {}: {e}", args.listen)))?;
@@ -54,13 +63,14 @@ pub async fn run(
                 args.max_frame_mib
             ))
         })?;
-    let data_listen = args
-        .data_listen
-        .clone()
-        .unwrap_or_else(|| format!("{}:0", control.ip()));
+    let data_listen = args.data_listen.clone().unwrap_or_else(|| match &security {
+        // Plaintext frames stay on this machine unless the user says otherwise.
+        LinkSecurity::Plaintext => "127.0.0.1:0".to_string(),
+        LinkSecurity::Mtls(_) => format!("{}:0", control.ip()),
+    });
     let transport = TcpTransport {
         max_frame_bytes: max_frame,
-        ..TcpTransport::default()
+        ..TcpTransport::new(security.clone())
     };
     let metrics = std::sync::Arc::new(crate::metrics::WorkerMetrics::new()?);
     let m = std::sync::Arc::clone(&metrics);
@@ -81,9 +91,18 @@ pub async fn run(
     health
         .set_serving::<strata_proto::worker::v1::worker_server::WorkerServer<crate::service::WorkerService>>()
         .await;
-    tracing::info!(%control, %data, kernels = %strata_kernels::cpu::summary(), "worker listening");
+    let health_addr = match &args.health_listen {
+        Some(addr) => Some(
+            strata_proto::health::serve_plaintext(addr, &health)
+                .await
+                .map_err(|e| WorkerError::Load(format!("--health-listen {addr}: {e}")))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    tracing::info!(%control, %data, links = security.as_str(), kernels = %strata_kernels::cpu::summary(), "worker listening");
     // The launcher reads this line to learn the addresses.
-    let line = serde_json::json!({"event": "listening", "control": control.to_string(), "data": data, "metrics": metrics_addr});
+    let line = serde_json::json!({"event": "listening", "control": control.to_string(), "data": data, "metrics": metrics_addr, "health": health_addr});
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
     drop(out);
@@ -109,7 +128,18 @@ pub async fn run(
     let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(|e| WorkerError::Load(format!("reflection: {e}")))?;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let LinkSecurity::Mtls(tls) = &security {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        server = server
+            .tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                    .client_ca_root(Certificate::from_pem(&tls.ca_pem)),
+            )
+            .map_err(|e| WorkerError::Load(format!("control plane TLS: {e}")))?;
+    }
+    server
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -42,6 +42,8 @@ pub enum WorkerError {
     Config(String),
     #[error(transparent)]
     Wire(#[from] WireError),
+    #[error(transparent)]
+    Tls(#[from] strata_shared::TlsError),
 }
 
 /// Adds context to candle errors: `.ctx("layer 3 attention")?`.

@@ -151,6 +151,11 @@ with a message that names the value and the device, when the chart cannot place 
 - name: topology
   mountPath: /etc/strata
   readOnly: true
+{{- if not .Values.tls.insecure }}
+- name: tls
+  mountPath: /etc/strata-tls
+  readOnly: true
+{{- end }}
 {{- if .Values.model.volume }}
 - name: model
   mountPath: {{ .Values.model.mountPath }}
@@ -172,6 +177,12 @@ with a message that names the value and the device, when the chart cannot place 
 - name: topology
   configMap:
     name: {{ include "strata.fullname" . }}-topology
+{{- if not .Values.tls.insecure }}
+- name: tls
+  secret:
+    secretName: {{ include "strata.tlsSecret" . }}
+    defaultMode: 0440
+{{- end }}
 {{- if .Values.model.volume }}
 - name: model
 {{ toYaml .Values.model.volume | indent 2 }}
@@ -185,5 +196,23 @@ with a message that names the value and the device, when the chart cannot place 
 {{- end -}}
 {{- if and .Values.model.volume (hasPrefix "/" .Values.model.id) (not (hasPrefix .Values.model.mountPath .Values.model.id)) -}}
 {{- fail (printf "model.id (%s) is not under model.mountPath (%s), where model.volume is mounted" .Values.model.id .Values.model.mountPath) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret with the links' certificates: the user's, or the chart's own. */}}
+{{- define "strata.tlsSecret" -}}
+{{- .Values.tls.secretName | default (printf "%s-links-tls" (include "strata.fullname" .)) -}}
+{{- end -}}
+
+{{/* The flags that secure a process's links: mutual TLS with the mounted Secret, or
+`--insecure`. */}}
+{{- define "strata.linkArgs" -}}
+{{- if .Values.tls.insecure -}}
+- --insecure
+{{- else -}}
+- --tls-cert=/etc/strata-tls/tls.crt
+- --tls-key=/etc/strata-tls/tls.key
+- --tls-ca=/etc/strata-tls/ca.crt
+- --tls-server-name={{ .Values.tls.serverName }}
 {{- end -}}
 {{- end -}}

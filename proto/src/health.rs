@@ -1,0 +1,29 @@
+//! `grpc.health.v1` alone, in plaintext, on a port of its own: what a probe that cannot present
+//! a certificate or an API key (Kubernetes' gRPC probes) can ask, when the service's own port
+//! requires one. It tells whether a process serves, nothing more.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
+/// Serves the statuses `health` reports, alone, on `addr` (port 0 picks a free one) for the life
+/// of the process; returns the address it listens on.
+pub async fn serve_plaintext(addr: &str, health: &HealthReporter) -> std::io::Result<SocketAddr> {
+    let service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+        if let Err(e) = served {
+            tracing::error!(%local, error = %e, "the health listener stopped");
+        }
+    });
+    Ok(local)
+}
