@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value;
 use strata_proto::v1::{GenerateRequest, SamplingParameters, generate_request};
-use support::{Server, Worker, generate, metric, scrape};
+use support::{Server, Worker, generate, idle_info, metric, scrape};
 use tokio::sync::oneshot;
 
 /// A span as the receiver got it, with the pid of the process that sent it.
@@ -341,6 +341,8 @@ async fn metrics_pass_promtool_and_move_by_what_known_requests_did() {
         .expect_err("temperature 1000");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
+    // The gauges follow the scheduler's counters, published after each stream's last event.
+    idle_info(&mut client).await;
     let after = scrape(&gw);
     promtool_check(&after);
     let delta = |series: &str| metric(&after, series) - metric(&before, series);
