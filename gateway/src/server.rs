@@ -178,6 +178,8 @@ pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
         meta.gguf.as_ref(),
         &meta.config.eos_token_ids,
     )?);
+    // Building the tokenizer leaves the heap full of holes.
+    strata_shared::memory::release_free_heap();
     Ok(Resolved {
         meta,
         plan,

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, GgufValue};
 
 /// Model families Strata runs. All share the Llama decoder; they differ in biases, sliding
 /// windows and how GGUF stores q/k weights.
@@ -190,8 +190,7 @@ impl ModelConfig {
             Some(v) => v as usize,
             None => g
                 .get("tokenizer.ggml.tokens")
-                .and_then(|v| v.as_array())
-                .map(|a| a.len())
+                .and_then(GgufValue::array_len)
                 .or_else(|| {
                     g.tensor("token_embd.weight")
                         .and_then(|t| t.shape.first().copied())

@@ -26,7 +26,55 @@ pub enum GgufValue {
     F64(f64),
     Bool(bool),
     String(String),
+    /// An array of strings (a vocabulary, merges), packed: see [`StrArray`].
+    StrArray(StrArray),
+    /// An array of any other type.
     Array(Vec<GgufValue>),
+}
+
+/// An array of strings in one buffer. A vocabulary holds some 10^5 short strings; as one
+/// `GgufValue::String` each they would take about five times their bytes (the value, the
+/// `String`, the allocation's header and rounding).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StrArray {
+    text: String,
+    /// Where each string ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl StrArray {
+    pub fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.text.get(start..end)
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| self.get(i).unwrap_or_default())
+    }
+}
+
+impl<'a> FromIterator<&'a str> for StrArray {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+        let mut a = StrArray::default();
+        for s in iter {
+            a.push(s);
+        }
+        a
+    }
 }
 
 impl GgufValue {
@@ -72,9 +120,27 @@ impl GgufValue {
         }
     }
 
+    /// The items of an array of any type but strings (see [`GgufValue::as_str_array`]).
     pub fn as_array(&self) -> Option<&[GgufValue]> {
         match self {
             GgufValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The items of an array of strings.
+    pub fn as_str_array(&self) -> Option<&StrArray> {
+        match self {
+            GgufValue::StrArray(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The number of items of an array of any type.
+    pub fn array_len(&self) -> Option<usize> {
+        match self {
+            GgufValue::Array(a) => Some(a.len()),
+            GgufValue::StrArray(a) => Some(a.len()),
             _ => None,
         }
     }
@@ -93,6 +159,7 @@ impl GgufValue {
             GgufValue::F64(_) => "f64",
             GgufValue::Bool(_) => "bool",
             GgufValue::String(_) => "string",
+            GgufValue::StrArray(_) => "array of strings",
             GgufValue::Array(_) => "array",
         }
     }
@@ -235,11 +302,19 @@ impl<R: Read> HeaderReader<R> {
                         format!("array of {n} items (at most {MAX_ARRAY})"),
                     ));
                 }
-                let mut items = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    items.push(self.value(elem_ty, key, depth + 1)?);
+                if elem_ty == 8 {
+                    let mut items = StrArray::default();
+                    for _ in 0..n {
+                        items.push(&self.string(key)?);
+                    }
+                    GgufValue::StrArray(items)
+                } else {
+                    let mut items = Vec::with_capacity(n.min(1 << 20));
+                    for _ in 0..n {
+                        items.push(self.value(elem_ty, key, depth + 1)?);
+                    }
+                    GgufValue::Array(items)
                 }
-                GgufValue::Array(items)
             }
             10 => GgufValue::U64(self.u64(key)?),
             11 => GgufValue::I64(i64::from_le_bytes(self.bytes(key)?)),
@@ -466,16 +541,12 @@ impl GgufFile {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
-        let arr = v
-            .as_array()
-            .ok_or_else(|| self.wrong_type(key, "an array of strings", v))?;
-        arr.iter()
-            .map(|x| {
-                x.as_str()
-                    .ok_or_else(|| self.wrong_type(key, "an array of strings", x))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
+        match v {
+            GgufValue::StrArray(a) => Ok(Some(a.iter().collect())),
+            // An empty array of another type.
+            GgufValue::Array(a) if a.is_empty() => Ok(Some(Vec::new())),
+            _ => Err(self.wrong_type(key, "an array of strings", v)),
+        }
     }
 
     /// An optional array of numbers, as f64.
@@ -538,7 +609,7 @@ pub mod write {
             GgufValue::F32(_) => 6,
             GgufValue::Bool(_) => 7,
             GgufValue::String(_) => 8,
-            GgufValue::Array(_) => 9,
+            GgufValue::StrArray(_) | GgufValue::Array(_) => 9,
             GgufValue::U64(_) => 10,
             GgufValue::I64(_) => 11,
             GgufValue::F64(_) => 12,
@@ -559,6 +630,13 @@ pub mod write {
             GgufValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
             GgufValue::Bool(x) => out.push(u8::from(*x)),
             GgufValue::String(s) => put_str(out, s),
+            GgufValue::StrArray(items) => {
+                out.extend_from_slice(&8u32.to_le_bytes());
+                out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for it in items.iter() {
+                    put_str(out, it);
+                }
+            }
             GgufValue::Array(items) => {
                 let elem = items.first().map(value_type).unwrap_or(4);
                 out.extend_from_slice(&elem.to_le_bytes());
@@ -680,6 +758,36 @@ mod tests {
         );
         let err = g.opt_str("llama.block_count").unwrap_err().to_string();
         assert!(err.contains("expected a string, found u32"), "{err}");
+        // Arrays of strings are read packed, and read back what was written.
+        let tokens = g.get("tokenizer.ggml.tokens").unwrap();
+        let packed = tokens.as_str_array().unwrap();
+        assert_eq!(
+            (packed.len(), packed.get(1), packed.get(2)),
+            (2, Some("b"), None)
+        );
+        assert_eq!(tokens.array_len(), Some(2));
+        let err = g
+            .opt_str_array("general.architecture")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("expected an array of strings, found string"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn packed_string_arrays_round_trip_with_empty_and_multibyte_items() {
+        let items = ["", "▁the", "", "é", "<|im_end|>"];
+        let packed: StrArray = items.iter().copied().collect();
+        assert_eq!(packed.iter().collect::<Vec<_>>(), items);
+        let bytes = to_bytes(&[("k", GgufValue::StrArray(packed.clone()))], &[]);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.gguf");
+        std::fs::write(&p, bytes).unwrap();
+        let g = GgufFile::open(&p).unwrap();
+        assert_eq!(g.get("k"), Some(&GgufValue::StrArray(packed)));
+        assert_eq!(g.opt_str_array("k").unwrap(), Some(items.to_vec()));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!   [`source`]), never tensor data;
 //! - the user's model [`topology`] format and the load [`plan`] it resolves to;
 //! - the data plane's [`wire`] frames and [`transport`], and the links' mutual [`tls`];
-//! - logs, traces and metrics, set up alike in every process ([`telemetry`]).
+//! - logs, traces and metrics, set up alike in every process ([`telemetry`]), and the process's
+//!   own [`memory`].
 //!
 //! Architecture invariant: this crate does no tensor math and depends on no tensor library.
 
@@ -14,6 +15,7 @@ pub mod error;
 pub mod ggml;
 pub mod gguf;
 pub mod isq;
+pub mod memory;
 pub mod meta;
 pub mod names;
 pub mod plan;

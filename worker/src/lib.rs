@@ -9,7 +9,6 @@ pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod layers;
-pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
@@ -20,6 +19,7 @@ pub mod weights;
 pub use engine::Engine;
 pub use error::{Result, WorkerError};
 pub use model::ActivationPolicy;
+pub use strata_shared::memory;
 
 /// Sets up compute threads for this process: all parallel work runs on one rayon pool of `n`
 /// threads (default: one per core), and candle's own pool gets no threads (candle then runs inline

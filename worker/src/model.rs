@@ -566,6 +566,9 @@ impl ModelSlice {
         let mut layers = Vec::with_capacity(n_layers);
         for i in spec.layer_start..spec.layer_end {
             layers.push(DecoderLayer::load(&mut l, i, &cfg)?);
+            // Each layer's transient full-precision and raw copies are freed by now; glibc
+            // keeps their pages resident (and the peak grows layer by layer) unless told.
+            strata_shared::memory::release_free_heap();
         }
         let rope = if n_layers > 0 {
             let factors = match meta.tensor(TensorRole::RopeFreqs) {
