@@ -669,15 +669,10 @@ async fn serve(
     let local_addr = listener
         .local_addr()
         .map_err(|e| GatewayError::Internal(format!("listener: {e}")))?;
-    let health_addr = match &cfg.health_listen {
-        Some(addr) => Some(
-            strata_proto::health::serve_plaintext(addr, &health)
-                .await
-                .map_err(|e| GatewayError::Unavailable(format!("--health-listen {addr}: {e}")))?
-                .to_string(),
-        ),
-        None => None,
-    };
+    let health_addr = strata_proto::health::serve_plaintext(cfg.health_listen.as_deref(), &health)
+        .await
+        .map_err(GatewayError::Unavailable)?
+        .map(|a| a.to_string());
     tracing::info!(listen = %local_addr, api_tls = api_tls.is_some(), links = cfg.links.as_str(), "gateway ready");
     {
         let mut out = std::io::stdout().lock();
@@ -708,12 +703,7 @@ async fn serve(
     use tonic::service::interceptor::InterceptedService;
     let mut server = tonic::transport::Server::builder();
     if let Some(id) = &api_tls {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
-        if let Some(ca) = &id.client_ca_pem {
-            config = config.client_ca_root(Certificate::from_pem(ca));
-        }
+        let config = strata_proto::server_tls(&id.cert_pem, &id.key_pem, id.client_ca_pem.as_ref());
         server = server
             .tls_config(config)
             .map_err(|e| GatewayError::Internal(format!("API TLS: {e}")))?;

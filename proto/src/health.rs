@@ -10,12 +10,20 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
-/// Serves the statuses `health` reports, alone, on `addr` (port 0 picks a free one) for the life
-/// of the process; returns the address it listens on.
-pub async fn serve_plaintext(addr: &str, health: &HealthReporter) -> std::io::Result<SocketAddr> {
+/// Serves the statuses `health` reports, alone, on `addr` (`--health-listen`; port 0 picks a
+/// free one) for the life of the process; returns the address it listens on, `None` without an
+/// address, or an error that names the flag.
+pub async fn serve_plaintext(
+    addr: Option<&str>,
+    health: &HealthReporter,
+) -> Result<Option<SocketAddr>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let flag = |e: std::io::Error| format!("--health-listen {addr}: {e}");
     let service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
+    let listener = TcpListener::bind(addr).await.map_err(flag)?;
+    let local = listener.local_addr().map_err(flag)?;
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(service)
@@ -25,5 +33,5 @@ pub async fn serve_plaintext(addr: &str, health: &HealthReporter) -> std::io::Re
             tracing::error!(%local, error = %e, "the health listener stopped");
         }
     });
-    Ok(local)
+    Ok(Some(local))
 }

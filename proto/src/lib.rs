@@ -26,3 +26,18 @@ pub const STRATA_V1_DESCRIPTOR_SET: &[u8] =
 /// Encoded `FileDescriptorSet` of `strata.worker.v1`, for the workers' server reflection.
 pub const WORKER_V1_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("strata_worker_v1_descriptor");
+
+/// A gRPC server's TLS: its certificate and key (PEM) and, where given, the CA whose
+/// certificates every client must present.
+pub fn server_tls(
+    cert_pem: impl AsRef<[u8]>,
+    key_pem: impl AsRef<[u8]>,
+    client_ca_pem: Option<impl AsRef<[u8]>>,
+) -> tonic::transport::ServerTlsConfig {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    match client_ca_pem {
+        Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+        None => config,
+    }
+}

@@ -91,15 +91,10 @@ pub async fn run(
     health
         .set_serving::<strata_proto::worker::v1::worker_server::WorkerServer<crate::service::WorkerService>>()
         .await;
-    let health_addr = match &args.health_listen {
-        Some(addr) => Some(
-            strata_proto::health::serve_plaintext(addr, &health)
-                .await
-                .map_err(|e| WorkerError::Load(format!("--health-listen {addr}: {e}")))?
-                .to_string(),
-        ),
-        None => None,
-    };
+    let health_addr = strata_proto::health::serve_plaintext(args.health_listen.as_deref(), &health)
+        .await
+        .map_err(WorkerError::Load)?
+        .map(|a| a.to_string());
     tracing::info!(%control, %data, links = security.as_str(), kernels = %strata_kernels::cpu::summary(), "worker listening");
     // The launcher reads this line to learn the addresses.
     let line = serde_json::json!({"event": "listening", "control": control.to_string(), "data": data, "metrics": metrics_addr, "health": health_addr});
@@ -130,13 +125,12 @@ pub async fn run(
         .map_err(|e| WorkerError::Load(format!("reflection: {e}")))?;
     let mut server = tonic::transport::Server::builder();
     if let LinkSecurity::Mtls(tls) = &security {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
         server = server
-            .tls_config(
-                ServerTlsConfig::new()
-                    .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-                    .client_ca_root(Certificate::from_pem(&tls.ca_pem)),
-            )
+            .tls_config(strata_proto::server_tls(
+                &tls.cert_pem,
+                &tls.key_pem,
+                Some(&tls.ca_pem),
+            ))
             .map_err(|e| WorkerError::Load(format!("control plane TLS: {e}")))?;
     }
     server
