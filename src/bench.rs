@@ -100,6 +100,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     let rss = strata_worker::memory::rss();
+    let kv_dtype = engine
+        .stages()
+        .first()
+        .map_or("", |s| s.kv().dtype().name());
     let mut out = std::io::stdout().lock();
     let threads = rayon_threads();
     if a.json {
@@ -112,7 +116,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "batch": a.batch, "batch_decode_tokens_per_s": best_batch,
                 "load_seconds": load_seconds, "weight_bytes": engine.weight_bytes(),
                 "rss_after_load_bytes": rss_after_load.current, "peak_rss_bytes": rss.peak,
-                "cpu_kernels": strata_worker::cpu_features()})
+                "cpu_kernels": strata_worker::cpu_features(), "kv_cache_dtype": kv_dtype})
         )?;
     } else {
         let batch = if a.batch > 0 {
@@ -122,7 +126,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         };
         writeln!(
             out,
-            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens){batch}, best of {}; load {:.2} s; weights {:.1} MiB; peak RSS {:.1} MiB; threads {threads}; kernels {}",
+            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens){batch}, best of {}; load {:.2} s; weights {:.1} MiB; peak RSS {:.1} MiB; threads {threads}; kernels {}; KV cache {kv_dtype}",
             best_prefill,
             a.prompt_tokens,
             best_decode,

@@ -33,7 +33,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     // Settings the workers read from the environment, checked before anything starts.
-    if let Err(e) = strata_worker::ActivationPolicy::from_env() {
+    let checked = strata_worker::ActivationPolicy::from_env()
+        .map(drop)
+        .and_then(|()| strata_worker::kv::KvDtype::from_env().map(drop));
+    if let Err(e) = checked {
         eprintln!("error: {e}");
         return std::process::ExitCode::FAILURE;
     }

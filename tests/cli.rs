@@ -72,22 +72,32 @@ fn bad_topology_files_fail_with_file_line_and_key_before_anything_starts() {
 }
 
 #[test]
-fn an_invalid_activation_setting_fails_before_anything_starts() {
-    let out = Command::new(strata())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("STRATA_ACTIVATIONS", "int4")
-        .output()
-        .expect("run strata");
-    let err = stderr(&out);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("STRATA_ACTIVATIONS is `int4`; it must be `int8x2`"),
-        "{err}"
-    );
-    assert!(
-        out.stdout.is_empty() && !err.contains("worker started"),
-        "{err}"
-    );
+fn an_invalid_activation_or_kv_cache_setting_fails_before_anything_starts() {
+    for (var, value, says) in [
+        (
+            "STRATA_ACTIVATIONS",
+            "int4",
+            "STRATA_ACTIVATIONS is `int4`; it must be `int8x2`",
+        ),
+        (
+            "STRATA_KV_CACHE",
+            "q8",
+            "STRATA_KV_CACHE is `q8`; it must be `auto`",
+        ),
+    ] {
+        let out = Command::new(strata())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env(var, value)
+            .output()
+            .expect("run strata");
+        let err = stderr(&out);
+        assert!(!out.status.success());
+        assert!(err.contains(says), "{err}");
+        assert!(
+            out.stdout.is_empty() && !err.contains("worker started"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

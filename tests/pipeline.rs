@@ -120,6 +120,13 @@ async fn check_served(
             w.address,
             w.kernels
         );
+        // The KV cache stores f16, but for f32 weights.
+        let kv = if extra.windows(2).any(|a| a == ["--dtype", "f32"]) {
+            "f32"
+        } else {
+            "f16"
+        };
+        assert_eq!(w.kv_cache_dtype, kv, "worker {}", w.address);
     }
     let route = info
         .route

@@ -309,6 +309,7 @@ fn model_info(
                 peak_rss_bytes: w.peak_rss_bytes,
                 load_seconds: w.load_seconds,
                 kernels: w.kernels.clone(),
+                kv_cache_dtype: w.kv_cache_dtype.clone(),
                 error: w.error.clone(),
             })
             .collect(),

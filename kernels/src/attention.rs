@@ -1,4 +1,5 @@
-//! Causal attention over a paged KV cache, in f32.
+//! Causal attention over a paged KV cache, in f32 arithmetic over pools of f32 or f16
+//! ([`KvElement`]).
 //!
 //! The cache of one layer is a pool of fixed-size blocks shared by all sequences, `block_size`
 //! slots per block. `v_pool` is laid out `[block][kv_head][slot][head_dim]`; `k_pool` holds each
@@ -18,12 +19,136 @@
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu::{self, Level};
 use crate::error::KernelError;
 use crate::math;
 use crate::matrix::check_len;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// What the KV pools hold: `f32`, or `f16` (half the memory, and half what every step's
+/// attention reads). Each `f16` widens to exactly one `f32`, so attention over `f16` pools is
+/// the same f32 arithmetic as over `f32` pools holding the rounded values, bit for bit, at
+/// every SIMD level.
+#[allow(unsafe_code)] // the hidden widening loads, for the SIMD kernels
+pub trait KvElement: Copy + Default + Send + Sync + 'static + sealed::Sealed {
+    /// The type's name, for logs and `ModelInfo` (`f32`, `f16`).
+    const NAME: &'static str;
+    /// Bytes per element.
+    const BYTES: usize;
+    /// The element nearest `x` (round to nearest even).
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// 16 elements as f32 lanes.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512F and F16C.
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen16(x: &[Self; 16]) -> std::arch::x86_64::__m512;
+    /// 8 elements as f32 lanes.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX and F16C.
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn widen8(x: &[Self; 8]) -> std::arch::x86_64::__m256;
+    /// The first `x.len()` (at most 16) lanes from `x`, the others 0.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512F and F16C.
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16_prefix(x: &[Self]) -> std::arch::x86_64::__m512 {
+        if let Ok(full) = <&[Self; 16]>::try_from(x) {
+            // SAFETY: the caller guarantees the CPU features.
+            return unsafe { Self::widen16(full) };
+        }
+        let n = x.len().min(16);
+        let mut lanes = [Self::default(); 16];
+        lanes[..n].copy_from_slice(&x[..n]);
+        // SAFETY: the caller guarantees the CPU features.
+        unsafe { Self::widen16(&lanes) }
+    }
+}
+
+#[allow(unsafe_code)]
+impl KvElement for f32 {
+    const NAME: &'static str = "f32";
+    const BYTES: usize = 4;
+
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16(x: &[f32; 16]) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { crate::x86::load_f32x16(x) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(x: &[f32; 8]) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees AVX.
+        unsafe { crate::x86::load_f32x8(x) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16_prefix(x: &[f32]) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees AVX-512F.
+        unsafe { crate::x86::load_f32x16_prefix(x) }
+    }
+}
+
+#[allow(unsafe_code)]
+impl KvElement for f16 {
+    const NAME: &'static str = "f16";
+    const BYTES: usize = 2;
+
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen16(x: &[f16; 16]) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees AVX-512F and F16C.
+        unsafe { crate::x86::widen_f16x16(x) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen8(x: &[f16; 8]) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees AVX and F16C.
+        unsafe { crate::x86::widen_f16x8(x) }
+    }
+}
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -92,7 +217,7 @@ fn pool_blocks(shape: &AttentionShape, k_len: usize, v_len: usize) -> Result<usi
     let block_len = shape.block_len()?;
     if !k_len.is_multiple_of(block_len) {
         return Err(KernelError::InvalidShape(format!(
-            "k_pool length {k_len} is not a whole number of {block_len}-float blocks"
+            "k_pool length {k_len} is not a whole number of {block_len}-element blocks"
         )));
     }
     check_len("v_pool", v_len, k_len)?;
@@ -133,7 +258,8 @@ fn check_block_table(
 }
 
 /// Writes the keys and values of `n_tokens` new tokens into the pools: token `t` goes to
-/// position `pos0 + t` of the sequence whose blocks are `block_table`.
+/// position `pos0 + t` of the sequence whose blocks are `block_table`, each value rounded to
+/// the pools' element type.
 ///
 /// `k` and `v` are `[n_tokens][n_kv_heads][head_dim]`; the pools are as described in the
 /// [module documentation](self).
@@ -145,10 +271,10 @@ fn check_block_table(
 /// [`KernelError::BlockTableTooShort`] or [`KernelError::BlockOutOfRange`] if a position has no
 /// valid block. Nothing is written on error.
 #[allow(clippy::too_many_arguments)]
-pub fn write_kv(
+pub fn write_kv<T: KvElement>(
     shape: &AttentionShape,
-    k_pool: &mut [f32],
-    v_pool: &mut [f32],
+    k_pool: &mut [T],
+    v_pool: &mut [T],
     block_table: &[u32],
     pos0: usize,
     k: &[f32],
@@ -181,9 +307,11 @@ pub fn write_kv(
             let at = shape.head_offset(block, kv_head);
             let keys = &mut k_pool[at..at + hd * shape.block_size];
             for (d, &k) in k.iter().enumerate() {
-                keys[d * shape.block_size + slot] = k;
+                keys[d * shape.block_size + slot] = T::from_f32(k);
             }
-            v_pool[at + slot * hd..][..hd].copy_from_slice(v);
+            for (to, &v) in v_pool[at + slot * hd..][..hd].iter_mut().zip(v) {
+                *to = T::from_f32(v);
+            }
         }
     }
     Ok(())
@@ -221,15 +349,15 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// wrong length; [`KernelError::BlockTableTooShort`] or [`KernelError::BlockOutOfRange`] if an
 /// attended position has no valid block. `out` is untouched on error.
 #[derive(Clone, Copy)]
-pub struct PagedAttention<'a> {
+pub struct PagedAttention<'a, T: KvElement = f32> {
     pub shape: AttentionShape,
     /// Queries, `[n_tokens][n_heads][head_dim]`.
     pub q: &'a [f32],
     /// Position of the first query token.
     pub pos0: usize,
     /// The key and value pools of the layer (whole blocks).
-    pub k_pool: &'a [f32],
-    pub v_pool: &'a [f32],
+    pub k_pool: &'a [T],
+    pub v_pool: &'a [T],
     /// The sequence's blocks, in position order.
     pub block_table: &'a [u32],
     /// Score scale, usually `1/sqrt(head_dim)`.
@@ -238,7 +366,7 @@ pub struct PagedAttention<'a> {
     pub window: Option<usize>,
 }
 
-impl PagedAttention<'_> {
+impl<T: KvElement> PagedAttention<'_, T> {
     /// Computes `out` for `n_tokens` query tokens, at the best SIMD level this CPU has.
     pub fn run(&self, n_tokens: usize, out: &mut [f32]) -> Result<(), KernelError> {
         self.run_at(cpu::level(), n_tokens, out)
@@ -253,13 +381,16 @@ impl PagedAttention<'_> {
     ///
     /// As [`PagedAttention::run`], for the first request that has one; `out` is then
     /// untouched. [`KernelError::InvalidShape`] if the shapes differ.
-    pub fn run_batch(requests: &[PagedAttention<'_>], out: &mut [f32]) -> Result<(), KernelError> {
+    pub fn run_batch(
+        requests: &[PagedAttention<'_, T>],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         Self::run_batch_at(cpu::level(), requests, out)
     }
 
     fn run_batch_at(
         level: Level,
-        requests: &[PagedAttention<'_>],
+        requests: &[PagedAttention<'_, T>],
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         let Some(first) = requests.first() else {
@@ -487,10 +618,10 @@ trait VectorOps: Copy {
     /// The scores of `out.len()` consecutive slots from `slot` of one block's transposed keys
     /// (`keys[d · block_size + s]`): `out[j] = scale · Σ_d q[d] · keys[d][slot + j]`, the sum
     /// over `d` in order.
-    fn scores(
+    fn scores<T: KvElement>(
         self,
         q: &[f32],
-        keys: &[f32],
+        keys: &[T],
         block_size: usize,
         slot: usize,
         scale: f32,
@@ -498,7 +629,7 @@ trait VectorOps: Copy {
     );
     /// `y[i] += Σ_j w[j] · x[j][i]` (`x` is `w.len()` rows of `y.len()`), each element's terms
     /// added in the order of `j`.
-    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]);
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]);
     /// `y[i] *= a`.
     fn scale(self, y: &mut [f32], a: f32);
 }
@@ -509,21 +640,29 @@ struct Portable;
 
 impl VectorOps for Portable {
     #[inline(always)]
-    fn scores(self, q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
+    fn scores<T: KvElement>(
+        self,
+        q: &[f32],
+        keys: &[T],
+        bs: usize,
+        slot: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
         out.fill(0.0);
         for (&q, keys) in q.iter().zip(keys.chunks_exact(bs)) {
             for (o, &k) in out.iter_mut().zip(&keys[slot..]) {
-                *o += q * k;
+                *o += q * k.to_f32();
             }
         }
         out.iter_mut().for_each(|o| *o *= scale);
     }
 
     #[inline(always)]
-    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]) {
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]) {
         for (&w, x) in w.iter().zip(x.chunks_exact(y.len())) {
             for (y, &x) in y.iter_mut().zip(x) {
-                *y += w * x;
+                *y += w * x.to_f32();
             }
         }
     }

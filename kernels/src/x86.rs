@@ -10,9 +10,11 @@
 use std::arch::x86_64::{
     __m128i, __m256, __m256i, __m512, __m512i, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
     _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps, _mm_storeu_si128, _mm256_castps256_ps128,
-    _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_storeu_ps, _mm512_loadu_ps,
-    _mm512_loadu_si512, _mm512_storeu_ps,
+    _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_storeu_ps,
+    _mm512_cvtph_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_maskz_loadu_ps, _mm512_storeu_ps,
 };
+
+use half::f16;
 
 /// Loads 16 bytes (SSE2, part of the x86-64 baseline).
 #[inline]
@@ -97,6 +99,33 @@ pub(crate) fn load_f32x16(values: &[f32; 16]) -> __m512 {
 pub(crate) fn store_f32x16(dst: &mut [f32; 16], v: __m512) {
     // SAFETY: `dst` is 16 writable floats, and `_mm512_storeu_ps` has no alignment requirement.
     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
+}
+
+/// Loads the first `values.len()` (at most 16) lanes from `values`, the others 0.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn load_f32x16_prefix(values: &[f32]) -> __m512 {
+    let n = values.len().min(16);
+    let mask = ((1u32 << n) - 1) as u16;
+    // SAFETY: the mask covers the first `n` floats, all inside `values`.
+    unsafe { _mm512_maskz_loadu_ps(mask, values.as_ptr()) }
+}
+
+/// Loads 16 halves, widened to floats (exactly).
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn widen_f16x16(values: &[f16; 16]) -> __m512 {
+    // SAFETY: `values` is 32 readable bytes, and `_mm256_loadu_si256` has no alignment
+    // requirement.
+    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(values.as_ptr().cast()) })
+}
+
+/// Loads 8 halves, widened to floats (exactly).
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+pub(crate) fn widen_f16x8(values: &[f16; 8]) -> __m256 {
+    // SAFETY: `values` is 16 readable bytes, and `_mm_loadu_si128` has no alignment requirement.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(values.as_ptr().cast()) })
 }
 
 /// Sum of the 8 lanes, in a fixed order (halves, then pairs, then the last two).

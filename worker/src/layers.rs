@@ -142,6 +142,11 @@ impl Linear {
         }
     }
 
+    /// Whether the weight is f32 (neither quantized nor a narrower float).
+    pub fn is_f32(&self) -> bool {
+        matches!(&self.weight, Weight::Dense(w) if w.dtype() == DType::F32)
+    }
+
     /// The weight as int8 tiles, when it is.
     fn int8(&self) -> Option<&PackedMatrix> {
         match &self.weight {
@@ -209,6 +214,14 @@ pub enum Projections {
 }
 
 impl Projections {
+    /// Whether every part's weight is f32 (stacked parts are int8 tiles).
+    pub fn is_f32(&self) -> bool {
+        match self {
+            Projections::Separate(parts) => parts.iter().all(Linear::is_f32),
+            Projections::Stacked { .. } => false,
+        }
+    }
+
     pub fn new(parts: Vec<Linear>) -> Self {
         let int8: Option<Vec<&PackedMatrix>> = parts.iter().map(Linear::int8).collect();
         match int8

@@ -15,7 +15,7 @@ use strata_shared::plan::{FloatType, Plan};
 use strata_shared::wire::KV_BLOCK_SIZE;
 
 use crate::error::{CandleContext, Result, WorkerError};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvDtype, Pools};
 use crate::layers::{Embedding, Hidden, Linear, Projections, RmsNorm, Rope, RopeTables, Scratch};
 use crate::weights::{self, LoadSpec, Weight};
 
@@ -367,10 +367,33 @@ impl Attention {
         Rope::apply(k, sh.n_kv_heads, rope);
         let ctx = || format!("layer {layer} attention");
         let q_width = sh.n_heads * sh.head_dim;
-        let kv_width = sh.n_kv_heads * sh.head_dim;
         s.attn.clear();
         s.attn.resize(m * q_width, 0.0);
-        let (k_pool, v_pool) = kv.layer(layer)?.pools()?;
+        match kv.layer(layer)?.pools()? {
+            Pools::F32(k_pool, v_pool) => self.attend(batch, k, v, q, k_pool, v_pool, &mut s.attn),
+            Pools::F16(k_pool, v_pool) => self.attend(batch, k, v, q, k_pool, v_pool, &mut s.attn),
+        }
+        .ctx(ctx)?;
+        self.o_proj
+            .forward_into(&s.attn, &batch.precision, &mut s.products, &mut s.out)
+    }
+
+    /// Writes the rows' keys and values `k`, `v` into the pools, then attends with the queries
+    /// `q`, every sequence of the batch in one parallel region, into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend<T: attention::KvElement>(
+        &self,
+        batch: &Batch,
+        k: &[f32],
+        v: &[f32],
+        q: &[f32],
+        k_pool: &mut [T],
+        v_pool: &mut [T],
+        out: &mut [f32],
+    ) -> std::result::Result<(), strata_kernels::KernelError> {
+        let sh = &self.shape;
+        let q_width = sh.n_heads * sh.head_dim;
+        let kv_width = sh.n_kv_heads * sh.head_dim;
         for (span, table) in batch.spans.iter().zip(&batch.tables) {
             let rows = span.row..span.row + span.len;
             attention::write_kv(
@@ -382,12 +405,11 @@ impl Attention {
                 &k[rows.start * kv_width..rows.end * kv_width],
                 &v[rows.start * kv_width..rows.end * kv_width],
                 span.len,
-            )
-            .ctx(ctx)?;
+            )?;
         }
         // Every sequence's attention in one parallel region.
         let (k_pool, v_pool) = (&*k_pool, &*v_pool);
-        let requests: Vec<attention::PagedAttention<'_>> = batch
+        let requests: Vec<attention::PagedAttention<'_, T>> = batch
             .spans
             .iter()
             .zip(&batch.tables)
@@ -402,9 +424,7 @@ impl Attention {
                 window: self.sliding_window,
             })
             .collect();
-        attention::PagedAttention::run_batch(&requests, &mut s.attn).ctx(ctx)?;
-        self.o_proj
-            .forward_into(&s.attn, &batch.precision, &mut s.products, &mut s.out)
+        attention::PagedAttention::run_batch(&requests, out)
     }
 }
 
@@ -479,6 +499,15 @@ impl DecoderLayer {
             post_attention_layernorm: post_norm,
             mlp,
         })
+    }
+
+    /// Whether every linear weight of the layer is f32.
+    fn weights_are_f32(&self) -> bool {
+        [&self.self_attn.qkv, &self.mlp.gate_up]
+            .iter()
+            .all(|p| p.is_f32())
+            && self.self_attn.o_proj.is_f32()
+            && self.mlp.down_proj.is_f32()
     }
 
     /// `x += attention(norm(x)); x += mlp(norm(x))`, in place.
@@ -631,9 +660,15 @@ impl ModelSlice {
         self.weight_bytes
     }
 
-    /// A KV cache sized for this slice's layers.
+    /// A KV cache sized for this slice's layers, of the type [`KvDtype::for_slice`] picks.
     pub fn new_kv_cache(&self, num_blocks: usize) -> Result<KvCache> {
-        KvCache::new(attention_shape(&self.config), self.layers.len(), num_blocks)
+        let all_f32 = self.layers.iter().all(DecoderLayer::weights_are_f32);
+        KvCache::new(
+            attention_shape(&self.config),
+            self.layers.len(),
+            num_blocks,
+            KvDtype::for_slice(all_f32)?,
+        )
     }
 
     /// Embeds token ids: `[n, hidden]`. Only the first stage can.

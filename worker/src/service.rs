@@ -462,6 +462,10 @@ impl Worker for WorkerService {
             match result {
                 Ok((stages, bytes)) => {
                     let indices: Vec<u32> = stages.iter().map(Stage::index).collect();
+                    let mut kv_dtypes: Vec<&str> =
+                        stages.iter().map(|s| s.kv().dtype().name()).collect();
+                    kv_dtypes.dedup();
+                    let kv_cache_dtype = kv_dtypes.join(",");
                     let (installed, done) = std::sync::mpsc::sync_channel(1);
                     // Ready only once the compute thread runs the new stages: a link failure it
                     // reports before then concerns the old ones.
@@ -489,6 +493,7 @@ impl Worker for WorkerService {
                         rss = rss.current,
                         peak_rss = rss.peak,
                         seconds = started.elapsed().as_secs_f64(),
+                        kv_cache = %kv_cache_dtype,
                         "loaded"
                     );
                     let _ = tx.blocking_send(Ok(LoadEvent {
@@ -499,6 +504,7 @@ impl Worker for WorkerService {
                             peak_rss_bytes: rss.peak,
                             load_seconds: started.elapsed().as_secs_f64(),
                             kernels: strata_kernels::cpu::summary(),
+                            kv_cache_dtype,
                         })),
                     }));
                 }

@@ -15,6 +15,7 @@ use strata_shared::wire::{
     DEFAULT_MAX_FRAME_BYTES, Frame, KV_BLOCK_SIZE, Sample, SamplingParams, SeqStep, StepFrame,
 };
 use strata_worker::Engine;
+use strata_worker::kv::KvDtype;
 use strata_worker::model::{ModelSlice, SliceSpec};
 use strata_worker::stage::Stage;
 use strata_worker::weights;
@@ -124,6 +125,8 @@ fn greedy(engine: &mut Engine, seq_id: u64, prompt: &[u32], n: usize) -> Vec<u32
 fn f32_logits_and_greedy_match_the_reference() {
     let meta = meta();
     let mut e = engine(&meta, Some(FloatType::F32));
+    // f32 weights keep f32 keys and values.
+    assert_eq!(e.stages()[0].kv().dtype(), KvDtype::F32);
     let reference = reference_logits("logits.safetensors");
     for (i, p) in prompts().iter().enumerate() {
         let logits = e.last_logits(&p.prompt_ids).unwrap();
@@ -150,6 +153,8 @@ fn f32_logits_and_greedy_match_the_reference() {
 fn as_stored_q4_1_agrees_with_the_reference_top1() {
     let meta = meta();
     let mut e = engine(&meta, None);
+    // Quantized weights get an f16 KV cache, and keep every top-1.
+    assert_eq!(e.stages()[0].kv().dtype(), KvDtype::F16);
     let (mut agree, mut total) = (0usize, 0usize);
     for p in prompts() {
         let tokens: Vec<u32> = p.prompt_ids.iter().chain(&p.greedy_ids).copied().collect();

@@ -438,5 +438,84 @@ fn a_batch_of_sequences_gives_each_its_own_result() {
     let mut out = vec![7.0; total];
     assert!(PagedAttention::run_batch(&bad, &mut out).is_err());
     assert!(out.iter().all(|&v| v == 7.0));
-    assert!(PagedAttention::run_batch(&[], &mut []).is_ok());
+    assert!(PagedAttention::<f32>::run_batch(&[], &mut []).is_ok());
+}
+
+/// Attention over f16 pools is attention over f32 pools holding the same (rounded) values, bit
+/// for bit, at every level, alone and in a batch, with odd head sizes (vector tails) and
+/// partial runs; `write_kv` into f16 pools rounds each value to nearest.
+#[test]
+fn f16_pools_are_f32_pools_of_the_rounded_values() {
+    let mut rng = Rng::new(31);
+    for (s, len, n_tokens, window) in [
+        (shape(8, 2, 64, 16), 70, 5, None),
+        (shape(6, 3, 40, 16), 37, 3, Some(9)),
+        (shape(4, 4, 19, 8), 23, 23, None),
+    ] {
+        let fixture = Fixture::new(s, len, &mut rng);
+        // Written once as f16, and the same values widened back to f32.
+        let blocks = fixture.k_pool.len() / s.block_len().unwrap();
+        let mut k16 = vec![f16::from_f32(f32::NAN); blocks * s.block_len().unwrap()];
+        let mut v16 = k16.clone();
+        write_kv(
+            &s,
+            &mut k16,
+            &mut v16,
+            &fixture.block_table,
+            0,
+            &fixture.keys,
+            &fixture.values,
+            len,
+        )
+        .unwrap();
+        let widen = |p: &[f16]| p.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let (k32, v32) = (widen(&k16), widen(&v16));
+        for (a, b) in k32.iter().zip(&fixture.k_pool) {
+            assert!(
+                a.to_bits() == f16::from_f32(*b).to_f32().to_bits() || (a.is_nan() && b.is_nan()),
+                "{a} is not {b} rounded to f16"
+            );
+        }
+        let pos0 = len - n_tokens;
+        let q = rng.normal_vec(n_tokens * s.n_heads * s.head_dim, 1.0);
+        let request16 = PagedAttention {
+            shape: s,
+            q: &q,
+            pos0,
+            k_pool: &k16,
+            v_pool: &v16,
+            block_table: &fixture.block_table,
+            scale: 0.125,
+            window,
+        };
+        let request32 = PagedAttention {
+            shape: s,
+            q: &q,
+            pos0,
+            k_pool: &k32,
+            v_pool: &v32,
+            block_table: &fixture.block_table,
+            scale: 0.125,
+            window,
+        };
+        let reference = fixture.reference(&q, n_tokens, pos0, 0.125, window);
+        for level in supported_levels() {
+            let mut out16 = vec![f32::NAN; q.len()];
+            let mut out32 = vec![f32::NAN; q.len()];
+            request16.run_at(level, n_tokens, &mut out16).unwrap();
+            request32.run_at(level, n_tokens, &mut out32).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out16), bits(&out32), "{level:?} {s:?}");
+            let mut batched = vec![f32::NAN; 2 * q.len()];
+            PagedAttention::run_batch_at(level, &[request16, request16], &mut batched).unwrap();
+            assert_eq!(bits(&batched[..q.len()]), bits(&out16), "{level:?} batched");
+            // f16 keeps about three decimal digits of each key and value.
+            for (a, b) in out16.iter().zip(&reference) {
+                assert!(
+                    (a - b).abs() <= 2e-2 * (1.0 + b.abs()),
+                    "{level:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
 }

@@ -9,18 +9,18 @@
 
 use std::arch::x86_64::{
     __m512, __mmask16, _mm256_add_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps,
-    _mm256_setzero_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps,
-    _mm512_maskz_loadu_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm256_setzero_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps, _mm512_mul_ps,
+    _mm512_set1_ps, _mm512_setzero_ps,
 };
 
-use super::{PagedAttention, VectorOps};
+use super::{KvElement, PagedAttention, VectorOps};
 use crate::cpu::{Avx2, Avx512};
 use crate::x86::{load_f32x8, load_f32x16, store_f32x8, store_f32x16};
 
 /// AVX-512 version of [`PagedAttention::attend`].
-pub(super) fn attend_avx512(
+pub(super) fn attend_avx512<T: KvElement>(
     simd: Avx512,
-    request: &PagedAttention<'_>,
+    request: &PagedAttention<'_, T>,
     token: usize,
     first_head: usize,
     out: &mut [f32],
@@ -30,9 +30,9 @@ pub(super) fn attend_avx512(
 }
 
 /// AVX2 version of [`PagedAttention::attend`].
-pub(super) fn attend_avx2(
+pub(super) fn attend_avx2<T: KvElement>(
     simd: Avx2,
-    request: &PagedAttention<'_>,
+    request: &PagedAttention<'_, T>,
     token: usize,
     first_head: usize,
     out: &mut [f32],
@@ -42,9 +42,9 @@ pub(super) fn attend_avx2(
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn attend_avx512_impl(
+fn attend_avx512_impl<T: KvElement>(
     simd: Avx512,
-    request: &PagedAttention<'_>,
+    request: &PagedAttention<'_, T>,
     token: usize,
     first_head: usize,
     out: &mut [f32],
@@ -53,9 +53,9 @@ fn attend_avx512_impl(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn attend_avx2_impl(
+fn attend_avx2_impl<T: KvElement>(
     simd: Avx2,
-    request: &PagedAttention<'_>,
+    request: &PagedAttention<'_, T>,
     token: usize,
     first_head: usize,
     out: &mut [f32],
@@ -65,14 +65,22 @@ fn attend_avx2_impl(
 
 impl VectorOps for Avx512 {
     #[inline(always)]
-    fn scores(self, q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
-        // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
+    fn scores<T: KvElement>(
+        self,
+        q: &[f32],
+        keys: &[T],
+        bs: usize,
+        slot: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
         unsafe { scores_avx512(q, keys, bs, slot, scale, out) }
     }
 
     #[inline(always)]
-    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]) {
-        // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]) {
+        // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
         unsafe { accumulate_avx512(y, w, x) }
     }
 
@@ -85,14 +93,22 @@ impl VectorOps for Avx512 {
 
 impl VectorOps for Avx2 {
     #[inline(always)]
-    fn scores(self, q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
-        // SAFETY: `self` proves the CPU supports AVX2 and FMA.
+    fn scores<T: KvElement>(
+        self,
+        q: &[f32],
+        keys: &[T],
+        bs: usize,
+        slot: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        // SAFETY: `self` proves the CPU supports AVX2, FMA and F16C.
         unsafe { scores_avx2(q, keys, bs, slot, scale, out) }
     }
 
     #[inline(always)]
-    fn accumulate(self, y: &mut [f32], w: &[f32], x: &[f32]) {
-        // SAFETY: `self` proves the CPU supports AVX2 and FMA.
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]) {
+        // SAFETY: `self` proves the CPU supports AVX2, FMA and F16C.
         unsafe { accumulate_avx2(y, w, x) }
     }
 
@@ -109,9 +125,16 @@ const CHAINS: usize = 4;
 
 /// [`VectorOps::scores`] with AVX-512: 16 slots per vector (the last one masked), per query
 /// dimension one multiply-add of the broadcast `q[d]` with that dimension's keys.
-#[target_feature(enable = "avx512f,fma")]
+#[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-fn scores_avx512(q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
+fn scores_avx512<T: KvElement>(
+    q: &[f32],
+    keys: &[T],
+    bs: usize,
+    slot: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let n = out.len();
     let mut j = 0;
     while j < n {
@@ -119,9 +142,8 @@ fn scores_avx512(q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, ou
         let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
         let mut acc = [_mm512_setzero_ps(); CHAINS];
         for (d, (&q, keys)) in q.iter().zip(keys.chunks_exact(bs)).enumerate() {
-            let k = &keys[slot + j..][..len];
-            // SAFETY: the mask covers `len` floats, all inside `k`.
-            let k = unsafe { _mm512_maskz_loadu_ps(mask, k.as_ptr()) };
+            // SAFETY: this function's features are the ones `widen16_prefix` needs.
+            let k = unsafe { T::widen16_prefix(&keys[slot + j..][..len]) };
             acc[d % CHAINS] = _mm512_fmadd_ps(_mm512_set1_ps(q), k, acc[d % CHAINS]);
         }
         let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
@@ -135,20 +157,22 @@ fn scores_avx512(q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, ou
 
 /// [`VectorOps::accumulate`] with AVX-512: `y` in registers while the rows of `x` stream past
 /// (for the usual head sizes; others go through memory, with the same operations).
-#[target_feature(enable = "avx512f,fma")]
+#[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-fn accumulate_avx512(y: &mut [f32], w: &[f32], x: &[f32]) {
+fn accumulate_avx512<T: KvElement>(y: &mut [f32], w: &[f32], x: &[T]) {
     let width = y.len();
     let (vectors, tail) = y.as_chunks_mut::<16>();
     match vectors.len() {
-        4 => accumulate_held_512::<4>(vectors, w, x, width),
-        8 => accumulate_held_512::<8>(vectors, w, x, width),
-        2 => accumulate_held_512::<2>(vectors, w, x, width),
+        4 => accumulate_held_512::<4, T>(vectors, w, x, width),
+        8 => accumulate_held_512::<8, T>(vectors, w, x, width),
+        2 => accumulate_held_512::<2, T>(vectors, w, x, width),
         _ => {
             for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
                 let w = _mm512_set1_ps(w);
                 for (y, x) in vectors.iter_mut().zip(row.as_chunks::<16>().0) {
-                    store_f32x16(y, _mm512_fmadd_ps(w, load_f32x16(x), load_f32x16(y)));
+                    // SAFETY: this function's features are the ones `widen16` needs.
+                    let x = unsafe { T::widen16(x) };
+                    store_f32x16(y, _mm512_fmadd_ps(w, x, load_f32x16(y)));
                 }
             }
         }
@@ -156,21 +180,27 @@ fn accumulate_avx512(y: &mut [f32], w: &[f32], x: &[f32]) {
     let start = width - tail.len();
     for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
         for (y, &x) in tail.iter_mut().zip(&row[start..]) {
-            *y = w.mul_add(x, *y);
+            *y = w.mul_add(x.to_f32(), *y);
         }
     }
 }
 
 /// `V` vectors of `y` held in registers (a constant count, so the array is registers).
-#[target_feature(enable = "avx512f,fma")]
+#[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-fn accumulate_held_512<const V: usize>(y: &mut [[f32; 16]], w: &[f32], x: &[f32], width: usize) {
+fn accumulate_held_512<const V: usize, T: KvElement>(
+    y: &mut [[f32; 16]],
+    w: &[f32],
+    x: &[T],
+    width: usize,
+) {
     let mut acc: [__m512; V] = std::array::from_fn(|v| load_f32x16(&y[v]));
     for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
         let w = _mm512_set1_ps(w);
         let row = row.as_chunks::<16>().0;
         for v in 0..V {
-            acc[v] = _mm512_fmadd_ps(w, load_f32x16(&row[v]), acc[v]);
+            // SAFETY: this function's features are the ones `widen16` needs.
+            acc[v] = _mm512_fmadd_ps(w, unsafe { T::widen16(&row[v]) }, acc[v]);
         }
     }
     for v in 0..V {
@@ -179,16 +209,25 @@ fn accumulate_held_512<const V: usize>(y: &mut [[f32; 16]], w: &[f32], x: &[f32]
 }
 
 /// [`VectorOps::scores`] with AVX2: 8 slots per vector.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn scores_avx2(q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out: &mut [f32]) {
+fn scores_avx2<T: KvElement>(
+    q: &[f32],
+    keys: &[T],
+    bs: usize,
+    slot: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let n = out.len();
     let (vectors, tail) = out.as_chunks_mut::<8>();
     for (v, o) in vectors.iter_mut().enumerate() {
         let mut acc = [_mm256_setzero_ps(); CHAINS];
         for (d, (&q, keys)) in q.iter().zip(keys.chunks_exact(bs)).enumerate() {
             let k = &keys[slot + 8 * v..].as_chunks::<8>().0[0];
-            acc[d % CHAINS] = _mm256_fmadd_ps(_mm256_set1_ps(q), load_f32x8(k), acc[d % CHAINS]);
+            // SAFETY: this function's features are the ones `widen8` needs.
+            let k = unsafe { T::widen8(k) };
+            acc[d % CHAINS] = _mm256_fmadd_ps(_mm256_set1_ps(q), k, acc[d % CHAINS]);
         }
         let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         store_f32x8(o, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
@@ -198,16 +237,16 @@ fn scores_avx2(q: &[f32], keys: &[f32], bs: usize, slot: usize, scale: f32, out:
     for (j, o) in tail.iter_mut().enumerate() {
         let mut acc = [0.0f32; CHAINS];
         for (d, (&q, keys)) in q.iter().zip(keys.chunks_exact(bs)).enumerate() {
-            acc[d % CHAINS] = q.mul_add(keys[slot + start + j], acc[d % CHAINS]);
+            acc[d % CHAINS] = q.mul_add(keys[slot + start + j].to_f32(), acc[d % CHAINS]);
         }
         *o = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * scale;
     }
 }
 
 /// [`VectorOps::accumulate`] with AVX2: `y` in registers (up to 64 floats at a time).
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn accumulate_avx2(y: &mut [f32], w: &[f32], x: &[f32]) {
+fn accumulate_avx2<T: KvElement>(y: &mut [f32], w: &[f32], x: &[T]) {
     const HELD: usize = 8;
     let width = y.len();
     let (vectors, tail) = y.as_chunks_mut::<8>();
@@ -220,7 +259,8 @@ fn accumulate_avx2(y: &mut [f32], w: &[f32], x: &[f32]) {
             let w = _mm256_set1_ps(w);
             let row = &row.as_chunks::<8>().0[c * HELD..][..group.len()];
             for (a, x) in acc.iter_mut().zip(row) {
-                *a = _mm256_fmadd_ps(w, load_f32x8(x), *a);
+                // SAFETY: this function's features are the ones `widen8` needs.
+                *a = _mm256_fmadd_ps(w, unsafe { T::widen8(x) }, *a);
             }
         }
         for (a, y) in acc.iter().zip(group.iter_mut()) {
@@ -230,7 +270,7 @@ fn accumulate_avx2(y: &mut [f32], w: &[f32], x: &[f32]) {
     let start = width - tail.len();
     for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
         for (y, &x) in tail.iter_mut().zip(&row[start..]) {
-            *y = w.mul_add(x, *y);
+            *y = w.mul_add(x.to_f32(), *y);
         }
     }
 }
