@@ -39,10 +39,6 @@ mod sealed {
 /// every SIMD level.
 #[allow(unsafe_code)] // the hidden widening loads, for the SIMD kernels
 pub trait KvElement: Copy + Default + Send + Sync + 'static + sealed::Sealed {
-    /// The type's name, for logs and `ModelInfo` (`f32`, `f16`).
-    const NAME: &'static str;
-    /// Bytes per element.
-    const BYTES: usize;
     /// The element nearest `x` (round to nearest even).
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
@@ -85,9 +81,6 @@ pub trait KvElement: Copy + Default + Send + Sync + 'static + sealed::Sealed {
 
 #[allow(unsafe_code)]
 impl KvElement for f32 {
-    const NAME: &'static str = "f32";
-    const BYTES: usize = 4;
-
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
@@ -122,9 +115,6 @@ impl KvElement for f32 {
 
 #[allow(unsafe_code)]
 impl KvElement for f16 {
-    const NAME: &'static str = "f16";
-    const BYTES: usize = 2;
-
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
