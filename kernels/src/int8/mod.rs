@@ -304,15 +304,26 @@ impl PackedMatrix {
         // The calling thread's buffer, taken out of its cell for the call: a product of another
         // computation that this thread runs while it waits (rayon steals work) takes a new one.
         let mut scratch = SCRATCH.with_borrow_mut(std::mem::take);
-        scratch.clear();
+        // `tile_pairs` writes every element: no need to clear what a longer product left.
         scratch.resize(tiles * m * TILE_ROWS, 0.0);
         self.tile_pairs(level, &rows, &mut scratch, parallel, threads);
-        for (t, tile) in scratch.chunks_exact(m * TILE_ROWS).enumerate() {
-            let first = t * TILE_ROWS;
-            let valid = TILE_ROWS.min(self.rows - first);
-            for (i, lanes) in tile.chunks_exact(TILE_ROWS).enumerate() {
-                out[i * self.rows + first..][..valid].copy_from_slice(&lanes[..valid]);
+        // Row by row (in parallel for large products), 16 lanes at a time: a copy of a
+        // run-time length per tile and row costs a `memmove` call each.
+        let lanes = scratch.as_chunks::<TILE_ROWS>().0;
+        let gather = |(i, row): (usize, &mut [f32])| {
+            let (whole, tail) = row.as_chunks_mut::<TILE_ROWS>();
+            for (t, dst) in whole.iter_mut().enumerate() {
+                *dst = lanes[t * m + i];
             }
+            if !tail.is_empty() {
+                let len = tail.len();
+                tail.copy_from_slice(&lanes[whole.len() * m + i][..len]);
+            }
+        };
+        if parallel {
+            out.par_chunks_mut(self.rows).enumerate().for_each(gather);
+        } else {
+            out.chunks_mut(self.rows).enumerate().for_each(gather);
         }
         SCRATCH.with_borrow_mut(|kept| {
             if kept.capacity() < scratch.capacity() {

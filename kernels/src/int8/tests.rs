@@ -166,6 +166,8 @@ fn check_levels(packed: &PackedMatrix, name: &str, rng: &mut Rng) {
         (4, Precision::Int8),
         (5, Precision::Int8x2),
         (9, Precision::Int8),
+        (21, Precision::Int8),
+        (35, Precision::Int8x2),
     ] {
         let x = activations(rng, m, cols);
         let mut q = QuantizedActivations::default();
