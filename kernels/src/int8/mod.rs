@@ -35,6 +35,7 @@
 mod x86;
 
 mod act;
+mod columns;
 mod pack;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,7 @@ use rayon::prelude::*;
 use crate::cpu::{self, Int8Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
+use columns::{Columns, Strip};
 
 pub use act::QuantizedActivations;
 pub(crate) use act::{ActRow, PlaneRow};
@@ -292,90 +294,53 @@ impl PackedMatrix {
         let macs = m.saturating_mul(self.rows).saturating_mul(self.cols);
         let threads = rayon::current_num_threads();
         let parallel = macs >= PARALLEL_MIN_MACS && threads > 1;
-        // Tasks take pairs of tiles (the AVX-512 kernel shares each activation broadcast between
-        // them) against every row, so that the weights are read from memory once whatever the
-        // batch; per tile, `[m][16]` results. With one row and whole tiles that is `out`'s own
-        // layout; otherwise the results go to a scratch buffer and are scattered into `out`.
-        let tiles = self.tiles();
-        if m == 1 && self.rows.is_multiple_of(TILE_ROWS) {
-            self.tile_pairs(level, &rows, out, parallel, threads);
-            return Ok(());
-        }
-        // The calling thread's buffer, taken out of its cell for the call: a product of another
-        // computation that this thread runs while it waits (rayon steals work) takes a new one.
-        let mut scratch = SCRATCH.with_borrow_mut(std::mem::take);
-        // `tile_pairs` writes every element: no need to clear what a longer product left.
-        scratch.resize(tiles * m * TILE_ROWS, 0.0);
-        self.tile_pairs(level, &rows, &mut scratch, parallel, threads);
-        // Row by row (in parallel for large products), 16 lanes at a time: a copy of a
-        // run-time length per tile and row costs a `memmove` call each.
-        let lanes = scratch.as_chunks::<TILE_ROWS>().0;
-        let gather = |(i, row): (usize, &mut [f32])| {
-            let (whole, tail) = row.as_chunks_mut::<TILE_ROWS>();
-            for (t, dst) in whole.iter_mut().enumerate() {
-                *dst = lanes[t * m + i];
-            }
-            if !tail.is_empty() {
-                let len = tail.len();
-                tail.copy_from_slice(&lanes[whole.len() * m + i][..len]);
-            }
-        };
-        if parallel {
-            out.par_chunks_mut(self.rows).enumerate().for_each(gather);
-        } else {
-            out.chunks_mut(self.rows).enumerate().for_each(gather);
-        }
-        SCRATCH.with_borrow_mut(|kept| {
-            if kept.capacity() < scratch.capacity() {
-                *kept = scratch;
-            }
-        });
+        let (rows_out, len) = (self.rows, out.len());
+        // The length was checked above.
+        let out = Columns::new(out, m, rows_out).ok_or(KernelError::LengthMismatch {
+            what: "output",
+            expected: m.saturating_mul(rows_out),
+            actual: len,
+        })?;
+        self.tile_pairs(level, &rows, &out, parallel, threads);
         Ok(())
     }
 
-    /// Every pair of tiles against every row, into `scratch` (`[tile][m][16]`).
+    /// Every pair of tiles against every row, each task writing its tiles' columns of `out`.
+    /// Tasks take pairs of tiles (the AVX-512 kernel shares each activation broadcast between
+    /// them) against every row, so that the weights are read from memory once whatever the
+    /// batch.
     fn tile_pairs(
         &self,
         level: Int8Level,
         rows: &[ActRow<'_>],
-        scratch: &mut [f32],
+        out: &Columns<'_>,
         parallel: bool,
         threads: usize,
     ) {
         let m = rows.len();
         let tiles = self.tiles();
+        let pairs = tiles.div_ceil(2);
         let groups = act::precision_runs(rows, 0..m);
-        let task = |(pair, buf): (usize, &mut [f32])| {
-            let n_tiles = buf.len() / (m * TILE_ROWS);
-            let both = [self.tile(2 * pair), self.tile(2 * pair + n_tiles - 1)];
+        let task = |strip: Strip<'_, '_>| {
+            let first_tile = strip.first() / TILE_ROWS;
+            let n_tiles = if first_tile + 1 < tiles { 2 } else { 1 };
+            let both = [self.tile(first_tile), self.tile(first_tile + n_tiles - 1)];
             let tiles = &both[..n_tiles];
             let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
             for g in &groups {
                 let n = g.len();
                 let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
                 self.tiles_products(level, tiles, &rows[g.clone()], tmp);
-                for t in 0..n_tiles {
-                    for i in 0..n {
-                        buf[(t * m + g.start + i) * TILE_ROWS..][..TILE_ROWS]
-                            .copy_from_slice(&tmp[(t * n + i) * TILE_ROWS..][..TILE_ROWS]);
-                    }
+                for (k, lanes) in tmp.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
+                    strip.write(g.start + k % n, k / n * TILE_ROWS, lanes);
                 }
             }
         };
-        let pair_len = 2 * m * TILE_ROWS;
-        if parallel {
-            // Few rows make short tasks, and rayon's splitting costs microseconds a job: one
-            // run of tiles per thread then; more, for balance, when the tasks are long.
-            let pairs = tiles.div_ceil(2);
-            let per_thread = if m > ROW_GROUP { 4 } else { 1 };
-            scratch
-                .par_chunks_mut(pair_len)
-                .enumerate()
-                .with_min_len(pairs.div_ceil(threads * per_thread).max(1))
-                .for_each(task);
-        } else {
-            scratch.chunks_mut(pair_len).enumerate().for_each(task);
-        }
+        // Few rows make short tasks, and rayon's splitting costs microseconds a job: one run of
+        // tiles per thread then; more, for balance, when the tasks are long.
+        let per_thread = if m > ROW_GROUP { 4 } else { 1 };
+        let min_len = pairs.div_ceil(threads * per_thread);
+        out.for_each_strip(2 * TILE_ROWS, parallel, min_len, task);
     }
 
     /// Results of 1 to [`ROW_GROUP`] activation rows against one or two tiles, into `out`
@@ -452,13 +417,6 @@ impl PackedMatrix {
             out.copy_from_slice(acc);
         }
     }
-}
-
-thread_local! {
-    /// Each calling thread's scratch buffer for [`PackedMatrix::matmul_quantized`]: a fresh one
-    /// per call would cost page faults on every large product. A call takes it out of the cell
-    /// and puts it back, so no borrow is held while the product runs.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Products with fewer multiply-adds than this run on the calling thread.

@@ -1,0 +1,100 @@
+//! A product's output, written in place by the tasks that each compute some of its columns.
+
+#![allow(unsafe_code)]
+
+use std::marker::PhantomData;
+
+use rayon::prelude::*;
+
+use super::TILE_ROWS;
+
+/// A row-major `[m][cols]` output cut into strips of columns, each handed to exactly one task:
+/// the tiles of a product cover disjoint columns of every row, so its tasks write their
+/// results in place, with no scratch buffer the size of the output.
+pub(super) struct Columns<'a> {
+    ptr: *mut f32,
+    m: usize,
+    cols: usize,
+    _out: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a `Columns` is an exclusive borrow of its buffer, like the `&mut [f32]` it was made
+// from. Threads write through it only with a `Strip`, and each strip (a set of columns) is
+// handed out once, so no two threads touch one element.
+unsafe impl Send for Columns<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Columns<'_> {}
+
+impl<'a> Columns<'a> {
+    /// `out` as `m` rows of `cols`, or `None` if its length is not `m · cols`.
+    pub(super) fn new(out: &'a mut [f32], m: usize, cols: usize) -> Option<Self> {
+        if Some(out.len()) != m.checked_mul(cols) {
+            return None;
+        }
+        Some(Columns {
+            ptr: out.as_mut_ptr(),
+            m,
+            cols,
+            _out: PhantomData,
+        })
+    }
+
+    /// Calls `f` once for each strip of `width` columns (the last one may be narrower), in
+    /// parallel (at least `min_len` strips a job) or in order.
+    pub(super) fn for_each_strip<F>(&self, width: usize, parallel: bool, min_len: usize, f: F)
+    where
+        F: Fn(Strip<'_, 'a>) + Sync + Send,
+    {
+        let strips = self.cols.div_ceil(width.max(1));
+        let strip = |s: usize| {
+            f(Strip {
+                out: self,
+                first: s * width,
+                end: self.cols.min((s + 1) * width),
+            })
+        };
+        if parallel {
+            (0..strips)
+                .into_par_iter()
+                .with_min_len(min_len.max(1))
+                .for_each(strip);
+        } else {
+            (0..strips).for_each(strip);
+        }
+    }
+}
+
+/// The columns `first..end` of every row of a [`Columns`], owned by one task.
+pub(super) struct Strip<'s, 'a> {
+    out: &'s Columns<'a>,
+    first: usize,
+    end: usize,
+}
+
+impl Strip<'_, '_> {
+    /// The strip's first column.
+    pub(super) fn first(&self) -> usize {
+        self.first
+    }
+
+    /// Writes 16 results of row `i` to the strip's columns `first + offset ..`, cut at the
+    /// strip's end; positions outside the strip or the output are ignored.
+    pub(super) fn write(&self, i: usize, offset: usize, lanes: &[f32; TILE_ROWS]) {
+        let first = self.first.saturating_add(offset);
+        if i >= self.out.m || first >= self.end {
+            return;
+        }
+        let n = TILE_ROWS.min(self.end - first);
+        // SAFETY: `i < m` and `first + n <= end <= cols`, so the `n` elements from
+        // `i · cols + first` lie inside the `m · cols` buffer that `out` borrows exclusively,
+        // and within this strip, which no other thread holds.
+        unsafe {
+            let dst = self.out.ptr.add(i * self.out.cols + first);
+            if n == TILE_ROWS {
+                dst.cast::<[f32; TILE_ROWS]>().write_unaligned(*lanes);
+            } else {
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
+            }
+        }
+    }
+}
