@@ -40,17 +40,19 @@ impl<'a> Columns<'a> {
     }
 
     /// Calls `f` once for each strip of `width` columns (the last one may be narrower), in
-    /// parallel (at least `min_len` strips a job) or in order.
-    pub(super) fn for_each_strip<F>(&self, width: usize, parallel: bool, min_len: usize, f: F)
+    /// parallel (at least `min_len` strips a job) or in order. It takes `&mut self`, so that
+    /// no two calls hand out the same strip at once.
+    pub(super) fn for_each_strip<F>(&mut self, width: usize, parallel: bool, min_len: usize, f: F)
     where
         F: Fn(Strip<'_, 'a>) + Sync + Send,
     {
-        let strips = self.cols.div_ceil(width.max(1));
+        let this = &*self;
+        let strips = this.cols.div_ceil(width.max(1));
         let strip = |s: usize| {
             f(Strip {
-                out: self,
+                out: this,
                 first: s * width,
-                end: self.cols.min((s + 1) * width),
+                end: this.cols.min((s + 1) * width),
             })
         };
         if parallel {

@@ -296,12 +296,12 @@ impl PackedMatrix {
         let parallel = macs >= PARALLEL_MIN_MACS && threads > 1;
         let (rows_out, len) = (self.rows, out.len());
         // The length was checked above.
-        let out = Columns::new(out, m, rows_out).ok_or(KernelError::LengthMismatch {
+        let mut out = Columns::new(out, m, rows_out).ok_or(KernelError::LengthMismatch {
             what: "output",
             expected: m.saturating_mul(rows_out),
             actual: len,
         })?;
-        self.tile_pairs(level, &rows, &out, parallel, threads);
+        self.tile_pairs(level, &rows, &mut out, parallel, threads);
         Ok(())
     }
 
@@ -313,7 +313,7 @@ impl PackedMatrix {
         &self,
         level: Int8Level,
         rows: &[ActRow<'_>],
-        out: &Columns<'_>,
+        out: &mut Columns<'_>,
         parallel: bool,
         threads: usize,
     ) {
