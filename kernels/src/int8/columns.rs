@@ -7,6 +7,8 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::TILE_ROWS;
+use crate::error::KernelError;
+use crate::matrix::{check_len, checked_len};
 
 /// A row-major `[m][cols]` output cut into strips of columns, each handed to exactly one task:
 /// the tiles of a product cover disjoint columns of every row, so its tasks write their
@@ -26,12 +28,14 @@ unsafe impl Send for Columns<'_> {}
 unsafe impl Sync for Columns<'_> {}
 
 impl<'a> Columns<'a> {
-    /// `out` as `m` rows of `cols`, or `None` if its length is not `m · cols`.
-    pub(super) fn new(out: &'a mut [f32], m: usize, cols: usize) -> Option<Self> {
-        if Some(out.len()) != m.checked_mul(cols) {
-            return None;
-        }
-        Some(Columns {
+    /// `out` as `m` rows of `cols`.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::LengthMismatch`] if its length is not `m · cols`.
+    pub(super) fn new(out: &'a mut [f32], m: usize, cols: usize) -> Result<Self, KernelError> {
+        check_len("output", out.len(), checked_len("output", m, cols)?)?;
+        Ok(Columns {
             ptr: out.as_mut_ptr(),
             m,
             cols,

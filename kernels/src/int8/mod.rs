@@ -286,7 +286,7 @@ impl PackedMatrix {
     ) -> Result<(), KernelError> {
         check_len("activation columns", x.cols, self.cols)?;
         let m = x.rows;
-        check_len("output", out.len(), checked_len("output", m, self.rows)?)?;
+        let mut out = Columns::new(out, m, self.rows)?;
         if m == 0 {
             return Ok(());
         }
@@ -294,13 +294,6 @@ impl PackedMatrix {
         let macs = m.saturating_mul(self.rows).saturating_mul(self.cols);
         let threads = rayon::current_num_threads();
         let parallel = macs >= PARALLEL_MIN_MACS && threads > 1;
-        let (rows_out, len) = (self.rows, out.len());
-        // The length was checked above.
-        let mut out = Columns::new(out, m, rows_out).ok_or(KernelError::LengthMismatch {
-            what: "output",
-            expected: m.saturating_mul(rows_out),
-            actual: len,
-        })?;
         self.tile_pairs(level, &rows, &mut out, parallel, threads);
         Ok(())
     }
