@@ -11,11 +11,15 @@
 //! Each (query token, head) pair is computed with an online softmax (as in FlashAttention):
 //! keys are visited in runs of consecutive slots, the scores of a run are kept on the stack, and
 //! the output accumulator is rescaled only when a run raises the running maximum. A task handles
-//! one token and up to eight query heads that share a KV head (grouped-query attention), so the
-//! cached keys and values are read from memory once per group rather than once per head. No
-//! allocation happens per task, and each output element is computed by one task in a fixed
-//! order: the result does not depend on the thread count or on how heads were batched.
+//! one token and up to eight query heads that share a KV head (grouped-query attention), or, in
+//! a prefill, a tile of tokens and all their heads ([`tile`]), so the cached keys and values are
+//! read from memory once per group (or tile) rather than once per head; the vector primitives
+//! take several heads at once, so each key or value vector loaded serves all of them. No
+//! allocation happens per task, and each output element's arithmetic is fixed: the result does
+//! not depend on the thread count, on how heads or tokens were grouped, or on the other
+//! sequences of the call.
 
+mod tile;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -389,11 +393,7 @@ impl<T: KvElement> PagedAttention<'_, T> {
         let shape = first.shape;
         shape.validate()?;
         let width = shape.n_heads * shape.head_dim;
-        let batch = head_batch(&shape);
-        let chunk = batch * shape.head_dim;
-        // Per request: its first chunk of `out`, and its work (for the parallel threshold).
-        let mut starts = Vec::with_capacity(requests.len() + 1);
-        let (mut chunks, mut work) = (0usize, 0usize);
+        let mut work = 0usize;
         for r in requests {
             if (
                 r.shape.n_heads,
@@ -412,8 +412,6 @@ impl<T: KvElement> PagedAttention<'_, T> {
             }
             let n_tokens = r.q.len() / width;
             r.check(n_tokens)?;
-            starts.push(chunks);
-            chunks += n_tokens * (shape.n_heads / batch);
             let end = r.pos0 + n_tokens;
             work = work.saturating_add(
                 (n_tokens * width)
@@ -421,24 +419,16 @@ impl<T: KvElement> PagedAttention<'_, T> {
                     .saturating_mul(2),
             );
         }
-        check_len("out", out.len(), chunks * chunk)?;
-        starts.push(chunks);
-        let batches_per_token = shape.n_heads / batch;
-        let task = |(index, out): (usize, &mut [f32])| {
-            // The request this chunk belongs to: the last start at or before it.
-            let r = starts.partition_point(|&s| s <= index) - 1;
-            let local = index - starts[r];
-            requests[r].attend_at(
-                level,
-                local / batches_per_token,
-                local % batches_per_token * batch,
-                out,
-            );
+        let total: usize = requests.iter().map(|r| r.q.len()).sum();
+        check_len("out", out.len(), total)?;
+        let tasks = tile::tasks(requests, out);
+        let task = |task: tile::Task<'_>| {
+            requests[task.request].compute_at(level, task.work, task.out);
         };
         if work >= PARALLEL_MIN_WORK {
-            out.par_chunks_mut(chunk).enumerate().for_each(task);
+            tasks.into_par_iter().for_each(task);
         } else {
-            out.chunks_mut(chunk).enumerate().for_each(task);
+            tasks.into_iter().for_each(task);
         }
         Ok(())
     }
@@ -473,48 +463,11 @@ impl<T: KvElement> PagedAttention<'_, T> {
 
     /// Validates the request, then computes `out` at the given SIMD level.
     fn run_at(&self, level: Level, n_tokens: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        let shape = &self.shape;
-        shape.validate()?;
-        let num_blocks = pool_blocks(shape, self.k_pool.len(), self.v_pool.len())?;
-        let len = token_tensor_len(n_tokens, shape.n_heads, shape.head_dim)?;
+        self.shape.validate()?;
+        let len = token_tensor_len(n_tokens, self.shape.n_heads, self.shape.head_dim)?;
         check_len("q", self.q.len(), len)?;
         check_len("out", out.len(), len)?;
-        if self.window == Some(0) {
-            return Err(KernelError::InvalidShape(
-                "a sliding window must hold at least one position".into(),
-            ));
-        }
-        if n_tokens == 0 {
-            return Ok(());
-        }
-        let end = self
-            .pos0
-            .checked_add(n_tokens)
-            .ok_or_else(|| overflow("position"))?;
-        check_block_table(
-            self.block_table,
-            shape.block_size,
-            self.first_key(self.pos0),
-            end,
-            num_blocks,
-        )?;
-
-        let batch = head_batch(shape);
-        let batches_per_token = shape.n_heads / batch;
-        let context = self.window.map_or(end, |w| w.min(end));
-        let work = len.saturating_mul(context).saturating_mul(2);
-        let task = |(index, out): (usize, &mut [f32])| {
-            let token = index / batches_per_token;
-            let first_head = index % batches_per_token * batch;
-            self.attend_at(level, token, first_head, out);
-        };
-        let chunk = batch * shape.head_dim;
-        if work >= PARALLEL_MIN_WORK {
-            out.par_chunks_mut(chunk).enumerate().for_each(task);
-        } else {
-            out.chunks_mut(chunk).enumerate().for_each(task);
-        }
-        Ok(())
+        Self::run_batch_at(level, std::slice::from_ref(self), out)
     }
 
     /// The first position the query at `pos` attends to.
@@ -522,13 +475,22 @@ impl<T: KvElement> PagedAttention<'_, T> {
         self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
     }
 
-    fn attend_at(&self, level: Level, token: usize, first_head: usize, out: &mut [f32]) {
+    /// Computes one task's `out` at the given SIMD level; the request has been validated.
+    fn compute_at(&self, level: Level, work: Work, out: &mut [f32]) {
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512(simd) => x86::attend_avx512(simd, self, token, first_head, out),
+            Level::Avx512(simd) => x86::compute_avx512(simd, self, work, out),
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2(simd) => x86::attend_avx2(simd, self, token, first_head, out),
-            Level::Scalar => self.attend(Portable, token, first_head, out),
+            Level::Avx2(simd) => x86::compute_avx2(simd, self, work, out),
+            Level::Scalar => self.compute(Portable, work, out),
+        }
+    }
+
+    #[inline(always)]
+    fn compute<V: VectorOps>(&self, ops: V, work: Work, out: &mut [f32]) {
+        match work {
+            Work::Heads { token, first_head } => self.attend(ops, token, first_head, out),
+            Work::Tile { token, tokens } => self.attend_tile(ops, token, tokens, out),
         }
     }
 
@@ -551,10 +513,11 @@ impl<T: KvElement> PagedAttention<'_, T> {
         );
 
         out.fill(0.0);
+        let heads = out.len() / hd;
         // Online-softmax state of each head: running maximum and denominator.
         let mut max = [f32::NEG_INFINITY; HEAD_BATCH];
         let mut denominator = [0.0f32; HEAD_BATCH];
-        let mut scores = [0.0f32; RUN];
+        let mut scores = [[0.0f32; RUN]; HEAD_BATCH];
         let mut pos = self.first_key(last);
         while pos <= last {
             // A run of consecutive slots of one block, at most RUN long.
@@ -562,34 +525,122 @@ impl<T: KvElement> PagedAttention<'_, T> {
             let n = (bs - slot).min(last + 1 - pos).min(RUN);
             let block = self.block_table[pos / bs] as usize;
             let at = shape.head_offset(block, kv_head);
-            let keys = &self.k_pool[at..at + hd * bs];
-            let values = &self.v_pool[at + slot * hd..][..n * hd];
-            let scores = &mut scores[..n];
-
-            let heads = q.chunks_exact(hd).zip(out.chunks_exact_mut(hd));
-            for ((q, out), (max, denominator)) in heads.zip(max.iter_mut().zip(&mut denominator)) {
-                ops.scores(q, keys, bs, slot, self.scale, scores);
-                let run_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if run_max > *max {
-                    // Rescale what has been accumulated so far to the new maximum (a no-op on
-                    // the first run, where the factor is exp(−∞) = 0 and all is still 0).
-                    let rescale = math::exp(*max - run_max);
-                    *denominator *= rescale;
-                    ops.scale(out, rescale);
-                    *max = run_max;
-                }
-                // The run's weights, exponentiated together (the same bits at every level).
-                scores.iter_mut().for_each(|s| *s -= *max);
-                math::exp_in_place(scores);
-                *denominator += scores.iter().sum::<f32>();
-                ops.accumulate(out, scores, values);
-            }
+            let run = Run {
+                keys: &self.k_pool[at..at + hd * bs],
+                block_size: bs,
+                slot,
+                values: &self.v_pool[at + slot * hd..][..n * hd],
+                len: n,
+            };
+            let state = (&mut max[..heads], &mut denominator[..heads]);
+            self.online_step(ops, q, &run, state, &mut scores[..heads], out);
             pos += n;
         }
         for (out, denominator) in out.chunks_exact_mut(hd).zip(denominator) {
             ops.scale(out, 1.0 / denominator);
         }
     }
+
+    /// One online-softmax step of query heads `q` (`[heads][head_dim]`, their outputs `out`)
+    /// over a run of keys and values: the scores of the run, then per head the rescaling of
+    /// `out` and the denominator if the run raises the maximum and the run's weights, then the
+    /// weighted values added to `out`. Every path computes every head this way; the heads go
+    /// through it together only so that each key and value is loaded once for all of them.
+    #[inline(always)]
+    fn online_step<V: VectorOps, K: KvElement>(
+        &self,
+        ops: V,
+        q: &[f32],
+        run: &Run<'_, K>,
+        (max, denominator): (&mut [f32], &mut [f32]),
+        scores: &mut [[f32; RUN]],
+        out: &mut [f32],
+    ) {
+        let hd = self.shape.head_dim;
+        ops.scores(q, run, self.scale, scores);
+        // The heads' weights, up to four at a time: their sums are sequential chains (in the
+        // order of the run), and four interleaved chains wait on each other four times less.
+        let chunks = out.chunks_mut(4 * hd).zip(scores.chunks_mut(4));
+        for ((out, scores), (max, denominator)) in
+            chunks.zip(max.chunks_mut(4).zip(denominator.chunks_mut(4)))
+        {
+            let state = (max, denominator);
+            match scores.len() {
+                4 => weights::<4, V>(ops, run.len, scores, state, out),
+                3 => weights::<3, V>(ops, run.len, scores, state, out),
+                2 => weights::<2, V>(ops, run.len, scores, state, out),
+                _ => weights::<1, V>(ops, run.len, scores, state, out),
+            }
+        }
+        ops.accumulate(out, scores, run.values);
+    }
+}
+
+/// The online-softmax weights of a run for `H` heads (`scores[h][..n]`, replaced by the
+/// weights): per head, the run's maximum; if it raises the running maximum, the rescaling of
+/// what the head has accumulated so far (`out[h]` and its denominator); then `exp(score −
+/// maximum)`, and their sum, in the run's order, added to the denominator. `H` is the number
+/// of rows of `scores` (the callers match on it), so the heads' chains sit in registers side
+/// by side.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // the heads' chains indexed by constants: registers
+fn weights<const H: usize, V: VectorOps>(
+    ops: V,
+    n: usize,
+    scores: &mut [[f32; RUN]],
+    (max, denominator): (&mut [f32], &mut [f32]),
+    out: &mut [f32],
+) {
+    let hd = out.len() / H;
+    let mut run_max = [f32::NEG_INFINITY; H];
+    for j in 0..n {
+        for h in 0..H {
+            run_max[h] = run_max[h].max(scores[h][j]);
+        }
+    }
+    for h in 0..H {
+        if run_max[h] > max[h] {
+            // Rescale what has been accumulated so far to the new maximum (a no-op on the
+            // first run, where the factor is exp(−∞) = 0 and all is still 0).
+            let rescale = math::exp(max[h] - run_max[h]);
+            denominator[h] *= rescale;
+            ops.scale(&mut out[h * hd..(h + 1) * hd], rescale);
+            max[h] = run_max[h];
+        }
+        // The run's weights, exponentiated together (the same bits at every level).
+        let scores = &mut scores[h][..n];
+        scores.iter_mut().for_each(|s| *s -= max[h]);
+        math::exp_in_place(scores);
+    }
+    let mut sum = [0.0f32; H];
+    for j in 0..n {
+        for h in 0..H {
+            sum[h] += scores[h][j];
+        }
+    }
+    for h in 0..H {
+        denominator[h] += sum[h];
+    }
+}
+
+/// What one task computes: [`PagedAttention::attend`] or [`PagedAttention::attend_tile`].
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    /// Query heads from `first_head` (sharing one KV head) of one token.
+    Heads { token: usize, first_head: usize },
+    /// Every head of `tokens` consecutive tokens from `token`.
+    Tile { token: usize, tokens: usize },
+}
+
+/// A run of `len` consecutive key slots (at most [`RUN`]): `keys` transposed (`keys[d ·
+/// block_size + slot + j]` for `j < len`), `values` the run's `len` value vectors one after
+/// another.
+struct Run<'a, K> {
+    keys: &'a [K],
+    block_size: usize,
+    slot: usize,
+    values: &'a [K],
+    len: usize,
 }
 
 /// The number of query heads one task processes together: the largest divisor of the group of
@@ -602,26 +653,26 @@ fn head_batch(shape: &AttentionShape) -> usize {
         .unwrap_or(1)
 }
 
-/// The vector primitives of the attention kernel, one implementation per SIMD level. All slices
-/// passed to one call have the same length.
+/// The vector primitives of the attention kernel, one implementation per SIMD level. They work
+/// on several query heads at once (`q`, `y`: `[heads][head_dim]`; `scores`, `w`: one row per
+/// head), each head's arithmetic the same whatever the others.
 trait VectorOps: Copy {
-    /// The scores of `out.len()` consecutive slots from `slot` of one block's transposed keys
-    /// (`keys[d · block_size + s]`): `out[j] = scale · Σ_d q[d] · keys[d][slot + j]`, the sum
-    /// over `d` in order.
+    /// The scores of the run's slots for each head: `scores[h][j] = scale · Σ_d q[h][d] ·
+    /// keys[d][slot + j]` for `j < run.len`, the sum over `d` in a fixed order.
     fn scores<T: KvElement>(
         self,
         q: &[f32],
-        keys: &[T],
-        block_size: usize,
-        slot: usize,
+        run: &Run<'_, T>,
         scale: f32,
-        out: &mut [f32],
+        scores: &mut [[f32; RUN]],
     );
-    /// `y[i] += Σ_j w[j] · x[j][i]` (`x` is `w.len()` rows of `y.len()`), each element's terms
-    /// added in the order of `j`.
-    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]);
+    /// `y[h][i] += Σ_j w[h][j] · x[j][i]` over the `x.len() / head_dim` rows of `x`, each
+    /// element's terms added in the order of `j`.
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]);
     /// `y[i] *= a`.
     fn scale(self, y: &mut [f32], a: f32);
+    /// `y[i] = x[i]` as f32 (exact: every element widens to one f32).
+    fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]);
 }
 
 /// Portable implementation: loops over independent elements, a shape LLVM vectorizes.
@@ -633,26 +684,31 @@ impl VectorOps for Portable {
     fn scores<T: KvElement>(
         self,
         q: &[f32],
-        keys: &[T],
-        bs: usize,
-        slot: usize,
+        run: &Run<'_, T>,
         scale: f32,
-        out: &mut [f32],
+        scores: &mut [[f32; RUN]],
     ) {
-        out.fill(0.0);
-        for (&q, keys) in q.iter().zip(keys.chunks_exact(bs)) {
-            for (o, &k) in out.iter_mut().zip(&keys[slot..]) {
-                *o += q * k.to_f32();
+        let hd = q.len() / scores.len().max(1);
+        for (q, out) in q.chunks_exact(hd).zip(scores) {
+            let out = &mut out[..run.len];
+            out.fill(0.0);
+            for (&q, keys) in q.iter().zip(run.keys.chunks_exact(run.block_size)) {
+                for (o, &k) in out.iter_mut().zip(&keys[run.slot..]) {
+                    *o += q * k.to_f32();
+                }
             }
+            out.iter_mut().for_each(|o| *o *= scale);
         }
-        out.iter_mut().for_each(|o| *o *= scale);
     }
 
     #[inline(always)]
-    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]) {
-        for (&w, x) in w.iter().zip(x.chunks_exact(y.len())) {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y += w * x.to_f32();
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
+        let hd = y.len() / w.len().max(1);
+        for (y, w) in y.chunks_exact_mut(hd).zip(w) {
+            for (&w, x) in w.iter().zip(x.chunks_exact(hd)) {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y += w * x.to_f32();
+                }
             }
         }
     }
@@ -661,6 +717,13 @@ impl VectorOps for Portable {
     fn scale(self, y: &mut [f32], a: f32) {
         for y in y.iter_mut() {
             *y *= a;
+        }
+    }
+
+    #[inline(always)]
+    fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x.to_f32();
         }
     }
 }

@@ -232,7 +232,11 @@ fn simd_levels_agree_and_threads_do_not_matter() {
         };
         for (index, expected) in parallel.chunks_exact(128).enumerate().step_by(7) {
             let mut alone = vec![0.0; 128];
-            request.attend_at(level, index / 8, index % 8, &mut alone);
+            let work = Work::Heads {
+                token: index / 8,
+                first_head: index % 8,
+            };
+            request.compute_at(level, work, &mut alone);
             assert_eq!(
                 alone,
                 expected,
@@ -517,5 +521,80 @@ fn f16_pools_are_f32_pools_of_the_rounded_values() {
                 );
             }
         }
+    }
+}
+
+/// A prefill's tiles give each query token the bits it has alone (one token, the heads of one
+/// KV head, [`PagedAttention::attend`]): at every level, over f32 and f16 pools, for tiles cut
+/// short by the end of the call, runs cut by small and large blocks, head sizes with vector
+/// tails, and calls that start past position 0 (a prefill in chunks).
+#[test]
+fn tiles_of_query_tokens_give_each_token_its_bits_alone() {
+    let mut rng = Rng::new(41);
+    // (shape, sequence length, query tokens at its end)
+    for (s, len, n_tokens) in [
+        (shape(9, 3, 64, 16), 77, 77),  // SmolLM2's heads, a partial last tile
+        (shape(9, 3, 64, 16), 150, 37), // a later chunk of a prefill
+        (shape(8, 2, 20, 5), 41, 19),   // head size with a SIMD tail, blocks shorter than a run
+        (shape(4, 4, 16, 128), 300, 9), // runs of RUN within a long block
+        (shape(16, 1, 32, 8), 35, 2),   // two batches of 8 heads per KV head, a tile of two
+        (shape(2, 1, 264, 16), 20, 10), // heads past the tile's buffers: one token at a time
+    ] {
+        let fixture = Fixture::new(s, len, &mut rng);
+        let blocks = fixture.k_pool.len() / s.block_len().unwrap();
+        let mut k16 = vec![f16::ZERO; blocks * s.block_len().unwrap()];
+        let mut v16 = k16.clone();
+        let table = &fixture.block_table;
+        write_kv(
+            &s,
+            &mut k16,
+            &mut v16,
+            table,
+            0,
+            &fixture.keys,
+            &fixture.values,
+            len,
+        )
+        .unwrap();
+        let pos0 = len - n_tokens;
+        let q = rng.normal_vec(n_tokens * s.n_heads * s.head_dim, 1.0);
+        check_tiles_against_tokens_alone(&s, &q, pos0, &fixture.k_pool, &fixture.v_pool, table);
+        check_tiles_against_tokens_alone(&s, &q, pos0, &k16, &v16, table);
+    }
+}
+
+fn check_tiles_against_tokens_alone<T: KvElement>(
+    s: &AttentionShape,
+    q: &[f32],
+    pos0: usize,
+    k_pool: &[T],
+    v_pool: &[T],
+    block_table: &[u32],
+) {
+    let request = PagedAttention {
+        shape: *s,
+        q,
+        pos0,
+        k_pool,
+        v_pool,
+        block_table,
+        scale: 0.125,
+        window: None,
+    };
+    let n_tokens = q.len() / (s.n_heads * s.head_dim);
+    let batch = head_batch(s);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for level in supported_levels() {
+        let mut tiled = vec![f32::NAN; q.len()];
+        request.run_at(level, n_tokens, &mut tiled).unwrap();
+        let mut alone = vec![f32::NAN; q.len()];
+        for (index, out) in alone.chunks_mut(batch * s.head_dim).enumerate() {
+            let work = Work::Heads {
+                token: index / (s.n_heads / batch),
+                first_head: index % (s.n_heads / batch) * batch,
+            };
+            request.compute_at(level, work, out);
+        }
+        assert_eq!(bits(&tiled), bits(&alone), "{level:?} {s:?}");
     }
 }

@@ -13,54 +13,50 @@ use std::arch::x86_64::{
     _mm512_set1_ps, _mm512_setzero_ps,
 };
 
-use super::{KvElement, PagedAttention, VectorOps};
+use super::{KvElement, PagedAttention, RUN, Run, VectorOps, Work};
 use crate::cpu::{Avx2, Avx512};
 use crate::x86::{load_f32x8, load_f32x16, store_f32x8, store_f32x16};
 
-/// AVX-512 version of [`PagedAttention::attend`].
-pub(super) fn attend_avx512<T: KvElement>(
+/// AVX-512 version of [`PagedAttention::compute`].
+pub(super) fn compute_avx512<T: KvElement>(
     simd: Avx512,
     request: &PagedAttention<'_, T>,
-    token: usize,
-    first_head: usize,
+    work: Work,
     out: &mut [f32],
 ) {
     // SAFETY: the `Avx512` token proves the CPU supports AVX-512F, AVX2, FMA and F16C.
-    unsafe { attend_avx512_impl(simd, request, token, first_head, out) }
+    unsafe { compute_avx512_impl(simd, request, work, out) }
 }
 
-/// AVX2 version of [`PagedAttention::attend`].
-pub(super) fn attend_avx2<T: KvElement>(
+/// AVX2 version of [`PagedAttention::compute`].
+pub(super) fn compute_avx2<T: KvElement>(
     simd: Avx2,
     request: &PagedAttention<'_, T>,
-    token: usize,
-    first_head: usize,
+    work: Work,
     out: &mut [f32],
 ) {
     // SAFETY: the `Avx2` token proves the CPU supports AVX2, FMA and F16C.
-    unsafe { attend_avx2_impl(simd, request, token, first_head, out) }
+    unsafe { compute_avx2_impl(simd, request, work, out) }
 }
 
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn attend_avx512_impl<T: KvElement>(
+fn compute_avx512_impl<T: KvElement>(
     simd: Avx512,
     request: &PagedAttention<'_, T>,
-    token: usize,
-    first_head: usize,
+    work: Work,
     out: &mut [f32],
 ) {
-    request.attend(simd, token, first_head, out);
+    request.compute(simd, work, out);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn attend_avx2_impl<T: KvElement>(
+fn compute_avx2_impl<T: KvElement>(
     simd: Avx2,
     request: &PagedAttention<'_, T>,
-    token: usize,
-    first_head: usize,
+    work: Work,
     out: &mut [f32],
 ) {
-    request.attend(simd, token, first_head, out);
+    request.compute(simd, work, out);
 }
 
 impl VectorOps for Avx512 {
@@ -68,18 +64,16 @@ impl VectorOps for Avx512 {
     fn scores<T: KvElement>(
         self,
         q: &[f32],
-        keys: &[T],
-        bs: usize,
-        slot: usize,
+        run: &Run<'_, T>,
         scale: f32,
-        out: &mut [f32],
+        scores: &mut [[f32; RUN]],
     ) {
         // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
-        unsafe { scores_avx512(q, keys, bs, slot, scale, out) }
+        unsafe { scores_avx512(q, run, scale, scores) }
     }
 
     #[inline(always)]
-    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]) {
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
         // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
         unsafe { accumulate_avx512(y, w, x) }
     }
@@ -89,6 +83,12 @@ impl VectorOps for Avx512 {
         // SAFETY: `self` proves the CPU supports AVX-512F.
         unsafe { scale_avx512(y, a) }
     }
+
+    #[inline(always)]
+    fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]) {
+        // SAFETY: `self` proves the CPU supports AVX-512F and F16C.
+        unsafe { widen_avx512(x, y) }
+    }
 }
 
 impl VectorOps for Avx2 {
@@ -96,20 +96,26 @@ impl VectorOps for Avx2 {
     fn scores<T: KvElement>(
         self,
         q: &[f32],
-        keys: &[T],
-        bs: usize,
-        slot: usize,
+        run: &Run<'_, T>,
         scale: f32,
-        out: &mut [f32],
+        scores: &mut [[f32; RUN]],
     ) {
-        // SAFETY: `self` proves the CPU supports AVX2, FMA and F16C.
-        unsafe { scores_avx2(q, keys, bs, slot, scale, out) }
+        let hd = q.len() / scores.len().max(1);
+        for (q, out) in q.chunks_exact(hd).zip(scores) {
+            let (keys, bs, slot) = (run.keys, run.block_size, run.slot);
+            // SAFETY: `self` proves the CPU supports AVX2, FMA and F16C.
+            unsafe { scores_avx2(q, keys, bs, slot, scale, &mut out[..run.len]) }
+        }
     }
 
     #[inline(always)]
-    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[f32], x: &[T]) {
-        // SAFETY: `self` proves the CPU supports AVX2, FMA and F16C.
-        unsafe { accumulate_avx2(y, w, x) }
+    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
+        let hd = y.len() / w.len().max(1);
+        let rows = x.len() / hd;
+        for (y, w) in y.chunks_exact_mut(hd).zip(w) {
+            // SAFETY: `self` proves the CPU supports AVX2, FMA and F16C.
+            unsafe { accumulate_avx2(y, &w[..rows], x) }
+        }
     }
 
     #[inline(always)]
@@ -117,31 +123,114 @@ impl VectorOps for Avx2 {
         // SAFETY: `self` proves the CPU supports AVX2.
         unsafe { scale_avx2(y, a) }
     }
+
+    #[inline(always)]
+    fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]) {
+        // SAFETY: `self` proves the CPU supports AVX, F16C.
+        unsafe { widen_avx2(x, y) }
+    }
 }
+
+/// Query heads whose scores, or weighted values, one pass computes: each key or value vector
+/// loaded is used by all of them, and their accumulators are independent chains.
+const HEADS: usize = 4;
 
 /// Query dimensions whose products go to separate accumulators (then summed pairwise): four
 /// independent chains of multiply-adds instead of one.
 const CHAINS: usize = 4;
 
-/// [`VectorOps::scores`] with AVX-512: 16 slots per vector (the last one masked), per query
-/// dimension one multiply-add of the broadcast `q[d]` with that dimension's keys.
+/// [`VectorOps::scores`] with AVX-512: for the usual head sizes, [`HEADS`] heads at a time;
+/// others one head at a time, with the same operations.
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-fn scores_avx512<T: KvElement>(
+fn scores_avx512<T: KvElement>(q: &[f32], run: &Run<'_, T>, scale: f32, scores: &mut [[f32; RUN]]) {
+    let hd = q.len() / scores.len().max(1);
+    match hd {
+        32 => scores_sized_512::<32, T>(q, run, scale, scores),
+        64 => scores_sized_512::<64, T>(q, run, scale, scores),
+        128 => scores_sized_512::<128, T>(q, run, scale, scores),
+        _ => {
+            for (q, out) in q.chunks_exact(hd).zip(scores) {
+                scores_head_512(q, run, scale, &mut out[..run.len]);
+            }
+        }
+    }
+}
+
+/// The scores of heads of `HD` dimensions, [`HEADS`] at a time.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn scores_sized_512<const HD: usize, T: KvElement>(
     q: &[f32],
-    keys: &[T],
-    bs: usize,
-    slot: usize,
+    run: &Run<'_, T>,
     scale: f32,
-    out: &mut [f32],
+    scores: &mut [[f32; RUN]],
 ) {
+    let (q, _) = q.as_chunks::<HD>();
+    for (q, scores) in q.chunks(HEADS).zip(scores.chunks_mut(HEADS)) {
+        if let Ok(q) = <&[[f32; HD]; 4]>::try_from(q) {
+            scores_heads_512::<4, HD, T>(q, run, scale, scores);
+        } else if let Ok(q) = <&[[f32; HD]; 3]>::try_from(q) {
+            scores_heads_512::<3, HD, T>(q, run, scale, scores);
+        } else if let Ok(q) = <&[[f32; HD]; 2]>::try_from(q) {
+            scores_heads_512::<2, HD, T>(q, run, scale, scores);
+        } else if let Ok(q) = <&[[f32; HD]; 1]>::try_from(q) {
+            scores_heads_512::<1, HD, T>(q, run, scale, scores);
+        }
+    }
+}
+
+/// The scores of `H` heads of `HD` (a multiple of [`CHAINS`]) dimensions: 16 slots per vector
+/// (the last one masked); per query dimension one key vector, and for each head one
+/// multiply-add of its broadcast `q[d]` with it into that head's chain `d mod 4`.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // the chains indexed by constants: registers
+fn scores_heads_512<const H: usize, const HD: usize, T: KvElement>(
+    q: &[[f32; HD]; H],
+    run: &Run<'_, T>,
+    scale: f32,
+    scores: &mut [[f32; RUN]],
+) {
+    let (n, bs, slot) = (run.len, run.block_size, run.slot);
+    let mut j = 0;
+    while j < n {
+        let len = (n - j).min(16);
+        let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
+        let mut acc = [[_mm512_setzero_ps(); CHAINS]; H];
+        for d0 in (0..HD).step_by(CHAINS) {
+            for c in 0..CHAINS {
+                let d = d0 + c;
+                // SAFETY: this function's features are the ones `widen16_prefix` needs.
+                let k = unsafe { T::widen16_prefix(&run.keys[d * bs + slot + j..][..len]) };
+                for h in 0..H {
+                    acc[h][c] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][d]), k, acc[h][c]);
+                }
+            }
+        }
+        for (acc, out) in acc.iter().zip(scores.iter_mut()) {
+            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            let sum = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
+            let o = &mut out[j..j + len];
+            // SAFETY: the mask covers `len` floats, all inside `o`.
+            unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), mask, sum) };
+        }
+        j += len;
+    }
+}
+
+/// The scores of one head of any size, with the operations of [`scores_heads_512`].
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn scores_head_512<T: KvElement>(q: &[f32], run: &Run<'_, T>, scale: f32, out: &mut [f32]) {
+    let (bs, slot) = (run.block_size, run.slot);
     let n = out.len();
     let mut j = 0;
     while j < n {
         let len = (n - j).min(16);
         let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
         let mut acc = [_mm512_setzero_ps(); CHAINS];
-        for (d, (&q, keys)) in q.iter().zip(keys.chunks_exact(bs)).enumerate() {
+        for (d, (&q, keys)) in q.iter().zip(run.keys.chunks_exact(bs)).enumerate() {
             // SAFETY: this function's features are the ones `widen16_prefix` needs.
             let k = unsafe { T::widen16_prefix(&keys[slot + j..][..len]) };
             acc[d % CHAINS] = _mm512_fmadd_ps(_mm512_set1_ps(q), k, acc[d % CHAINS]);
@@ -155,26 +244,85 @@ fn scores_avx512<T: KvElement>(
     }
 }
 
-/// [`VectorOps::accumulate`] with AVX-512: `y` in registers while the rows of `x` stream past
-/// (for the usual head sizes; others go through memory, with the same operations).
+/// [`VectorOps::accumulate`] with AVX-512: for the usual head sizes, up to [`HEADS`] heads'
+/// outputs held in registers while the rows of `x` stream past once for all of them.
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-fn accumulate_avx512<T: KvElement>(y: &mut [f32], w: &[f32], x: &[T]) {
+fn accumulate_avx512<T: KvElement>(y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
+    let hd = y.len() / w.len().max(1);
+    let rows = x.len() / hd;
+    let heads = y.chunks_mut(HEADS * hd).zip(w.chunks(HEADS));
+    match hd {
+        32 => heads.for_each(|(y, w)| accumulate_heads_512::<2, T>(y, w, x)),
+        64 => heads.for_each(|(y, w)| accumulate_heads_512::<4, T>(y, w, x)),
+        128 => {
+            let heads = y.chunks_mut(2 * hd).zip(w.chunks(2));
+            heads.for_each(|(y, w)| accumulate_heads_512::<8, T>(y, w, x));
+        }
+        _ => {
+            for (y, w) in y.chunks_exact_mut(hd).zip(w) {
+                accumulate_head_512(y, &w[..rows], x);
+            }
+        }
+    }
+}
+
+/// The heads of `y` (up to [`HEADS`], `V` vectors each) against the rows of `x`.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn accumulate_heads_512<const V: usize, T: KvElement>(y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
+    match w.len() {
+        4 => accumulate_held_512::<4, V, T>(y, w, x),
+        3 => accumulate_held_512::<3, V, T>(y, w, x),
+        2 => accumulate_held_512::<2, V, T>(y, w, x),
+        _ => accumulate_held_512::<1, V, T>(y, w, x),
+    }
+}
+
+/// `H` heads of `V` vectors each held in registers (constant counts, so the arrays are
+/// registers): per row of `x`, its `V` vectors are loaded once, and each head adds its weight
+/// times them.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn accumulate_held_512<const H: usize, const V: usize, T: KvElement>(
+    y: &mut [f32],
+    w: &[[f32; RUN]],
+    x: &[T],
+) {
+    let (y, _) = y.as_chunks_mut::<16>();
+    let mut acc: [[__m512; V]; H] =
+        std::array::from_fn(|h| std::array::from_fn(|v| load_f32x16(&y[h * V + v])));
+    for (j, row) in x.chunks_exact(16 * V).enumerate() {
+        let row = row.as_chunks::<16>().0;
+        // SAFETY: this function's features are the ones `widen16` needs.
+        let xs: [__m512; V] = std::array::from_fn(|v| unsafe { T::widen16(&row[v]) });
+        for h in 0..H {
+            let w = _mm512_set1_ps(w[h][j]);
+            for v in 0..V {
+                acc[h][v] = _mm512_fmadd_ps(w, xs[v], acc[h][v]);
+            }
+        }
+    }
+    for h in 0..H {
+        for v in 0..V {
+            store_f32x16(&mut y[h * V + v], acc[h][v]);
+        }
+    }
+}
+
+/// One head of any size: its vectors through memory, then the tail one element at a time,
+/// with the same operations as [`accumulate_held_512`].
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn accumulate_head_512<T: KvElement>(y: &mut [f32], w: &[f32], x: &[T]) {
     let width = y.len();
     let (vectors, tail) = y.as_chunks_mut::<16>();
-    match vectors.len() {
-        4 => accumulate_held_512::<4, T>(vectors, w, x, width),
-        8 => accumulate_held_512::<8, T>(vectors, w, x, width),
-        2 => accumulate_held_512::<2, T>(vectors, w, x, width),
-        _ => {
-            for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
-                let w = _mm512_set1_ps(w);
-                for (y, x) in vectors.iter_mut().zip(row.as_chunks::<16>().0) {
-                    // SAFETY: this function's features are the ones `widen16` needs.
-                    let x = unsafe { T::widen16(x) };
-                    store_f32x16(y, _mm512_fmadd_ps(w, x, load_f32x16(y)));
-                }
-            }
+    for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
+        let w = _mm512_set1_ps(w);
+        for (y, x) in vectors.iter_mut().zip(row.as_chunks::<16>().0) {
+            // SAFETY: this function's features are the ones `widen16` needs.
+            let x = unsafe { T::widen16(x) };
+            store_f32x16(y, _mm512_fmadd_ps(w, x, load_f32x16(y)));
         }
     }
     let start = width - tail.len();
@@ -182,29 +330,6 @@ fn accumulate_avx512<T: KvElement>(y: &mut [f32], w: &[f32], x: &[T]) {
         for (y, &x) in tail.iter_mut().zip(&row[start..]) {
             *y = w.mul_add(x.to_f32(), *y);
         }
-    }
-}
-
-/// `V` vectors of `y` held in registers (a constant count, so the array is registers).
-#[target_feature(enable = "avx512f,fma,f16c")]
-#[inline]
-fn accumulate_held_512<const V: usize, T: KvElement>(
-    y: &mut [[f32; 16]],
-    w: &[f32],
-    x: &[T],
-    width: usize,
-) {
-    let mut acc: [__m512; V] = std::array::from_fn(|v| load_f32x16(&y[v]));
-    for (&w, row) in w.iter().zip(x.chunks_exact(width)) {
-        let w = _mm512_set1_ps(w);
-        let row = row.as_chunks::<16>().0;
-        for v in 0..V {
-            // SAFETY: this function's features are the ones `widen16` needs.
-            acc[v] = _mm512_fmadd_ps(w, unsafe { T::widen16(&row[v]) }, acc[v]);
-        }
-    }
-    for v in 0..V {
-        store_f32x16(&mut y[v], acc[v]);
     }
 }
 
@@ -300,5 +425,33 @@ fn scale_avx2(y: &mut [f32], a: f32) {
     }
     for y in tail {
         *y *= a;
+    }
+}
+
+/// [`VectorOps::widen`] with AVX-512: 16 elements per vector, the last vector masked.
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+fn widen_avx512<T: KvElement>(x: &[T], y: &mut [f32]) {
+    for (x, y) in x.chunks(16).zip(y.chunks_mut(16)) {
+        let len = x.len().min(y.len());
+        let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
+        // SAFETY: this function's features are the ones `widen16_prefix` needs; the mask
+        // covers `len` floats, all inside `y`.
+        unsafe { _mm512_mask_storeu_ps(y.as_mut_ptr(), mask, T::widen16_prefix(&x[..len])) };
+    }
+}
+
+/// [`VectorOps::widen`] with AVX2: 8 elements per vector, the tail one at a time.
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+fn widen_avx2<T: KvElement>(x: &[T], y: &mut [f32]) {
+    let (vectors, tail) = y.as_chunks_mut::<8>();
+    let (x_vectors, x_tail) = x.as_chunks::<8>();
+    for (y, x) in vectors.iter_mut().zip(x_vectors) {
+        // SAFETY: this function's features are the ones `widen8` needs.
+        store_f32x8(y, unsafe { T::widen8(x) });
+    }
+    for (y, &x) in tail.iter_mut().zip(x_tail) {
+        *y = x.to_f32();
     }
 }
