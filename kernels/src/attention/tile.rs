@@ -107,8 +107,15 @@ impl<T: KvElement> PagedAttention<'_, T> {
                 let n = (bs - slot).min(last + 1 - pos).min(RUN);
                 let block = self.block_table[pos / bs] as usize;
                 let at = shape.head_offset(block, kv_head);
-                for (d, row) in keys.chunks_exact_mut(RUN).take(hd).enumerate() {
-                    ops.widen(&self.k_pool[at + d * bs + slot..][..n], &mut row[..n]);
+                // The run's keys, `[head_dim][stride]`: a whole block in one piece, as it lies in
+                // the pool; a part of one row by row.
+                let stride = if n == bs { bs } else { RUN };
+                if n == bs {
+                    ops.widen(&self.k_pool[at..at + hd * bs], &mut keys[..hd * bs]);
+                } else {
+                    for (d, row) in keys.chunks_exact_mut(RUN).take(hd).enumerate() {
+                        ops.widen(&self.k_pool[at + d * bs + slot..][..n], &mut row[..n]);
+                    }
                 }
                 ops.widen(
                     &self.v_pool[at + slot * hd..][..n * hd],
@@ -118,8 +125,8 @@ impl<T: KvElement> PagedAttention<'_, T> {
                 for t in pos.saturating_sub(first)..tokens {
                     let n = n.min(first + t + 1 - pos);
                     let run = Run {
-                        keys: &keys[..hd * RUN],
-                        block_size: RUN,
+                        keys: &keys[..hd * stride],
+                        block_size: stride,
                         slot: 0,
                         values: &values[..n * hd],
                         len: n,
