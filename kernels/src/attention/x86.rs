@@ -196,7 +196,6 @@ fn scores_heads_512<const H: usize, const HD: usize, T: KvElement>(
     let mut j = 0;
     while j < n {
         let len = (n - j).min(16);
-        let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
         let mut acc = [[_mm512_setzero_ps(); CHAINS]; H];
         for d0 in (0..HD).step_by(CHAINS) {
             for c in 0..CHAINS {
@@ -209,11 +208,7 @@ fn scores_heads_512<const H: usize, const HD: usize, T: KvElement>(
             }
         }
         for (acc, out) in acc.iter().zip(scores.iter_mut()) {
-            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-            let sum = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
-            let o = &mut out[j..j + len];
-            // SAFETY: the mask covers `len` floats, all inside `o`.
-            unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), mask, sum) };
+            store_scores_512(acc, scale, &mut out[j..j + len]);
         }
         j += len;
     }
@@ -228,20 +223,28 @@ fn scores_head_512<T: KvElement>(q: &[f32], run: &Run<'_, T>, scale: f32, out: &
     let mut j = 0;
     while j < n {
         let len = (n - j).min(16);
-        let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
         let mut acc = [_mm512_setzero_ps(); CHAINS];
         for (d, (&q, keys)) in q.iter().zip(run.keys.chunks_exact(bs)).enumerate() {
             // SAFETY: this function's features are the ones `widen16_prefix` needs.
             let k = unsafe { T::widen16_prefix(&keys[slot + j..][..len]) };
             acc[d % CHAINS] = _mm512_fmadd_ps(_mm512_set1_ps(q), k, acc[d % CHAINS]);
         }
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        let sum = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
-        let o = &mut out[j..j + len];
-        // SAFETY: the mask covers `len` floats, all inside `o`.
-        unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), mask, sum) };
+        store_scores_512(&acc, scale, &mut out[j..j + len]);
         j += len;
     }
+}
+
+/// Stores `scale · ((c0 + c1) + (c2 + c3))`, the scores of up to 16 slots from their four
+/// chains, to `out` (at most 16 floats).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn store_scores_512(acc: &[__m512; CHAINS], scale: f32, out: &mut [f32]) {
+    let len = out.len().min(16);
+    let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let sum = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
+    // SAFETY: the mask covers `len` floats, all inside `out`.
+    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, sum) };
 }
 
 /// [`VectorOps::accumulate`] with AVX-512: for the usual head sizes, up to [`HEADS`] heads'
