@@ -15,9 +15,14 @@
 //! a prefill, a tile of tokens and all their heads ([`tile`]), so the cached keys and values are
 //! read from memory once per group (or tile) rather than once per head; the vector primitives
 //! take several heads at once, so each key or value vector loaded serves all of them. No
-//! allocation happens per task, and each output element's arithmetic is fixed: the result does
-//! not depend on the thread count, on how heads or tokens were grouped, or on the other
-//! sequences of the call.
+//! allocation happens per task (but for the partial states of segments), and each output
+//! element's arithmetic is fixed: the result does not depend on the thread count, on how heads
+//! or tokens were grouped, or on the other sequences of the call.
+//!
+//! Keys are attended in segments of [`SEGMENT_BLOCKS`] blocks, each from a fresh state, the
+//! segments' states merged in order ([`merge_segment`]). One task may go through them all (a
+//! tile does), or each segment of a token's keys may be its own task (a decode at a long
+//! context, so that one sequence keeps every thread busy); the arithmetic is the same.
 
 mod tile;
 #[cfg(target_arch = "x86_64")]
@@ -187,6 +192,11 @@ impl AttentionShape {
             .ok_or_else(|| overflow("KV block"))
     }
 
+    /// Positions per segment of keys ([`SEGMENT_BLOCKS`] blocks).
+    fn segment_len(&self) -> usize {
+        SEGMENT_BLOCKS.saturating_mul(self.block_size)
+    }
+
     /// Offset in a pool of the part of `block` that holds `kv_head`: in `v_pool` its first
     /// value vector, in `k_pool` its `[head_dim][block_size]` transposed keys.
     fn head_offset(&self, block: usize, kv_head: usize) -> usize {
@@ -319,6 +329,13 @@ const RUN: usize = 32;
 /// Most query heads processed together (see [`head_batch`]).
 const HEAD_BATCH: usize = 8;
 
+/// Blocks per segment of keys. A query attends to its keys segment by segment, each from a
+/// fresh online-softmax state, and merges the segments' states in order ([`merge_segment`]);
+/// so the segments of a long context can be separate tasks (one sequence's decode then keeps
+/// every thread busy) with the same result as one task going through them. 64 blocks are 1,024
+/// positions at 16 per block; a context within one segment is attended as a single run.
+const SEGMENT_BLOCKS: usize = 64;
+
 /// Work (multiply-adds) below which attention runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
@@ -421,7 +438,8 @@ impl<T: KvElement> PagedAttention<'_, T> {
         }
         let total: usize = requests.iter().map(|r| r.q.len()).sum();
         check_len("out", out.len(), total)?;
-        let tasks = tile::tasks(requests, out);
+        let mut partials = vec![0.0f32; tile::partials_len(requests)];
+        let (tasks, merges) = tile::tasks(requests, out, &mut partials);
         let task = |task: tile::Task<'_>| {
             requests[task.request].compute_at(level, task.work, task.out);
         };
@@ -429,6 +447,9 @@ impl<T: KvElement> PagedAttention<'_, T> {
             tasks.into_par_iter().for_each(task);
         } else {
             tasks.into_iter().for_each(task);
+        }
+        for m in merges {
+            tile::merge(m, &partials, shape.head_dim);
         }
         Ok(())
     }
@@ -491,6 +512,11 @@ impl<T: KvElement> PagedAttention<'_, T> {
         match work {
             Work::Heads { token, first_head } => self.attend(ops, token, first_head, out),
             Work::Tile { token, tokens } => self.attend_tile(ops, token, tokens, out),
+            Work::Segment {
+                token,
+                first_head,
+                segment,
+            } => self.attend_segment(ops, (token, first_head, segment), out),
         }
     }
 
@@ -499,30 +525,85 @@ impl<T: KvElement> PagedAttention<'_, T> {
     /// request has been validated.
     ///
     /// Each run of keys and values is visited once for all the heads, which then find it in L1,
-    /// but every head's arithmetic is exactly what it would be alone.
+    /// but every head's arithmetic is exactly what it would be alone. The keys are attended
+    /// segment by segment ([`SEGMENT_BLOCKS`]), the segments merged in order.
     #[inline(always)]
     fn attend<V: VectorOps>(&self, ops: V, token: usize, first_head: usize, out: &mut [f32]) {
-        let shape = &self.shape;
-        let (hd, bs) = (shape.head_dim, shape.block_size);
-        let kv_head = first_head / (shape.n_heads / shape.n_kv_heads);
-        let q = &self.q[(token * shape.n_heads + first_head) * hd..][..out.len()];
-        let last = self.pos0 + token;
+        let hd = self.shape.head_dim;
+        let heads = out.len() / hd;
         debug_assert!(
-            out.len() <= HEAD_BATCH * hd,
+            heads <= HEAD_BATCH,
             "more heads than the softmax state holds"
         );
-
-        out.fill(0.0);
-        let heads = out.len() / hd;
-        // Online-softmax state of each head: running maximum and denominator.
+        let segments = self.segments(token);
         let mut max = [f32::NEG_INFINITY; HEAD_BATCH];
         let mut denominator = [0.0f32; HEAD_BATCH];
+        let (max, denominator) = (&mut max[..heads], &mut denominator[..heads]);
+        let mut later: Option<(Vec<f32>, [f32; HEAD_BATCH], [f32; HEAD_BATCH])> = None;
+        for (index, segment) in segments.enumerate() {
+            if index == 0 {
+                self.attend_keys(ops, token, first_head, segment, out, (max, denominator));
+                continue;
+            }
+            let (part, part_max, part_denominator) = later.get_or_insert_with(|| {
+                (vec![0.0; out.len()], [0.0; HEAD_BATCH], [0.0; HEAD_BATCH])
+            });
+            let part_state = (&mut part_max[..heads], &mut part_denominator[..heads]);
+            self.attend_keys(ops, token, first_head, segment, part, part_state);
+            merge_segment(
+                hd,
+                (out, max, denominator),
+                (part, &part_max[..heads], &part_denominator[..heads]),
+            );
+        }
+        for (out, denominator) in out.chunks_exact_mut(hd).zip(denominator.iter()) {
+            ops.scale(out, 1.0 / denominator);
+        }
+    }
+
+    /// The segments of keys that token `token` attends to, in order: the positions from its
+    /// first key to itself, cut at every multiple of [`AttentionShape::segment_len`].
+    fn segments(&self, token: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let last = self.pos0 + token;
+        let len = self.shape.segment_len();
+        let mut lo = self.first_key(last);
+        std::iter::from_fn(move || {
+            (lo <= last).then(|| {
+                let hi = ((lo / len + 1) * len).min(last + 1);
+                let segment = lo..hi;
+                lo = hi;
+                segment
+            })
+        })
+    }
+
+    /// The online softmax of the heads from `first_head` of token `token` over the keys at
+    /// `positions` (within one segment), from a fresh state: `out` (cleared here) receives the
+    /// unnormalized output, `max` and `denominator` the state.
+    #[inline(always)]
+    fn attend_keys<V: VectorOps>(
+        &self,
+        ops: V,
+        token: usize,
+        first_head: usize,
+        positions: std::ops::Range<usize>,
+        out: &mut [f32],
+        (max, denominator): (&mut [f32], &mut [f32]),
+    ) {
+        let shape = &self.shape;
+        let (hd, bs) = (shape.head_dim, shape.block_size);
+        let heads = out.len() / hd;
+        let kv_head = first_head / (shape.n_heads / shape.n_kv_heads);
+        let q = &self.q[(token * shape.n_heads + first_head) * hd..][..out.len()];
+        out.fill(0.0);
+        max.fill(f32::NEG_INFINITY);
+        denominator.fill(0.0);
         let mut scores = [[0.0f32; RUN]; HEAD_BATCH];
-        let mut pos = self.first_key(last);
-        while pos <= last {
+        let mut pos = positions.start;
+        while pos < positions.end {
             // A run of consecutive slots of one block, at most RUN long.
             let slot = pos % bs;
-            let n = (bs - slot).min(last + 1 - pos).min(RUN);
+            let n = (bs - slot).min(positions.end - pos).min(RUN);
             let block = self.block_table[pos / bs] as usize;
             let at = shape.head_offset(block, kv_head);
             let run = Run {
@@ -532,12 +613,9 @@ impl<T: KvElement> PagedAttention<'_, T> {
                 values: &self.v_pool[at + slot * hd..][..n * hd],
                 len: n,
             };
-            let state = (&mut max[..heads], &mut denominator[..heads]);
+            let state = (&mut *max, &mut *denominator);
             self.online_step(ops, q, &run, state, &mut scores[..heads], out);
             pos += n;
-        }
-        for (out, denominator) in out.chunks_exact_mut(hd).zip(denominator) {
-            ops.scale(out, 1.0 / denominator);
         }
     }
 
@@ -623,6 +701,28 @@ fn weights<const H: usize, V: VectorOps>(
     }
 }
 
+/// Folds `later`, the online-softmax state of a later segment of keys for some heads (their
+/// unnormalized outputs `[heads][head_dim]`, maxima and denominators), into `state`, that of
+/// the segments before it: both rescaled to the larger maximum, then added. Every path merges
+/// segments with this function, in their order; its plain multiplies and adds (Rust never
+/// fuses them) give the same bits however they are vectorized.
+fn merge_segment(
+    hd: usize,
+    (out, max, denominator): (&mut [f32], &mut [f32], &mut [f32]),
+    (later, later_max, later_denominator): (&[f32], &[f32], &[f32]),
+) {
+    let heads = out.chunks_exact_mut(hd).zip(later.chunks_exact(hd));
+    for (h, (out, later)) in heads.enumerate() {
+        let joint = max[h].max(later_max[h]);
+        let (a, b) = (math::exp(max[h] - joint), math::exp(later_max[h] - joint));
+        denominator[h] = denominator[h] * a + later_denominator[h] * b;
+        for (o, &l) in out.iter_mut().zip(later) {
+            *o = *o * a + l * b;
+        }
+        max[h] = joint;
+    }
+}
+
 /// What one task computes: [`PagedAttention::attend`] or [`PagedAttention::attend_tile`].
 #[derive(Debug, Clone, Copy)]
 enum Work {
@@ -630,6 +730,13 @@ enum Work {
     Heads { token: usize, first_head: usize },
     /// Every head of `tokens` consecutive tokens from `token`.
     Tile { token: usize, tokens: usize },
+    /// Segment `segment` of the keys of query heads from `first_head` of one token: a partial
+    /// state, merged with the token's other segments after the call's tasks.
+    Segment {
+        token: usize,
+        first_head: usize,
+        segment: usize,
+    },
 }
 
 /// A run of `len` consecutive key slots (at most [`RUN`]): `keys` transposed (`keys[d ·

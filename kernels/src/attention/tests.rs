@@ -151,6 +151,9 @@ fn matches_reference_at_every_level() {
         (shape(4, 2, 48, 16), 33, 9, Some(1000)), // window longer than the context
         (shape(16, 1, 32, 8), 50, 2, None),       // two batches of 8 heads per KV head
         (shape(24, 2, 16, 4), 21, 5, Some(9)),    // 12 heads per KV head: batches of 6
+        (shape(4, 2, 16, 1), 150, 3, None),       // keys in three segments of 64 blocks
+        (shape(4, 2, 16, 2), 300, 40, Some(200)), // a window across segments
+        (shape(9, 3, 64, 2), 300, 300, None),     // a prefill's tiles across segments
     ];
     for (shape, len, n_tokens, window) in cases {
         let fixture = Fixture::new(shape, len, &mut rng);
@@ -524,10 +527,11 @@ fn f16_pools_are_f32_pools_of_the_rounded_values() {
     }
 }
 
-/// A prefill's tiles give each query token the bits it has alone (one token, the heads of one
-/// KV head, [`PagedAttention::attend`]): at every level, over f32 and f16 pools, for tiles cut
-/// short by the end of the call, runs cut by small and large blocks, head sizes with vector
-/// tails, and calls that start past position 0 (a prefill in chunks).
+/// A prefill's tiles, and a decode's segments of keys computed as separate tasks, give each
+/// query token the bits it has alone (one token, the heads of one KV head, in one task:
+/// [`PagedAttention::attend`]): at every level, over f32 and f16 pools, for tiles cut short by
+/// the end of the call, runs cut by small and large blocks, head sizes with vector tails,
+/// calls that start past position 0 (a prefill in chunks), and keys in several segments.
 #[test]
 fn tiles_of_query_tokens_give_each_token_its_bits_alone() {
     let mut rng = Rng::new(41);
@@ -539,6 +543,9 @@ fn tiles_of_query_tokens_give_each_token_its_bits_alone() {
         (shape(4, 4, 16, 128), 300, 9), // runs of RUN within a long block
         (shape(16, 1, 32, 8), 35, 2),   // two batches of 8 heads per KV head, a tile of two
         (shape(2, 1, 264, 16), 20, 10), // heads past the tile's buffers: one token at a time
+        (shape(9, 3, 64, 2), 300, 300), // keys in three segments of 64 blocks
+        (shape(9, 3, 64, 2), 300, 1),   // a decode: its segments are separate tasks
+        (shape(8, 2, 20, 3), 500, 21),  // tiles that cross a segment's end in the middle
     ] {
         let fixture = Fixture::new(s, len, &mut rng);
         let blocks = fixture.k_pool.len() / s.block_len().unwrap();

@@ -9,7 +9,9 @@
 //! keys into the same runs), and attention over f16 pools is attention over f32 pools holding
 //! the widened values, bit for bit. The tile only saves the widening and the reads.
 
-use super::{HEAD_BATCH, KvElement, PagedAttention, RUN, Run, VectorOps, Work, head_batch};
+use super::{
+    HEAD_BATCH, KvElement, PagedAttention, RUN, Run, VectorOps, Work, head_batch, merge_segment,
+};
 
 /// Query tokens per tile.
 const TILE_TOKENS: usize = 8;
@@ -18,59 +20,179 @@ const TILE_TOKENS: usize = 8;
 /// (2 · [`RUN`] · 256 floats, 64 KiB). Longer heads go through [`PagedAttention::attend`].
 const TILE_HEAD_DIM: usize = 256;
 
-/// One task of a call: what it computes, for which request, and the part of `out` it owns.
-pub(super) struct Task<'o> {
+/// One task of a call: what it computes, for which request, and the part of `out` (or, for a
+/// segment of keys, of the partial states) it owns.
+pub(super) struct Task<'a> {
     pub(super) request: usize,
     pub(super) work: Work,
-    pub(super) out: &'o mut [f32],
+    pub(super) out: &'a mut [f32],
+}
+
+/// A token's group of heads whose segments of keys were separate tasks ([`Work::Segment`]):
+/// where their partial states lie, one after another, and the token's place in `out`, which
+/// [`merge`] fills once they are done.
+pub(super) struct Merge<'o> {
+    at: usize,
+    segments: usize,
+    out: &'o mut [f32],
+}
+
+/// Floats of one segment's partial state for `batch` heads: the unnormalized outputs, then the
+/// maxima, then the denominators.
+fn partial_len(batch: usize, hd: usize) -> usize {
+    batch * hd + 2 * batch
+}
+
+/// Whether a request goes in tiles of tokens (several tokens, no sliding window, heads that
+/// fit the tile's buffers); otherwise a task takes one token and a group of heads.
+fn tiled<T: KvElement>(r: &PagedAttention<'_, T>, n_tokens: usize) -> bool {
+    n_tokens > 1 && r.window.is_none() && r.shape.head_dim <= TILE_HEAD_DIM
+}
+
+/// The floats the partial states of a call's segment tasks take ([`tasks`]).
+pub(super) fn partials_len<T: KvElement>(requests: &[PagedAttention<'_, T>]) -> usize {
+    let mut len = 0;
+    for r in requests {
+        let shape = &r.shape;
+        let n_tokens = r.q.len() / (shape.n_heads * shape.head_dim);
+        if tiled(r, n_tokens) {
+            continue;
+        }
+        let batch = head_batch(shape);
+        for token in 0..n_tokens {
+            let segments = r.segments(token).count();
+            if segments > 1 {
+                len += shape.n_heads / batch * segments * partial_len(batch, shape.head_dim);
+            }
+        }
+    }
+    len
 }
 
 /// Cuts a call's work into tasks. A request of several tokens without a sliding window is cut
 /// into tiles (every head of up to [`TILE_TOKENS`] tokens); any other request into tasks of one
-/// token and the query heads that share a KV head (up to [`HEAD_BATCH`]). Which tasks compute
-/// an element changes none of its bits. `out` holds every request's output, stacked.
-pub(super) fn tasks<'o, T: KvElement>(
+/// token and the query heads that share a KV head (up to [`HEAD_BATCH`]), and where that
+/// token's keys span several segments, one task per segment, writing to `partials`
+/// ([`partials_len`] floats), and a [`Merge`] for after them. Which tasks compute an element
+/// changes none of its bits. `out` holds every request's output, stacked.
+pub(super) fn tasks<'o, 'p, 't, T: KvElement>(
     requests: &[PagedAttention<'_, T>],
     mut out: &'o mut [f32],
-) -> Vec<Task<'o>> {
-    let mut tasks = Vec::new();
+    mut partials: &'p mut [f32],
+) -> (Vec<Task<'t>>, Vec<Merge<'o>>)
+where
+    'o: 't,
+    'p: 't,
+{
+    let (mut tasks, mut merges) = (Vec::new(), Vec::new());
+    let mut at = 0;
     for (request, r) in requests.iter().enumerate() {
         let shape = &r.shape;
         let width = shape.n_heads * shape.head_dim;
         let n_tokens = r.q.len() / width;
-        let tiled = n_tokens > 1 && r.window.is_none() && shape.head_dim <= TILE_HEAD_DIM;
-        let (step, chunk) = if tiled {
-            (TILE_TOKENS, TILE_TOKENS * width)
-        } else {
-            let batch = head_batch(shape);
-            (batch, batch * shape.head_dim)
-        };
         let (mine, rest) = std::mem::take(&mut out).split_at_mut(n_tokens * width);
         out = rest;
-        for (index, part) in mine.chunks_mut(chunk).enumerate() {
-            let work = if tiled {
-                Work::Tile {
+        if tiled(r, n_tokens) {
+            for (index, part) in mine.chunks_mut(TILE_TOKENS * width).enumerate() {
+                let work = Work::Tile {
                     token: index * TILE_TOKENS,
                     tokens: part.len() / width,
-                }
-            } else {
-                let per_token = shape.n_heads / step;
-                Work::Heads {
-                    token: index / per_token,
-                    first_head: index % per_token * step,
-                }
-            };
-            tasks.push(Task {
-                request,
-                work,
+                };
+                tasks.push(Task {
+                    request,
+                    work,
+                    out: part,
+                });
+            }
+            continue;
+        }
+        let batch = head_batch(shape);
+        let per_token = shape.n_heads / batch;
+        for (index, part) in mine.chunks_mut(batch * shape.head_dim).enumerate() {
+            let (token, first_head) = (index / per_token, index % per_token * batch);
+            let segments = r.segments(token).count();
+            if segments <= 1 {
+                let work = Work::Heads { token, first_head };
+                tasks.push(Task {
+                    request,
+                    work,
+                    out: part,
+                });
+                continue;
+            }
+            merges.push(Merge {
+                at,
+                segments,
                 out: part,
             });
+            for segment in 0..segments {
+                let len = partial_len(batch, shape.head_dim);
+                let (slot, rest) = std::mem::take(&mut partials).split_at_mut(len);
+                partials = rest;
+                at += len;
+                let work = Work::Segment {
+                    token,
+                    first_head,
+                    segment,
+                };
+                tasks.push(Task {
+                    request,
+                    work,
+                    out: slot,
+                });
+            }
         }
     }
-    tasks
+    (tasks, merges)
+}
+
+/// Fills a merge's place in `out` from its segments' partial states: the first one's state,
+/// the others merged into it in order ([`merge_segment`]), then normalized, as
+/// [`PagedAttention::attend`] does in one task.
+pub(super) fn merge(m: Merge<'_>, partials: &[f32], hd: usize) {
+    let batch = m.out.len() / hd;
+    let len = partial_len(batch, hd);
+    let mut max = [f32::NEG_INFINITY; HEAD_BATCH];
+    let mut denominator = [0.0f32; HEAD_BATCH];
+    let (max, denominator) = (&mut max[..batch], &mut denominator[..batch]);
+    let parts = partials[m.at..].chunks_exact(len).take(m.segments);
+    for (index, part) in parts.enumerate() {
+        let (part_out, state) = part.split_at(batch * hd);
+        let (part_max, part_denominator) = state.split_at(batch);
+        if index == 0 {
+            m.out.copy_from_slice(part_out);
+            max.copy_from_slice(part_max);
+            denominator.copy_from_slice(part_denominator);
+        } else {
+            let state = (&mut *m.out, &mut *max, &mut *denominator);
+            merge_segment(hd, state, (part_out, part_max, part_denominator));
+        }
+    }
+    for (out, denominator) in m.out.chunks_exact_mut(hd).zip(denominator.iter()) {
+        let inverse = 1.0 / denominator;
+        out.iter_mut().for_each(|o| *o *= inverse);
+    }
 }
 
 impl<T: KvElement> PagedAttention<'_, T> {
+    /// Segment `segment` of the keys of the heads from `first_head` of token `token`, into
+    /// `out`: the partial state ([`partial_len`]) that [`merge`] folds with the others.
+    #[inline(always)]
+    pub(super) fn attend_segment<V: VectorOps>(
+        &self,
+        ops: V,
+        (token, first_head, segment): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let hd = self.shape.head_dim;
+        let batch = out.len() / (hd + 2);
+        let (part, state) = out.split_at_mut(batch * hd);
+        let (max, denominator) = state.split_at_mut(batch);
+        if let Some(positions) = self.segments(token).nth(segment) {
+            self.attend_keys(ops, token, first_head, positions, part, (max, denominator));
+        }
+    }
+
     /// Attention of every head of tokens `token..token + tokens`, written to `out`
     /// (`[tokens][n_heads][head_dim]`); the request has been validated, has no sliding window,
     /// and its heads are at most [`TILE_HEAD_DIM`] long.
@@ -95,13 +217,33 @@ impl<T: KvElement> PagedAttention<'_, T> {
 
         out.fill(0.0);
         let width = shape.n_heads * hd;
+        let segment = shape.segment_len();
+        // Past the end of a segment of keys, the merged state of each (token, head) of the
+        // group over the segments before (outputs `[token][head][head_dim]`).
+        let mut merged: Option<Merged> = None;
         for first_head in (0..shape.n_heads).step_by(batch) {
             let kv_head = first_head / group;
-            // Online-softmax state of each (token, head) of the tile.
+            // Online-softmax state of each (token, head) of the tile in the current segment.
             let mut max = [f32::NEG_INFINITY; TILE_TOKENS * HEAD_BATCH];
             let mut denominator = [0.0f32; TILE_TOKENS * HEAD_BATCH];
+            let mut started = [false; TILE_TOKENS];
             let mut pos = 0;
             while pos <= last {
+                if pos > 0 && pos.is_multiple_of(segment) {
+                    // A segment ends: the tokens that go on past it fold it into their merged
+                    // state, then start the next one afresh.
+                    let merged = merged.get_or_insert_with(|| Merged::new(tokens * batch * hd));
+                    for t in pos.saturating_sub(first)..tokens {
+                        let heads = t * batch..(t + 1) * batch;
+                        let current = (
+                            &mut out[t * width + first_head * hd..][..batch * hd],
+                            &mut max[heads.clone()],
+                            &mut denominator[heads.clone()],
+                        );
+                        merged.fold(t, batch, hd, started[t], current);
+                        started[t] = true;
+                    }
+                }
                 // The run of the tile's last token; an earlier token's run is its prefix.
                 let slot = pos % bs;
                 let n = (bs - slot).min(last + 1 - pos).min(RUN);
@@ -141,11 +283,82 @@ impl<T: KvElement> PagedAttention<'_, T> {
                 pos += n;
             }
             for t in 0..tokens {
-                for h in 0..batch {
-                    let out = &mut out[(t * shape.n_heads + first_head + h) * hd..][..hd];
-                    ops.scale(out, 1.0 / denominator[t * batch + h]);
+                let heads = t * batch..(t + 1) * batch;
+                let out = &mut out[t * width + first_head * hd..][..batch * hd];
+                let (out, denominator) = match (&mut merged, started[t]) {
+                    (Some(merged), true) => {
+                        let state = (&mut *out, &mut max[heads.clone()], &mut denominator[heads]);
+                        merged.finish(t, batch, hd, state)
+                    }
+                    _ => (out, &denominator[heads]),
+                };
+                for (out, denominator) in out.chunks_exact_mut(hd).zip(denominator) {
+                    ops.scale(out, 1.0 / denominator);
                 }
             }
         }
+    }
+}
+
+/// The merged online-softmax state of the segments a tile's queries have passed
+/// ([`merge_segment`]): per (token, head) of one group, the unnormalized output, the maximum
+/// and the denominator.
+struct Merged {
+    out: Vec<f32>,
+    max: [f32; TILE_TOKENS * HEAD_BATCH],
+    denominator: [f32; TILE_TOKENS * HEAD_BATCH],
+}
+
+impl Merged {
+    fn new(len: usize) -> Self {
+        Merged {
+            out: vec![0.0; len],
+            max: [f32::NEG_INFINITY; TILE_TOKENS * HEAD_BATCH],
+            denominator: [0.0; TILE_TOKENS * HEAD_BATCH],
+        }
+    }
+
+    /// Folds the finished segment of token `t` (its `batch` heads' state, `current`) into its
+    /// merged state (which it becomes, if it is the token's first: `started` false), and
+    /// clears `current` for the next segment.
+    fn fold(
+        &mut self,
+        t: usize,
+        batch: usize,
+        hd: usize,
+        started: bool,
+        (out, max, denominator): (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let heads = t * batch..(t + 1) * batch;
+        let merged = &mut self.out[t * batch * hd..][..batch * hd];
+        if started {
+            let state = (
+                merged,
+                &mut self.max[heads.clone()],
+                &mut self.denominator[heads],
+            );
+            merge_segment(hd, state, (out, max, denominator));
+        } else {
+            merged.copy_from_slice(out);
+            self.max[heads.clone()].copy_from_slice(max);
+            self.denominator[heads].copy_from_slice(denominator);
+        }
+        out.fill(0.0);
+        max.fill(f32::NEG_INFINITY);
+        denominator.fill(0.0);
+    }
+
+    /// Folds token `t`'s last segment into its merged state and returns the merged output (in
+    /// `out`, the token's place in the result) and denominators, to normalize.
+    fn finish<'a>(
+        &'a mut self,
+        t: usize,
+        batch: usize,
+        hd: usize,
+        (out, max, denominator): (&'a mut [f32], &mut [f32], &mut [f32]),
+    ) -> (&'a mut [f32], &'a [f32]) {
+        self.fold(t, batch, hd, true, (&mut *out, max, denominator));
+        out.copy_from_slice(&self.out[t * batch * hd..][..batch * hd]);
+        (out, &self.denominator[t * batch..(t + 1) * batch])
     }
 }
