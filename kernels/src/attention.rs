@@ -723,6 +723,23 @@ fn merge_segment(
     }
 }
 
+/// The state of a query's segments so far, given the next one: `later` itself if it is the
+/// first (`first`), else `later` merged into `state` ([`merge_segment`]).
+fn fold_segment(
+    first: bool,
+    hd: usize,
+    (out, max, denominator): (&mut [f32], &mut [f32], &mut [f32]),
+    later: (&[f32], &[f32], &[f32]),
+) {
+    if first {
+        out.copy_from_slice(later.0);
+        max.copy_from_slice(later.1);
+        denominator.copy_from_slice(later.2);
+    } else {
+        merge_segment(hd, (out, max, denominator), later);
+    }
+}
+
 /// What one task computes: [`PagedAttention::attend`] or [`PagedAttention::attend_tile`].
 #[derive(Debug, Clone, Copy)]
 enum Work {

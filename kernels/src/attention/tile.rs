@@ -10,7 +10,7 @@
 //! the widened values, bit for bit. The tile only saves the widening and the reads.
 
 use super::{
-    HEAD_BATCH, KvElement, PagedAttention, RUN, Run, VectorOps, Work, head_batch, merge_segment,
+    HEAD_BATCH, KvElement, PagedAttention, RUN, Run, VectorOps, Work, fold_segment, head_batch,
 };
 
 /// Query tokens per tile.
@@ -159,14 +159,13 @@ pub(super) fn merge(m: Merge<'_>, partials: &[f32], hd: usize) {
     for (index, part) in parts.enumerate() {
         let (part_out, state) = part.split_at(batch * hd);
         let (part_max, part_denominator) = state.split_at(batch);
-        if index == 0 {
-            m.out.copy_from_slice(part_out);
-            max.copy_from_slice(part_max);
-            denominator.copy_from_slice(part_denominator);
-        } else {
-            let state = (&mut *m.out, &mut *max, &mut *denominator);
-            merge_segment(hd, state, (part_out, part_max, part_denominator));
-        }
+        let state = (&mut *m.out, &mut *max, &mut *denominator);
+        fold_segment(
+            index == 0,
+            hd,
+            state,
+            (part_out, part_max, part_denominator),
+        );
     }
     for (out, denominator) in m.out.chunks_exact_mut(hd).zip(denominator.iter()) {
         let inverse = 1.0 / denominator;
@@ -330,19 +329,12 @@ impl Merged {
         (out, max, denominator): (&mut [f32], &mut [f32], &mut [f32]),
     ) {
         let heads = t * batch..(t + 1) * batch;
-        let merged = &mut self.out[t * batch * hd..][..batch * hd];
-        if started {
-            let state = (
-                merged,
-                &mut self.max[heads.clone()],
-                &mut self.denominator[heads],
-            );
-            merge_segment(hd, state, (out, max, denominator));
-        } else {
-            merged.copy_from_slice(out);
-            self.max[heads.clone()].copy_from_slice(max);
-            self.denominator[heads].copy_from_slice(denominator);
-        }
+        let state = (
+            &mut self.out[t * batch * hd..][..batch * hd],
+            &mut self.max[heads.clone()],
+            &mut self.denominator[heads],
+        );
+        fold_segment(!started, hd, state, (out, max, denominator));
         out.fill(0.0);
         max.fill(f32::NEG_INFINITY);
         denominator.fill(0.0);

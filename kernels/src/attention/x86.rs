@@ -254,14 +254,13 @@ fn store_scores_512(acc: &[__m512; CHAINS], scale: f32, out: &mut [f32]) {
 fn accumulate_avx512<T: KvElement>(y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
     let hd = y.len() / w.len().max(1);
     let rows = x.len() / hd;
-    let heads = y.chunks_mut(HEADS * hd).zip(w.chunks(HEADS));
+    // Heads per pass: at most HEADS, with at most 16 accumulators.
+    let per_pass = if hd == 128 { 2 } else { HEADS };
+    let passes = y.chunks_mut(per_pass * hd).zip(w.chunks(per_pass));
     match hd {
-        32 => heads.for_each(|(y, w)| accumulate_heads_512::<2, T>(y, w, x)),
-        64 => heads.for_each(|(y, w)| accumulate_heads_512::<4, T>(y, w, x)),
-        128 => {
-            let heads = y.chunks_mut(2 * hd).zip(w.chunks(2));
-            heads.for_each(|(y, w)| accumulate_heads_512::<8, T>(y, w, x));
-        }
+        32 => passes.for_each(|(y, w)| accumulate_heads_512::<2, T>(y, w, x)),
+        64 => passes.for_each(|(y, w)| accumulate_heads_512::<4, T>(y, w, x)),
+        128 => passes.for_each(|(y, w)| accumulate_heads_512::<8, T>(y, w, x)),
         _ => {
             for (y, w) in y.chunks_exact_mut(hd).zip(w) {
                 accumulate_head_512(y, &w[..rows], x);
