@@ -166,23 +166,18 @@ impl Linear {
     ) -> Result<()> {
         let m = precision.len();
         let ctx = || format!("`{}` forward", self.name);
-        let len = m * self.out_features;
+        out.clear();
+        out.resize(m * self.out_features, 0.0);
         match &self.weight {
             Weight::Matrix(w) => match w.as_int8() {
                 Some(p) => {
-                    // The int8 product writes every element: no need to clear them first.
-                    out.resize(len, 0.0);
                     scratch
                         .q8
                         .quantize_rows(x, m, self.in_features, |i| precision[i])
                         .ctx(ctx)?;
                     p.matmul_quantized(&scratch.q8, out).ctx(ctx)?;
                 }
-                None => {
-                    out.clear();
-                    out.resize(len, 0.0);
-                    w.matmul(x, m, out).ctx(ctx)?;
-                }
+                None => w.matmul(x, m, out).ctx(ctx)?,
             },
             Weight::Dense(w) => {
                 let y = Tensor::from_slice(x, (m, self.in_features), &Device::Cpu)
@@ -192,8 +187,7 @@ impl Linear {
                     .and_then(|y| y.flatten_all())
                     .and_then(|y| y.to_vec1::<f32>())
                     .ctx(ctx)?;
-                out.clear();
-                out.extend_from_slice(&y);
+                out.copy_from_slice(&y);
             }
         }
         if let Some(b) = &self.bias {
@@ -273,7 +267,7 @@ impl Projections {
             .q8
             .quantize_rows(x, m, stacked.cols(), |i| precision[i])
             .ctx(ctx)?;
-        // The int8 product writes every element: no need to clear them first.
+        scratch.stacked.clear();
         scratch.stacked.resize(m * total, 0.0);
         stacked
             .matmul_quantized(&scratch.q8, &mut scratch.stacked)

@@ -367,7 +367,7 @@ impl Attention {
         Rope::apply(k, sh.n_kv_heads, rope);
         let ctx = || format!("layer {layer} attention");
         let q_width = sh.n_heads * sh.head_dim;
-        // Attention writes every element: no need to clear them first.
+        s.attn.clear();
         s.attn.resize(m * q_width, 0.0);
         match kv.layer(layer)?.pools()? {
             Pools::F32(k_pool, v_pool) => self.attend(batch, k, v, q, k_pool, v_pool, &mut s.attn),
