@@ -274,7 +274,7 @@ fn plan(a: PlanArgs) -> Result<()> {
             TopologyChoice::parse(&a.model.topology).describe(&a.model.model)
         )?;
         write!(out, "{}", r.plan.table())?;
-        if let Err(e) = r.check_runnable() {
+        if let Err(e) = r.check_runnable(true) {
             writeln!(out, "\nnote: `strata serve` would refuse this plan: {e}")?;
         }
     }
@@ -284,7 +284,7 @@ fn plan(a: PlanArgs) -> Result<()> {
 /// Loads every stage of the plan in this process, with a progress bar on a terminal and log
 /// lines otherwise.
 pub(crate) fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) -> Result<Engine> {
-    r.check_runnable()?;
+    r.check_runnable(true)?;
     r.log_plan_notes(isq);
     let started = Instant::now();
     let mut task = Progress::new().task("local");

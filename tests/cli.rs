@@ -393,7 +393,7 @@ fn quantizing_a_full_precision_checkpoint_holds_one_tensor_in_full_precision_at_
 }
 
 #[test]
-fn plan_shows_gpu_devices_that_serve_refuses_naming_the_entry() {
+fn plan_shows_gpu_devices_and_serve_says_why_it_cannot_run_them() {
     // The user's documented shape: ranges on cuda[0] and the CPU, one uncovered.
     let (_dir, path) = topology_file(
         "0-8:\n  isq: Q4_0\n  device: cuda[0]\n8-16:\n  isq: Q8_0\n  device: cpu\n16-24:\n  isq: Q6K\n28-30:\n  isq: Q8_0\n  device: cuda[0]\n",
@@ -403,6 +403,22 @@ fn plan_shows_gpu_devices_that_serve_refuses_naming_the_entry() {
     assert!(out.status.success(), "{}", stderr(&out));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("cuda[0]"), "{table}");
+    if cfg!(feature = "cuda") {
+        // A cuda build runs the plan; whether this machine has the GPU, its worker says.
+        assert!(!table.contains("would refuse"), "{table}");
+        if std::path::Path::new("/dev/nvidiactl").exists() {
+            eprintln!("this machine has an NVIDIA GPU: scripts/gpu-check.sh serves on it");
+            return;
+        }
+        let out = run(&["serve", "--topology", p, "--listen", "127.0.0.1:0"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains("cuda[0]: no NVIDIA driver on this machine: libcuda.so cannot be loaded"),
+            "{err}"
+        );
+        return;
+    }
     assert!(
         table.contains("note: `strata serve` would refuse this plan")
             && table.contains("topology.yml:1: key `0-8`: device cuda[0]"),
@@ -412,7 +428,24 @@ fn plan_shows_gpu_devices_that_serve_refuses_naming_the_entry() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("topology.yml:1: key `0-8`: device cuda[0]: this build runs CPU workers only"),
+        err.contains("topology.yml:1: key `0-8`: device cuda[0]: this build runs CPU workers only")
+            && err.contains("--features cuda"),
+        "{err}"
+    );
+    assert!(!err.contains("worker started"), "nothing starts: {err}");
+}
+
+#[test]
+fn serve_refuses_metal_devices_naming_the_entry() {
+    let (_dir, path) = topology_file("0-30:\n  device: metal[0]\n");
+    let p = path.to_str().expect("utf-8");
+    let out = run(&["serve", "--topology", p, "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "topology.yml:1: key `0-30`: device metal[0]: Metal devices are not supported"
+        ),
         "{err}"
     );
     assert!(!err.contains("worker started"), "nothing starts: {err}");

@@ -376,3 +376,31 @@ async fn a_departed_client_frees_its_kv_cache_on_every_worker() {
     assert_eq!(tokens.len(), 400);
     assert_eq!(fin.reason, FinishReason::Length as i32);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_elsewhere_that_cannot_run_its_gpu_stops_the_gateway_saying_why() {
+    // The gateway accepts `cuda[N]` for workers started elsewhere (each knows its own build and
+    // machine); this one, on a machine without a GPU, refuses it at load and says why.
+    let worker = Worker::start(&[], &[]);
+    let (_dir, topology) = support::topology_file("0-30:\n  device: cuda[0]\n");
+    let served = Server::start(&[
+        "gateway",
+        "--topology",
+        topology.to_str().unwrap(),
+        "--worker",
+        &format!("cuda[0]={}", worker.control),
+    ]);
+    let log = match served {
+        Err(log) => log,
+        Ok(_) if std::path::Path::new("/dev/nvidiactl").exists() && cfg!(feature = "cuda") => {
+            return;
+        }
+        Ok(server) => panic!("served without a GPU: {}", server.log()),
+    };
+    let why = if cfg!(feature = "cuda") {
+        "cuda[0]: no NVIDIA driver on this machine: libcuda.so cannot be loaded"
+    } else {
+        "cuda[0]: this build runs CPU workers only; build with `cargo build --release --features cuda`"
+    };
+    assert!(log.contains(why), "{log}");
+}

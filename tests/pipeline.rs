@@ -127,6 +127,19 @@ async fn check_served(
             "f16"
         };
         assert_eq!(w.kv_cache_dtype, kv, "worker {}", w.address);
+        // And which device it runs on: the CPU's model name and the machine's RAM.
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        assert!(
+            !w.device_name.is_empty()
+                && cpu
+                    .lines()
+                    .filter(|l| l.starts_with("model name"))
+                    .any(|l| l.ends_with(&w.device_name)),
+            "worker {} reports device {:?}",
+            w.address,
+            w.device_name
+        );
+        assert!(w.device_memory_bytes > 1 << 30, "{w:?}");
     }
     let route = info
         .route

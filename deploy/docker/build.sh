@@ -2,7 +2,8 @@
 # Builds the `strata` binary for a container image and copies it to OUT/strata.
 #
 #   deploy/docker/build.sh cpu  OUT    # what deploy/docker/Dockerfile runs
-#   deploy/docker/build.sh cuda OUT    # what deploy/docker/Dockerfile.cuda runs (needs the CUDA toolkit)
+#   deploy/docker/build.sh cuda OUT    # what deploy/docker/Dockerfile.cuda runs (no CUDA toolkit needed:
+#                                      # cudarc loads the driver, cuBLAS and NCCL at run time)
 #
 # The Dockerfiles run exactly this script, and `.ci/run` runs it too (no container daemon runs
 # on the CI machines), so the image's build step is proven on every change. The binary is built
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/../.."
 features=()
 case "$variant" in
   cpu) ;;
-  cuda) features=(--features strata-worker/cuda) ;;
+  cuda) features=(--features cuda) ;;
   *) echo "build.sh: unknown variant \`$variant\` (expected cpu or cuda)" >&2; exit 2 ;;
 esac
 

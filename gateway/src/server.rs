@@ -13,6 +13,7 @@ use strata_proto::v1::{
     WorkerState as WorkerStatePb,
 };
 use strata_shared::device::DeviceSpec;
+
 use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{FloatType, Plan, PlanOptions};
@@ -38,6 +39,9 @@ use crate::service::StrataService;
 use crate::tokenizer::ModelTokenizer;
 use crate::validation::Limits;
 use crate::workers::{WorkerState, Workers};
+
+/// Whether this build runs `cuda[N]` workers (the `cuda` feature).
+const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
 /// The default topology, for the default model.
 pub const DEFAULT_TOPOLOGY: &str = include_str!("../../topologies/default.yml");
@@ -204,10 +208,18 @@ impl Resolved {
         }
     }
 
-    /// Checks that this build can run every device of the plan (a dry run such as `strata plan`
-    /// need not). The error points at the topology entry that asked for the device.
-    pub fn check_runnable(&self) -> Result<(), GatewayError> {
-        let Some(d) = self.plan.devices.iter().find(|d| !d.is_cpu()) else {
+    /// Checks that every device of the plan can run (a dry run such as `strata plan` need not):
+    /// `cpu[N]` always; `cuda[N]` on workers started elsewhere (each says whether it can when
+    /// it opens its device), and on workers this binary starts (`local`) when it was built with
+    /// the `cuda` feature; never `metal[N]`. The error points at the topology entry that asked
+    /// for the device.
+    pub fn check_runnable(&self, local: bool) -> Result<(), GatewayError> {
+        let runnable = |d: &DeviceSpec| match d {
+            DeviceSpec::Cpu(_) => true,
+            DeviceSpec::Cuda(_) => CUDA_BUILT || !local,
+            DeviceSpec::Metal(_) => false,
+        };
+        let Some(d) = self.plan.devices.iter().find(|d| !runnable(d)) else {
             return Ok(());
         };
         let entry = self
@@ -228,8 +240,16 @@ impl Resolved {
             Some((line, key)) => format!("{}:{line}: key `{key}`: ", self.topology.origin()),
             None => String::new(),
         };
+        let why = match d {
+            DeviceSpec::Metal(_) => {
+                "Metal devices are not supported; Strata runs `cpu[N]` and `cuda[N]` workers"
+            }
+            _ => {
+                "this build runs CPU workers only (`cpu` or `cpu[N]`); build with `cargo build --release --features cuda` for `cuda[N]` workers"
+            }
+        };
         Err(GatewayError::FailedPrecondition(format!(
-            "{at}device {d}: this build runs CPU workers only (`cpu` or `cpu[N]`); `strata plan` shows the plan without running it"
+            "{at}device {d}: {why}; `strata plan` shows the plan without running it"
         )))
     }
 }
@@ -309,6 +329,8 @@ fn model_info(
                 peak_rss_bytes: w.peak_rss_bytes,
                 load_seconds: w.load_seconds,
                 kernels: w.kernels.clone(),
+                device_name: w.device_name.clone(),
+                device_memory_bytes: w.device_memory_bytes,
                 kv_cache_dtype: w.kv_cache_dtype.clone(),
                 error: w.error.clone(),
             })
@@ -459,7 +481,7 @@ async fn start(
         ));
     }
     let resolved = resolve(&cfg.model)?;
-    resolved.check_runnable()?;
+    resolved.check_runnable(matches!(cfg.workers, WorkerSource::Spawn(_)))?;
     // The largest step must fit one data-plane frame (activations are f32).
     let step_bytes = cfg.max_batch_tokens as u64 * resolved.meta.config.hidden_size as u64 * 4;
     if step_bytes + (1 << 20) > DEFAULT_MAX_FRAME_BYTES as u64 {

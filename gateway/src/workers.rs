@@ -34,6 +34,9 @@ pub struct WorkerInfo {
     pub load_seconds: f64,
     /// The compute kernels the worker picked for its CPU.
     pub kernels: String,
+    /// The device's name (a GPU's, or the CPU's model name) and its memory in bytes.
+    pub device_name: String,
+    pub device_memory_bytes: u64,
     /// What the worker's KV cache stores (`f16`, `f32`).
     pub kv_cache_dtype: String,
     pub error: String,
@@ -236,6 +239,8 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
             peak_rss_bytes: 0,
             load_seconds: 0.0,
             kernels: String::new(),
+            device_name: String::new(),
+            device_memory_bytes: 0,
             kv_cache_dtype: String::new(),
             error: String::new(),
         });
@@ -344,7 +349,7 @@ async fn load_one(
                 progress.update(p.done as usize, p.total as usize, &p.tensor);
             }
             Some(load_event::Event::Loaded(l)) => {
-                tracing::info!(worker = %info.address, device = %info.device, data = %l.data_address, weight_bytes = l.weight_bytes, seconds = l.load_seconds, kernels = %l.kernels, kv_cache = %l.kv_cache_dtype, "worker loaded");
+                tracing::info!(worker = %info.address, device = %info.device, data = %l.data_address, weight_bytes = l.weight_bytes, seconds = l.load_seconds, kernels = %l.kernels, device_name = %l.device_name, device_memory = l.device_memory_bytes, kv_cache = %l.kv_cache_dtype, "worker loaded");
                 workers.update(&info.address, |w| {
                     w.state = WorkerState::Ready;
                     w.data_address = l.data_address.clone();
@@ -353,6 +358,8 @@ async fn load_one(
                     w.peak_rss_bytes = l.peak_rss_bytes;
                     w.load_seconds = l.load_seconds;
                     w.kernels = l.kernels.clone();
+                    w.device_name = l.device_name.clone();
+                    w.device_memory_bytes = l.device_memory_bytes;
                     w.kv_cache_dtype = l.kv_cache_dtype.clone();
                 });
                 return Ok((info.address.clone(), client));

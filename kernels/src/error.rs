@@ -48,6 +48,9 @@ pub enum KernelError {
     /// A matrix implemented outside this crate (over another library) failed.
     #[error("{0}")]
     Backend(String),
+    /// A GPU device is missing, unusable or failed (the message names it, as `cuda[N]`).
+    #[error("{0}")]
+    Device(String),
     /// A row index past the end of a matrix.
     #[error("row {row} is out of range for a matrix of {rows} rows")]
     RowOutOfRange {

@@ -9,7 +9,9 @@
 //!   tiles (GGML block types, k-quants, HQQ);
 //! - [`attention`]: causal attention over a paged KV cache;
 //! - [`math`]: vectorized `exp`, SiLU-gated products, log-sum-exp;
-//! - [`cpu`]: the SIMD level picked at run time.
+//! - [`cpu`]: the SIMD level picked at run time;
+//! - `cuda` (with the `cuda` feature): NVIDIA devices through cudarc, loaded at run time, and
+//!   weight matrices in device memory behind the same [`QuantMatrix`] interface.
 //!
 //! Every kernel has a portable scalar implementation and, on x86-64, AVX2 and AVX-512 versions
 //! chosen once per process by runtime CPU detection. Kernels validate their inputs and report
@@ -19,6 +21,8 @@
 
 pub mod attention;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod fp8;
 pub mod ggml;

@@ -6,6 +6,7 @@ use strata_shared::meta::ModelMeta;
 use strata_shared::plan::Plan;
 use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplesFrame, SeqStep, StepFrame};
 
+use crate::device::Placement;
 use crate::error::{Result, WorkerError};
 use crate::kv::BlockOwner;
 use crate::layers::Hidden;
@@ -35,7 +36,8 @@ impl Engine {
         for s in &plan.route {
             let spec = SliceSpec::from_plan(plan, s.index)?;
             let mut done_here = 0;
-            let slice = ModelSlice::load(meta, &spec, &mut |name, done, _| {
+            let placement = Placement::open_spec(s.device)?;
+            let slice = ModelSlice::load_on(meta, &spec, &placement, &mut |name, done, _| {
                 done_here = done;
                 progress(name, before + done, total);
             })?;

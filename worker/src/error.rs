@@ -37,6 +37,9 @@ pub enum WorkerError {
     Step(String),
     #[error("invalid load request: {0}")]
     Load(String),
+    /// A device this build or this machine cannot run, or one that failed (names the device).
+    #[error("{0}")]
+    Device(String),
     /// A setting of the process (an environment variable) is invalid.
     #[error("{0}")]
     Config(String),

@@ -5,6 +5,7 @@
 //! Architecture invariant: the worker never tokenizes; it sees token ids and activations only.
 
 pub mod cli;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod kv;
@@ -16,6 +17,7 @@ pub mod service;
 pub mod stage;
 pub mod weights;
 
+pub use device::{CUDA_BUILT, Placement};
 pub use engine::Engine;
 pub use error::{Result, WorkerError};
 pub use model::ActivationPolicy;

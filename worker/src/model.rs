@@ -14,6 +14,7 @@ use strata_shared::names::{LayerTensor, TensorRole};
 use strata_shared::plan::{FloatType, Plan};
 use strata_shared::wire::KV_BLOCK_SIZE;
 
+use crate::device::Placement;
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::kv::{KvCache, KvDtype, Pools};
 use crate::layers::{Embedding, Hidden, Linear, Projections, RmsNorm, Rope, RopeTables, Scratch};
@@ -210,6 +211,8 @@ pub type Progress<'a> = &'a mut (dyn FnMut(&str, usize, usize) + Send);
 struct Loader<'a> {
     meta: &'a ModelMeta,
     spec: &'a SliceSpec,
+    /// Where linear weights go once loaded.
+    placement: &'a Placement,
     progress: Progress<'a>,
     done: usize,
     total: usize,
@@ -278,7 +281,9 @@ impl Loader<'_> {
             }
             _ => None,
         };
-        Linear::new(&TensorRole::Layer(layer, t).hf_name(), w, b)
+        let name = TensorRole::Layer(layer, t).hf_name();
+        let w = self.placement.place(&name, w)?;
+        Linear::new(&name, w, b)
     }
 
     fn vector(&mut self, role: TensorRole) -> Result<Tensor> {
@@ -556,10 +561,26 @@ pub struct ModelSlice {
 impl ModelSlice {
     /// Loads what `spec` names, and nothing else, reporting progress per tensor.
     pub fn load(meta: &ModelMeta, spec: &SliceSpec, progress: Progress<'_>) -> Result<Self> {
-        strata_kernels::pool::install(|| Self::load_here(meta, spec, progress))
+        Self::load_on(meta, spec, &Placement::Cpu, progress)
     }
 
-    fn load_here(meta: &ModelMeta, spec: &SliceSpec, progress: Progress<'_>) -> Result<Self> {
+    /// Loads what `spec` names with its linear weights on `placement`'s device (embeddings,
+    /// norms and the KV cache stay in host memory).
+    pub fn load_on(
+        meta: &ModelMeta,
+        spec: &SliceSpec,
+        placement: &Placement,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
+        strata_kernels::pool::install(|| Self::load_here(meta, spec, placement, progress))
+    }
+
+    fn load_here(
+        meta: &ModelMeta,
+        spec: &SliceSpec,
+        placement: &Placement,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
         let cfg = meta.config.clone();
         if spec.layer_start > spec.layer_end || spec.layer_end > cfg.num_layers {
             return Err(WorkerError::Load(format!(
@@ -579,6 +600,7 @@ impl ModelSlice {
         let mut l = Loader {
             meta,
             spec,
+            placement,
             progress,
             done: 0,
             total,
@@ -622,6 +644,7 @@ impl ModelSlice {
                 }
                 _ => l.matrix(TensorRole::LmHead)?,
             };
+            let head_weight = placement.place("lm_head.weight", head_weight)?;
             let head = Linear::new("lm_head.weight", head_weight, None)?;
             (Some(norm), Some(head))
         } else {

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::device::{DeviceDescription, Placement};
 use crate::error::WorkerError;
 use crate::memory;
 use crate::metrics::{Direction, WorkerMetrics};
@@ -423,7 +424,7 @@ impl Worker for WorkerService {
         tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let started = Instant::now();
-            let result = (|| -> Result<(Vec<Stage>, usize), WorkerError> {
+            let result = (|| -> Result<(Vec<Stage>, usize, DeviceDescription), WorkerError> {
                 let revision = (!req.revision.is_empty()).then_some(req.revision.as_str());
                 let files = ModelFiles::resolve(&req.model, revision)?;
                 let meta = ModelMeta::open(files)?;
@@ -442,25 +443,31 @@ impl Worker for WorkerService {
                         )));
                     }
                 }
+                let placement = Placement::open(&req.device)?;
                 let mut stages = Vec::new();
                 let mut bytes = 0;
                 for (index, spec) in &specs {
                     tracing::info!(stage = index, layers = ?(spec.layer_start..spec.layer_end), embed = spec.embed, head = spec.head, "loading stage");
                     let mut last_logged = 0;
-                    let slice = ModelSlice::load(&meta, spec, &mut |tensor, done, total| {
-                        let _ = tx.blocking_send(Ok(progress_event(tensor, done, total)));
-                        if done * 10 / total.max(1) > last_logged || done == total {
-                            last_logged = done * 10 / total.max(1);
-                            tracing::info!(stage = index, done, total, tensor, "loading");
-                        }
-                    })?;
+                    let slice = ModelSlice::load_on(
+                        &meta,
+                        spec,
+                        &placement,
+                        &mut |tensor, done, total| {
+                            let _ = tx.blocking_send(Ok(progress_event(tensor, done, total)));
+                            if done * 10 / total.max(1) > last_logged || done == total {
+                                last_logged = done * 10 / total.max(1);
+                                tracing::info!(stage = index, done, total, tensor, "loading");
+                            }
+                        },
+                    )?;
                     bytes += slice.weight_bytes();
                     stages.push(Stage::new(*index, slice, kv_blocks)?);
                 }
-                Ok((stages, bytes))
+                Ok((stages, bytes, placement.describe()))
             })();
             match result {
-                Ok((stages, bytes)) => {
+                Ok((stages, bytes, device)) => {
                     let indices: Vec<u32> = stages.iter().map(Stage::index).collect();
                     let mut kv_dtypes: Vec<&str> =
                         stages.iter().map(|s| s.kv().dtype().name()).collect();
@@ -505,6 +512,8 @@ impl Worker for WorkerService {
                             load_seconds: started.elapsed().as_secs_f64(),
                             kernels: strata_kernels::cpu::summary(),
                             kv_cache_dtype,
+                            device_name: device.name,
+                            device_memory_bytes: device.memory_bytes,
                         })),
                     }));
                 }
