@@ -8,6 +8,7 @@
 #         cp $CARGO_TARGET_DIR/release/strata /tmp/strata-a   (then build the change as B)
 #   SHAPES  default "128:32:16 1024:16:0 4000:64:0" (prompt tokens : generated : batch)
 #   THREADS default 2
+#   EXTRA   more `strata bench` arguments for both, e.g. "--dtype bf16"
 # Needs:  python3, the default model (`strata fetch-model`).
 set -euo pipefail
 a=${1:?usage: bench-ab.sh A_BINARY B_BINARY [ROUNDS]}
@@ -15,7 +16,8 @@ b=${2:?usage: bench-ab.sh A_BINARY B_BINARY [ROUNDS]}
 rounds=${3:-3}
 shapes=${SHAPES:-"128:32:16 1024:16:0 4000:64:0"}
 threads=${THREADS:-2}
-echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), threads $threads"
+read -r -a extra <<<"${EXTRA:-}"
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), threads $threads${EXTRA:+, $EXTRA}"
 log=$(mktemp)
 for r in $(seq "$rounds"); do
   for shape in $shapes; do
@@ -23,7 +25,7 @@ for r in $(seq "$rounds"); do
     for side in A B; do
       bin=$a; [ "$side" = B ] && bin=$b
       json=$("$bin" --threads "$threads" bench --topology none --reps 1 --prompt-tokens "$p" \
-        --gen-tokens "$g" --batch "$batch" --json 2>/dev/null)
+        --gen-tokens "$g" --batch "$batch" "${extra[@]}" --json 2>/dev/null)
       echo "$side $shape $json" | tee -a "$log" | cut -c1-160
     done
   done

@@ -13,7 +13,6 @@ use strata_proto::v1::{
     WorkerState as WorkerStatePb,
 };
 use strata_shared::device::DeviceSpec;
-
 use strata_shared::isq::IsqType;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{FloatType, Plan, PlanOptions};

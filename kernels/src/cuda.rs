@@ -322,9 +322,16 @@ impl QuantMatrix for CudaMatrix {
         let xd = stream
             .clone_htod(xh.as_slice())
             .map_err(|e| device.error("cannot upload activations", e))?;
-        let mut yd = stream
-            .alloc_zeros::<f32>(out.len())
+        // SAFETY: uninitialized device memory of `out.len()` f32s, every one of which the GEMM
+        // below writes (beta = 0: C is not read) before it is copied back.
+        let mut yd = unsafe { stream.alloc::<f32>(out.len()) }
             .map_err(|e| device.error("cannot allocate a product's output", e))?;
+        // cuBLAS runs on whatever context is current on the calling thread (a compute-pool
+        // thread, not the one that opened the device).
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| device.error("cannot bind the device to this thread", e))?;
         {
             let blas = device
                 .blas

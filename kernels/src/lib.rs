@@ -2,6 +2,7 @@
 //!
 //! - [`hqq`]: Half-Quadratic Quantization of weight matrices (4 and 8 bit, group-wise) and
 //!   matrix products against the quantized weights;
+//! - [`dense`]: weights kept in f32, f16 or bf16, and matrix products against them;
 //! - [`fp8`]: FP8 E4M3 weights with one scale per row, and matrix products against them;
 //! - [`ggml`]: weights in GGML block formats (`Q4_0` … `Q8_K`), and matrix products of f32
 //!   activations against them;
@@ -23,6 +24,7 @@ pub mod attention;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dense;
 pub mod error;
 pub mod fp8;
 pub mod ggml;

@@ -45,6 +45,11 @@ pub trait QuantMatrix: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Whether the weights are f32 values (neither quantized nor a narrower float).
+    fn is_f32(&self) -> bool {
+        false
+    }
+
     /// The whole matrix in f32, row-major `[rows, cols]`.
     fn dequantize(&self) -> Result<Vec<f32>, KernelError> {
         let cols = self.cols();

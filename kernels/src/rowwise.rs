@@ -13,7 +13,7 @@ use rayon::prelude::*;
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 
 /// Weight rows per rayon task.
-const ROWS_PER_TASK: usize = 16;
+pub(crate) const ROWS_PER_TASK: usize = 16;
 
 /// Activation rows the SIMD kernels process together, so that each decoded weight vector is
 /// reused from registers this many times.
@@ -29,17 +29,34 @@ pub(crate) fn for_each_weight_row<F>(rows: usize, cols: usize, m: usize, out: &m
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
+    for_each_weight_group(rows, cols, m, out, 1, row_fn);
+}
+
+/// As [`for_each_weight_row`], but a call covers a group of up to `group` consecutive weight
+/// rows (a divisor of the rows per task): `group_fn(j0, buf)` fills `buf[t * m + i]` with
+/// `out[i][j0 + t]` for the `buf.len() / m` rows of the group.
+pub(crate) fn for_each_weight_group<F>(
+    rows: usize,
+    cols: usize,
+    m: usize,
+    out: &mut [f32],
+    group: usize,
+    group_fn: F,
+) where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
     if m == 0 || rows == 0 {
         return;
     }
+    let group = group.clamp(1, ROWS_PER_TASK);
+    debug_assert_eq!(ROWS_PER_TASK % group, 0);
     let parallel = m.saturating_mul(rows).saturating_mul(cols) >= PARALLEL_MIN_MACS;
     if m == 1 {
-        // `[1, rows]` and `[rows, 1]` are the same layout: no scratch needed.
-        run(out, 1, parallel, &row_fn);
+        run(out, 1, group, parallel, &group_fn);
         return;
     }
     let mut by_weight_row = vec![0.0; rows * m];
-    run(&mut by_weight_row, m, parallel, &row_fn);
+    run(&mut by_weight_row, m, group, parallel, &group_fn);
     for (j, col) in by_weight_row.chunks_exact(m).enumerate() {
         for (out_row, &value) in out.chunks_exact_mut(rows).zip(col) {
             out_row[j] = value;
@@ -47,14 +64,15 @@ where
     }
 }
 
-/// Runs `row_fn` over the `[rows, m]` buffer `buf`, serially or on the rayon pool.
-fn run<F>(buf: &mut [f32], m: usize, parallel: bool, row_fn: &F)
+/// Runs `group_fn` over the `[rows, m]` buffer `buf`, `group` weight rows per call, serially or
+/// on the rayon pool.
+fn run<F>(buf: &mut [f32], m: usize, group: usize, parallel: bool, group_fn: &F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
     let task = |(chunk_index, chunk): (usize, &mut [f32])| {
-        for (r, col) in chunk.chunks_exact_mut(m).enumerate() {
-            row_fn(chunk_index * ROWS_PER_TASK + r, col);
+        for (g, rows) in chunk.chunks_mut(group * m).enumerate() {
+            group_fn(chunk_index * ROWS_PER_TASK + g * group, rows);
         }
     };
     let chunk_len = ROWS_PER_TASK * m;

@@ -10,11 +10,13 @@
 use std::arch::x86_64::{
     __m128i, __m256, __m256i, __m512, __m512i, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
     _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps, _mm_storeu_si128, _mm256_castps256_ps128,
-    _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_storeu_ps,
-    _mm512_cvtph_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_maskz_loadu_ps, _mm512_storeu_ps,
+    _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_extractf128_ps,
+    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_slli_epi32, _mm256_storeu_ps, _mm512_castsi512_ps,
+    _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_loadu_ps, _mm512_loadu_si512,
+    _mm512_maskz_loadu_ps, _mm512_slli_epi32, _mm512_storeu_ps,
 };
 
-use half::f16;
+use half::{bf16, f16};
 
 /// Loads 16 bytes (SSE2, part of the x86-64 baseline).
 #[inline]
@@ -118,6 +120,25 @@ pub(crate) fn widen_f16x16(values: &[f16; 16]) -> __m512 {
     // SAFETY: `values` is 32 readable bytes, and `_mm256_loadu_si256` has no alignment
     // requirement.
     _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(values.as_ptr().cast()) })
+}
+
+/// Loads 16 bfloat16 values, widened to floats (exactly: a bfloat16 is a float's high half).
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn widen_bf16x16(values: &[bf16; 16]) -> __m512 {
+    // SAFETY: `values` is 32 readable bytes, and `_mm256_loadu_si256` has no alignment
+    // requirement.
+    let bits = unsafe { _mm256_loadu_si256(values.as_ptr().cast()) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+}
+
+/// Loads 8 bfloat16 values, widened to floats (exactly).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn widen_bf16x8(values: &[bf16; 8]) -> __m256 {
+    // SAFETY: `values` is 16 readable bytes, and `_mm_loadu_si128` has no alignment requirement.
+    let bits = unsafe { _mm_loadu_si128(values.as_ptr().cast()) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
 }
 
 /// Loads 8 halves, widened to floats (exactly).

@@ -2,6 +2,8 @@
 //! `strata perplexity` and the benchmarks, and the reference the distributed pipeline must
 //! match token for token. Stages pass tensors directly instead of frames.
 
+use std::collections::HashMap;
+
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::Plan;
 use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplesFrame, SeqStep, StepFrame};
@@ -33,11 +35,22 @@ impl Engine {
         let total = plan.tensors.len();
         let mut before = 0;
         let mut stages = Vec::with_capacity(plan.route.len());
+        // Every device opens before any weight loads, once, whichever stages it runs.
+        let placements = plan
+            .devices
+            .iter()
+            .map(|&d| Ok((d, Placement::open_spec(d)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
         for s in &plan.route {
             let spec = SliceSpec::from_plan(plan, s.index)?;
             let mut done_here = 0;
-            let placement = Placement::open_spec(s.device)?;
-            let slice = ModelSlice::load_on(meta, &spec, &placement, &mut |name, done, _| {
+            let placement = placements.get(&s.device).ok_or_else(|| {
+                WorkerError::Load(format!(
+                    "stage {} runs on {}, which the plan does not list",
+                    s.index, s.device
+                ))
+            })?;
+            let slice = ModelSlice::load_on(meta, &spec, placement, &mut |name, done, _| {
                 done_here = done;
                 progress(name, before + done, total);
             })?;

@@ -144,7 +144,10 @@ impl Linear {
 
     /// Whether the weight is f32 (neither quantized nor a narrower float).
     pub fn is_f32(&self) -> bool {
-        matches!(&self.weight, Weight::Dense(w) if w.dtype() == DType::F32)
+        match &self.weight {
+            Weight::Dense(w) => w.dtype() == DType::F32,
+            Weight::Matrix(w) => w.is_f32(),
+        }
     }
 
     /// The weight as int8 tiles, when it is.

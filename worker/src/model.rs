@@ -255,7 +255,7 @@ impl Loader<'_> {
 
     fn matrix(&mut self, role: TensorRole) -> Result<Weight> {
         let (meta, spec) = self.plan_for(role)?;
-        let w = weights::load(meta, &spec)?;
+        let w = weights::load(meta, &spec)?.into_kernel_form(&role.hf_name())?;
         self.bytes += w.bytes();
         tracing::debug!(tensor = %role.hf_name(), kind = %w.kind(), bytes = w.bytes(), "loaded");
         self.tick(&role.hf_name());
@@ -271,7 +271,8 @@ impl Loader<'_> {
     ) -> Result<Linear> {
         let role = TensorRole::Layer(layer, t);
         let (meta, spec) = self.plan_for(role)?;
-        let w = weights::load_weighted(meta, &spec, importance)?;
+        let w =
+            weights::load_weighted(meta, &spec, importance)?.into_kernel_form(&role.hf_name())?;
         self.bytes += w.bytes();
         tracing::debug!(tensor = %role.hf_name(), kind = %w.kind(), bytes = w.bytes(), "loaded");
         self.tick(&role.hf_name());

@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use strata_kernels::QuantMatrix;
+use strata_kernels::dense::{DenseData, DenseMatrix};
 use strata_kernels::ggml::BlockType;
 use strata_kernels::int8;
 use strata_shared::ggml::GgmlType;
@@ -37,6 +38,32 @@ impl Weight {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Matrix(w) => w.storage_bytes(),
         }
+    }
+
+    /// The form Strata's kernels run: a 2-D float tensor becomes a [`DenseMatrix`] (f32, f16
+    /// and bf16 keep their values; another float type widens to f32); anything else stays.
+    pub fn into_kernel_form(self, name: &str) -> Result<Weight> {
+        let Weight::Dense(t) = self else {
+            return Ok(self);
+        };
+        let ctx = || format!("`{name}`");
+        let (rows, cols) = match t.dims() {
+            [r, c] => (*r, *c),
+            _ => return Ok(Weight::Dense(t)),
+        };
+        let flat = t.flatten_all().ctx(ctx)?;
+        drop(t);
+        let data = match flat.dtype() {
+            DType::F16 => DenseData::F16(flat.to_vec1::<half::f16>().ctx(ctx)?),
+            DType::BF16 => DenseData::Bf16(flat.to_vec1::<half::bf16>().ctx(ctx)?),
+            _ => DenseData::F32(
+                flat.to_dtype(DType::F32)
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .ctx(ctx)?,
+            ),
+        };
+        let matrix = DenseMatrix::new(rows, cols, data).ctx(ctx)?;
+        Ok(Weight::Matrix(Arc::new(matrix)))
     }
 
     /// A short description for logs (`Q4_1`, `HQQ4`, `f32`).
