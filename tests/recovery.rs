@@ -139,10 +139,22 @@ async fn run_with_fault(
         .await
         .unwrap_or_else(|_| panic!("streams stalled after the fault:\n{}", log()))
         .expect("run");
+    let failed: Vec<String> = outputs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| o.as_ref().err().map(|e| format!("request {i}: {e:?}")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "streams failed after the fault:\n{}\n{}",
+        failed.join("\n"),
+        log()
+    );
     assert_eq!(
         received.load(Ordering::SeqCst),
         total,
-        "every token arrived"
+        "every token arrived\n{}",
+        log()
     );
     outputs
 }

@@ -52,6 +52,7 @@ pub(crate) fn for_each_weight_group<F>(
     debug_assert_eq!(ROWS_PER_TASK % group, 0);
     let parallel = m.saturating_mul(rows).saturating_mul(cols) >= PARALLEL_MIN_MACS;
     if m == 1 {
+        // `[1, rows]` and `[rows, 1]` are the same layout: no scratch needed.
         run(out, 1, group, parallel, &group_fn);
         return;
     }
