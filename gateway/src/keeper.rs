@@ -28,6 +28,11 @@ use crate::error::GatewayError;
 use crate::launcher::{LocalWorker, WorkerCommand, spawn_worker};
 use crate::workers::{Deployment, Workers, load_and_link, poll_once};
 
+/// How long one rebuilding attempt waits for a worker's control plane to answer. A worker
+/// started for the attempt already listens; one that does not answer in this window is dead or
+/// unreachable, and the next attempt (with backoff, within `--recovery-secs`) tries again.
+const RECOVERY_CONNECT: Duration = Duration::from_secs(10);
+
 /// Where the workers come from.
 #[derive(Debug, Clone)]
 pub enum WorkerSource {
@@ -142,7 +147,7 @@ impl Keeper {
 
     /// Builds the ring for the first time; a failure here is the caller's to report.
     pub async fn start(&mut self) -> Result<(), GatewayError> {
-        self.build(false).await?;
+        self.build(false, self.cfg.connect_timeout).await?;
         self.announce();
         Ok(())
     }
@@ -208,10 +213,15 @@ impl Keeper {
             // After a failed attempt every local worker starts afresh: one alive but stuck
             // would fail every attempt.
             let fresh = attempt > 0;
+            // A worker that does not answer within the attempt's connect window fails the
+            // attempt, and the next one starts every local worker afresh. (A local worker killed
+            // a moment ago may still look alive, its exit not yet reaped: without the window,
+            // the attempt would wait on its dead address for the whole budget.)
+            let connect = RECOVERY_CONNECT.min(self.cfg.connect_timeout);
             let built = if down {
-                self.build(fresh).await
+                self.build(fresh, connect).await
             } else {
-                tokio::time::timeout_at(give_up_at, self.build(fresh))
+                tokio::time::timeout_at(give_up_at, self.build(fresh, connect))
                     .await
                     .unwrap_or_else(|_| {
                         Err(GatewayError::Unavailable(format!(
@@ -277,7 +287,7 @@ impl Keeper {
 
     /// Starts the local workers that are not running (every one when `fresh`), then loads and
     /// links every worker under a new session.
-    async fn build(&mut self, fresh: bool) -> Result<(), GatewayError> {
+    async fn build(&mut self, fresh: bool, connect_timeout: Duration) -> Result<(), GatewayError> {
         let addresses: HashMap<DeviceSpec, String> = match &self.cfg.source {
             WorkerSource::Spawn(cmd) => {
                 for &device in &self.cfg.plan.devices {
@@ -322,7 +332,7 @@ impl Keeper {
                 kv_blocks: self.cfg.kv_blocks,
                 kv_block_size: self.cfg.kv_block_size,
                 gateway_data_address: &self.cfg.gateway_data_address,
-                connect_timeout: self.cfg.connect_timeout,
+                connect_timeout,
                 links: &self.cfg.links,
             },
             &self.workers,
