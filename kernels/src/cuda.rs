@@ -19,7 +19,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut
 use half::f16;
 
 use crate::KernelError;
-use crate::matrix::{QuantMatrix, check_len};
+use crate::matrix::{QuantMatrix, check_len, check_matmul};
 
 /// What a device is: shown in `ModelInfo` and in the worker's logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,8 +306,7 @@ impl QuantMatrix for CudaMatrix {
     }
 
     fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        check_len("activations", x.len(), m.saturating_mul(self.cols))?;
-        check_len("output", out.len(), m.saturating_mul(self.rows))?;
+        check_matmul(self.rows, self.cols, x, m, out)?;
         if m == 0 || self.rows == 0 {
             return Ok(());
         }

@@ -215,19 +215,14 @@ impl QuantMatrix for DenseMatrix {
             });
         }
         check_len("row", out.len(), self.cols)?;
+        fn widen_into<E: Element>(row: &[E], out: &mut [f32]) {
+            out.iter_mut().zip(row).for_each(|(o, w)| *o = w.widen());
+        }
         let at = row * self.cols;
         match &self.data {
-            DenseData::F32(w) => out.copy_from_slice(&w[at..][..self.cols]),
-            DenseData::F16(w) => {
-                for (o, w) in out.iter_mut().zip(&w[at..][..self.cols]) {
-                    *o = w.to_f32();
-                }
-            }
-            DenseData::Bf16(w) => {
-                for (o, w) in out.iter_mut().zip(&w[at..][..self.cols]) {
-                    *o = w.to_f32();
-                }
-            }
+            DenseData::F32(w) => widen_into(&w[at..][..self.cols], out),
+            DenseData::F16(w) => widen_into(&w[at..][..self.cols], out),
+            DenseData::Bf16(w) => widen_into(&w[at..][..self.cols], out),
         }
         Ok(())
     }
