@@ -117,14 +117,14 @@ pub struct Span {
 /// How finely rows are quantized for the int8 products (`STRATA_ACTIVATIONS`: `int8x2`, the
 /// default, or `int8`).
 ///
-/// Two 8-bit planes are f32-class: perplexity equal to f32 activations' to the fourth digit
-/// with every GGML type, top-1 agreement 192 of 192 on the golden prompts. One plane is
-/// llama.cpp's precision (perplexity within 0.4%, top-1 189 of 192) for half the integer work:
-/// about 1.7x faster compute-bound prefill and 1.3x faster batched decode. It is not the
-/// default because near-ties flip: asked for the capital of France, SmolLM2-135M answers
-/// "The capital of France is Paris." with two planes and "L'Étoile, …" with one (the first
-/// token's logit moves by 0.3). The policy is per process (workers inherit it), and a row's
-/// precision never depends on its batch.
+/// Two 8-bit planes (the second only in the blocks whose scale is near the row's largest,
+/// where the outlier channels are) are f32-class: perplexity within 0.2% of full two planes'
+/// with every ISQ type, top-1 agreement 192 of 192 on the golden prompts. One plane is
+/// llama.cpp's precision (perplexity within 0.4%, top-1 189 of 192) for less integer work. It
+/// is not the default because near-ties flip: asked for the capital of France, SmolLM2-135M
+/// answers "The capital of France is Paris." with two planes and "L'Étoile, …" with one (the
+/// first token's logit moves by 0.3). The policy is per process (workers inherit it), and a
+/// row's precision never depends on its batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActivationPolicy {
     /// One 8-bit plane for every row (llama.cpp's precision).

@@ -42,9 +42,11 @@ fn random_blocks(rng: &mut Rng, dtype: BlockType, rows: usize, cols: usize) -> V
 
 fn activations(rng: &mut Rng, m: usize, cols: usize) -> Vec<f32> {
     let mut x = rng.normal_vec(m * cols, 1.0);
-    // Some rows with an outlier and a zero block, as real hidden states have.
-    if m > 1 {
-        x[cols + 3] = 40.0;
+    // Rows with an outlier and a zero block, as real hidden states have. Four rows in five
+    // have an outlier, so that at two planes some groups of rows have no residual codes in
+    // most blocks, and others have them in every block.
+    for i in (0..m).filter(|i| i % 5 != 4) {
+        x[i * cols + (i * 37 + 3) % cols] = 40.0;
     }
     for v in x.iter_mut().take(QBLOCK) {
         *v = 0.0;
@@ -321,16 +323,63 @@ fn every_level_quantizes_alike() {
     let (mut quads, mut sum, mut half) =
         (vec![0; rows * cols / 4], vec![0; blocks], vec![0; blocks]);
     act::quantize_residual(&x, &q.hi.q, &q.hi.d, &mut quads, &mut sum, &mut half);
-    assert_eq!(two.lo.q, quads);
+    let per_row = cols / QBLOCK;
+    let (mut refined, mut plain) = (0, 0);
     for b in 0..blocks {
-        assert_eq!(two.lo.sum[b], (q.hi.sum[b] << 8) + sum[b], "block {b}");
-        assert_eq!(two.lo.half[b], (q.hi.half[b] << 8) + half[b], "block {b}");
+        let row = b / per_row * per_row..(b / per_row + 1) * per_row;
+        let largest = q.hi.d[row].iter().fold(0.0f32, |a, &d| a.max(d));
+        let codes = b * QBLOCK / 4..(b + 1) * QBLOCK / 4;
+        // Blocks near the row's largest scale have the residual's codes; the others none.
+        if q.hi.d[b] >= act::REFINE_FROM * largest && q.hi.d[b] > 0.0 {
+            refined += 1;
+            assert!(two.lo.coded[b], "block {b}");
+            assert_eq!(two.lo.q[codes.clone()], quads[codes], "block {b}");
+            assert_eq!(two.lo.sum[b], (q.hi.sum[b] << 8) + sum[b], "block {b}");
+            assert_eq!(two.lo.half[b], (q.hi.half[b] << 8) + half[b], "block {b}");
+        } else {
+            plain += 1;
+            assert!(!two.lo.coded[b], "block {b}");
+            assert!(two.lo.q[codes].iter().all(|&q| q == 0), "block {b}");
+            assert_eq!(two.lo.sum[b], q.hi.sum[b] << 8, "block {b}");
+            assert_eq!(two.lo.half[b], q.hi.half[b] << 8, "block {b}");
+        }
         assert_eq!(two.lo.d[b], q.hi.d[b] / 256.0, "block {b}");
     }
-    assert!(
-        quads.iter().any(|&q| q != 0),
-        "the residual is not all zero"
+    // Rows 1 to 3 have an outlier: one refined block each. Rows 0 (its outlier fell in its
+    // zero block) and 4 have none: every block but the zero one is refined.
+    assert_eq!(
+        (refined, plain),
+        (3 + 2 * per_row - 1, 3 * (per_row - 1) + 1)
     );
+}
+
+#[test]
+fn the_residual_goes_where_the_large_blocks_are() {
+    // One row: a block of scale 1, one of 0.5, one of 0.3, one of 0.01 and a zero block.
+    let mut x = vec![0.0f32; 5 * QBLOCK];
+    for (b, amax) in [1.0f32, 0.5, 0.3, 0.01].into_iter().enumerate() {
+        for k in 0..QBLOCK {
+            x[b * QBLOCK + k] = amax * 127.0 * ((k as f32 * 0.37).sin());
+        }
+        x[b * QBLOCK] = amax * 127.0;
+    }
+    let mut q = QuantizedActivations::default();
+    q.quantize_from(&x, 1, x.len(), Precision::Int8x2).unwrap();
+    assert_eq!(q.lo.coded, [true, true, false, false, false]);
+    // Each refined block's value is within 1/256 of a step of the value's plane alone.
+    let two = q.row(0);
+    let lo = two.lo.unwrap();
+    for b in 0..2 {
+        let (h, l) = (two.hi.block(b), lo.block(b));
+        for k in 0..QBLOCK {
+            let v = (256.0 * f32::from(h[k]) + f32::from(l[k])) * lo.d[b];
+            let step = two.hi.d[b];
+            assert!(
+                (v - x[b * QBLOCK + k]).abs() <= step / 256.0,
+                "block {b} value {k}"
+            );
+        }
+    }
 }
 
 #[test]

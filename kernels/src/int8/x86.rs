@@ -103,16 +103,18 @@ macro_rules! dispatch {
 // AVX-512 VNNI
 
 /// One or two tiles against 1 to 4 activation rows (`out` is `[tiles][rows][16]`), 16 weight
-/// rows per vector.
+/// rows per vector. `prefetch`: whether the tiles' blocks may still be in memory rather than
+/// cache (the first group of rows to read them), so that the kernel asks for them ahead.
 pub(super) fn tile_avx512vnni(
     token: Avx512Vnni,
     w: &PackedMatrix,
     tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
+    prefetch: bool,
 ) {
     // SAFETY: the `Avx512Vnni` token proves the CPU supports AVX-512F/BW/VNNI, AVX2, FMA and F16C.
-    unsafe { tile_avx512vnni_impl(token, w, tiles, rows, out) }
+    unsafe { tile_avx512vnni_impl(token, w, tiles, rows, out, prefetch) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -122,22 +124,37 @@ fn tile_avx512vnni_impl(
     tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
+    prefetch: bool,
 ) {
     let nib = w.format.codes == Codes::Nibbles;
     let two = rows.first().is_some_and(|r| r.lo.is_some());
     macro_rules! go {
         ($t:literal, $n:literal) => {
             match (nib, two, w.format.sub16) {
-                (true, false, false) => tile_512::<$t, $n, true, false, false>(w, tiles, rows, out),
-                (false, false, false) => {
-                    tile_512::<$t, $n, false, false, false>(w, tiles, rows, out)
+                (true, false, false) => {
+                    tile_512::<$t, $n, true, false, false>(w, tiles, rows, out, prefetch)
                 }
-                (true, true, false) => tile_512::<$t, $n, true, true, false>(w, tiles, rows, out),
-                (false, true, false) => tile_512::<$t, $n, false, true, false>(w, tiles, rows, out),
-                (true, false, true) => tile_512::<$t, $n, true, false, true>(w, tiles, rows, out),
-                (false, false, true) => tile_512::<$t, $n, false, false, true>(w, tiles, rows, out),
-                (true, true, true) => tile_512::<$t, $n, true, true, true>(w, tiles, rows, out),
-                (false, true, true) => tile_512::<$t, $n, false, true, true>(w, tiles, rows, out),
+                (false, false, false) => {
+                    tile_512::<$t, $n, false, false, false>(w, tiles, rows, out, prefetch)
+                }
+                (true, true, false) => {
+                    tile_512::<$t, $n, true, true, false>(w, tiles, rows, out, prefetch)
+                }
+                (false, true, false) => {
+                    tile_512::<$t, $n, false, true, false>(w, tiles, rows, out, prefetch)
+                }
+                (true, false, true) => {
+                    tile_512::<$t, $n, true, false, true>(w, tiles, rows, out, prefetch)
+                }
+                (false, false, true) => {
+                    tile_512::<$t, $n, false, false, true>(w, tiles, rows, out, prefetch)
+                }
+                (true, true, true) => {
+                    tile_512::<$t, $n, true, true, true>(w, tiles, rows, out, prefetch)
+                }
+                (false, true, true) => {
+                    tile_512::<$t, $n, false, true, true>(w, tiles, rows, out, prefetch)
+                }
             }
         };
     }
@@ -171,13 +188,14 @@ macro_rules! unroll_tiles {
 
 /// The integer sums `Σ c · q` over quads `$from..$to` of one block (all 8, or the 4 of one
 /// half), for `$T` tiles (their block bytes `$blocks`) and `$N` activation rows (one plane
-/// each, the quads `$q`): `[[__m512i; N]; T]`. Straight-line
+/// each, the quads `$q`; the rows where `$rows[i]` is false are left at zero, as for codes that
+/// are all zero): `[[__m512i; N]; T]`. Straight-line
 /// code with constant indices, so that the `T × N` sums (independent chains) stay in registers
 /// and each activation quad is broadcast once for all tiles. A macro rather than a function:
 /// a function would not be inlined (target features forbid `inline(always)`), and would return
 /// its vectors through memory.
 macro_rules! isums {
-    ($T:expr, $N:expr, $nib:expr, $blocks:expr, $code_bytes:expr, $q:expr, $from:expr, $to:expr) => {{
+    ($T:expr, $N:expr, $nib:expr, $blocks:expr, $code_bytes:expr, $q:expr, $from:expr, $to:expr, $rows:expr) => {{
         let low = _mm512_set1_epi8(0x0F);
         // With few chains (one or two rows), even and odd quads go to separate sums, halving
         // the chain of dependent `vpdpbusd`s.
@@ -205,10 +223,12 @@ macro_rules! isums {
                     });
                     let h = if split { $k % 2 } else { 0 };
                     unroll_rows!($N, i, {
-                        let x: &i32 = &$q[i][$k];
-                        unroll_tiles!($T, t, {
-                            a[h][t][i] = dpbusd_bcst!(a[h][t][i], c[t], x);
-                        });
+                        if $rows[i] {
+                            let x: &i32 = &$q[i][$k];
+                            unroll_tiles!($T, t, {
+                                a[h][t][i] = dpbusd_bcst!(a[h][t][i], c[t], x);
+                            });
+                        }
                     });
                 }
             }};
@@ -288,6 +308,7 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
     tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
+    prefetch: bool,
 ) {
     let f = w.format;
     let (offset, has_min, f32s) = (f.offset, f.has_min, f.f32_scales);
@@ -307,29 +328,41 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
     for b in 0..w.blocks() {
         unroll_tiles!(T, t, {
             blocks[t] = &tiles[t][b * stride..][..stride];
-            // Decode streams weights from memory: ask for a few blocks ahead.
-            if let Some(ahead) = tiles[t].get((b + PREFETCH_BLOCKS) * stride..) {
+            // The first group of rows streams the weights from memory: ask for a few blocks
+            // ahead. Later groups find them in cache, where a prefetch only costs.
+            if prefetch && let Some(ahead) = tiles[t].get((b + PREFETCH_BLOCKS) * stride..) {
                 prefetch_lines(&ahead[..stride.min(ahead.len())]);
             }
         });
+        let mut lc = [false; N];
         unroll_rows!(N, i, {
             hq[i] = codes_of(&hi[i], b);
             lq[i] = codes_of(&lo[i], b);
+            lc[i] = lo[i].coded[b];
         });
+        let coded = lc.contains(&true);
         // One sub-block at a time: the integer sums of the value's plane, then (two planes)
         // `256 · Σ_hi + Σ_lo`, converted once: `acc ← fma(Σ, s·d)`; then the minimums' terms:
         // the scalar kernel's order.
         for h in 0..subs {
             let (from, to) = if SUB { (4 * h, 4 * h + 4) } else { (0, 8) };
-            let mut sums = isums!(T, N, NIB, blocks, code_bytes, hq, from, to);
+            let mut sums = isums!(T, N, NIB, blocks, code_bytes, hq, from, to, [true; N]);
             if TWO {
-                let low_sums = isums!(T, N, NIB, blocks, code_bytes, lq, from, to);
                 unroll_tiles!(T, t, {
                     unroll_rows!(N, i, {
-                        sums[t][i] =
-                            _mm512_add_epi32(_mm512_slli_epi32::<8>(sums[t][i]), low_sums[t][i]);
+                        sums[t][i] = _mm512_slli_epi32::<8>(sums[t][i]);
                     });
                 });
+                // The residual's sums, of the rows whose residual codes in the block are not
+                // all zero (the others' are zero).
+                if coded {
+                    let low_sums = isums!(T, N, NIB, blocks, code_bytes, lq, from, to, lc);
+                    unroll_tiles!(T, t, {
+                        unroll_rows!(N, i, {
+                            sums[t][i] = _mm512_add_epi32(sums[t][i], low_sums[t][i]);
+                        });
+                    });
+                }
             }
             unroll_tiles!(T, t, {
                 let s = lanes_512(&blocks[t][code_bytes + h * scale_bytes..], f32s);
@@ -508,10 +541,12 @@ macro_rules! tile_256 {
                             let k = h * width..(h + 1) * width;
                             let mut dot = $dot(&c[k.clone()], &qh[k.clone()], signed);
                             if TWO {
-                                dot = _mm256_add_epi32(
-                                    _mm256_slli_epi32::<8>(dot),
-                                    $dot(&c[k.clone()], &ql[k], signed),
-                                );
+                                dot = _mm256_slli_epi32::<8>(dot);
+                                // Zero residual codes add nothing.
+                                if lo[i].coded[b] {
+                                    dot =
+                                        _mm256_add_epi32(dot, $dot(&c[k.clone()], &ql[k], signed));
+                                }
                             }
                             let isum = _mm256_sub_epi32(
                                 dot,
