@@ -128,33 +128,23 @@ fn tile_avx512vnni_impl(
 ) {
     let nib = w.format.codes == Codes::Nibbles;
     let two = rows.first().is_some_and(|r| r.lo.is_some());
+    // The kernel for the constants `T`, `N`, `NIB`, `TWO` and `SUB` of this call.
+    macro_rules! call {
+        ($t:literal, $n:literal, $nib:literal, $two:literal, $sub:literal) => {
+            tile_512::<$t, $n, $nib, $two, $sub>(w, tiles, rows, out, prefetch)
+        };
+    }
     macro_rules! go {
         ($t:literal, $n:literal) => {
             match (nib, two, w.format.sub16) {
-                (true, false, false) => {
-                    tile_512::<$t, $n, true, false, false>(w, tiles, rows, out, prefetch)
-                }
-                (false, false, false) => {
-                    tile_512::<$t, $n, false, false, false>(w, tiles, rows, out, prefetch)
-                }
-                (true, true, false) => {
-                    tile_512::<$t, $n, true, true, false>(w, tiles, rows, out, prefetch)
-                }
-                (false, true, false) => {
-                    tile_512::<$t, $n, false, true, false>(w, tiles, rows, out, prefetch)
-                }
-                (true, false, true) => {
-                    tile_512::<$t, $n, true, false, true>(w, tiles, rows, out, prefetch)
-                }
-                (false, false, true) => {
-                    tile_512::<$t, $n, false, false, true>(w, tiles, rows, out, prefetch)
-                }
-                (true, true, true) => {
-                    tile_512::<$t, $n, true, true, true>(w, tiles, rows, out, prefetch)
-                }
-                (false, true, true) => {
-                    tile_512::<$t, $n, false, true, true>(w, tiles, rows, out, prefetch)
-                }
+                (true, false, false) => call!($t, $n, true, false, false),
+                (false, false, false) => call!($t, $n, false, false, false),
+                (true, true, false) => call!($t, $n, true, true, false),
+                (false, true, false) => call!($t, $n, false, true, false),
+                (true, false, true) => call!($t, $n, true, false, true),
+                (false, false, true) => call!($t, $n, false, false, true),
+                (true, true, true) => call!($t, $n, true, true, true),
+                (false, true, true) => call!($t, $n, false, true, true),
             }
         };
     }
