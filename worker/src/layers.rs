@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use strata_kernels::QuantMatrix;
 use strata_kernels::int8::{PackedMatrix, Precision, QuantizedActivations};
 use strata_shared::config::{ModelConfig, RopeScaling};
@@ -344,6 +345,9 @@ pub struct RmsNorm {
     eps: f32,
 }
 
+/// Values from which [`RmsNorm::forward_into`] splits its rows among threads.
+const PARALLEL_MIN_VALUES: usize = 1 << 15;
+
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
@@ -359,10 +363,11 @@ impl RmsNorm {
 
     /// `out = x / sqrt(mean(x²) + eps) · w`, row by row (`x` holds whole rows).
     pub fn forward_into(&self, x: &[f32], out: &mut Vec<f32>) {
-        let dim = self.weight.len();
+        let dim = self.weight.len().max(1);
+        let rows = x.len() / dim;
         out.clear();
-        out.reserve(x.len());
-        for row in x.chunks_exact(dim) {
+        out.resize(rows * dim, 0.0);
+        let norm = |(row, out): (&[f32], &mut [f32])| {
             // Eight partial sums: a fixed order, and no single dependency chain.
             let mut lanes = [0f32; 8];
             let (chunks, tail) = row.as_chunks::<8>();
@@ -373,7 +378,25 @@ impl RmsNorm {
             }
             let sum2 = lanes.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>();
             let scale = 1.0 / (sum2 / dim as f32 + self.eps).sqrt();
-            out.extend(row.iter().zip(&self.weight).map(|(v, w)| v * scale * w));
+            for ((o, v), w) in out.iter_mut().zip(row).zip(&self.weight) {
+                *o = v * scale * w;
+            }
+        };
+        // A prefill's rows in parallel (each row's arithmetic is its own).
+        let x = &x[..rows * dim];
+        if x.len() >= PARALLEL_MIN_VALUES && rayon::current_num_threads() > 1 {
+            let rows_per_task = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
+            x.par_chunks(rows_per_task * dim)
+                .zip(out.par_chunks_mut(rows_per_task * dim))
+                .for_each(|(x, out)| {
+                    x.chunks_exact(dim)
+                        .zip(out.chunks_exact_mut(dim))
+                        .for_each(norm)
+                });
+        } else {
+            x.chunks_exact(dim)
+                .zip(out.chunks_exact_mut(dim))
+                .for_each(norm);
         }
     }
 }
@@ -492,6 +515,34 @@ impl Rope {
                     b[i] = x0 * sin[i] + x1 * cos[i];
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many rows, normed together (split among threads), give each row the bits it has alone.
+    #[test]
+    fn rms_norm_of_many_rows_is_each_row_alone() {
+        let dim = 96;
+        let weight: Vec<f32> = (0..dim).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let norm = RmsNorm {
+            weight: weight.clone(),
+            eps: 1e-5,
+        };
+        let rows = PARALLEL_MIN_VALUES / dim + 37;
+        let x: Vec<f32> = (0..rows * dim)
+            .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
+            .collect();
+        let mut all = Vec::new();
+        norm.forward_into(&x, &mut all);
+        assert_eq!(all.len(), rows * dim);
+        let mut one = Vec::new();
+        for (r, row) in x.chunks_exact(dim).enumerate() {
+            norm.forward_into(row, &mut one);
+            assert_eq!(one, all[r * dim..][..dim], "row {r}");
         }
     }
 }

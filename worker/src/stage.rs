@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use strata_shared::wire::{ActDType, Activations, Frame, Sample, SamplesFrame, StepFrame};
+use rayon::prelude::*;
+use strata_shared::wire::{ActDType, Activations, Frame, Sample, SamplesFrame, SeqStep, StepFrame};
 
 use crate::error::{Result, WorkerError};
 use crate::kv::KvCache;
@@ -240,15 +241,32 @@ impl Stage {
         }
         let last = x.select_rows(&rows)?;
         let logits = self.slice.logits(&last)?;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut it = (0..logits.rows).map(|r| logits.row(r));
-        for s in step.seqs.iter().filter(|s| s.sample) {
-            let (Some(l), Some(sampler)) = (it.next(), self.samplers.get_mut(&s.seq_id)) else {
-                return Err(WorkerError::Step(
-                    "logits rows do not match the sequences".into(),
-                ));
-            };
-            out.push(sampler.sample(s.seq_id, l, &s.params));
+        let sampled: Vec<_> = step.seqs.iter().filter(|s| s.sample).collect();
+        if logits.rows != sampled.len()
+            || sampled
+                .iter()
+                .any(|s| !self.samplers.contains_key(&s.seq_id))
+        {
+            return Err(WorkerError::Step(
+                "logits rows do not match the sequences".into(),
+            ));
+        }
+        // Each sequence draws from its own sampler (its own seed's stream), so the rows go in
+        // parallel: a batch's softmaxes over the vocabulary are most of what follows the head.
+        let mut jobs: Vec<_> = sampled
+            .into_iter()
+            .filter_map(|s| Some((s, self.samplers.remove(&s.seq_id)?)))
+            .collect();
+        let draw = |(r, (s, sampler)): (usize, &mut (&SeqStep, SeqSampler))| {
+            sampler.sample(s.seq_id, logits.row(r), &s.params)
+        };
+        let out = if jobs.len() > 1 {
+            strata_kernels::pool::install(|| jobs.par_iter_mut().enumerate().map(draw).collect())
+        } else {
+            jobs.iter_mut().enumerate().map(draw).collect()
+        };
+        for (s, sampler) in jobs {
+            self.samplers.insert(s.seq_id, sampler);
         }
         Ok(out)
     }

@@ -6,6 +6,7 @@ use super::{Precision, QBLOCK, ROW_GROUP};
 use crate::cpu::{self, Int8Level};
 use crate::error::KernelError;
 use crate::matrix::{check_len, checked_len};
+use rayon::prelude::*;
 
 /// One quantization of `[rows, cols]` values: codes, per-block scales and per-block code sums.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +34,27 @@ impl Plane {
         self.coded.resize(blocks, true);
     }
 
+    /// The plane's buffers in chunks of `values` codes and `blocks` blocks (some rows each).
+    fn chunks_mut(&mut self, values: usize, blocks: usize) -> impl Iterator<Item = PlaneMut<'_>> {
+        let quads = self.q.chunks_mut((values / 4).max(1));
+        let d = self.d.chunks_mut(blocks.max(1));
+        let sum = self.sum.chunks_mut(blocks.max(1));
+        let half = self.half.chunks_mut(blocks.max(1));
+        let coded = self.coded.chunks_mut(blocks.max(1));
+        quads
+            .zip(d)
+            .zip(sum)
+            .zip(half)
+            .zip(coded)
+            .map(|((((q, d), sum), half), coded)| PlaneMut {
+                q,
+                d,
+                sum,
+                half,
+                coded,
+            })
+    }
+
     fn row(&self, i: usize, cols: usize) -> PlaneRow<'_> {
         let blocks = cols / QBLOCK;
         PlaneRow {
@@ -41,6 +63,84 @@ impl Plane {
             sum: &self.sum[i * blocks..][..blocks],
             half: &self.half[i * blocks..][..blocks],
             coded: &self.coded[i * blocks..][..blocks],
+        }
+    }
+}
+
+/// The buffers of some consecutive rows of a [`Plane`].
+struct PlaneMut<'a> {
+    q: &'a mut [i32],
+    d: &'a mut [f32],
+    sum: &'a mut [i32],
+    half: &'a mut [i32],
+    coded: &'a mut [bool],
+}
+
+/// Values from which a quantization splits its rows among threads.
+pub(super) const PARALLEL_MIN_VALUES: usize = 1 << 15;
+
+/// Some consecutive rows of a quantization: their values, whether each has the second plane,
+/// and their buffers in both planes (`lo` where a row of the quantization has it).
+struct RowChunk<'a> {
+    x: &'a [f32],
+    two: &'a [bool],
+    hi: PlaneMut<'a>,
+    lo: Option<PlaneMut<'a>>,
+}
+
+/// Quantizes the rows of a chunk (`cols` each) into `hi`, and the residual of those where `two`
+/// says so into `lo`.
+fn quantize_chunk(chunk: RowChunk<'_>, cols: usize) {
+    let RowChunk { x, two, hi, lo } = chunk;
+    match cpu::int8_level() {
+        #[cfg(target_arch = "x86_64")]
+        Int8Level::Avx512Vnni(t) => {
+            super::x86::quantize_blocks_512(t, x, hi.q, hi.d, hi.sum, hi.half)
+        }
+        _ => {
+            for ((((x, q), d), sum), half) in x
+                .chunks_exact(QBLOCK)
+                .zip(hi.q.chunks_exact_mut(QBLOCK / 4))
+                .zip(hi.d.iter_mut())
+                .zip(hi.sum.iter_mut())
+                .zip(hi.half.iter_mut())
+            {
+                (*d, *sum, *half) = quantize_block(x, q);
+            }
+        }
+    }
+    let Some(lo) = lo else {
+        return;
+    };
+    let per_row = cols / QBLOCK;
+    for (i, x) in x.chunks_exact(cols).enumerate() {
+        if !two[i] {
+            continue;
+        }
+        let b = i * per_row..(i + 1) * per_row;
+        let quads = b.start * QBLOCK / 4..b.end * QBLOCK / 4;
+        let (hq, hd) = (&hi.q[quads.clone()], &hi.d[b.clone()]);
+        let lq = &mut lo.q[quads];
+        let (ls, lh) = (&mut lo.sum[b.clone()], &mut lo.half[b.clone()]);
+        match cpu::int8_level() {
+            #[cfg(target_arch = "x86_64")]
+            Int8Level::Avx512Vnni(t) => super::x86::quantize_residual_512(t, x, hq, hd, lq, ls, lh),
+            _ => quantize_residual(x, hq, hd, lq, ls, lh),
+        }
+        // The blocks far below the row's largest keep one plane's codes: their rounding is
+        // small beside the largest block's, which the residual removes.
+        let cut = REFINE_FROM * hi.d[b.clone()].iter().fold(0.0f32, |a, &d| a.max(d));
+        for b in b {
+            let refined = hi.d[b] > 0.0 && hi.d[b] >= cut;
+            lo.coded[b] = refined;
+            if !refined {
+                lo.q[b * QBLOCK / 4..][..QBLOCK / 4].fill(0);
+                (lo.sum[b], lo.half[b]) = (0, 0);
+            }
+            // The two planes as one code `256 · q_hi + q_lo` of step `d / 256`.
+            lo.d[b] = hi.d[b] / RESIDUAL_STEPS;
+            lo.sum[b] += hi.sum[b] << 8;
+            lo.half[b] += hi.half[b] << 8;
         }
     }
 }
@@ -121,65 +221,40 @@ impl QuantizedActivations {
         self.two
             .extend((0..rows).map(|i| precision(i) == Precision::Int8x2));
         self.hi.resize(rows * cols, blocks);
-        let hi = &mut self.hi;
-        match cpu::int8_level() {
-            #[cfg(target_arch = "x86_64")]
-            Int8Level::Avx512Vnni(t) => super::x86::quantize_blocks_512(
-                t,
-                x,
-                &mut hi.q,
-                &mut hi.d,
-                &mut hi.sum,
-                &mut hi.half,
-            ),
-            _ => {
-                for ((((x, q), d), sum), half) in x
-                    .chunks_exact(QBLOCK)
-                    .zip(hi.q.chunks_exact_mut(QBLOCK / 4))
-                    .zip(&mut hi.d)
-                    .zip(&mut hi.sum)
-                    .zip(&mut hi.half)
-                {
-                    (*d, *sum, *half) = quantize_block(x, q);
-                }
-            }
-        }
-        if self.two.iter().any(|&t| t) {
+        let any_two = self.two.iter().any(|&t| t);
+        if any_two {
             self.lo.resize(rows * cols, blocks);
-            let per_row = cols / QBLOCK;
-            for (i, x) in x.chunks_exact(cols).enumerate() {
-                if !self.two[i] {
-                    continue;
-                }
-                let b = i * per_row..(i + 1) * per_row;
-                let quads = b.start * QBLOCK / 4..b.end * QBLOCK / 4;
-                let (hi, lo) = (&self.hi, &mut self.lo);
-                let (hq, hd) = (&hi.q[quads.clone()], &hi.d[b.clone()]);
-                let lq = &mut lo.q[quads];
-                let (ls, lh) = (&mut lo.sum[b.clone()], &mut lo.half[b.clone()]);
-                match cpu::int8_level() {
-                    #[cfg(target_arch = "x86_64")]
-                    Int8Level::Avx512Vnni(t) => {
-                        super::x86::quantize_residual_512(t, x, hq, hd, lq, ls, lh)
-                    }
-                    _ => quantize_residual(x, hq, hd, lq, ls, lh),
-                }
-                // The blocks far below the row's largest keep one plane's codes: their
-                // rounding is small beside the largest block's, which the residual removes.
-                let cut = REFINE_FROM * self.hi.d[b.clone()].iter().fold(0.0f32, |a, &d| a.max(d));
-                for b in b {
-                    let refined = self.hi.d[b] > 0.0 && self.hi.d[b] >= cut;
-                    self.lo.coded[b] = refined;
-                    if !refined {
-                        self.lo.q[b * QBLOCK / 4..][..QBLOCK / 4].fill(0);
-                        (self.lo.sum[b], self.lo.half[b]) = (0, 0);
-                    }
-                    // The two planes as one code `256 · q_hi + q_lo` of step `d / 256`.
-                    self.lo.d[b] = self.hi.d[b] / RESIDUAL_STEPS;
-                    self.lo.sum[b] += self.hi.sum[b] << 8;
-                    self.lo.half[b] += self.hi.half[b] << 8;
-                }
-            }
+        }
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        // Rows go in chunks, in parallel where there are many (a prefill): a row's codes
+        // depend on the row alone, so the chunks change no bit.
+        let per_chunk = if rows * cols >= PARALLEL_MIN_VALUES && rayon::current_num_threads() > 1 {
+            rows.div_ceil(rayon::current_num_threads() * 4).max(1)
+        } else {
+            rows.max(1)
+        };
+        let per_row = cols / QBLOCK;
+        let hi = self.hi.chunks_mut(per_chunk * cols, per_chunk * per_row);
+        let lo = self.lo.chunks_mut(per_chunk * cols, per_chunk * per_row);
+        let lo = lo.map(Some).chain(std::iter::repeat_with(|| None));
+        let chunks = x
+            .chunks(per_chunk * cols)
+            .zip(self.two.chunks(per_chunk))
+            .zip(hi)
+            .zip(lo)
+            .map(|(((x, two), hi), lo)| RowChunk {
+                x,
+                two,
+                hi,
+                lo: lo.filter(|_| any_two),
+            });
+        let work = |c: RowChunk<'_>| quantize_chunk(c, cols);
+        if per_chunk < rows {
+            chunks.collect::<Vec<_>>().into_par_iter().for_each(work);
+        } else {
+            chunks.for_each(work);
         }
         Ok(())
     }

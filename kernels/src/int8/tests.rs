@@ -495,6 +495,41 @@ fn rows_of_either_precision_mix_in_one_product() {
     }
 }
 
+/// A quantization large enough to split its rows among threads gives each row the codes,
+/// scales, sums and flags it has alone, in both planes.
+#[test]
+fn many_rows_quantize_in_parallel_as_each_alone() {
+    let mut rng = Rng::new(7);
+    let (m, cols) = (300, 192);
+    assert!(m * cols >= super::act::PARALLEL_MIN_VALUES);
+    let x = activations(&mut rng, m, cols);
+    let precise = |i: usize| {
+        if i % 5 < 2 {
+            Precision::Int8x2
+        } else {
+            Precision::Int8
+        }
+    };
+    let mut many = QuantizedActivations::default();
+    many.quantize_rows(&x, m, cols, precise).unwrap();
+    for i in 0..m {
+        let mut alone = QuantizedActivations::default();
+        alone
+            .quantize_from(&x[i * cols..][..cols], 1, cols, precise(i))
+            .unwrap();
+        let (a, b) = (many.row(i), alone.row(0));
+        assert_eq!(many.precision(i), precise(i), "row {i}");
+        for (p, q) in [(a.hi, b.hi)].into_iter().chain(a.lo.zip(b.lo)) {
+            assert_eq!(p.q, q.q, "row {i} codes");
+            assert_eq!(p.d, q.d, "row {i} scales");
+            assert_eq!(p.sum, q.sum, "row {i} sums");
+            assert_eq!(p.half, q.half, "row {i} half sums");
+            assert_eq!(p.coded, q.coded, "row {i} coded blocks");
+        }
+        assert_eq!(a.lo.is_some(), b.lo.is_some(), "row {i}");
+    }
+}
+
 const KQUANTS: [KQuant; 5] = [
     KQuant::Q2K,
     KQuant::Q3K,
