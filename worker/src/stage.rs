@@ -253,6 +253,7 @@ impl Stage {
         }
         // Each sequence draws from its own sampler (its own seed's stream), so the rows go in
         // parallel: a batch's softmaxes over the vocabulary are most of what follows the head.
+        // `run` refused a sequence that appears twice, so every one has its sampler here.
         let mut jobs: Vec<_> = sampled
             .into_iter()
             .filter_map(|s| Some((s, self.samplers.remove(&s.seq_id)?)))
