@@ -74,11 +74,10 @@ fn silu_mul_at(level: Level, gate: &[f32], up: &[f32], out: &mut Vec<f32>) {
     out.clear();
     out.resize(n, 0.0);
     let (gate, up) = (&gate[..n], &up[..n]);
-    let threads = rayon::current_num_threads();
-    if n >= PARALLEL_MIN_VALUES && threads > 1 {
-        // Each element's arithmetic is its own (the vector bodies and the tails compute the
-        // same bits), so the split changes nothing.
-        let chunk = n.div_ceil(threads * 4).next_multiple_of(16);
+    // Each element's arithmetic is its own (the vector bodies and the tails compute the same
+    // bits), so the split changes nothing.
+    let chunk = crate::pool::rows_per_task(n, 1, PARALLEL_MIN_VALUES).next_multiple_of(16);
+    if chunk < n {
         let parts = out.par_chunks_mut(chunk).zip(gate.par_chunks(chunk));
         parts
             .zip(up.par_chunks(chunk))

@@ -46,3 +46,16 @@ pub fn threads() -> usize {
         rayon::ThreadPool::current_num_threads,
     )
 }
+
+/// Rows per task for work done row by row over `rows` rows of `row_len` values each: every row
+/// in one task when there are fewer than `min_values` values or one thread (a fork/join costs
+/// microseconds), otherwise about four tasks per thread, for balance. A row's arithmetic never
+/// depends on its task.
+pub fn rows_per_task(rows: usize, row_len: usize, min_values: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || rows.saturating_mul(row_len) < min_values {
+        rows.max(1)
+    } else {
+        rows.div_ceil(threads * 4).max(1)
+    }
+}

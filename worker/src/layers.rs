@@ -384,8 +384,8 @@ impl RmsNorm {
         };
         // A prefill's rows in parallel (each row's arithmetic is its own).
         let x = &x[..rows * dim];
-        if x.len() >= PARALLEL_MIN_VALUES && rayon::current_num_threads() > 1 {
-            let rows_per_task = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
+        let rows_per_task = strata_kernels::pool::rows_per_task(rows, dim, PARALLEL_MIN_VALUES);
+        if rows_per_task < rows {
             x.par_chunks(rows_per_task * dim)
                 .zip(out.par_chunks_mut(rows_per_task * dim))
                 .for_each(|(x, out)| {

@@ -444,7 +444,7 @@ pub fn quantize(
                 .map(to_candle_ggml)
                 .ok_or_else(|| tensor_err(meta, format!("{isq} is not a GGML type")))?;
             // Rows quantize independently: split into chunks, quantize in parallel, concatenate.
-            let chunk_rows = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
+            let chunk_rows = strata_kernels::pool::rows_per_task(rows, cols, 0);
             let ones = vec![1f32; cols];
             let weights = match importance {
                 Some(w) if w.len() == cols => w,

@@ -230,25 +230,20 @@ impl QuantizedActivations {
         }
         // Rows go in chunks, in parallel where there are many (a prefill): a row's codes
         // depend on the row alone, so the chunks change no bit.
-        let per_chunk = if rows * cols >= PARALLEL_MIN_VALUES && rayon::current_num_threads() > 1 {
-            rows.div_ceil(rayon::current_num_threads() * 4).max(1)
-        } else {
-            rows.max(1)
-        };
+        let per_chunk = crate::pool::rows_per_task(rows, cols, PARALLEL_MIN_VALUES);
         let per_row = cols / QBLOCK;
         let hi = self.hi.chunks_mut(per_chunk * cols, per_chunk * per_row);
-        let lo = self.lo.chunks_mut(per_chunk * cols, per_chunk * per_row);
-        let lo = lo.map(Some).chain(std::iter::repeat_with(|| None));
+        // The second plane's buffers hold these rows only where a row has it.
+        let mut lo = any_two.then(|| self.lo.chunks_mut(per_chunk * cols, per_chunk * per_row));
         let chunks = x
             .chunks(per_chunk * cols)
             .zip(self.two.chunks(per_chunk))
             .zip(hi)
-            .zip(lo)
-            .map(|(((x, two), hi), lo)| RowChunk {
+            .map(|((x, two), hi)| RowChunk {
                 x,
                 two,
                 hi,
-                lo: lo.filter(|_| any_two),
+                lo: lo.as_mut().and_then(Iterator::next),
             });
         let work = |c: RowChunk<'_>| quantize_chunk(c, cols);
         if per_chunk < rows {
