@@ -636,69 +636,62 @@ impl<T: KvElement> PagedAttention<'_, T> {
     ) {
         let hd = self.shape.head_dim;
         ops.scores(q, run, self.scale, scores);
-        // The heads' weights, up to four at a time: their sums are sequential chains (in the
-        // order of the run), and four interleaved chains wait on each other four times less.
-        let chunks = out.chunks_mut(4 * hd).zip(scores.chunks_mut(4));
-        for ((out, scores), (max, denominator)) in
-            chunks.zip(max.chunks_mut(4).zip(denominator.chunks_mut(4)))
-        {
-            let state = (max, denominator);
-            match scores.len() {
-                4 => weights::<4, V>(ops, run.len, scores, state, out),
-                3 => weights::<3, V>(ops, run.len, scores, state, out),
-                2 => weights::<2, V>(ops, run.len, scores, state, out),
-                _ => weights::<1, V>(ops, run.len, scores, state, out),
-            }
+        let heads = out.chunks_exact_mut(hd).zip(scores.iter_mut());
+        for ((out, scores), (max, denominator)) in heads.zip(max.iter_mut().zip(denominator)) {
+            weights(ops, &mut scores[..run.len], (max, denominator), out);
         }
         ops.accumulate(out, scores, run.values);
     }
 }
 
-/// The online-softmax weights of a run for `H` heads (`scores[h][..n]`, replaced by the
-/// weights): per head, the run's maximum; if it raises the running maximum, the rescaling of
-/// what the head has accumulated so far (`out[h]` and its denominator); then `exp(score −
-/// maximum)`, and their sum, in the run's order, added to the denominator. `H` is the number
-/// of rows of `scores` (the callers match on it), so the heads' chains sit in registers side
-/// by side.
+/// The online-softmax weights of a run for one head (`scores`, replaced by the weights): the
+/// run's maximum; if it raises the running maximum, the rescaling of what the head has
+/// accumulated so far (`out` and the denominator); then `exp(score − maximum)`, and their sum
+/// ([`VectorOps::exp_sum`]: in a fixed order, the same on every path) added to the denominator.
 #[inline(always)]
-#[allow(clippy::needless_range_loop)] // the heads' chains indexed by constants: registers
-fn weights<const H: usize, V: VectorOps>(
+fn weights<V: VectorOps>(
     ops: V,
-    n: usize,
-    scores: &mut [[f32; RUN]],
-    (max, denominator): (&mut [f32], &mut [f32]),
+    scores: &mut [f32],
+    (max, denominator): (&mut f32, &mut f32),
     out: &mut [f32],
 ) {
-    let hd = out.len() / H;
-    let mut run_max = [f32::NEG_INFINITY; H];
-    for j in 0..n {
-        for h in 0..H {
-            run_max[h] = run_max[h].max(scores[h][j]);
+    let run_max = ops.max(scores);
+    if run_max > *max {
+        // Rescale what has been accumulated so far to the new maximum (a no-op on the first
+        // run, where the factor is exp(−∞) = 0 and all is still 0).
+        let rescale = math::exp(*max - run_max);
+        *denominator *= rescale;
+        ops.scale(out, rescale);
+        *max = run_max;
+    }
+    *denominator += ops.exp_sum(scores, *max);
+}
+
+/// Lanes of [`VectorOps::max`]: one AVX-512 vector of f32.
+const LANES: usize = 16;
+
+/// The sum of `xs` from 0, one element after another. A run's weights are summed this way on
+/// every path. A tree of vector lanes is faster (9% on a 4,000-token prefill) and no less
+/// accurate, but it moves the default model's near-ties: through the int8 activations, the
+/// log-probability of the first token of its answer to "What is the capital of France?" moves
+/// by 0.18, and the answer turns from "The capital of France is Paris." to "L'Étoile, …".
+#[inline(always)]
+fn sum_in_order(xs: &[f32]) -> f32 {
+    xs.iter().fold(0.0, |sum, &x| sum + x)
+}
+
+/// The largest of 16 lanes, by halves: lane `l` with lane `l + 8`, then `l + 4`, `l + 2` and
+/// `l + 1` (the order of the SIMD reductions, [`x86`]).
+#[inline(always)]
+fn max_of_lanes(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            lanes[l] = lanes[l].max(lanes[l + width]);
         }
     }
-    for h in 0..H {
-        if run_max[h] > max[h] {
-            // Rescale what has been accumulated so far to the new maximum (a no-op on the
-            // first run, where the factor is exp(−∞) = 0 and all is still 0).
-            let rescale = math::exp(max[h] - run_max[h]);
-            denominator[h] *= rescale;
-            ops.scale(&mut out[h * hd..(h + 1) * hd], rescale);
-            max[h] = run_max[h];
-        }
-        // The run's weights, exponentiated together (the same bits at every level).
-        let scores = &mut scores[h][..n];
-        scores.iter_mut().for_each(|s| *s -= max[h]);
-        math::exp_in_place(scores);
-    }
-    let mut sum = [0.0f32; H];
-    for j in 0..n {
-        for h in 0..H {
-            sum[h] += scores[h][j];
-        }
-    }
-    for h in 0..H {
-        denominator[h] += sum[h];
-    }
+    lanes[0]
 }
 
 /// Folds `later`, the online-softmax state of a later segment of keys for some heads (their
@@ -797,6 +790,13 @@ trait VectorOps: Copy {
     fn scale(self, y: &mut [f32], a: f32);
     /// `y[i] = x[i]` as f32 (exact: every element widens to one f32).
     fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]);
+    /// The largest of `xs` (−∞ for none): element `j` into lane `j mod 16`, then the lanes
+    /// by halves ([`max_of_lanes`]). A maximum does not depend on the order (NaN aside); this one
+    /// takes vectors, where a fold waits on each element in turn.
+    fn max(self, xs: &[f32]) -> f32;
+    /// `xs[j] = exp(xs[j] − max)` ([`math::exp`]), and the sum of those weights in the order
+    /// of `j` ([`sum_in_order`]). The same bits at every level.
+    fn exp_sum(self, xs: &mut [f32], max: f32) -> f32;
 }
 
 /// Portable implementation: loops over independent elements, a shape LLVM vectorizes.
@@ -849,6 +849,23 @@ impl VectorOps for Portable {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = x.to_f32();
         }
+    }
+
+    #[inline(always)]
+    fn max(self, xs: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        for chunk in xs.chunks(LANES) {
+            for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                *lane = lane.max(x);
+            }
+        }
+        max_of_lanes(lanes)
+    }
+
+    #[inline(always)]
+    fn exp_sum(self, xs: &mut [f32], max: f32) -> f32 {
+        xs.iter_mut().for_each(|x| *x = math::exp(*x - max));
+        sum_in_order(xs)
     }
 }
 

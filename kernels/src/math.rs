@@ -128,7 +128,7 @@ pub fn log_sum_exp(xs: &[f32]) -> f64 {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::{
         __m256, __m512, _CMP_GE_OQ, _mm256_add_epi32, _mm256_add_ps, _mm256_and_ps,
         _mm256_castsi256_ps, _mm256_cmp_ps, _mm256_cvtps_epi32, _mm256_div_ps, _mm256_fmadd_ps,
@@ -147,7 +147,7 @@ mod x86 {
     /// [`super::exp`] on 16 lanes, operation for operation.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn exp16(x: __m512) -> __m512 {
+    pub(crate) fn exp16(x: __m512) -> __m512 {
         let c = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(LOW)), _mm512_set1_ps(HIGH));
         // Round to nearest, ties to even, without exceptions.
         let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(c, _mm512_set1_ps(LOG2E)));
@@ -170,7 +170,7 @@ mod x86 {
     /// [`super::exp`] on 8 lanes, operation for operation.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn exp8(x: __m256) -> __m256 {
+    pub(crate) fn exp8(x: __m256) -> __m256 {
         let c = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LOW)), _mm256_set1_ps(HIGH));
         let n = _mm256_round_ps::<0x08>(_mm256_mul_ps(c, _mm256_set1_ps(LOG2E)));
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C1), c);

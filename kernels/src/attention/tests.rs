@@ -605,3 +605,45 @@ fn check_tiles_against_tokens_alone<T: KvElement>(
         assert_eq!(bits(&tiled), bits(&alone), "{level:?} {s:?}");
     }
 }
+
+/// A run's maximum and `exp_sum` at `level`: `(maximum, weights, sum)`.
+fn run_weights_at(level: Level, scores: &[f32], max: f32) -> (f32, Vec<f32>, f32) {
+    fn with<V: VectorOps>(ops: V, scores: &[f32], max: f32) -> (f32, Vec<f32>, f32) {
+        let mut weights = scores.to_vec();
+        let sum = ops.exp_sum(&mut weights, max);
+        (ops.max(scores), weights, sum)
+    }
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512(simd) => with(simd, scores, max),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2(simd) => with(simd, scores, max),
+        Level::Scalar => with(Portable, scores, max),
+    }
+}
+
+#[test]
+fn run_weights_and_their_sum_are_the_same_bits_at_every_level() {
+    let mut rng = Rng::new(31);
+    for n in 1..=RUN {
+        let mut scores = rng.normal_vec(n, 6.0);
+        if n % 5 == 0 {
+            // A masked slot (a sliding window's) and one far below the others.
+            scores[n / 2] = f32::NEG_INFINITY;
+            scores[n - 1] = -200.0;
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // The order `exp_sum` promises: slot after slot.
+        let weights: Vec<f32> = scores.iter().map(|&s| math::exp(s - max)).collect();
+        let mut sum = 0.0f32;
+        for &w in &weights {
+            sum += w;
+        }
+        for level in supported_levels() {
+            let (got_max, got_weights, got_sum) = run_weights_at(level, &scores, max);
+            assert_eq!(got_max.to_bits(), max.to_bits(), "{level:?}, {n} slots");
+            assert_eq!(got_weights, weights, "{level:?}, {n} slots");
+            assert_eq!(got_sum.to_bits(), sum.to_bits(), "{level:?}, {n} slots");
+        }
+    }
+}

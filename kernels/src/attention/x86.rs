@@ -8,13 +8,17 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m512, __mmask16, _mm256_add_ps, _mm256_fmadd_ps, _mm256_mul_ps, _mm256_set1_ps,
-    _mm256_setzero_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_mask_storeu_ps, _mm512_mul_ps,
-    _mm512_set1_ps, _mm512_setzero_ps,
+    __m256, __m512, __mmask16, _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehdup_ps,
+    _mm_movehl_ps, _mm256_add_ps, _mm256_castpd_ps, _mm256_castps256_ps128, _mm256_extractf128_ps,
+    _mm256_fmadd_ps, _mm256_max_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
+    _mm256_sub_ps, _mm512_add_ps, _mm512_castps_pd, _mm512_castps512_ps256, _mm512_extractf64x4_pd,
+    _mm512_fmadd_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+    _mm512_max_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
 };
 
 use super::{KvElement, PagedAttention, RUN, Run, VectorOps, Work};
 use crate::cpu::{Avx2, Avx512};
+use crate::math::x86::{exp8, exp16};
 use crate::x86::{load_f32x8, load_f32x16, store_f32x8, store_f32x16};
 
 /// AVX-512 version of [`PagedAttention::compute`].
@@ -89,6 +93,18 @@ impl VectorOps for Avx512 {
         // SAFETY: `self` proves the CPU supports AVX-512F and F16C.
         unsafe { widen_avx512(x, y) }
     }
+
+    #[inline(always)]
+    fn max(self, xs: &[f32]) -> f32 {
+        // SAFETY: `self` proves the CPU supports AVX-512F and AVX.
+        unsafe { max_512(xs) }
+    }
+
+    #[inline(always)]
+    fn exp_sum(self, xs: &mut [f32], max: f32) -> f32 {
+        // SAFETY: `self` proves the CPU supports AVX-512F, AVX2 and FMA.
+        unsafe { exp_sum_512(xs, max) }
+    }
 }
 
 impl VectorOps for Avx2 {
@@ -128,6 +144,18 @@ impl VectorOps for Avx2 {
     fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]) {
         // SAFETY: `self` proves the CPU supports AVX, F16C.
         unsafe { widen_avx2(x, y) }
+    }
+
+    #[inline(always)]
+    fn max(self, xs: &[f32]) -> f32 {
+        // SAFETY: `self` proves the CPU supports AVX2.
+        unsafe { max_256(xs) }
+    }
+
+    #[inline(always)]
+    fn exp_sum(self, xs: &mut [f32], max: f32) -> f32 {
+        // SAFETY: `self` proves the CPU supports AVX2 and FMA.
+        unsafe { exp_sum_256(xs, max) }
     }
 }
 
@@ -434,12 +462,19 @@ fn scale_avx2(y: &mut [f32], a: f32) {
 #[target_feature(enable = "avx512f,f16c")]
 #[inline]
 fn widen_avx512<T: KvElement>(x: &[T], y: &mut [f32]) {
-    for (x, y) in x.chunks(16).zip(y.chunks_mut(16)) {
-        let len = x.len().min(y.len());
-        let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &mut y[..n]);
+    let (vectors, tail) = y.as_chunks_mut::<16>();
+    let (whole, rest) = x.as_chunks::<16>();
+    for (y, x) in vectors.iter_mut().zip(whole) {
+        // SAFETY: this function's features are the ones `widen16` needs.
+        store_f32x16(y, unsafe { T::widen16(x) });
+    }
+    if !tail.is_empty() {
+        let mask: __mmask16 = (1u16 << tail.len()) - 1;
         // SAFETY: this function's features are the ones `widen16_prefix` needs; the mask
-        // covers `len` floats, all inside `y`.
-        unsafe { _mm512_mask_storeu_ps(y.as_mut_ptr(), mask, T::widen16_prefix(&x[..len])) };
+        // covers the tail's floats, all inside `y`.
+        unsafe { _mm512_mask_storeu_ps(tail.as_mut_ptr(), mask, T::widen16_prefix(rest)) };
     }
 }
 
@@ -456,4 +491,97 @@ fn widen_avx2<T: KvElement>(x: &[T], y: &mut [f32]) {
     for (y, &x) in tail.iter_mut().zip(x_tail) {
         *y = x.to_f32();
     }
+}
+
+/// The mask of the first `len` lanes of 16.
+#[inline(always)]
+fn prefix_mask(len: usize) -> __mmask16 {
+    if len >= 16 { !0 } else { (1u16 << len) - 1 }
+}
+
+/// The two 8-lane halves of a vector: lanes `0..8` and `8..16`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn halves_512(v: __m512) -> (__m256, __m256) {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    (_mm512_castps512_ps256(v), hi)
+}
+
+/// The largest of 8 lanes: lane `l` with lane `l + 4`, then `l + 2`, then 0 with 1 (the last
+/// steps of [`super::max_of_lanes`]).
+#[target_feature(enable = "avx")]
+#[inline]
+fn max_of_lanes_256(v: __m256) -> f32 {
+    let c = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let d = _mm_max_ps(c, _mm_movehl_ps(c, c));
+    _mm_cvtss_f32(_mm_max_ss(d, _mm_movehdup_ps(d)))
+}
+
+/// [`VectorOps::max`] with AVX-512.
+#[target_feature(enable = "avx512f,avx")]
+#[inline]
+fn max_512(xs: &[f32]) -> f32 {
+    let low = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut lanes = low;
+    for chunk in xs.chunks(16) {
+        // SAFETY: the mask covers the chunk's floats, all inside `xs`.
+        let x = unsafe { _mm512_mask_loadu_ps(low, prefix_mask(chunk.len()), chunk.as_ptr()) };
+        lanes = _mm512_max_ps(lanes, x);
+    }
+    let (lo, hi) = halves_512(lanes);
+    max_of_lanes_256(_mm256_max_ps(lo, hi))
+}
+
+/// [`VectorOps::exp_sum`] with AVX-512: [`exp16`] of 16 slots at a time, then their sum.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+fn exp_sum_512(xs: &mut [f32], max: f32) -> f32 {
+    let m = _mm512_set1_ps(max);
+    for chunk in xs.chunks_mut(16) {
+        let mask = prefix_mask(chunk.len());
+        // SAFETY: the mask covers the chunk's floats, all inside `xs`.
+        let x = unsafe { _mm512_maskz_loadu_ps(mask, chunk.as_ptr()) };
+        let w = exp16(_mm512_sub_ps(x, m));
+        // SAFETY: as for the load.
+        unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr(), mask, w) };
+    }
+    super::sum_in_order(xs)
+}
+
+/// Up to 8 floats of `xs` in a vector, the absent lanes −∞.
+#[target_feature(enable = "avx")]
+#[inline]
+fn load_padded_256(xs: &[f32]) -> __m256 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let n = xs.len().min(8);
+    lanes[..n].copy_from_slice(&xs[..n]);
+    load_f32x8(&lanes)
+}
+
+/// [`VectorOps::max`] with AVX2: 16 lanes as two vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn max_256(xs: &[f32]) -> f32 {
+    let mut lanes = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+    for chunk in xs.chunks(16) {
+        for (lanes, part) in lanes.iter_mut().zip(chunk.chunks(8)) {
+            *lanes = _mm256_max_ps(*lanes, load_padded_256(part));
+        }
+    }
+    max_of_lanes_256(_mm256_max_ps(lanes[0], lanes[1]))
+}
+
+/// [`VectorOps::exp_sum`] with AVX2: [`exp8`] of 8 slots at a time (the last vector padded
+/// with −∞, whose weight is 0), then their sum.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn exp_sum_256(xs: &mut [f32], max: f32) -> f32 {
+    let m = _mm256_set1_ps(max);
+    for part in xs.chunks_mut(8) {
+        let mut out = [0.0f32; 8];
+        store_f32x8(&mut out, exp8(_mm256_sub_ps(load_padded_256(part), m)));
+        let n = part.len();
+        part.copy_from_slice(&out[..n]);
+    }
+    super::sum_in_order(xs)
 }
