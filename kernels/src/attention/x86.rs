@@ -12,8 +12,8 @@ use std::arch::x86_64::{
     _mm_movehl_ps, _mm256_add_ps, _mm256_castpd_ps, _mm256_castps256_ps128, _mm256_extractf128_ps,
     _mm256_fmadd_ps, _mm256_max_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
     _mm256_sub_ps, _mm512_add_ps, _mm512_castps_pd, _mm512_castps512_ps256, _mm512_extractf64x4_pd,
-    _mm512_fmadd_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
-    _mm512_max_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
+    _mm512_fmadd_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_mul_ps,
+    _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
 };
 
 use super::{KvElement, PagedAttention, RUN, Run, VectorOps, Work};
@@ -268,11 +268,8 @@ fn scores_head_512<T: KvElement>(q: &[f32], run: &Run<'_, T>, scale: f32, out: &
 #[inline]
 fn store_scores_512(acc: &[__m512; CHAINS], scale: f32, out: &mut [f32]) {
     let len = out.len().min(16);
-    let mask: __mmask16 = if len == 16 { !0 } else { (1u16 << len) - 1 };
     let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    let sum = _mm512_mul_ps(sum, _mm512_set1_ps(scale));
-    // SAFETY: the mask covers `len` floats, all inside `out`.
-    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), mask, sum) };
+    store_prefix_512(&mut out[..len], _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
 }
 
 /// [`VectorOps::accumulate`] with AVX-512: for the usual head sizes, up to [`HEADS`] heads'
@@ -499,6 +496,30 @@ fn prefix_mask(len: usize) -> __mmask16 {
     if len >= 16 { !0 } else { (1u16 << len) - 1 }
 }
 
+/// Up to 16 floats of `xs` as lanes, the absent ones those of `fill`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load_prefix_512(xs: &[f32], fill: __m512) -> __m512 {
+    if let Ok(xs) = <&[f32; 16]>::try_from(xs) {
+        return load_f32x16(xs);
+    }
+    // SAFETY: the mask covers the floats of `xs` (at most 16 of them).
+    unsafe { _mm512_mask_loadu_ps(fill, prefix_mask(xs.len()), xs.as_ptr()) }
+}
+
+/// Stores the first `out.len()` (at most 16) lanes of `v`: with a plain store when they are
+/// 16, as they are in a whole block, since a masked store does not forward its data to the
+/// loads that follow (on AMD's cores: those loads wait until the store has left).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn store_prefix_512(out: &mut [f32], v: __m512) {
+    if let Ok(out) = <&mut [f32; 16]>::try_from(&mut *out) {
+        return store_f32x16(out, v);
+    }
+    // SAFETY: the mask covers the floats of `out` (at most 16 of them).
+    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), prefix_mask(out.len()), v) };
+}
+
 /// The two 8-lane halves of a vector: lanes `0..8` and `8..16`.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -524,9 +545,7 @@ fn max_512(xs: &[f32]) -> f32 {
     let low = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut lanes = low;
     for chunk in xs.chunks(16) {
-        // SAFETY: the mask covers the chunk's floats, all inside `xs`.
-        let x = unsafe { _mm512_mask_loadu_ps(low, prefix_mask(chunk.len()), chunk.as_ptr()) };
-        lanes = _mm512_max_ps(lanes, x);
+        lanes = _mm512_max_ps(lanes, load_prefix_512(chunk, low));
     }
     let (lo, hi) = halves_512(lanes);
     max_of_lanes_256(_mm256_max_ps(lo, hi))
@@ -538,12 +557,8 @@ fn max_512(xs: &[f32]) -> f32 {
 fn exp_sum_512(xs: &mut [f32], max: f32) -> f32 {
     let m = _mm512_set1_ps(max);
     for chunk in xs.chunks_mut(16) {
-        let mask = prefix_mask(chunk.len());
-        // SAFETY: the mask covers the chunk's floats, all inside `xs`.
-        let x = unsafe { _mm512_maskz_loadu_ps(mask, chunk.as_ptr()) };
-        let w = exp16(_mm512_sub_ps(x, m));
-        // SAFETY: as for the load.
-        unsafe { _mm512_mask_storeu_ps(chunk.as_mut_ptr(), mask, w) };
+        let x = load_prefix_512(chunk, _mm512_setzero_ps());
+        store_prefix_512(chunk, exp16(_mm512_sub_ps(x, m)));
     }
     super::sum_in_order(xs)
 }
