@@ -48,13 +48,15 @@ pub fn prompts() -> Vec<Prompt> {
 }
 
 /// A certificate set (`strata certs`) for 127.0.0.1, 127.0.0.2 and localhost, made once per
-/// test binary: what separately started gateways and workers present to each other.
+/// test binary: what separately started gateways and workers present to each other. It lives
+/// in Cargo's directory for the tests' files (under the target directory), not in `/tmp`:
+/// nothing removes it when the binary ends.
 pub fn certs() -> &'static Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::Builder::new()
-            .prefix("strata-test-certs-")
-            .tempdir()
+            .prefix("certs-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("temp dir")
             .keep();
         let out = Command::new(strata())
@@ -232,8 +234,21 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Stops the server as Ctrl-C does (SIGINT: streams in flight end as cancelled), so that it
+    /// cleans up after itself (its workers, the directory of its run's certificates) rather
+    /// than leaving that behind as SIGKILL would; after 5 s, SIGKILL.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // Not `signal`: a drop must not panic (the server may have exited meanwhile).
+            let _ = Command::new("kill")
+                .args(["-INT", "--", &self.child.id().to_string()])
+                .status();
+            for _ in 0..50 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
