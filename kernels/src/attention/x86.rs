@@ -586,8 +586,7 @@ fn max_256(xs: &[f32]) -> f32 {
     max_of_lanes_256(_mm256_max_ps(lanes[0], lanes[1]))
 }
 
-/// [`VectorOps::exp_sum`] with AVX2: [`exp8`] of 8 slots at a time (the last vector padded
-/// with −∞, whose weight is 0), then their sum.
+/// [`VectorOps::exp_sum`] with AVX2: [`exp8`] of 8 slots at a time, then their sum.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn exp_sum_256(xs: &mut [f32], max: f32) -> f32 {
