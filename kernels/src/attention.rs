@@ -671,10 +671,11 @@ fn weights<V: VectorOps>(
 const LANES: usize = 16;
 
 /// The sum of `xs` from 0, one element after another. A run's weights are summed this way on
-/// every path. A tree of vector lanes is faster (9% on a 4,000-token prefill) and no less
-/// accurate, but it moves the default model's near-ties: through the int8 activations, the
-/// log-probability of the first token of its answer to "What is the capital of France?" moves
-/// by 0.18, and the answer turns from "The capital of France is Paris." to "L'Étoile, …".
+/// every path. A tree of vector lanes is no less accurate, but it changes the bits, and
+/// through the int8 activations that moves the default model's near-ties: the log-probability
+/// of the first token of its answer to "What is the capital of France?" moves by 0.18, and the
+/// answer turns from "The capital of France is Paris." to "L'Étoile, …". The chain costs little
+/// (a build without the sum is 2% faster on a 4,000-token prefill).
 #[inline(always)]
 fn sum_in_order(xs: &[f32]) -> f32 {
     xs.iter().fold(0.0, |sum, &x| sum + x)
