@@ -322,13 +322,27 @@ impl PackedMatrix {
         let task = |strip: Strip<'_, '_>| {
             let first_tile = strip.first() / TILE_ROWS;
             let n_tiles = if first_tile + 1 < tiles { 2 } else { 1 };
+            // The (up to two) tiles after these, which the second group of rows asks the
+            // memory for while it computes from cache: this task's next strip, or the next
+            // task's first.
+            let after = first_tile + n_tiles;
+            let next = [
+                self.tile(after.min(tiles - 1)),
+                self.tile((after + 1).min(tiles - 1)),
+            ];
+            let next = &next[..tiles.min(after + 2).saturating_sub(after)];
             let both = [self.tile(first_tile), self.tile(first_tile + n_tiles - 1)];
             let tiles = &both[..n_tiles];
             let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
-            for g in &groups {
+            for (index, g) in groups.iter().enumerate() {
                 let n = g.len();
                 let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
-                self.tiles_products(level, tiles, &rows[g.clone()], tmp, g.start == 0);
+                let prefetch = match index {
+                    0 => Prefetch::Own,
+                    1 => Prefetch::Next(next),
+                    _ => Prefetch::None,
+                };
+                self.tiles_products(level, tiles, &rows[g.clone()], tmp, prefetch);
                 for (k, lanes) in tmp.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
                     strip.write(g.start + k % n, k / n * TILE_ROWS, lanes);
                 }
@@ -349,12 +363,12 @@ impl PackedMatrix {
         tiles: &[&[u8]],
         rows: &[ActRow<'_>],
         out: &mut [f32],
-        first: bool,
+        prefetch: Prefetch<'_>,
     ) {
         match level {
             #[cfg(target_arch = "x86_64")]
             Int8Level::Avx512Vnni(token) => {
-                x86::tile_avx512vnni(token, self, tiles, rows, out, first)
+                x86::tile_avx512vnni(token, self, tiles, rows, out, prefetch)
             }
             _ => {
                 for (tile, out) in tiles.iter().zip(out.chunks_mut(rows.len() * TILE_ROWS)) {
@@ -370,7 +384,7 @@ impl PackedMatrix {
         match level {
             #[cfg(target_arch = "x86_64")]
             Int8Level::Avx512Vnni(token) => {
-                x86::tile_avx512vnni(token, self, &[tile], rows, out, true)
+                x86::tile_avx512vnni(token, self, &[tile], rows, out, Prefetch::Own)
             }
             #[cfg(target_arch = "x86_64")]
             Int8Level::AvxVnni(token) => x86::tile_avxvnni(token, self, tile, rows, out),
@@ -420,6 +434,18 @@ impl PackedMatrix {
             out.copy_from_slice(acc);
         }
     }
+}
+
+/// What a kernel call asks the memory for while it goes through its tiles' blocks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Prefetch<'a> {
+    /// Its own tiles, a few blocks ahead: they may still be in memory (the first group of rows
+    /// to read them).
+    Own,
+    /// The tiles that come next, block for block: its own are in cache.
+    Next(&'a [&'a [u8]]),
+    /// Nothing.
+    None,
 }
 
 /// Products with fewer multiply-adds than this run on the calling thread.

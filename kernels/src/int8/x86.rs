@@ -23,7 +23,7 @@ use std::arch::x86_64::{
     _mm512_setzero_si512, _mm512_slli_epi32, _mm512_srli_epi16, _mm512_sub_epi32, _mm512_sub_ps,
 };
 
-use super::{ActRow, Codes, PackedMatrix, PlaneRow, TILE_ROWS};
+use super::{ActRow, Codes, PackedMatrix, PlaneRow, Prefetch, TILE_ROWS};
 use crate::cpu::{Avx2, Avx512Vnni, AvxVnni};
 use crate::x86::{
     load_f32x8_le, load_f32x16, load_f32x16_le, load_i128, load_i256, load_i512, load_u8x16,
@@ -111,7 +111,7 @@ pub(super) fn tile_avx512vnni(
     tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
-    prefetch: bool,
+    prefetch: Prefetch<'_>,
 ) {
     // SAFETY: the `Avx512Vnni` token proves the CPU supports AVX-512F/BW/VNNI, AVX2, FMA and F16C.
     unsafe { tile_avx512vnni_impl(token, w, tiles, rows, out, prefetch) }
@@ -124,7 +124,7 @@ fn tile_avx512vnni_impl(
     tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
-    prefetch: bool,
+    prefetch: Prefetch<'_>,
 ) {
     let nib = w.format.codes == Codes::Nibbles;
     let two = rows.first().is_some_and(|r| r.lo.is_some());
@@ -298,7 +298,7 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
     tiles: &[&[u8]],
     rows: &[ActRow<'_>],
     out: &mut [f32],
-    prefetch: bool,
+    prefetch: Prefetch<'_>,
 ) {
     let f = w.format;
     let (offset, has_min, f32s) = (f.offset, f.has_min, f.f32_scales);
@@ -319,11 +319,22 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
         unroll_tiles!(T, t, {
             blocks[t] = &tiles[t][b * stride..][..stride];
             // The first group of rows streams the weights from memory: ask for a few blocks
-            // ahead. Later groups find them in cache, where a prefetch only costs.
-            if prefetch && let Some(ahead) = tiles[t].get((b + PREFETCH_BLOCKS) * stride..) {
+            // ahead. Later groups find them in cache, where a prefetch of them only costs.
+            if let Prefetch::Own = prefetch
+                && let Some(ahead) = tiles[t].get((b + PREFETCH_BLOCKS) * stride..)
+            {
                 prefetch_lines(&ahead[..stride.min(ahead.len())]);
             }
         });
+        // Or, a later group: the same block of the tiles that come next, so that they stream
+        // in from memory while this group computes from cache.
+        if let Prefetch::Next(next) = prefetch {
+            for tile in next {
+                if let Some(block) = tile.get(b * stride..) {
+                    prefetch_lines(&block[..stride.min(block.len())]);
+                }
+            }
+        }
         let mut lc = [false; N];
         unroll_rows!(N, i, {
             hq[i] = codes_of(&hi[i], b);
