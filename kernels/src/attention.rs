@@ -667,9 +667,6 @@ fn weights<V: VectorOps>(
     *denominator += ops.exp_sum(scores, *max);
 }
 
-/// Lanes of [`VectorOps::max`]: one AVX-512 vector of f32.
-const LANES: usize = 16;
-
 /// The sum of `xs` from 0, one element after another. A run's weights are summed this way on
 /// every path. A tree of vector lanes is no less accurate, but it changes the bits, and
 /// through the int8 activations that moves the default model's near-ties: the log-probability
@@ -679,20 +676,6 @@ const LANES: usize = 16;
 #[inline(always)]
 fn sum_in_order(xs: &[f32]) -> f32 {
     xs.iter().fold(0.0, |sum, &x| sum + x)
-}
-
-/// The largest of 16 lanes, by halves: lane `l` with lane `l + 8`, then `l + 4`, `l + 2` and
-/// `l + 1` (the order of the SIMD reductions, [`x86`]).
-#[inline(always)]
-fn max_of_lanes(mut lanes: [f32; LANES]) -> f32 {
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            lanes[l] = lanes[l].max(lanes[l + width]);
-        }
-    }
-    lanes[0]
 }
 
 /// Folds `later`, the online-softmax state of a later segment of keys for some heads (their
@@ -791,9 +774,9 @@ trait VectorOps: Copy {
     fn scale(self, y: &mut [f32], a: f32);
     /// `y[i] = x[i]` as f32 (exact: every element widens to one f32).
     fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]);
-    /// The largest of `xs` (−∞ for none): element `j` into lane `j mod 16`, then the lanes
-    /// by halves ([`max_of_lanes`]). A maximum does not depend on the order (NaN aside); this one
-    /// takes vectors, where a fold waits on each element in turn.
+    /// The largest of `xs` (−∞ for none). A maximum does not depend on the order in which it
+    /// is taken (NaN aside), so the SIMD levels take it over vector lanes, where a fold would
+    /// wait on each element in turn.
     fn max(self, xs: &[f32]) -> f32;
     /// `xs[j] = exp(xs[j] − max)` ([`math::exp`]), and the sum of those weights in the order
     /// of `j` ([`sum_in_order`]). The same bits at every level.
@@ -854,13 +837,7 @@ impl VectorOps for Portable {
 
     #[inline(always)]
     fn max(self, xs: &[f32]) -> f32 {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        for chunk in xs.chunks(LANES) {
-            for (lane, &x) in lanes.iter_mut().zip(chunk) {
-                *lane = lane.max(x);
-            }
-        }
-        max_of_lanes(lanes)
+        xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
     }
 
     #[inline(always)]

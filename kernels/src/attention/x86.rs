@@ -528,8 +528,7 @@ fn halves_512(v: __m512) -> (__m256, __m256) {
     (_mm512_castps512_ps256(v), hi)
 }
 
-/// The largest of 8 lanes: lane `l` with lane `l + 4`, then `l + 2`, then 0 with 1 (the last
-/// steps of [`super::max_of_lanes`]).
+/// The largest of 8 lanes: lane `l` with lane `l + 4`, then `l + 2`, then 0 with 1.
 #[target_feature(enable = "avx")]
 #[inline]
 fn max_of_lanes_256(v: __m256) -> f32 {
