@@ -34,6 +34,7 @@ pub mod math;
 pub mod matrix;
 pub mod pool;
 
+mod aligned;
 mod rowwise;
 #[cfg(target_arch = "x86_64")]
 mod x86;

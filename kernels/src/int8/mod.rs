@@ -49,6 +49,7 @@ use std::fmt;
 use half::f16;
 use rayon::prelude::*;
 
+use crate::aligned::AlignedBytes;
 use crate::cpu::{self, Int8Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
@@ -127,7 +128,8 @@ pub struct PackedMatrix {
     pub(crate) format: PackFormat,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    /// Tile after tile, starting on a cache line.
+    data: AlignedBytes,
 }
 
 impl fmt::Debug for PackedMatrix {
@@ -175,8 +177,9 @@ impl PackedMatrix {
         let blocks = cols / QBLOCK;
         let tiles = rows.div_ceil(TILE_ROWS);
         let tile_bytes = checked_len("tile", blocks, format.block_stride())?;
-        let mut data = vec![0u8; checked_len("packed weight", tiles, tile_bytes)?];
-        data.par_chunks_mut(tile_bytes)
+        let mut data = AlignedBytes::zeroed(checked_len("packed weight", tiles, tile_bytes)?);
+        data.as_mut_slice()
+            .par_chunks_mut(tile_bytes)
             .enumerate()
             .try_for_each(|(tile, out)| pack::pack_tile(format, tile, rows, cols, out, &row_fn))?;
         Ok(PackedMatrix {
@@ -216,11 +219,18 @@ impl PackedMatrix {
                 )));
             }
         }
+        let mut data = AlignedBytes::zeroed(parts.iter().map(|p| p.data.len()).sum());
+        let mut rest = data.as_mut_slice();
+        for p in parts {
+            let (head, tail) = rest.split_at_mut(p.data.len());
+            head.copy_from_slice(p.data.as_slice());
+            rest = tail;
+        }
         Ok(PackedMatrix {
             format: first.format,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            data,
         })
     }
 
@@ -235,7 +245,7 @@ impl PackedMatrix {
     /// The packed bytes of tile `t`.
     fn tile(&self, t: usize) -> &[u8] {
         let bytes = self.blocks() * self.format.block_stride();
-        &self.data[t * bytes..][..bytes]
+        &self.data.as_slice()[t * bytes..][..bytes]
     }
 
     /// Block `b` of a tile's bytes.

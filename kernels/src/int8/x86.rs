@@ -23,7 +23,7 @@ use std::arch::x86_64::{
     _mm512_setzero_si512, _mm512_slli_epi32, _mm512_srli_epi16, _mm512_sub_epi32, _mm512_sub_ps,
 };
 
-use super::{ActRow, Codes, PackedMatrix, PlaneRow, Prefetch, TILE_ROWS};
+use super::{ActRow, Codes, PackedMatrix, PlaneRow, Prefetch, QBLOCK, TILE_ROWS};
 use crate::cpu::{Avx2, Avx512Vnni, AvxVnni};
 use crate::x86::{
     load_f32x8_le, load_f32x16, load_f32x16_le, load_i128, load_i256, load_i512, load_u8x16,
@@ -302,11 +302,14 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
 ) {
     let f = w.format;
     let (offset, has_min, f32s) = (f.offset, f.has_min, f.f32_scales);
-    let (code_bytes, scale_bytes, stride) = (
-        f.code_bytes(),
-        TILE_ROWS * f.scale_bytes(),
-        f.block_stride(),
-    );
+    // The codes' bytes per block: a constant of the kernel, so that their vectors are read
+    // without checks.
+    let code_bytes = if NIB {
+        TILE_ROWS * QBLOCK / 2
+    } else {
+        TILE_ROWS * QBLOCK
+    };
+    let (scale_bytes, stride) = (TILE_ROWS * f.scale_bytes(), f.block_stride());
     let subs = if SUB { 2 } else { 1 };
     let (hi, lo) = planes::<N>(rows);
     let sc: [PlaneRow<'_>; N] = std::array::from_fn(|i| rows[i].scales());
@@ -338,8 +341,10 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
         let mut lc = [false; N];
         unroll_rows!(N, i, {
             hq[i] = codes_of(&hi[i], b);
-            lq[i] = codes_of(&lo[i], b);
-            lc[i] = lo[i].coded[b];
+            if TWO {
+                lq[i] = codes_of(&lo[i], b);
+                lc[i] = lo[i].coded[b];
+            }
         });
         let coded = lc.contains(&true);
         // One sub-block at a time: the integer sums of the value's plane, then (two planes)
@@ -365,33 +370,42 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
                     });
                 }
             }
+            // Per row, once for every tile: its scale and (with an offset) its code sum.
+            let mut dv = [_mm512_setzero_ps(); N];
+            let mut qv = [_mm512_setzero_si512(); N];
+            unroll_rows!(N, i, {
+                dv[i] = _mm512_set1_ps(sc[i].d[b]);
+                if offset != 0 {
+                    qv[i] = _mm512_set1_epi32(offset * sc[i].sub_sum(b, h, subs));
+                }
+            });
             unroll_tiles!(T, t, {
                 let s = lanes_512(&blocks[t][code_bytes + h * scale_bytes..], f32s);
                 unroll_rows!(N, i, {
-                    let e = &sc[i];
                     let isum = if offset != 0 {
-                        let q_sum = _mm512_set1_epi32(offset * e.sub_sum(b, h, subs));
-                        _mm512_sub_epi32(sums[t][i], q_sum)
+                        _mm512_sub_epi32(sums[t][i], qv[i])
                     } else {
                         sums[t][i]
                     };
-                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(e.d[b]));
+                    let sd = _mm512_mul_ps(s, dv[i]);
                     acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sd, acc[t][i]);
                 });
             });
         }
         if has_min {
-            unroll_tiles!(T, t, {
-                let mins = &blocks[t][code_bytes + subs * scale_bytes..];
+            for h in 0..subs {
+                // Per row, once for every tile: `d · Σ q` of the sub-block.
+                let mut ds = [_mm512_setzero_ps(); N];
                 unroll_rows!(N, i, {
-                    let e = &sc[i];
-                    for h in 0..subs {
-                        let m = lanes_512(&mins[h * scale_bytes..], f32s);
-                        let ds = _mm512_set1_ps(e.d[b] * e.sub_sum(b, h, subs) as f32);
-                        acc[t][i] = _mm512_fmadd_ps(m, ds, acc[t][i]);
-                    }
+                    ds[i] = _mm512_set1_ps(sc[i].d[b] * sc[i].sub_sum(b, h, subs) as f32);
                 });
-            });
+                unroll_tiles!(T, t, {
+                    let m = lanes_512(&blocks[t][code_bytes + (subs + h) * scale_bytes..], f32s);
+                    unroll_rows!(N, i, {
+                        acc[t][i] = _mm512_fmadd_ps(m, ds[i], acc[t][i]);
+                    });
+                });
+            }
         }
     }
     let out = out.as_chunks_mut::<TILE_ROWS>().0;
