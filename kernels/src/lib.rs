@@ -35,6 +35,7 @@ pub mod matrix;
 pub mod pool;
 
 mod aligned;
+mod columns;
 mod rowwise;
 #[cfg(target_arch = "x86_64")]
 mod x86;

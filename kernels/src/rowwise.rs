@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use crate::columns::Columns;
+
 /// Products with fewer multiply-adds than this run on the calling thread: below it, rayon's
 /// fork/join overhead (microseconds) is comparable to the work itself.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
@@ -23,8 +25,9 @@ pub(crate) const TILE: usize = 4;
 /// Computes every `out[i][j]` (`out` is `[m, rows]`, row-major) by calling `row_fn(j, col)`
 /// once per weight row `j`, where `col[i]` receives `out[i][j]` for `i < m`.
 ///
-/// The caller has checked that `out.len() == m * rows`. A product of `m > 1` rows goes through
-/// a `[rows, m]` scratch buffer that is transposed into `out` at the end.
+/// The caller has checked that `out.len() == m * rows`. With `m > 1`, each task gathers its
+/// weight rows' results in a small `[rows of the task, m]` buffer and writes them into its own
+/// columns of `out`, in place and in parallel.
 pub(crate) fn for_each_weight_row<F>(rows: usize, cols: usize, m: usize, out: &mut [f32], row_fn: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
@@ -56,13 +59,25 @@ pub(crate) fn for_each_weight_group<F>(
         run(out, 1, group, parallel, &group_fn);
         return;
     }
-    let mut by_weight_row = vec![0.0; rows * m];
-    run(&mut by_weight_row, m, group, parallel, &group_fn);
-    for (j, col) in by_weight_row.chunks_exact(m).enumerate() {
-        for (out_row, &value) in out.chunks_exact_mut(rows).zip(col) {
-            out_row[j] = value;
+    let Ok(mut columns) = Columns::new(out, m, rows) else {
+        debug_assert!(false, "the caller checks the output's length");
+        return;
+    };
+    columns.for_each_strip(ROWS_PER_TASK, parallel, 1, |strip| {
+        let (j0, n) = (strip.first(), strip.width());
+        // The task's results by weight row (`[n][m]`), then out row by out row.
+        let mut by_weight_row = vec![0.0; n * m];
+        for (g, rows) in by_weight_row.chunks_mut(group * m).enumerate() {
+            group_fn(j0 + g * group, rows);
         }
-    }
+        let mut lanes = [0.0f32; ROWS_PER_TASK];
+        for i in 0..m {
+            for (t, lane) in lanes[..n].iter_mut().enumerate() {
+                *lane = by_weight_row[t * m + i];
+            }
+            strip.write(i, 0, &lanes);
+        }
+    });
 }
 
 /// Runs `group_fn` over the `[rows, m]` buffer `buf`, `group` weight rows per call, serially or

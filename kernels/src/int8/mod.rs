@@ -39,7 +39,6 @@
 mod x86;
 
 mod act;
-mod columns;
 mod pack;
 #[cfg(test)]
 mod tests;
@@ -50,10 +49,10 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::aligned::AlignedBytes;
+use crate::columns::{Columns, Strip};
 use crate::cpu::{self, Int8Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
-use columns::{Columns, Strip};
 
 pub use act::QuantizedActivations;
 pub(crate) use act::{ActRow, PlaneRow};

@@ -1,4 +1,5 @@
-//! A product's output, written in place by the tasks that each compute some of its columns.
+//! A product's output, written in place by the tasks that each compute some of its columns
+//! (the int8 products' tiles, the row-wise products' groups of weight rows).
 
 #![allow(unsafe_code)]
 
@@ -6,14 +7,13 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::TILE_ROWS;
 use crate::error::KernelError;
 use crate::matrix::{check_len, checked_len};
 
 /// A row-major `[m][cols]` output cut into strips of columns, each handed to exactly one task:
-/// the tiles of a product cover disjoint columns of every row, so its tasks write their
-/// results in place, with no scratch buffer the size of the output.
-pub(super) struct Columns<'a> {
+/// the tiles (or weight rows) of a product cover disjoint columns of every row, so its tasks
+/// write their results in place, with no scratch buffer the size of the output.
+pub(crate) struct Columns<'a> {
     ptr: *mut f32,
     m: usize,
     cols: usize,
@@ -33,7 +33,7 @@ impl<'a> Columns<'a> {
     /// # Errors
     ///
     /// [`KernelError::LengthMismatch`] if its length is not `m · cols`.
-    pub(super) fn new(out: &'a mut [f32], m: usize, cols: usize) -> Result<Self, KernelError> {
+    pub(crate) fn new(out: &'a mut [f32], m: usize, cols: usize) -> Result<Self, KernelError> {
         check_len("output", out.len(), checked_len("output", m, cols)?)?;
         Ok(Columns {
             ptr: out.as_mut_ptr(),
@@ -46,7 +46,7 @@ impl<'a> Columns<'a> {
     /// Calls `f` once for each strip of `width` columns (the last one may be narrower), in
     /// parallel (at least `min_len` strips a job) or in order. It takes `&mut self`, so that
     /// no two calls hand out the same strip at once.
-    pub(super) fn for_each_strip<F>(&mut self, width: usize, parallel: bool, min_len: usize, f: F)
+    pub(crate) fn for_each_strip<F>(&mut self, width: usize, parallel: bool, min_len: usize, f: F)
     where
         F: Fn(Strip<'_, 'a>) + Sync + Send,
     {
@@ -71,7 +71,7 @@ impl<'a> Columns<'a> {
 }
 
 /// The columns `first..end` of every row of a [`Columns`], owned by one task.
-pub(super) struct Strip<'s, 'a> {
+pub(crate) struct Strip<'s, 'a> {
     out: &'s Columns<'a>,
     first: usize,
     end: usize,
@@ -79,25 +79,30 @@ pub(super) struct Strip<'s, 'a> {
 
 impl Strip<'_, '_> {
     /// The strip's first column.
-    pub(super) fn first(&self) -> usize {
+    pub(crate) fn first(&self) -> usize {
         self.first
     }
 
-    /// Writes 16 results of row `i` to the strip's columns `first + offset ..`, cut at the
+    /// The strip's width in columns.
+    pub(crate) fn width(&self) -> usize {
+        self.end - self.first
+    }
+
+    /// Writes `N` results of row `i` to the strip's columns `first + offset ..`, cut at the
     /// strip's end; positions outside the strip or the output are ignored.
-    pub(super) fn write(&self, i: usize, offset: usize, lanes: &[f32; TILE_ROWS]) {
+    pub(crate) fn write<const N: usize>(&self, i: usize, offset: usize, lanes: &[f32; N]) {
         let first = self.first.saturating_add(offset);
         if i >= self.out.m || first >= self.end {
             return;
         }
-        let n = TILE_ROWS.min(self.end - first);
+        let n = N.min(self.end - first);
         // SAFETY: `i < m` and `first + n <= end <= cols`, so the `n` elements from
         // `i · cols + first` lie inside the `m · cols` buffer that `out` borrows exclusively,
         // and within this strip, which no other thread holds.
         unsafe {
             let dst = self.out.ptr.add(i * self.out.cols + first);
-            if n == TILE_ROWS {
-                dst.cast::<[f32; TILE_ROWS]>().write_unaligned(*lanes);
+            if n == N {
+                dst.cast::<[f32; N]>().write_unaligned(*lanes);
             } else {
                 std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
             }
