@@ -70,9 +70,11 @@ pub struct DenseMatrix {
     data: DenseData,
 }
 
-/// Weight rows one kernel call covers: a whole task's, so that the kernel can keep a block of
-/// activation rows in L1 while it passes them by.
-const WEIGHT_ROWS: usize = rowwise::ROWS_PER_TASK;
+/// Weight rows one kernel call covers: half a task's, so that they (8 rows of this model's
+/// 576 f32 columns, 18 KiB) and a block of 4 activation rows stay in L1 together while the
+/// call passes every block by (a whole task's 16 rows did not fit: f32 prefill 1.08–1.17× with
+/// 8, `docs/benchmarks.md`).
+const WEIGHT_ROWS: usize = rowwise::ROWS_PER_TASK / 2;
 
 impl DenseMatrix {
     /// Wraps `data` as `[rows, cols]`.

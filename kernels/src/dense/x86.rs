@@ -1,7 +1,7 @@
 //! AVX-512 and AVX2 kernels of the dense products (see the parent module for the sequence of
 //! operations they share with the scalar kernel).
 //!
-//! A call covers a group of weight rows (a task's). AVX-512 takes the activations 4 rows at a
+//! A call covers a group of weight rows (half a task's). AVX-512 takes the activations 4 rows at a
 //! time and, for each such block, the weight rows 4 at a time: 16 accumulators, each weight
 //! vector widened once and each activation vector loaded once per 16 columns for 4
 //! multiply-adds, the activation block staying in L1 while the weight rows pass by. AVX2 holds a lane set of 16 as two 8-lane halves, so it
