@@ -63,7 +63,8 @@ pub(crate) fn for_each_weight_group<F>(
         debug_assert!(false, "the caller checks the output's length");
         return;
     };
-    columns.for_each_strip(ROWS_PER_TASK, parallel, 1, |strip| {
+    let min_len = tasks_per_job(rows.div_ceil(ROWS_PER_TASK));
+    columns.for_each_strip(ROWS_PER_TASK, parallel, min_len, |strip| {
         let (j0, n) = (strip.first(), strip.width());
         // The task's results by weight row (`[n][m]`), then out row by out row.
         let mut by_weight_row = vec![0.0; n * m];
@@ -93,10 +94,21 @@ where
     };
     let chunk_len = ROWS_PER_TASK * m;
     if parallel {
-        buf.par_chunks_mut(chunk_len).enumerate().for_each(task);
+        let min_len = tasks_per_job(buf.len().div_ceil(chunk_len));
+        buf.par_chunks_mut(chunk_len)
+            .enumerate()
+            .with_min_len(min_len)
+            .for_each(task);
     } else {
         buf.chunks_mut(chunk_len).enumerate().for_each(task);
     }
+}
+
+/// Tasks of [`ROWS_PER_TASK`] weight rows that one rayon job takes, out of `tasks`: about four
+/// jobs per thread, for balance. A decode's task is a microsecond of work, as much as rayon's
+/// splitting costs, so jobs of one task each would spend half their time splitting.
+fn tasks_per_job(tasks: usize) -> usize {
+    tasks.div_ceil(rayon::current_num_threads() * 4).max(1)
 }
 
 /// The activations of one product: `x` is `[m, cols]`, and `sums[i * stride + g]` is the sum of
