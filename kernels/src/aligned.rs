@@ -2,8 +2,8 @@
 //!
 //! Packed weights are read in 64-byte vectors; a buffer from the allocator starts wherever it
 //! likes (glibc: 16 bytes into a page for large blocks), so that every such load would straddle
-//! two cache lines, and a split load costs as much as two: about 17% of an int8 product's speed
-//! on AMD Zen 5 (`docs/benchmarks.md`). [`AlignedBytes`] starts on a 64-byte boundary.
+//! two cache lines, and a split load costs as much as two (`docs/benchmarks.md`: about 3% of
+//! the int8 products' speed on AMD Zen 5). [`AlignedBytes`] starts on a 64-byte boundary.
 
 #![allow(unsafe_code)]
 
