@@ -347,7 +347,7 @@ impl PackedMatrix {
                 let n = g.len();
                 let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
                 let prefetch = match index {
-                    0 => Prefetch::Own,
+                    0 => Prefetch::Own(next),
                     1 => Prefetch::Next(next),
                     _ => Prefetch::None,
                 };
@@ -393,7 +393,7 @@ impl PackedMatrix {
         match level {
             #[cfg(target_arch = "x86_64")]
             Int8Level::Avx512Vnni(token) => {
-                x86::tile_avx512vnni(token, self, &[tile], rows, out, Prefetch::Own)
+                x86::tile_avx512vnni(token, self, &[tile], rows, out, Prefetch::Own(&[]))
             }
             #[cfg(target_arch = "x86_64")]
             Int8Level::AvxVnni(token) => x86::tile_avxvnni(token, self, tile, rows, out),
@@ -449,8 +449,9 @@ impl PackedMatrix {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Prefetch<'a> {
     /// Its own tiles, a few blocks ahead: they may still be in memory (the first group of rows
-    /// to read them).
-    Own,
+    /// to read them). Near their end, the same blocks of the tiles given (those that come
+    /// next), so that a run of tiles streams in without a gap between them.
+    Own(&'a [&'a [u8]]),
     /// The tiles that come next, block for block: its own are in cache.
     Next(&'a [&'a [u8]]),
     /// Nothing.

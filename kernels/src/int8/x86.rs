@@ -322,11 +322,20 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
         unroll_tiles!(T, t, {
             blocks[t] = &tiles[t][b * stride..][..stride];
             // The first group of rows streams the weights from memory: ask for a few blocks
-            // ahead. Later groups find them in cache, where a prefetch of them only costs.
-            if let Prefetch::Own = prefetch
-                && let Some(ahead) = tiles[t].get((b + PREFETCH_BLOCKS) * stride..)
-            {
-                prefetch_lines(&ahead[..stride.min(ahead.len())]);
+            // ahead (past the tiles' end, the next tiles' first ones). Later groups find them in
+            // cache, where a prefetch of them only costs.
+            if let Prefetch::Own(next) = prefetch {
+                let ahead = b + PREFETCH_BLOCKS;
+                let (tile, block) = if ahead < w.blocks() {
+                    (Some(tiles[t]), ahead)
+                } else {
+                    (next.get(t).copied(), ahead - w.blocks())
+                };
+                if let Some(tile) = tile
+                    && let Some(bytes) = tile.get(block * stride..)
+                {
+                    prefetch_lines(&bytes[..stride.min(bytes.len())]);
+                }
             }
         });
         // Or, a later group: the same block of the tiles that come next, so that they stream
