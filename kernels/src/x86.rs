@@ -8,12 +8,14 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m128i, __m256, __m256i, __m512, __m512i, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
-    _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps, _mm_storeu_si128, _mm256_castps256_ps128,
-    _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_extractf128_ps,
-    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_slli_epi32, _mm256_storeu_ps, _mm512_castsi512_ps,
-    _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_loadu_ps, _mm512_loadu_si512,
-    _mm512_maskz_loadu_ps, _mm512_slli_epi32, _mm512_storeu_ps,
+    __m128i, __m256, __m256i, __m512, __m512i, __mmask16, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
+    _mm_loadu_si128, _mm_movehl_ps, _mm_shuffle_ps, _mm_storeu_si128, _mm256_castpd_ps,
+    _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps,
+    _mm256_extractf128_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_slli_epi32,
+    _mm256_storeu_ps, _mm512_castps_pd, _mm512_castps512_ps256, _mm512_castsi512_ps,
+    _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_extractf64x4_pd, _mm512_loadu_ps,
+    _mm512_loadu_si512, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_setzero_ps,
+    _mm512_slli_epi32, _mm512_storeu_ps,
 };
 
 use half::{bf16, f16};
@@ -103,14 +105,53 @@ pub(crate) fn store_f32x16(dst: &mut [f32; 16], v: __m512) {
     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
 }
 
+/// The mask of the first `len` lanes of 16 (all of them from 16 on).
+#[inline(always)]
+pub(crate) fn prefix_mask16(len: usize) -> __mmask16 {
+    if len >= 16 { !0 } else { (1u16 << len) - 1 }
+}
+
 /// Loads the first `values.len()` (at most 16) lanes from `values`, the others 0.
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(crate) fn load_f32x16_prefix(values: &[f32]) -> __m512 {
-    let n = values.len().min(16);
-    let mask = ((1u32 << n) - 1) as u16;
-    // SAFETY: the mask covers the first `n` floats, all inside `values`.
-    unsafe { _mm512_maskz_loadu_ps(mask, values.as_ptr()) }
+    load_f32x16_prefix_or(values, _mm512_setzero_ps())
+}
+
+/// Loads the first `values.len()` (at most 16) lanes from `values`, the others those of `fill`;
+/// 16 of them with a plain load.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn load_f32x16_prefix_or(values: &[f32], fill: __m512) -> __m512 {
+    let values = &values[..values.len().min(16)];
+    if let Ok(whole) = <&[f32; 16]>::try_from(values) {
+        return load_f32x16(whole);
+    }
+    // SAFETY: the mask covers the floats of `values` (fewer than 16).
+    unsafe { _mm512_mask_loadu_ps(fill, prefix_mask16(values.len()), values.as_ptr()) }
+}
+
+/// Stores the first `dst.len()` (at most 16) lanes of `v`: 16 of them with a plain store, since
+/// a masked store does not forward its data to the loads that follow (on AMD's cores, those
+/// loads wait until the store has left).
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn store_f32x16_prefix(dst: &mut [f32], v: __m512) {
+    let n = dst.len().min(16);
+    let dst = &mut dst[..n];
+    if let Ok(whole) = <&mut [f32; 16]>::try_from(&mut *dst) {
+        return store_f32x16(whole, v);
+    }
+    // SAFETY: the mask covers the floats of `dst` (fewer than 16).
+    unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), prefix_mask16(n), v) };
+}
+
+/// The two 8-lane halves of a vector: lanes `0..8` and `8..16`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn halves_f32x16(v: __m512) -> (__m256, __m256) {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    (_mm512_castps512_ps256(v), hi)
 }
 
 /// Loads 16 halves, widened to floats (exactly).

@@ -8,18 +8,20 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m512, __mmask16, _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehdup_ps,
-    _mm_movehl_ps, _mm256_add_ps, _mm256_castpd_ps, _mm256_castps256_ps128, _mm256_extractf128_ps,
-    _mm256_fmadd_ps, _mm256_max_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
-    _mm256_sub_ps, _mm512_add_ps, _mm512_castps_pd, _mm512_castps512_ps256, _mm512_extractf64x4_pd,
-    _mm512_fmadd_ps, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_max_ps, _mm512_mul_ps,
-    _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
+    __m256, __m512, _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehdup_ps, _mm_movehl_ps,
+    _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_max_ps,
+    _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_sub_ps, _mm512_add_ps,
+    _mm512_fmadd_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm512_sub_ps,
 };
 
 use super::{KvElement, PagedAttention, RUN, Run, VectorOps, Work};
 use crate::cpu::{Avx2, Avx512};
 use crate::math::x86::{exp8, exp16};
-use crate::x86::{load_f32x8, load_f32x16, store_f32x8, store_f32x16};
+use crate::x86::{
+    halves_f32x16, load_f32x8, load_f32x16, load_f32x16_prefix, load_f32x16_prefix_or, store_f32x8,
+    store_f32x16, store_f32x16_prefix,
+};
 
 /// AVX-512 version of [`PagedAttention::compute`].
 pub(super) fn compute_avx512<T: KvElement>(
@@ -267,9 +269,8 @@ fn scores_head_512<T: KvElement>(q: &[f32], run: &Run<'_, T>, scale: f32, out: &
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn store_scores_512(acc: &[__m512; CHAINS], scale: f32, out: &mut [f32]) {
-    let len = out.len().min(16);
     let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    store_prefix_512(&mut out[..len], _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
+    store_f32x16_prefix(out, _mm512_mul_ps(sum, _mm512_set1_ps(scale)));
 }
 
 /// [`VectorOps::accumulate`] with AVX-512: for the usual head sizes, up to [`HEADS`] heads'
@@ -468,10 +469,8 @@ fn widen_avx512<T: KvElement>(x: &[T], y: &mut [f32]) {
         store_f32x16(y, unsafe { T::widen16(x) });
     }
     if !tail.is_empty() {
-        let mask: __mmask16 = (1u16 << tail.len()) - 1;
-        // SAFETY: this function's features are the ones `widen16_prefix` needs; the mask
-        // covers the tail's floats, all inside `y`.
-        unsafe { _mm512_mask_storeu_ps(tail.as_mut_ptr(), mask, T::widen16_prefix(rest)) };
+        // SAFETY: this function's features are the ones `widen16_prefix` needs.
+        store_f32x16_prefix(tail, unsafe { T::widen16_prefix(rest) });
     }
 }
 
@@ -490,44 +489,6 @@ fn widen_avx2<T: KvElement>(x: &[T], y: &mut [f32]) {
     }
 }
 
-/// The mask of the first `len` lanes of 16.
-#[inline(always)]
-fn prefix_mask(len: usize) -> __mmask16 {
-    if len >= 16 { !0 } else { (1u16 << len) - 1 }
-}
-
-/// Up to 16 floats of `xs` as lanes, the absent ones those of `fill`.
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn load_prefix_512(xs: &[f32], fill: __m512) -> __m512 {
-    if let Ok(xs) = <&[f32; 16]>::try_from(xs) {
-        return load_f32x16(xs);
-    }
-    // SAFETY: the mask covers the floats of `xs` (at most 16 of them).
-    unsafe { _mm512_mask_loadu_ps(fill, prefix_mask(xs.len()), xs.as_ptr()) }
-}
-
-/// Stores the first `out.len()` (at most 16) lanes of `v`: with a plain store when they are
-/// 16, as they are in a whole block, since a masked store does not forward its data to the
-/// loads that follow (on AMD's cores: those loads wait until the store has left).
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn store_prefix_512(out: &mut [f32], v: __m512) {
-    if let Ok(out) = <&mut [f32; 16]>::try_from(&mut *out) {
-        return store_f32x16(out, v);
-    }
-    // SAFETY: the mask covers the floats of `out` (at most 16 of them).
-    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr(), prefix_mask(out.len()), v) };
-}
-
-/// The two 8-lane halves of a vector: lanes `0..8` and `8..16`.
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn halves_512(v: __m512) -> (__m256, __m256) {
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    (_mm512_castps512_ps256(v), hi)
-}
-
 /// The largest of 8 lanes: lane `l` with lane `l + 4`, then `l + 2`, then 0 with 1.
 #[target_feature(enable = "avx")]
 #[inline]
@@ -544,9 +505,9 @@ fn max_512(xs: &[f32]) -> f32 {
     let low = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut lanes = low;
     for chunk in xs.chunks(16) {
-        lanes = _mm512_max_ps(lanes, load_prefix_512(chunk, low));
+        lanes = _mm512_max_ps(lanes, load_f32x16_prefix_or(chunk, low));
     }
-    let (lo, hi) = halves_512(lanes);
+    let (lo, hi) = halves_f32x16(lanes);
     max_of_lanes_256(_mm256_max_ps(lo, hi))
 }
 
@@ -556,8 +517,8 @@ fn max_512(xs: &[f32]) -> f32 {
 fn exp_sum_512(xs: &mut [f32], max: f32) -> f32 {
     let m = _mm512_set1_ps(max);
     for chunk in xs.chunks_mut(16) {
-        let x = load_prefix_512(chunk, _mm512_setzero_ps());
-        store_prefix_512(chunk, exp16(_mm512_sub_ps(x, m)));
+        let x = load_f32x16_prefix(chunk);
+        store_f32x16_prefix(chunk, exp16(_mm512_sub_ps(x, m)));
     }
     super::sum_in_order(xs)
 }

@@ -10,8 +10,7 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m512, _mm256_add_ps, _mm256_castpd_ps, _mm256_fmadd_ps, _mm256_setzero_ps,
-    _mm512_castps_pd, _mm512_castps512_ps256, _mm512_extractf64x4_pd, _mm512_fmadd_ps,
+    __m256, __m512, _mm256_add_ps, _mm256_fmadd_ps, _mm256_setzero_ps, _mm512_fmadd_ps,
     _mm512_setzero_ps,
 };
 
@@ -20,15 +19,15 @@ use half::{bf16, f16};
 use super::Element;
 use crate::cpu::{Avx2, Avx512};
 use crate::x86::{
-    hsum_f32x8, load_f32x8, load_f32x16, widen_bf16x8, widen_bf16x16, widen_f16x8, widen_f16x16,
+    halves_f32x16, hsum_f32x8, load_f32x8, load_f32x16, widen_bf16x8, widen_bf16x16, widen_f16x8,
+    widen_f16x16,
 };
 
 /// The 16 lanes' sum in the parent module's tree: halves first, then [`hsum_f32x8`]'s order.
 #[target_feature(enable = "avx512f,avx2")]
 #[inline]
 fn reduce_512(v: __m512) -> f32 {
-    let lo = _mm512_castps512_ps256(v);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let (lo, hi) = halves_f32x16(v);
     hsum_f32x8(_mm256_add_ps(lo, hi))
 }
 

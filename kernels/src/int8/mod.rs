@@ -331,9 +331,9 @@ impl PackedMatrix {
         let task = |strip: Strip<'_, '_>| {
             let first_tile = strip.first() / TILE_ROWS;
             let n_tiles = if first_tile + 1 < tiles { 2 } else { 1 };
-            // The (up to two) tiles after these, which the second group of rows asks the
-            // memory for while it computes from cache: this task's next strip, or the next
-            // task's first.
+            // The (up to two) tiles after these (this task's next strip, or the next task's
+            // first), which the first group of rows asks the memory for near its tiles' end and
+            // the second all along, while it computes from cache.
             let after = first_tile + n_tiles;
             let next = [
                 self.tile(after.min(tiles - 1)),

@@ -318,7 +318,8 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
     let mut blocks: [&[u8]; T] = [&[]; T];
     let mut hq: [&[i32; 8]; N] = [&[0; 8]; N];
     let mut lq: [&[i32; 8]; N] = [&[0; 8]; N];
-    for b in 0..w.blocks() {
+    let n_blocks = w.blocks();
+    for b in 0..n_blocks {
         unroll_tiles!(T, t, {
             blocks[t] = &tiles[t][b * stride..][..stride];
             // The first group of rows streams the weights from memory: ask for a few blocks
@@ -326,10 +327,10 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
             // cache, where a prefetch of them only costs.
             if let Prefetch::Own(next) = prefetch {
                 let ahead = b + PREFETCH_BLOCKS;
-                let (tile, block) = if ahead < w.blocks() {
+                let (tile, block) = if ahead < n_blocks {
                     (Some(tiles[t]), ahead)
                 } else {
-                    (next.get(t).copied(), ahead - w.blocks())
+                    (next.get(t).copied(), ahead - n_blocks)
                 };
                 if let Some(tile) = tile
                     && let Some(bytes) = tile.get(block * stride..)
