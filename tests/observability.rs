@@ -163,9 +163,23 @@ async fn one_request_is_one_trace_across_the_gateway_and_both_workers() {
             .filter(|s| s.trace_id == TRACE_ID)
             .cloned()
             .collect();
+        // Each process exports on its own schedule: wait until the request has ended and
+        // both workers' stage spans have caught up with the gateway's batch steps.
         let pids: HashSet<i64> = spans.iter().map(|s| s.pid).collect();
         let requests_done = spans.iter().any(|s| s.name == "request");
-        if pids.len() >= 3 && requests_done {
+        let count = |name: &str, stage: Option<&str>| {
+            spans
+                .iter()
+                .filter(|s| s.name == name)
+                .filter(|s| {
+                    stage.is_none_or(|st| s.attributes.get("stage").map(String::as_str) == Some(st))
+                })
+                .count()
+        };
+        let steps = count("batch_step", None);
+        let stages_done =
+            steps > 0 && count("stage", Some("0")) >= steps && count("stage", Some("1")) >= steps;
+        if pids.len() >= 3 && requests_done && stages_done {
             break spans;
         }
         assert!(
