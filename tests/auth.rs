@@ -153,11 +153,8 @@ async fn api_keys_admit_their_callers_within_their_limits_and_reload() {
             }
         }
     }
-    assert!(
-        server.log().contains("API keys reloaded"),
-        "{}",
-        server.log()
-    );
+    let log = server.log_until(|l| l.contains("API keys reloaded"));
+    assert!(log.contains("API keys reloaded"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,7 +129,8 @@ async fn ctrl_c_cancels_the_streams_and_stops_every_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_streams_in_flight_finish_refuses_new_ones_and_then_stops() {
     const STREAMS: usize = 8;
-    const TOKENS: u32 = 48;
+    // Long enough that the drain outlasts the health checks and the refused request below.
+    const TOKENS: u32 = 240;
     let mut server = Server::start(&["serve", "--drain-secs", "300"])
         .unwrap_or_else(|log| panic!("server failed: {log}"));
     let workers = server.children();
@@ -279,13 +280,12 @@ async fn garbage_or_foreign_frames_sent_to_any_data_plane_port_change_no_stream(
     let finished = finished.expect("a final message");
     assert_eq!(finished.reason, FinishReason::Length as i32, "{finished:?}");
     assert_eq!(got, want.iter().map(|t| t.id).collect::<Vec<_>>());
-    let log = server.log();
-    assert!(
-        log.matches("refused a connection that did not present this session's token")
+    let refusals = |l: &str| {
+        l.matches("refused a connection that did not present this session's token")
             .count()
-            >= 3,
-        "{log}"
-    );
+    };
+    let log = server.log_until(|l| refusals(l) >= 3);
+    assert!(refusals(&log) >= 3, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,10 +340,13 @@ async fn without_recovery_a_dead_worker_turns_the_service_unhealthy_and_fails_re
         .await
         .expect_err("no ring, no tokens");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // The first failure seen is the one reported: the worker's exit, or the link it held,
+    // which the kernel may reset a moment before the exit is seen.
+    let m = err.message();
     assert!(
-        err.message().contains("the worker process for cpu[") && err.message().contains("exited"),
-        "{}",
-        err.message()
+        (m.contains("the worker process for cpu[") && m.contains("exited"))
+            || m.contains("data plane: the link"),
+        "{m}"
     );
     // ModelInfo shows which worker failed.
     let failed = info_until(&client, Duration::from_secs(15), |info| {

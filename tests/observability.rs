@@ -395,7 +395,20 @@ async fn metrics_pass_promtool_and_move_by_what_known_requests_did() {
     assert_eq!(metric(&after, "strata_kv_cache_usage_perc"), 0.0);
 
     for (stage, w) in [(0, &w0), (1, &w1)] {
-        let text = scrape(w.metrics.as_deref().expect("the worker's metrics address"));
+        // A frame counts as out once its send has returned: scrape until the last one has.
+        let addr = w.metrics.as_deref().expect("the worker's metrics address");
+        let frames = |text: &str, dir: &str| {
+            metric(
+                text,
+                &format!("strata_worker_frames_total{{direction=\"{dir}\"}}"),
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut text = scrape(addr);
+        while frames(&text, "in") != frames(&text, "out") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            text = scrape(addr);
+        }
         promtool_check(&text);
         let forward = metric(
             &text,
@@ -412,8 +425,8 @@ async fn metrics_pass_promtool_and_move_by_what_known_requests_did() {
             assert!(metric(&text, series) > 0.0, "{series} in\n{text}");
         }
         assert_eq!(
-            metric(&text, "strata_worker_frames_total{direction=\"in\"}"),
-            metric(&text, "strata_worker_frames_total{direction=\"out\"}"),
+            frames(&text, "in"),
+            frames(&text, "out"),
             "every step frame in went on"
         );
     }

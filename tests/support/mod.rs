@@ -114,6 +114,8 @@ pub struct Server {
     /// Where it serves health alone in plaintext (with `--health-listen`).
     pub health: Option<String>,
     log: Arc<Mutex<String>>,
+    /// The thread that copies stderr into `log`; it ends when every holder of the pipe exits.
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -155,24 +157,32 @@ impl Server {
                 }
             });
         }
-        if let Some(err) = child.stderr.take() {
-            collect_lines(err, &log);
-        }
+        let mut log_reader = child.stderr.take().map(|err| collect_lines(err, &log));
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         loop {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok((addr, metrics, health)) => {
+                    // The stderr line "gateway ready" comes just before the stdout one, but
+                    // through another pipe and thread: wait for it, so that tests read a log
+                    // that has everything up to readiness.
+                    let until = std::time::Instant::now() + Duration::from_secs(10);
+                    while !log_text(&log).contains("gateway ready")
+                        && std::time::Instant::now() < until
+                    {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     return Ok(Server {
                         child,
                         addr,
                         metrics,
                         health,
                         log,
+                        log_reader,
                     });
                 }
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        std::thread::sleep(Duration::from_millis(200));
+                        drain(&mut log_reader);
                         return Err(format!(
                             "strata exited with {status} before serving:\n{}",
                             log_text(&log)
@@ -192,6 +202,19 @@ impl Server {
 
     pub fn log(&self) -> String {
         log_text(&self.log)
+    }
+
+    /// The log, once `done` holds for it (lines logged by other tasks and copied by another
+    /// thread arrive a moment after what the test saw), or after 20 s.
+    pub fn log_until(&self, done: impl Fn(&str) -> bool) -> String {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if done(&log) || std::time::Instant::now() > until {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -220,16 +243,20 @@ impl Server {
         children_of(self.child.id())
     }
 
-    /// Waits (up to 10 s, then kills) for the server to exit; returns its exit status.
+    /// Waits (up to 30 s, then kills) for the server to exit; returns its exit status. The log
+    /// then holds all it wrote.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        for _ in 0..100 {
+        for _ in 0..300 {
             if let Ok(Some(s)) = self.child.try_wait() {
+                drain(&mut self.log_reader);
                 return s;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.child.kill();
-        self.child.wait().expect("wait for strata")
+        let status = self.child.wait().expect("wait for strata");
+        drain(&mut self.log_reader);
+        status
     }
 }
 
@@ -255,8 +282,25 @@ impl Drop for Server {
     }
 }
 
+/// Waits (up to 5 s: a worker that outlives its gateway may hold the pipe) for a process's
+/// stderr reader to reach the end of the pipe, so that the log holds all it wrote.
+fn drain(reader: &mut Option<std::thread::JoinHandle<()>>) {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while reader.as_ref().is_some_and(|r| !r.is_finished()) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if reader.as_ref().is_some_and(|r| r.is_finished())
+        && let Some(r) = reader.take()
+    {
+        let _ = r.join();
+    }
+}
+
 /// Appends every line `from` yields to `log`, on a thread of its own, until it ends.
-pub fn collect_lines(from: impl std::io::Read + Send + 'static, log: &Arc<Mutex<String>>) {
+pub fn collect_lines(
+    from: impl std::io::Read + Send + 'static,
+    log: &Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     let log = Arc::clone(log);
     std::thread::spawn(move || {
         for line in BufReader::new(from).lines().map_while(Result::ok) {
@@ -265,7 +309,7 @@ pub fn collect_lines(from: impl std::io::Read + Send + 'static, log: &Arc<Mutex<
                 l.push('\n');
             }
         }
-    });
+    })
 }
 
 /// A `strata worker` process on ephemeral ports; killed on drop.

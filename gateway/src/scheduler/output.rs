@@ -74,8 +74,10 @@ pub struct RequestObserver {
     arrived: Instant,
     last_token: Option<Instant>,
     prompt_tokens: u32,
-    /// The request's place in its API key's stream limit, given back when it ends.
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The request's place in its API key's stream limit, given back when it ends (before
+    /// its last event goes out, so that a client that starts its next stream on it is
+    /// admitted).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl RequestObserver {
@@ -90,13 +92,13 @@ impl RequestObserver {
             arrived: Instant::now(),
             last_token: None,
             prompt_tokens,
-            _permit: None,
+            permit: None,
         }
     }
 
     /// Holds `permit` until the request ends.
     pub fn holding(mut self, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
-        self._permit = permit;
+        self.permit = permit;
         self
     }
 
@@ -110,7 +112,7 @@ impl RequestObserver {
             arrived: Instant::now(),
             last_token: None,
             prompt_tokens: 0,
-            _permit: None,
+            permit: None,
         }
     }
 
@@ -135,6 +137,7 @@ impl RequestObserver {
 
     fn finished(&mut self, end: &SeqEnd) {
         self.step = None;
+        self.permit = None;
         let reason = crate::metrics::finish_label(end.reason);
         self.span.record("finish_reason", reason);
         self.span.record("completion_tokens", end.completion_tokens);
@@ -153,6 +156,7 @@ impl RequestObserver {
 
     fn failed(&mut self, status: &Status) {
         self.step = None;
+        self.permit = None;
         self.queue = None;
         let code = format!("{:?}", status.code());
         self.span.record("status", code.as_str());
