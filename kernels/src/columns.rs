@@ -13,14 +13,26 @@ use crate::matrix::{check_len, checked_len};
 /// A row-major `[m][cols]` output cut into strips of columns, each handed to exactly one task:
 /// the tiles (or weight rows) of a product cover disjoint columns of every row, so its tasks
 /// write their results in place, with no scratch buffer the size of the output.
+///
+/// The output may also be several buffers side by side ([`Columns::side_by_side`]): a stacked
+/// product's parts (q, k and v; gate and up) land each in its own `[m][width]` buffer, with no
+/// copy out of a stacked one.
 pub(crate) struct Columns<'a> {
-    ptr: *mut f32,
+    /// Each buffer's first column among the `cols`, its width and its start.
+    parts: Vec<Part>,
     m: usize,
     cols: usize,
     _out: PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: a `Columns` is an exclusive borrow of its buffer, like the `&mut [f32]` it was made
+/// One buffer of a [`Columns`]: the columns `first..first + cols` of every row.
+struct Part {
+    ptr: *mut f32,
+    first: usize,
+    cols: usize,
+}
+
+// SAFETY: a `Columns` is an exclusive borrow of its buffers, like the `&mut [f32]`s it was made
 // from. Threads write through it only with a `Strip`, and each strip (a set of columns) is
 // handed out once, so no two threads touch one element.
 unsafe impl Send for Columns<'_> {}
@@ -36,7 +48,45 @@ impl<'a> Columns<'a> {
     pub(crate) fn new(out: &'a mut [f32], m: usize, cols: usize) -> Result<Self, KernelError> {
         check_len("output", out.len(), checked_len("output", m, cols)?)?;
         Ok(Columns {
-            ptr: out.as_mut_ptr(),
+            parts: vec![Part {
+                ptr: out.as_mut_ptr(),
+                first: 0,
+                cols,
+            }],
+            m,
+            cols,
+            _out: PhantomData,
+        })
+    }
+
+    /// `outs[k]` as `m` rows of `widths[k]`, side by side: together `m` rows of `cols`, the sum
+    /// of the widths.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::LengthMismatch`] if the widths do not add up to `cols` or a buffer's
+    /// length is not `m` times its width.
+    pub(crate) fn side_by_side(
+        outs: &'a mut [&mut [f32]],
+        widths: &[usize],
+        m: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        check_len("output widths", outs.len(), widths.len())?;
+        let mut parts = Vec::with_capacity(outs.len());
+        let mut first = 0usize;
+        for (out, &w) in outs.iter_mut().zip(widths) {
+            check_len("output part", out.len(), checked_len("output part", m, w)?)?;
+            parts.push(Part {
+                ptr: out.as_mut_ptr(),
+                first,
+                cols: w,
+            });
+            first = first.saturating_add(w);
+        }
+        check_len("output columns", first, cols)?;
+        Ok(Columns {
+            parts,
             m,
             cols,
             _out: PhantomData,
@@ -95,16 +145,24 @@ impl Strip<'_, '_> {
         if i >= self.out.m || first >= self.end {
             return;
         }
-        let n = N.min(self.end - first);
-        // SAFETY: `i < m` and `first + n <= end <= cols`, so the `n` elements from
-        // `i · cols + first` lie inside the `m · cols` buffer that `out` borrows exclusively,
-        // and within this strip, which no other thread holds.
-        unsafe {
-            let dst = self.out.ptr.add(i * self.out.cols + first);
-            if n == N {
-                dst.cast::<[f32; N]>().write_unaligned(*lanes);
-            } else {
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n);
+        let end = first + N.min(self.end - first);
+        for part in &self.out.parts {
+            let (lo, hi) = (first.max(part.first), end.min(part.first + part.cols));
+            if lo >= hi {
+                continue;
+            }
+            // SAFETY: `i < m` and `part.first <= lo < hi <= part.first + part.cols`, so the
+            // `hi - lo` elements from `i · part.cols + lo - part.first` lie inside the part's
+            // `m · part.cols` buffer, which `out` borrows exclusively, and within this strip's
+            // columns, which no other thread holds. `lanes[lo - first..hi - first]` is in
+            // bounds since `hi - first <= N`.
+            unsafe {
+                let dst = part.ptr.add(i * part.cols + lo - part.first);
+                if hi - lo == N {
+                    dst.cast::<[f32; N]>().write_unaligned(*lanes);
+                } else {
+                    std::ptr::copy_nonoverlapping(lanes.as_ptr().add(lo - first), dst, hi - lo);
+                }
             }
         }
     }

@@ -71,7 +71,7 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut Vec<f32>) {
 
 fn silu_mul_at(level: Level, gate: &[f32], up: &[f32], out: &mut Vec<f32>) {
     let n = gate.len().min(up.len());
-    out.clear();
+    // Every element is written below: a buffer of the right length needs no clearing.
     out.resize(n, 0.0);
     let (gate, up) = (&gate[..n], &up[..n]);
     // Each element's arithmetic is its own (the vector bodies and the tails compute the same

@@ -63,8 +63,6 @@ impl Hidden {
 pub struct Scratch {
     /// The int8 quantization of a product's input.
     q8: QuantizedActivations,
-    /// The output of stacked projections, before it is split.
-    stacked: Vec<f32>,
 }
 
 /// `y = x Wᵀ (+ b)` for a weight in any form. Activations are f32 `[n, in]`.
@@ -170,18 +168,22 @@ impl Linear {
     ) -> Result<()> {
         let m = precision.len();
         let ctx = || format!("`{}` forward", self.name);
-        out.clear();
-        out.resize(m * self.out_features, 0.0);
         match &self.weight {
             Weight::Matrix(w) => match w.as_int8() {
                 Some(p) => {
+                    // The product writes every element: no clearing.
+                    out.resize(m * self.out_features, 0.0);
                     scratch
                         .q8
                         .quantize_rows(x, m, self.in_features, |i| precision[i])
                         .ctx(ctx)?;
                     p.matmul_quantized(&scratch.q8, out).ctx(ctx)?;
                 }
-                None => w.matmul(x, m, out).ctx(ctx)?,
+                None => {
+                    out.clear();
+                    out.resize(m * self.out_features, 0.0);
+                    w.matmul(x, m, out).ctx(ctx)?;
+                }
             },
             Weight::Dense(w) => {
                 let y = Tensor::from_slice(x, (m, self.in_features), &Device::Cpu)
@@ -191,7 +193,8 @@ impl Linear {
                     .and_then(|y| y.flatten_all())
                     .and_then(|y| y.to_vec1::<f32>())
                     .ctx(ctx)?;
-                out.copy_from_slice(&y);
+                out.clear();
+                out.extend_from_slice(&y);
             }
         }
         if let Some(b) = &self.bias {
@@ -266,28 +269,30 @@ impl Projections {
             let names: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
             format!("{names:?} forward")
         };
-        let total = stacked.rows();
         scratch
             .q8
             .quantize_rows(x, m, stacked.cols(), |i| precision[i])
             .ctx(ctx)?;
-        scratch.stacked.clear();
-        scratch.stacked.resize(m * total, 0.0);
+        // Each part's results go straight to its own buffer; every element is written, so a
+        // buffer of the right length needs no clearing.
+        let widths: Vec<usize> = parts.iter().map(|p| p.1).collect();
+        let mut dsts: Vec<&mut [f32]> = outs
+            .iter_mut()
+            .zip(&widths)
+            .map(|(out, w)| {
+                out.resize(m * w, 0.0);
+                out.as_mut_slice()
+            })
+            .collect();
         stacked
-            .matmul_quantized(&scratch.q8, &mut scratch.stacked)
+            .matmul_quantized_parts(&scratch.q8, &mut dsts, &widths)
             .ctx(ctx)?;
-        let mut at = 0;
         for ((_, w, bias), out) in parts.iter().zip(outs.iter_mut()) {
-            out.clear();
-            out.reserve(m * w);
-            for row in scratch.stacked.chunks_exact(total) {
-                let y = &row[at..at + w];
-                match bias {
-                    Some(b) => out.extend(y.iter().zip(b).map(|(y, b)| y + b)),
-                    None => out.extend_from_slice(y),
+            if let Some(b) = bias {
+                for row in out.chunks_exact_mut(*w) {
+                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
                 }
             }
-            at += w;
         }
         Ok(())
     }

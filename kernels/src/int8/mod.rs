@@ -292,15 +292,42 @@ impl PackedMatrix {
         self.matmul_quantized_at(cpu::int8_level(), x, out)
     }
 
+    /// [`PackedMatrix::matmul_quantized`] of a stacked matrix (see [`PackedMatrix::stack`])
+    /// into one buffer per part: `outs[k]` gets the `widths[k]` output columns after the
+    /// previous parts' (`x.rows() × widths[k]`), so that no stacked result is copied apart.
+    ///
+    /// # Errors
+    ///
+    /// [`KernelError::LengthMismatch`] if `x` does not have `cols` columns, the widths do not
+    /// add up to `rows` or a buffer's length is not `x.rows()` times its width.
+    pub fn matmul_quantized_parts(
+        &self,
+        x: &QuantizedActivations,
+        outs: &mut [&mut [f32]],
+        widths: &[usize],
+    ) -> Result<(), KernelError> {
+        let out = Columns::side_by_side(outs, widths, x.rows, self.rows)?;
+        self.matmul_quantized_columns(cpu::int8_level(), x, out)
+    }
+
     pub(crate) fn matmul_quantized_at(
         &self,
         level: Int8Level,
         x: &QuantizedActivations,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
+        let out = Columns::new(out, x.rows, self.rows)?;
+        self.matmul_quantized_columns(level, x, out)
+    }
+
+    fn matmul_quantized_columns(
+        &self,
+        level: Int8Level,
+        x: &QuantizedActivations,
+        mut out: Columns<'_>,
+    ) -> Result<(), KernelError> {
         check_len("activation columns", x.cols, self.cols)?;
         let m = x.rows;
-        let mut out = Columns::new(out, m, self.rows)?;
         if m == 0 {
             return Ok(());
         }
