@@ -302,6 +302,7 @@ impl Keeper {
                     let w = spawn_worker(
                         cmd,
                         device,
+                        self.cfg.plan.devices.len(),
                         Arc::clone(&self.failures),
                         self.cfg.connect_timeout,
                     )

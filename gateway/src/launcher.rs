@@ -46,13 +46,26 @@ struct Ready {
 
 /// Starts the worker process for `device` and waits until it reports its addresses. When it
 /// exits on its own, `failures` says so.
+///
+/// `local_workers` is how many workers this gateway starts on this host: unless the thread
+/// count was chosen (`--threads`, which sets `RAYON_NUM_THREADS` for the gateway and every
+/// worker it starts), each gets an equal share of the cores. Two workers of two threads each
+/// on two cores would take the cores from each other while both compute (a pipeline keeps
+/// every stage busy at once), and each one's threads would wait at every join for a thread
+/// the other had put off the core.
 pub async fn spawn_worker(
     cmd: &WorkerCommand,
     device: DeviceSpec,
+    local_workers: usize,
     failures: Arc<watch::Sender<Option<String>>>,
     start_timeout: Duration,
 ) -> Result<LocalWorker, GatewayError> {
     let mut command = Command::new(&cmd.program);
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = (cores / local_workers.max(1)).max(1);
+        command.env("RAYON_NUM_THREADS", share.to_string());
+    }
     command
         .args(&cmd.args)
         .args(["--listen", "127.0.0.1:0", "--exit-with-stdin"])

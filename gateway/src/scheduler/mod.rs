@@ -109,7 +109,7 @@ async fn run<P: Pipeline, O: SeqOutput>(
             && state.in_flight() < depth
             && (retry_releases_at.is_none() || state.has_requests())
         {
-            let Some(mut step) = state.next_step() else {
+            let Some(mut step) = state.next_step_of(depth) else {
                 break;
             };
             let id = step.step_id;

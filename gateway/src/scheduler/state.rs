@@ -428,9 +428,19 @@ impl<O: SeqOutput> SchedulerState<O> {
     }
 
     /// Admits what fits and builds the next step from the sequences not in flight; `None`
-    /// when there is nothing to send.
+    /// when there is nothing to send. For a pipeline that holds one step at a time.
     pub fn next_step(&mut self) -> Option<StepFrame> {
+        self.next_step_of(1)
+    }
+
+    /// [`SchedulerState::next_step`] for a pipeline that holds `depth` steps at once (one per
+    /// stage): a step takes at most its share of the running sequences, `⌈running / depth⌉`,
+    /// so that the next steps find sequences too and every stage computes at once. Without
+    /// the cap the first step would take every sequence, and in a steady decode the stages
+    /// would take turns.
+    pub fn next_step_of(&mut self, depth: usize) -> Option<StepFrame> {
         self.admit();
+        let share = self.running.len().div_ceil(depth.max(1)).max(1);
         let step_id = self.next_step;
         let mut budget = self.cfg.max_batch_tokens;
         let now = Instant::now();
@@ -445,7 +455,7 @@ impl<O: SeqOutput> SchedulerState<O> {
         order.sort_unstable();
         let mut seqs = Vec::new();
         for (_, id) in order {
-            if budget == 0 {
+            if budget == 0 || seqs.len() == share {
                 break;
             }
             let Some(s) = self.running.iter().find(|s| s.id == id) else {

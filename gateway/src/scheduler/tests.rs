@@ -668,6 +668,30 @@ fn steps_in_flight_carry_disjoint_sequences() {
 }
 
 #[test]
+fn with_two_stages_the_running_sequences_split_between_two_steps() {
+    let mut st = state(64, 512, 16);
+    let _handles: Vec<_> = (0..5).map(|_| submit(&mut st, request(4, 10))).collect();
+    // The prompts: three in the first step, two in the second, none left for a third.
+    let a = st.next_step_of(2).unwrap();
+    let b = st.next_step_of(2).unwrap();
+    assert_eq!((seq_ids(&a), seq_ids(&b)), (vec![1, 2, 3], vec![4, 5]));
+    assert!(st.next_step_of(2).is_none(), "every sequence is in flight");
+    // In the decode that follows, each step's sequences come back as one step: the two
+    // groups keep alternating through the stages.
+    feed(&mut st, &a, (1..=3).map(|id| sample(id, 500)).collect());
+    let a2 = st.next_step_of(2).unwrap();
+    assert_eq!(seq_ids(&a2), vec![1, 2, 3]);
+    feed(&mut st, &b, (4..=5).map(|id| sample(id, 500)).collect());
+    let b2 = st.next_step_of(2).unwrap();
+    assert_eq!(seq_ids(&b2), vec![4, 5]);
+    // With one stage, one step takes them all.
+    feed(&mut st, &a2, (1..=3).map(|id| sample(id, 501)).collect());
+    feed(&mut st, &b2, (4..=5).map(|id| sample(id, 501)).collect());
+    assert_eq!(seq_ids(&st.next_step_of(1).unwrap()), vec![1, 2, 3, 4, 5]);
+    st.check_blocks().unwrap();
+}
+
+#[test]
 fn the_newest_sequence_is_preempted_and_recomputed_when_blocks_run_out() {
     // 3 blocks of 16 tokens: A and B take one block each for their prompts, then grow.
     let mut st = state(3, 64, 4);
