@@ -6,10 +6,14 @@
 # proxy listens. `strata load` runs 16 closed-loop decode-heavy streams (8-token prompts, 128
 # generated) against each, in interleaved rounds.
 # Usage: scripts/bench-delay.sh [ROUNDS] [DELAY_MS]      (defaults: 3, 2)
+#   STEPS           the gateways' --steps-in-flight (default: theirs, one per stage)
+#   WORKER_THREADS  each worker's --threads (default: half the cores: they share them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 delay=${2:-2}
+# The two workers share this host's cores, as `strata serve` shares them out.
+worker_threads=${WORKER_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
 source scripts/bench-lib.sh
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pids=()
@@ -29,7 +33,7 @@ setup() {
   local controls=()
   for i in 0 1; do
     local port=$pw0; [ "$i" = 1 ] && port=$pw1
-    "$strata" worker --listen 127.0.0.1:0 --data-listen "127.0.0.1:$port" --advertise-host 127.0.0.2 \
+    "$strata" worker --threads "$worker_threads" --listen 127.0.0.1:0 --data-listen "127.0.0.1:$port" --advertise-host 127.0.0.2 \
       "${tls[@]}" >"/tmp/delay-$name.w$i" 2>/dev/null &
     pids+=($!)
   done
@@ -40,6 +44,7 @@ setup() {
   "$strata" gateway --topology topologies/default.yml --listen 127.0.0.1:0 \
     --data-listen "127.0.0.1:$pg" --advertise-host 127.0.0.2 \
     --worker "cpu[0]=http://${controls[0]}" --worker "cpu[1]=http://${controls[1]}" "${tls[@]}" \
+    ${STEPS:+--steps-in-flight "$STEPS"} \
     >"/tmp/delay-$name.gw" 2>/dev/null &
   pids+=($!)
   for _ in $(seq 1 600); do grep -q '"ready"' "/tmp/delay-$name.gw" && break; sleep 0.2; done

@@ -73,6 +73,11 @@ pub struct ServingArgs {
     /// Requests waiting at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
+    /// Steps in flight at once, each over its own sequences (default: one per stage, so that
+    /// every stage computes at once). More hide slow links between stages, at the cost of
+    /// smaller batches.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub steps_in_flight: Option<u32>,
     /// Compute every prompt in full, sharing no KV blocks between requests with a common
     /// prefix.
     #[arg(long)]
@@ -215,6 +220,7 @@ pub fn gateway_config(
         max_batch_tokens: s.max_batch_tokens,
         max_running: s.max_running,
         max_waiting: s.max_waiting,
+        steps_in_flight: s.steps_in_flight.map(|n| n as usize),
         prefix_caching: !s.no_prefix_caching,
         default_max_tokens: s.default_max_tokens,
         step_timeout: Duration::from_secs(s.step_timeout_secs),

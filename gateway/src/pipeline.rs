@@ -66,7 +66,8 @@ pub struct RingPipeline<T: Transport> {
     epoch: u64,
     /// Whether the scheduler was told the ring is lost (and not yet that it is back).
     lost: bool,
-    stages: usize,
+    /// Steps it holds at once.
+    depth: usize,
     results: mpsc::Receiver<Result<Frame, WireError>>,
     status: watch::Receiver<RingStatus>,
     /// Where the pipeline reports a failure it sees itself (a send that fails, a step that
@@ -80,11 +81,11 @@ pub struct RingPipeline<T: Transport> {
 impl<T: Transport> RingPipeline<T> {
     /// Collects the frames that `listener` (the gateway's data-plane listener, where the last
     /// stage sends) receives from connections that present `session` (the keeper sets it for
-    /// each ring it builds), and follows the ring that `status` describes. `stages` is the
-    /// route's length.
+    /// each ring it builds), and follows the ring that `status` describes. It holds `depth`
+    /// steps at once (the route's length by default: one per stage).
     pub fn new(
         transport: T,
-        stages: usize,
+        depth: usize,
         listener: T::Listener,
         session: watch::Receiver<String>,
         status: watch::Receiver<RingStatus>,
@@ -98,7 +99,7 @@ impl<T: Transport> RingPipeline<T> {
             first: None,
             epoch: 0,
             lost: false,
-            stages,
+            depth,
             results,
             status,
             failures,
@@ -157,7 +158,7 @@ impl<T: Transport> RingPipeline<T> {
 
 impl<T: Transport> Pipeline for RingPipeline<T> {
     fn depth(&self) -> usize {
-        self.stages.max(1)
+        self.depth.max(1)
     }
 
     async fn submit(&mut self, step: StepFrame) -> Result<(), GatewayError> {

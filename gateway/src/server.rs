@@ -116,6 +116,8 @@ pub struct GatewayConfig {
     pub max_batch_tokens: usize,
     pub max_running: usize,
     pub max_waiting: usize,
+    /// Steps in flight at once (`None`: one per stage).
+    pub steps_in_flight: Option<usize>,
     pub prefix_caching: bool,
     pub default_max_tokens: u32,
     pub step_timeout: Duration,
@@ -531,7 +533,9 @@ async fn start(
     // handshake while the keeper links the ring.
     let mut pipeline = RingPipeline::new(
         transport,
-        resolved.plan.route.len(),
+        cfg.steps_in_flight
+            .unwrap_or(resolved.plan.route.len())
+            .max(1),
         data_listener,
         keeper.listener_session(),
         keeper.status(),
