@@ -164,6 +164,7 @@ fn step(seqs: &[(u64, usize, Vec<u32>)], prompt_len: usize) -> strata_shared::wi
             .collect(),
         hidden: None,
         trace: String::new(),
+        concurrent: 1,
     }
 }
 
@@ -262,6 +263,7 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
             }],
             hidden,
             trace: String::new(),
+            concurrent: 1,
         })
     };
     let frame_len = |f: strata_shared::wire::Frame| f.to_bytes().map_or(0, |b| b.len());

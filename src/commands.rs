@@ -32,8 +32,8 @@ use crate::local::LocalPipeline;
     about = "Layer-sharded LLM inference: serve, plan, generate, measure"
 )]
 pub struct Cli {
-    /// Compute threads per process (default: one per core; `serve` shares the cores out among
-    /// the workers it starts).
+    /// Compute threads per process (default: one per core; the workers `serve` starts on one
+    /// host keep to an equal share of them while several compute at once).
     #[arg(long, global = true, env = "STRATA_THREADS")]
     pub threads: Option<usize>,
     /// Log lines as `text` (coloured only on a terminal) or `json` (one object per line).

@@ -44,6 +44,7 @@ fn step(step_id: u64, seq_id: u64, pos0: u32, tokens: Vec<u32>) -> StepFrame {
         }],
         hidden: None,
         trace: String::new(),
+        concurrent: 1,
     }
 }
 

@@ -64,6 +64,7 @@ fn engine_greedy(
                     }],
                     hidden: None,
                     trace: String::new(),
+                    concurrent: 1,
                 };
                 pos += feed.len() as u32;
                 let s = engine.step(step).expect("engine step");

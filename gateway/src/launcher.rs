@@ -49,10 +49,8 @@ struct Ready {
 ///
 /// `local_workers` is how many workers this gateway starts on this host: unless the thread
 /// count was chosen (`--threads`, which sets `RAYON_NUM_THREADS` for the gateway and every
-/// worker it starts), each gets an equal share of the cores. Two workers of two threads each
-/// on two cores would take the cores from each other while both compute (a pipeline keeps
-/// every stage busy at once), and each one's threads would wait at every join for a thread
-/// the other had put off the core.
+/// worker it starts), each is told its equal share of the cores (`STRATA_SHARED_THREADS`),
+/// which it keeps to while other stages compute at the same time; alone, it uses them all.
 pub async fn spawn_worker(
     cmd: &WorkerCommand,
     device: DeviceSpec,
@@ -64,7 +62,7 @@ pub async fn spawn_worker(
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let share = (cores / local_workers.max(1)).max(1);
-        command.env("RAYON_NUM_THREADS", share.to_string());
+        command.env("STRATA_SHARED_THREADS", share.to_string());
     }
     command
         .args(&cmd.args)

@@ -39,6 +39,37 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Where the host's cores are shared with other workers that compute at the same time
+/// (`strata serve` starts one per device on one host): the threads of this worker's share,
+/// from `STRATA_SHARED_THREADS`, and a pool of that many. `None` when unset, or no fewer than
+/// the pool's.
+fn share_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let share = std::env::var("STRATA_SHARED_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0 && n < threads())?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(share)
+            .thread_name(|i| format!("strata-share-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// [`install`], on this worker's share of the cores when `shared` (other stages compute at the
+/// same time) and it has one: a worker that took every core while the others compute would
+/// take them from the others, and its threads would wait at every join for a thread that the
+/// others had put off its core. Alone, it computes on every core.
+pub fn install_sharing<R: Send>(shared: bool, f: impl FnOnce() -> R + Send) -> R {
+    match share_pool() {
+        Some(p) if shared && rayon::current_thread_index().is_none() => p.install(f),
+        _ => install(f),
+    }
+}
+
 /// Threads of the compute pool.
 pub fn threads() -> usize {
     pool().map_or_else(

@@ -178,6 +178,7 @@ impl Engine {
             }],
             hidden: None,
             trace: String::new(),
+            concurrent: 1,
         };
         let result = (|| {
             self.fill_tables(&mut step)?;

@@ -199,8 +199,11 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
                         strata_shared::telemetry::set_parent(&span, &step.trace);
                         let _entered = span.enter();
                         let started = Instant::now();
+                        let shared = step.concurrent > 1;
                         let result = match stages.get_mut(&to) {
-                            Some(s) => s.run(step),
+                            Some(s) => {
+                                strata_kernels::pool::install_sharing(shared, || s.run(step))
+                            }
                             None => Err(WorkerError::Step(format!(
                                 "stage {to} is not loaded on this worker"
                             ))),

@@ -88,6 +88,7 @@ impl Stage {
                 seqs: step.seqs,
                 hidden: activations,
                 trace: step.trace,
+                concurrent: step.concurrent,
             }));
         }
         let samples = match hidden {

@@ -564,6 +564,7 @@ fn check_greedy(model: &Model, meta: &ModelMeta) {
             }],
             hidden: None,
             trace: String::new(),
+            concurrent: 1,
         };
         let samples = e.step(step).unwrap();
         assert_eq!(samples.samples.len(), 1);

@@ -83,6 +83,7 @@ fn one_seq_step(
         }],
         hidden: None,
         trace: String::new(),
+        concurrent: 1,
     }
 }
 

@@ -527,6 +527,7 @@ impl<O: SeqOutput> SchedulerState<O> {
             seqs,
             hidden: None,
             trace: String::new(),
+            concurrent: self.in_flight.len() as u32,
         })
     }
 

@@ -242,6 +242,7 @@ fn prefill_then_decode_positions() {
             }],
             hidden: None,
             trace: String::new(),
+            concurrent: 1,
         }
     );
     assert_eq!(

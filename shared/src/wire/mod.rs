@@ -364,6 +364,10 @@ wire_struct! {
         /// W3C `traceparent` of the span that sent the step (the gateway's step span, then each
         /// stage's), so that every process's spans join the batch's trace; empty: none.
         pub trace: String,
+        /// Steps the gateway had in flight when it sent this one, itself included: above 1,
+        /// other stages compute at the same time, and a worker that shares its host's cores
+        /// with them keeps to its share.
+        pub concurrent: u32,
     }
 }
 

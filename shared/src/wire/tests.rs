@@ -46,6 +46,7 @@ fn frames_round_trip() {
             data: Bytes::from(vec![0u8; 24]),
         }),
         trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        concurrent: 1,
     });
     assert_eq!(round_trip(&step), step);
     let samples = Frame::Samples(SamplesFrame {
@@ -131,6 +132,7 @@ fn the_codec_reassembles_frames_from_any_chunking() {
                 data: Bytes::from((0u8..12).collect::<Vec<_>>()),
             }),
             trace: String::new(),
+            concurrent: 1,
         }),
     ];
     let mut stream = BytesMut::new();
@@ -170,6 +172,7 @@ fn a_payload_must_match_the_activations_it_claims() {
             seqs: vec![],
             hidden,
             trace: String::new(),
+            concurrent: 1,
         })
     };
     let mut a = Activations {
