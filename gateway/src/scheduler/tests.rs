@@ -676,6 +676,8 @@ fn with_two_stages_the_running_sequences_split_between_two_steps() {
     let a = st.next_step_of(2).unwrap();
     let b = st.next_step_of(2).unwrap();
     assert_eq!((seq_ids(&a), seq_ids(&b)), (vec![1, 2, 3], vec![4, 5]));
+    // Each step says how many were in flight when it left (the workers' cue to share cores).
+    assert_eq!((a.concurrent, b.concurrent), (1, 2));
     assert!(st.next_step_of(2).is_none(), "every sequence is in flight");
     // In the decode that follows, each step's sequences come back as one step: the two
     // groups keep alternating through the stages.
