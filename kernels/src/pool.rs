@@ -7,24 +7,33 @@
 
 use std::sync::OnceLock;
 
+/// A positive thread count from the environment variable `var`.
+fn threads_from_env(var: &str) -> Option<usize> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
+
+/// A pool of `threads` threads named `name-i`.
+fn build(threads: usize, name: &'static str) -> Option<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .ok()
+}
+
 /// The pool: `RAYON_NUM_THREADS` threads (what `--threads` sets), or one per core.
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("strata-compute-{i}"))
-            .build()
-            .ok()
+        let threads = threads_from_env("RAYON_NUM_THREADS").unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        build(threads, "strata-compute")
     })
     .as_ref()
 }
@@ -46,15 +55,8 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 fn share_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let share = std::env::var("STRATA_SHARED_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0 && n < threads())?;
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(share)
-            .thread_name(|i| format!("strata-share-{i}"))
-            .build()
-            .ok()
+        let share = threads_from_env("STRATA_SHARED_THREADS").filter(|&n| n < threads())?;
+        build(share, "strata-share")
     })
     .as_ref()
 }
