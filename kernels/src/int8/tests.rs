@@ -453,6 +453,38 @@ fn stacked_matrices_multiply_as_their_parts() {
         }
         at += p.rows();
     }
+    // Into one buffer per part, in place: the same results.
+    let mut q = QuantizedActivations::default();
+    q.quantize_from(&x, 3, cols, Precision::Int8x2).unwrap();
+    let mut whole = vec![0.0; 3 * 55];
+    stacked.matmul_quantized(&q, &mut whole).unwrap();
+    let widths = [32, 16, 7];
+    let mut bufs: Vec<Vec<f32>> = widths.iter().map(|w| vec![f32::NAN; 3 * w]).collect();
+    let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    stacked
+        .matmul_quantized_parts(&q, &mut outs, &widths)
+        .unwrap();
+    let mut at = 0;
+    for (buf, w) in bufs.iter().zip(widths) {
+        for i in 0..3 {
+            assert_eq!(buf[i * w..][..w], whole[i * 55 + at..][..w], "row {i}");
+        }
+        at += w;
+    }
+    // Widths that do not add up to the rows, or a buffer of the wrong length, are refused.
+    let mut bufs: Vec<Vec<f32>> = [32, 16, 6].iter().map(|w| vec![0.0; 3 * w]).collect();
+    let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    assert!(
+        stacked
+            .matmul_quantized_parts(&q, &mut outs, &[32, 16, 6])
+            .is_err()
+    );
+    let mut short = vec![0.0; 2 * 55];
+    assert!(
+        stacked
+            .matmul_quantized_parts(&q, &mut [&mut short[..]], &[55])
+            .is_err()
+    );
     // A part with a partial tile can only come last; formats and widths must agree.
     assert!(PackedMatrix::stack(&[&parts[2], &parts[0]]).is_err());
     let q8 = from_ggml_blocks(
