@@ -533,9 +533,7 @@ async fn start(
     // handshake while the keeper links the ring.
     let mut pipeline = RingPipeline::new(
         transport,
-        cfg.steps_in_flight
-            .unwrap_or(resolved.plan.route.len())
-            .max(1),
+        cfg.steps_in_flight.unwrap_or(resolved.plan.route.len()),
         data_listener,
         keeper.listener_session(),
         keeper.status(),

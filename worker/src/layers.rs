@@ -198,9 +198,7 @@ impl Linear {
             }
         }
         if let Some(b) = &self.bias {
-            for row in out.chunks_exact_mut(self.out_features) {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
+            add_bias(out, b);
         }
         Ok(())
     }
@@ -287,14 +285,19 @@ impl Projections {
         stacked
             .matmul_quantized_parts(&scratch.q8, &mut dsts, &widths)
             .ctx(ctx)?;
-        for ((_, w, bias), out) in parts.iter().zip(outs.iter_mut()) {
+        for ((_, _, bias), out) in parts.iter().zip(outs.iter_mut()) {
             if let Some(b) = bias {
-                for row in out.chunks_exact_mut(*w) {
-                    row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-                }
+                add_bias(out, b);
             }
         }
         Ok(())
+    }
+}
+
+/// Adds `bias` to every row of `out` (rows of `bias.len()` values).
+fn add_bias(out: &mut [f32], bias: &[f32]) {
+    for row in out.chunks_exact_mut(bias.len().max(1)) {
+        row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
     }
 }
 
