@@ -36,6 +36,7 @@ pub mod pool;
 
 mod aligned;
 mod columns;
+mod prefetch;
 mod rowwise;
 #[cfg(target_arch = "x86_64")]
 mod x86;

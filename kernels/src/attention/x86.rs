@@ -223,6 +223,10 @@ fn scores_heads_512<const H: usize, const HD: usize, T: KvElement>(
     scores: &mut [[f32; RUN]],
 ) {
     let (n, bs, slot) = (run.len, run.block_size, run.slot);
+    if let Some(keys) = whole_block::<HD, T>(run) {
+        scores_block_512(q, keys, scale, scores);
+        return;
+    }
     let mut j = 0;
     while j < n {
         let len = (n - j).min(16);
@@ -241,6 +245,45 @@ fn scores_heads_512<const H: usize, const HD: usize, T: KvElement>(
             store_scores_512(acc, scale, &mut out[j..j + len]);
         }
         j += len;
+    }
+}
+
+/// The keys of `run` as `HD` rows of 16 slots, when it is a whole block of 16 positions (the
+/// common case: every run of a context but its last).
+#[inline(always)]
+fn whole_block<'a, const HD: usize, T: KvElement>(run: &Run<'a, T>) -> Option<&'a [[T; 16]; HD]> {
+    if (run.block_size, run.slot, run.len) != (16, 0, 16) {
+        return None;
+    }
+    let rows = run.keys.get(..HD * 16)?.as_chunks::<16>().0;
+    <&[[T; 16]; HD]>::try_from(rows).ok()
+}
+
+/// [`scores_heads_512`] of a whole block of 16 positions: the same multiply-adds in the same
+/// chains, over rows whose bounds the types prove, so that the loop is only loads,
+/// conversions and multiply-adds.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // the chains indexed by constants: registers
+fn scores_block_512<const H: usize, const HD: usize, T: KvElement>(
+    q: &[[f32; HD]; H],
+    keys: &[[T; 16]; HD],
+    scale: f32,
+    scores: &mut [[f32; RUN]],
+) {
+    let mut acc = [[_mm512_setzero_ps(); CHAINS]; H];
+    for d0 in (0..HD).step_by(CHAINS) {
+        for c in 0..CHAINS {
+            let d = d0 + c;
+            // SAFETY: this function's features are the ones `widen16` needs.
+            let k = unsafe { T::widen16(&keys[d]) };
+            for h in 0..H {
+                acc[h][c] = _mm512_fmadd_ps(_mm512_set1_ps(q[h][d]), k, acc[h][c]);
+            }
+        }
+    }
+    for (acc, out) in acc.iter().zip(scores.iter_mut()) {
+        store_scores_512(acc, scale, &mut out[..16]);
     }
 }
 

@@ -11,12 +11,12 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m256i, __m512, __m512i, _MM_HINT_T0, _mm_prefetch, _mm256_abs_epi8, _mm256_add_epi32,
-    _mm256_and_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32,
-    _mm256_fmadd_ps, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8,
-    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256,
-    _mm256_sign_epi8, _mm256_slli_epi32, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256,
-    _mm512_abs_ps, _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8,
+    __m256, __m256i, __m512, __m512i, _mm256_abs_epi8, _mm256_add_epi32, _mm256_and_si256,
+    _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32, _mm256_fmadd_ps,
+    _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8, _mm256_set1_epi16,
+    _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_sign_epi8,
+    _mm256_slli_epi32, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256, _mm512_abs_ps,
+    _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8,
     _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_fmadd_ps, _mm512_max_ps,
     _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_epi32, _mm512_reduce_max_ps,
     _mm512_roundscale_ps, _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
@@ -267,16 +267,6 @@ macro_rules! dpbusd_bcst {
 /// How far ahead, in blocks of a tile, the kernel prefetches.
 const PREFETCH_BLOCKS: usize = 4;
 
-/// Prefetches every cache line of `bytes` into all cache levels.
-#[inline(always)]
-fn prefetch_lines(bytes: &[u8]) {
-    for line in bytes.chunks(64) {
-        // SAFETY: a prefetch never faults and has no architectural effect; the address is
-        // inside `bytes`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
-    }
-}
-
 /// 16 scales (or minimums) from `bytes`, stored as f32 or f16.
 #[target_feature(enable = "avx512f,f16c")]
 #[inline]
@@ -335,7 +325,7 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
                 if let Some(tile) = tile
                     && let Some(bytes) = tile.get(block * stride..)
                 {
-                    prefetch_lines(&bytes[..stride.min(bytes.len())]);
+                    crate::prefetch::lines(&bytes[..stride.min(bytes.len())]);
                 }
             }
         });
@@ -344,7 +334,7 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
         if let Prefetch::Next(next) = prefetch {
             for tile in next {
                 if let Some(block) = tile.get(b * stride..) {
-                    prefetch_lines(&block[..stride.min(block.len())]);
+                    crate::prefetch::lines(&block[..stride.min(block.len())]);
                 }
             }
         }
