@@ -379,8 +379,11 @@ impl PackedMatrix {
                     _ => Prefetch::None,
                 };
                 self.tiles_products(level, tiles, &rows[g.clone()], tmp, prefetch);
-                for (k, lanes) in tmp.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
-                    strip.write(g.start + k % n, k / n * TILE_ROWS, lanes);
+                // `tmp` is `[tiles][rows][16]`.
+                for (t, tile) in tmp.chunks_exact(n * TILE_ROWS).enumerate() {
+                    for (i, lanes) in tile.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
+                        strip.write(g.start + i, t * TILE_ROWS, lanes);
+                    }
                 }
             }
         };
