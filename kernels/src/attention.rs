@@ -662,11 +662,11 @@ struct Ahead {
 }
 
 impl Ahead {
-    /// For a walk over positions `start..end` (not empty), which reads its first block itself.
+    /// For a walk over positions `start..end`, which reads its first block itself.
     fn new(start: usize, end: usize, block_size: usize) -> Self {
         Ahead {
             next: start / block_size + 1,
-            last: (end - 1) / block_size,
+            last: end.saturating_sub(1) / block_size,
             block_size,
         }
     }
