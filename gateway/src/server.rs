@@ -24,7 +24,6 @@ use strata_shared::transport::{FrameListener, TcpTransport, Transport, advertise
 use strata_shared::wire::{DEFAULT_MAX_FRAME_BYTES, KV_BLOCK_SIZE};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::auth::ApiKeys;
 use crate::error::GatewayError;
@@ -737,7 +736,7 @@ async fn serve(
         .add_service(InterceptedService::new(reflection_v1, tools.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, tools))
         .add_service(StrataServer::with_interceptor(service, authenticate))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(strata_proto::incoming(listener), async move {
             let mut stop = stop;
             let _ = stop.wait_for(|s| *s).await;
         })

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
@@ -27,7 +26,7 @@ pub async fn serve_plaintext(
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming(crate::incoming(listener))
             .await;
         if let Err(e) = served {
             tracing::error!(%local, error = %e, "the health listener stopped");

@@ -41,3 +41,32 @@ pub fn server_tls(
         None => config,
     }
 }
+
+/// The connections a gRPC server accepts on `listener`, each without Nagle's delay. A
+/// stream's replies are small writes (one token's message each); one held back until the
+/// client's delayed acknowledgement costs up to 40 ms, which is what a first token took before.
+/// (tonic applies its `tcp_nodelay` only to listeners it binds itself.)
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    /// A connection accepted through `incoming` has Nagle's algorithm off.
+    #[tokio::test]
+    async fn accepted_connections_have_no_delay() -> Result<(), Box<dyn std::error::Error>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut accepted = super::incoming(listener);
+        let client = tokio::net::TcpStream::connect(addr).await?;
+        let server = accepted.next().await.ok_or("the listener stopped")??;
+        assert!(
+            server.nodelay()?,
+            "TCP_NODELAY is off on an accepted connection"
+        );
+        drop(client);
+        Ok(())
+    }
+}

@@ -6,7 +6,6 @@ use std::io::Write;
 use strata_shared::tls::{LinkSecurity, TlsArgs};
 use strata_shared::transport::TcpTransport;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::WorkerError;
 
@@ -138,7 +137,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(strata_proto::incoming(listener), stop)
         .await
         .map_err(|e| WorkerError::Load(format!("control plane: {e}")))
 }
