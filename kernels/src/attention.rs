@@ -604,9 +604,17 @@ impl<T: KvElement> PagedAttention<'_, T> {
         denominator.fill(0.0);
         let mut scores = [[0.0f32; RUN]; HEAD_BATCH];
         let mut pos = positions.start;
-        let mut ahead = Ahead::new(pos, positions.end, bs);
+        // The next table entry whose keys and values to ask the memory for (the first block is
+        // read at once), and the last one of the walk. The table scatters the blocks where the
+        // hardware prefetchers cannot follow; its entries up to the walk's end are validated.
+        let (mut ahead, last) = (pos / bs + 1, positions.end.saturating_sub(1) / bs);
         while pos < positions.end {
-            ahead.fetch(self, kv_head, pos);
+            while ahead <= (pos / bs + PREFETCH_BLOCKS).min(last) {
+                let at = shape.head_offset(self.block_table[ahead] as usize, kv_head);
+                prefetch::lines(&self.k_pool[at..at + hd * bs]);
+                prefetch::lines(&self.v_pool[at..at + hd * bs]);
+                ahead += 1;
+            }
             // A run of consecutive slots of one block, at most RUN long.
             let slot = pos % bs;
             let n = (bs - slot).min(positions.end - pos).min(RUN);
@@ -647,44 +655,6 @@ impl<T: KvElement> PagedAttention<'_, T> {
             weights(ops, &mut scores[..run.len], (max, denominator), out);
         }
         ops.accumulate(out, scores, run.values);
-    }
-}
-
-/// The blocks of one KV head's keys and values that a walk over positions asks the memory for
-/// ahead of the block it attends: up to [`PREFETCH_BLOCKS`] further on in the block table,
-/// which scatters them where the hardware cannot guess.
-struct Ahead {
-    /// The next table entry to ask for.
-    next: usize,
-    /// The table entry of the last position walked.
-    last: usize,
-    block_size: usize,
-}
-
-impl Ahead {
-    /// For a walk over positions `start..end`, which reads its first block itself.
-    fn new(start: usize, end: usize, block_size: usize) -> Self {
-        Ahead {
-            next: start / block_size + 1,
-            last: end.saturating_sub(1) / block_size,
-            block_size,
-        }
-    }
-
-    /// Asks for the blocks due when the walk reaches `pos`. The table entries up to the
-    /// walk's end have been validated.
-    #[inline(always)]
-    fn fetch<T: KvElement>(&mut self, r: &PagedAttention<'_, T>, kv_head: usize, pos: usize) {
-        let due = (pos / self.block_size + PREFETCH_BLOCKS).min(self.last);
-        let len = r.shape.head_dim * self.block_size;
-        while self.next <= due {
-            let at = r
-                .shape
-                .head_offset(r.block_table[self.next] as usize, kv_head);
-            prefetch::lines(&r.k_pool[at..at + len]);
-            prefetch::lines(&r.v_pool[at..at + len]);
-            self.next += 1;
-        }
     }
 }
 
