@@ -3,7 +3,9 @@
 //! 64, blocks of 16 positions, 30 layers), and the rate at which it reads the cache.
 //!
 //! `cargo run --release -p strata-kernels --example attention_speed [SEQUENCES] [CONTEXT] [LAYERS]`
-//! (defaults 16, 256 and 30; `REPS` steps a round, 20 by default, best of 5 rounds)
+//! (defaults 16, 256 and 30; `REPS` steps a round, 20 by default, best of 5 rounds). With
+//! `TOKENS=N`, each sequence attends its last `N` positions at once, as a prefill does (`TOKENS`
+//! equal to `CONTEXT`: a whole prompt's attention), and the rate of multiply-adds is shown.
 
 // A benchmark program over fixed, generated inputs: it prints, and a failure is a bug to see.
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
@@ -62,11 +64,16 @@ fn main() {
             )
         })
         .collect();
+    let tokens = std::env::var("TOKENS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, ctx);
     let width = shape.n_heads * shape.head_dim;
-    let q: Vec<f32> = (0..seqs * width)
+    let q: Vec<f32> = (0..seqs * tokens * width)
         .map(|i| ((i % 13) as f32 - 6.0) / 8.0)
         .collect();
-    let mut out = vec![0.0f32; seqs * width];
+    let mut out = vec![0.0f32; seqs * tokens * width];
     let step = |out: &mut [f32]| {
         for (k_pool, v_pool) in &pools {
             let requests: Vec<PagedAttention<'_, f16>> = tables
@@ -74,8 +81,8 @@ fn main() {
                 .enumerate()
                 .map(|(i, table)| PagedAttention {
                     shape,
-                    q: &q[i * width..][..width],
-                    pos0: ctx - 1,
+                    q: &q[i * tokens * width..][..tokens * width],
+                    pos0: ctx - tokens,
                     k_pool,
                     v_pool,
                     block_table: table,
@@ -100,10 +107,14 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
     let bytes = (layers * seqs * ctx * 2 * shape.n_kv_heads * shape.head_dim * 2) as f64;
+    // Each query token at position p: p + 1 scores and weighted values per head.
+    let keys: usize = (ctx - tokens..ctx).map(|p| p + 1).sum();
+    let macs = (layers * seqs * keys * shape.n_heads * shape.head_dim * 2) as f64;
     println!(
-        "{seqs} sequences at {ctx} positions, {layers} layers: {:7.3} ms a step, cache read at {:5.1} GB/s ({} threads)",
+        "{seqs} sequences at {ctx} positions, {tokens} query tokens each, {layers} layers: {:7.3} ms a step, cache read at {:5.1} GB/s, {:5.1} GMAC/s ({} threads)",
         best * 1e3,
         bytes / best / 1e9,
+        macs / best / 1e9,
         rayon::current_num_threads()
     );
 }

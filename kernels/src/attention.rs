@@ -652,33 +652,53 @@ impl<T: KvElement> PagedAttention<'_, T> {
         ops.scores(q, run, self.scale, scores);
         let heads = out.chunks_exact_mut(hd).zip(scores.iter_mut());
         for ((out, scores), (max, denominator)) in heads.zip(max.iter_mut().zip(denominator)) {
-            weights(ops, &mut scores[..run.len], (max, denominator), out);
+            let factor = weights(ops, &mut scores[..run.len], (max, denominator));
+            if factor != 1.0 {
+                ops.scale(out, factor);
+            }
         }
         ops.accumulate(out, scores, run.values);
     }
 }
 
 /// The online-softmax weights of a run for one head (`scores`, replaced by the weights): the
-/// run's maximum; if it raises the running maximum, the rescaling of what the head has
-/// accumulated so far (`out` and the denominator); then `exp(score − maximum)`, and their sum
-/// ([`VectorOps::exp_sum`]: in a fixed order, the same on every path) added to the denominator.
+/// run's maximum; if it raises the running maximum, the rescaling of the denominator to it;
+/// then `exp(score − maximum)`, and their sum ([`VectorOps::exp_sum`]: in a fixed order, the
+/// same on every path) added to the denominator. Returns the factor by which what the head has
+/// accumulated so far must be rescaled: `exp(old maximum − new maximum)` if the run raised the
+/// maximum (0 on the first run, where all is still 0), else 1 (and the caller skips it).
 #[inline(always)]
 fn weights<V: VectorOps>(
     ops: V,
     scores: &mut [f32],
     (max, denominator): (&mut f32, &mut f32),
-    out: &mut [f32],
-) {
+) -> f32 {
     let run_max = ops.max(scores);
+    let mut factor = 1.0;
     if run_max > *max {
-        // Rescale what has been accumulated so far to the new maximum (a no-op on the first
-        // run, where the factor is exp(−∞) = 0 and all is still 0).
-        let rescale = math::exp(*max - run_max);
-        *denominator *= rescale;
-        ops.scale(out, rescale);
+        factor = math::exp(*max - run_max);
+        *denominator *= factor;
         *max = run_max;
     }
     *denominator += ops.exp_sum(scores, *max);
+    factor
+}
+
+/// [`weights`] of several rows, one after another: row `r` over its first `lens[r]` scores,
+/// with its state `max[r]` and `denominator[r]`, its factor in `factors[r]`.
+#[inline(always)]
+fn weights_each<V: VectorOps>(
+    ops: V,
+    scores: &mut [[f32; RUN]],
+    lens: &[usize],
+    (max, denominator): (&mut [f32], &mut [f32]),
+    factors: &mut [f32],
+) {
+    let states = max.iter_mut().zip(denominator.iter_mut());
+    let rows = scores.iter_mut().zip(lens).zip(states).zip(factors);
+    for (((scores, &len), state), factor) in rows {
+        *factor = weights(ops, &mut scores[..len], state);
+    }
 }
 
 /// The sum of `xs` from 0, one element after another. A run's weights are summed this way on
@@ -795,6 +815,17 @@ trait VectorOps: Copy {
     /// `xs[j] = exp(xs[j] − max)` ([`math::exp`]), and the sum of those weights in the order
     /// of `j` ([`sum_in_order`]). The same bits at every level.
     fn exp_sum(self, xs: &mut [f32], max: f32) -> f32;
+    /// [`weights`] of the rows of a tile (see [`weights_each`] for the arguments): each row's
+    /// bits are those it has alone, whichever rows go together.
+    fn weights_rows(
+        self,
+        scores: &mut [[f32; RUN]],
+        lens: &[usize],
+        state: (&mut [f32], &mut [f32]),
+        factors: &mut [f32],
+    ) {
+        weights_each(self, scores, lens, state, factors);
+    }
 }
 
 /// Portable implementation: loops over independent elements, a shape LLVM vectorizes.

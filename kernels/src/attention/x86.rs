@@ -8,19 +8,21 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m512, _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehdup_ps, _mm_movehl_ps,
-    _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_max_ps,
-    _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_sub_ps, _mm512_add_ps,
-    _mm512_fmadd_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps,
-    _mm512_sub_ps,
+    __m256, __m512, __mmask16, _CMP_GT_OQ, _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehdup_ps,
+    _mm_movehl_ps, _mm256_add_ps, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
+    _mm256_max_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_sub_ps, _mm512_add_ps,
+    _mm512_cmp_ps_mask, _mm512_fmadd_ps, _mm512_mask_add_ps, _mm512_mask_blend_ps,
+    _mm512_mask_cmp_ps_mask, _mm512_mask_max_ps, _mm512_mask_mul_ps, _mm512_max_ps, _mm512_mul_ps,
+    _mm512_set1_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_sub_ps,
+    _mm512_unpackhi_ps, _mm512_unpacklo_ps,
 };
 
 use super::{KvElement, PagedAttention, RUN, Run, VectorOps, Work};
 use crate::cpu::{Avx2, Avx512};
 use crate::math::x86::{exp8, exp16};
 use crate::x86::{
-    halves_f32x16, load_f32x8, load_f32x16, load_f32x16_prefix, load_f32x16_prefix_or, store_f32x8,
-    store_f32x16, store_f32x16_prefix,
+    halves_f32x16, load_f32x8, load_f32x16, load_f32x16_prefix, load_f32x16_prefix_or,
+    prefix_mask16, store_f32x8, store_f32x16, store_f32x16_prefix,
 };
 
 /// AVX-512 version of [`PagedAttention::compute`].
@@ -107,6 +109,26 @@ impl VectorOps for Avx512 {
         // SAFETY: `self` proves the CPU supports AVX-512F, AVX2 and FMA.
         unsafe { exp_sum_512(xs, max) }
     }
+
+    #[inline(always)]
+    fn weights_rows(
+        self,
+        scores: &mut [[f32; RUN]],
+        lens: &[usize],
+        (max, denominator): (&mut [f32], &mut [f32]),
+        factors: &mut [f32],
+    ) {
+        let states = max.chunks_mut(16).zip(denominator.chunks_mut(16));
+        let chunks = scores.chunks_mut(16).zip(lens.chunks(16));
+        for (((scores, lens), state), factors) in chunks.zip(states).zip(factors.chunks_mut(16)) {
+            if lens.iter().all(|&len| len <= 16) {
+                // SAFETY: `self` proves the CPU supports AVX-512F, AVX2 and FMA.
+                unsafe { weights_columns_512(scores, lens, state, factors) }
+            } else {
+                super::weights_each(self, scores, lens, state, factors);
+            }
+        }
+    }
 }
 
 impl VectorOps for Avx2 {
@@ -161,9 +183,10 @@ impl VectorOps for Avx2 {
     }
 }
 
-/// Query heads whose scores, or weighted values, one pass computes: each key or value vector
-/// loaded is used by all of them, and their accumulators are independent chains.
-const HEADS: usize = 4;
+/// Query heads (or rows of a tile) whose scores, or weighted values, one pass computes: each
+/// key or value vector loaded is used by all of them, and their accumulators (24 at most) are
+/// independent chains.
+const HEADS: usize = 6;
 
 /// Query dimensions whose products go to separate accumulators (then summed pairwise): four
 /// independent chains of multiply-adds instead of one.
@@ -198,7 +221,11 @@ fn scores_sized_512<const HD: usize, T: KvElement>(
 ) {
     let (q, _) = q.as_chunks::<HD>();
     for (q, scores) in q.chunks(HEADS).zip(scores.chunks_mut(HEADS)) {
-        if let Ok(q) = <&[[f32; HD]; 4]>::try_from(q) {
+        if let Ok(q) = <&[[f32; HD]; 6]>::try_from(q) {
+            scores_heads_512::<6, HD, T>(q, run, scale, scores);
+        } else if let Ok(q) = <&[[f32; HD]; 5]>::try_from(q) {
+            scores_heads_512::<5, HD, T>(q, run, scale, scores);
+        } else if let Ok(q) = <&[[f32; HD]; 4]>::try_from(q) {
             scores_heads_512::<4, HD, T>(q, run, scale, scores);
         } else if let Ok(q) = <&[[f32; HD]; 3]>::try_from(q) {
             scores_heads_512::<3, HD, T>(q, run, scale, scores);
@@ -323,8 +350,8 @@ fn store_scores_512(acc: &[__m512; CHAINS], scale: f32, out: &mut [f32]) {
 fn accumulate_avx512<T: KvElement>(y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
     let hd = y.len() / w.len().max(1);
     let rows = x.len() / hd;
-    // Heads per pass: at most HEADS, with at most 16 accumulators.
-    let per_pass = if hd == 128 { 2 } else { HEADS };
+    // Heads per pass: at most HEADS, with at most 24 accumulators.
+    let per_pass = if hd == 128 { 3 } else { HEADS };
     let passes = y.chunks_mut(per_pass * hd).zip(w.chunks(per_pass));
     match hd {
         32 => passes.for_each(|(y, w)| accumulate_heads_512::<2, T>(y, w, x)),
@@ -343,6 +370,8 @@ fn accumulate_avx512<T: KvElement>(y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
 #[inline]
 fn accumulate_heads_512<const V: usize, T: KvElement>(y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
     match w.len() {
+        6 => accumulate_held_512::<6, V, T>(y, w, x),
+        5 => accumulate_held_512::<5, V, T>(y, w, x),
         4 => accumulate_held_512::<4, V, T>(y, w, x),
         3 => accumulate_held_512::<3, V, T>(y, w, x),
         2 => accumulate_held_512::<2, V, T>(y, w, x),
@@ -564,6 +593,105 @@ fn exp_sum_512(xs: &mut [f32], max: f32) -> f32 {
         store_f32x16_prefix(chunk, exp16(_mm512_sub_ps(x, m)));
     }
     super::sum_in_order(xs)
+}
+
+/// [`VectorOps::weights_rows`] of up to 16 rows of at most 16 scores each, turned into columns
+/// so that the rows' chains run side by side in the lanes: lane `r` of column `j` is row `r`'s
+/// score `j`. Lane by lane, the operations are those of [`super::weights`] for that row alone:
+/// the maximum over its first `lens[r]` scores (order-free), the factor and the new state, then
+/// each weight `exp(score − maximum)` and their sum from 0 in the order of `j`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+fn weights_columns_512(
+    scores: &mut [[f32; RUN]],
+    lens: &[usize],
+    (max, denominator): (&mut [f32], &mut [f32]),
+    factors: &mut [f32],
+) {
+    let rows = scores.len().min(16);
+    let mut columns = [_mm512_setzero_ps(); 16];
+    for (column, scores) in columns.iter_mut().zip(scores.iter()) {
+        *column = load_f32x16(&scores.as_chunks::<16>().0[0]);
+    }
+    let mut columns = transpose16(columns);
+    let mut len = [0.0f32; 16];
+    for (l, &n) in len.iter_mut().zip(lens) {
+        *l = n as f32;
+    }
+    let len = load_f32x16(&len);
+    // Lanes of column `j` that lie within their row.
+    let within: [__mmask16; 16] =
+        std::array::from_fn(|j| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(len, _mm512_set1_ps(j as f32)));
+    let low = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut run_max = low;
+    for (column, &within) in columns.iter().zip(&within) {
+        run_max = _mm512_mask_max_ps(run_max, within, run_max, *column);
+    }
+    let old_max = load_f32x16_prefix_or(&max[..rows], low);
+    let raised = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(prefix_mask16(rows), run_max, old_max);
+    let one = _mm512_set1_ps(1.0);
+    let factor = _mm512_mask_blend_ps(raised, one, exp16(_mm512_sub_ps(old_max, run_max)));
+    let new_max = _mm512_mask_blend_ps(raised, old_max, run_max);
+    let mut sum = _mm512_setzero_ps();
+    for (column, &within) in columns.iter_mut().zip(&within) {
+        *column = exp16(_mm512_sub_ps(*column, new_max));
+        sum = _mm512_mask_add_ps(sum, within, sum, *column);
+    }
+    let old_denominator = load_f32x16_prefix(&denominator[..rows]);
+    let rescaled = _mm512_mask_mul_ps(old_denominator, raised, old_denominator, factor);
+    store_f32x16_prefix(&mut denominator[..rows], _mm512_add_ps(rescaled, sum));
+    store_f32x16_prefix(&mut max[..rows], new_max);
+    store_f32x16_prefix(&mut factors[..rows], factor);
+    let weights = transpose16(columns);
+    for (scores, weights) in scores.iter_mut().zip(weights) {
+        store_f32x16(&mut scores.as_chunks_mut::<16>().0[0], weights);
+    }
+}
+
+/// The transpose of 16 vectors of 16 floats: lane `r` of vector `c` of the result is lane `c`
+/// of vector `r`. Pairs of rows interleaved, then quadruples within 128-bit lanes, then the
+/// 128-bit lanes moved across in two rounds.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
+    let pairs: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i / 2 * 2], rows[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // quads[4 · block + k]: in 128-bit lane g, column 4g + k of rows 4 · block to 4 · block + 3.
+    let quads: [__m512; 16] = std::array::from_fn(|i| {
+        let (block, k) = (i / 4, i % 4);
+        let (a, b) = (pairs[4 * block + k / 2], pairs[4 * block + 2 + k / 2]);
+        if k % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    // halves[8 · h + 2 · k + e]: the 128-bit lanes of blocks 2h and 2h + 1 for column k,
+    // the even (e = 0) or odd (e = 1) lanes.
+    let halves: [__m512; 16] = std::array::from_fn(|i| {
+        let (h, k, e) = (i / 8, i % 8 / 2, i % 2);
+        let (a, b) = (quads[8 * h + k], quads[8 * h + 4 + k]);
+        if e == 0 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        }
+    });
+    std::array::from_fn(|c| {
+        let (g, k) = (c / 4, c % 4);
+        let (a, b) = (halves[2 * k + g % 2], halves[8 + 2 * k + g % 2]);
+        if g < 2 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xDD>(a, b)
+        }
+    })
 }
 
 /// Up to 8 floats of `xs` in a vector, the absent lanes −∞.
