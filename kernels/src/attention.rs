@@ -684,6 +684,28 @@ fn weights<V: VectorOps>(
     factor
 }
 
+/// [`VectorOps::scores_pair`] as two calls of [`VectorOps::scores`].
+#[inline(always)]
+fn scores_each<V: VectorOps>(
+    ops: V,
+    q: &[f32],
+    keys: [&[f32]; 2],
+    block_size: usize,
+    scale: f32,
+    scores: [&mut [[f32; RUN]]; 2],
+) {
+    for (keys, scores) in keys.into_iter().zip(scores) {
+        let run = Run {
+            keys,
+            block_size,
+            slot: 0,
+            values: &[],
+            len: block_size,
+        };
+        ops.scores(q, &run, scale, scores);
+    }
+}
+
 /// [`weights`] of several rows, one after another: row `r` over its first `lens[r]` scores,
 /// with its state `max[r]` and `denominator[r]`, its factor in `factors[r]`.
 #[inline(always)]
@@ -801,6 +823,19 @@ trait VectorOps: Copy {
         scale: f32,
         scores: &mut [[f32; RUN]],
     );
+    /// The scores of two whole blocks of keys (`keys[b]`, `[head_dim][block_size]`, as in the
+    /// pool) into `scores[b]`: bit for bit [`VectorOps::scores`] of each block alone, where a
+    /// level may load each query value once for both.
+    fn scores_pair(
+        self,
+        q: &[f32],
+        keys: [&[f32]; 2],
+        block_size: usize,
+        scale: f32,
+        scores: [&mut [[f32; RUN]]; 2],
+    ) {
+        scores_each(self, q, keys, block_size, scale, scores);
+    }
     /// `y[h][i] += Σ_j w[h][j] · x[j][i]` over the `x.len() / head_dim` rows of `x`, each
     /// element's terms added in the order of `j`.
     fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]);

@@ -220,13 +220,12 @@ impl<T: KvElement> PagedAttention<'_, T> {
         debug_assert!(self.window.is_none() && hd <= TILE_HEAD_DIM && tokens <= TILE_TOKENS);
         let mut keys = [0.0f32; TILE_HEAD_DIM * RUN];
         let mut values = [0.0f32; RUN * TILE_HEAD_DIM];
+        // The scores of a run, and of the second run of a pair.
         let mut scores = [[0.0f32; RUN]; TILE_TOKENS * HEAD_BATCH];
-        // Each row's length of the current run, and the factor of its output.
-        let mut lens = [0usize; TILE_TOKENS * HEAD_BATCH];
-        let mut factors = [1.0f32; TILE_TOKENS * HEAD_BATCH];
-        // One group's queries and outputs, row `t · batch + h`.
+        let mut scores_b = [[0.0f32; RUN]; TILE_TOKENS * HEAD_BATCH];
         let rows = tokens * batch;
-        let (mut qs, mut outs) = (vec![0.0f32; rows * hd], vec![0.0f32; rows * hd]);
+        let mut qs = vec![0.0f32; rows * hd];
+        let mut state = TileRows::new(first, tokens, batch, hd);
 
         let width = shape.n_heads * hd;
         let segment = shape.segment_len();
@@ -238,10 +237,7 @@ impl<T: KvElement> PagedAttention<'_, T> {
             for (t, q) in qs.chunks_exact_mut(batch * hd).enumerate() {
                 q.copy_from_slice(&self.q[(token + t) * width + first_head * hd..][..batch * hd]);
             }
-            outs.fill(0.0);
-            // Online-softmax state of each row in the current segment.
-            let mut max = [f32::NEG_INFINITY; TILE_TOKENS * HEAD_BATCH];
-            let mut denominator = [0.0f32; TILE_TOKENS * HEAD_BATCH];
+            state.reset();
             let mut started = [false; TILE_TOKENS];
             let mut pos = 0;
             while pos <= last {
@@ -251,21 +247,37 @@ impl<T: KvElement> PagedAttention<'_, T> {
                     let merged = merged.get_or_insert_with(|| Merged::new(rows * hd));
                     let passing = started.iter_mut().enumerate().take(tokens);
                     for (t, started) in passing.skip(pos.saturating_sub(first)) {
-                        let heads = t * batch..(t + 1) * batch;
-                        let current = (
-                            &mut outs[heads.start * hd..heads.end * hd],
-                            &mut max[heads.clone()],
-                            &mut denominator[heads.clone()],
-                        );
-                        merged.fold(t, batch, hd, *started, current);
+                        merged.fold(t, batch, hd, *started, state.token(t));
                         *started = true;
                     }
                 }
-                // The run of the tile's last token; an earlier token's run is its prefix.
+                // The run of the tile's last token; an earlier token's run is its prefix. Every
+                // row's scores are taken over the whole run, from the first row whose token
+                // attends to it: the scores of a slot do not depend on the others.
                 let slot = pos % bs;
                 let n = (bs - slot).min(last + 1 - pos).min(RUN);
-                let block = self.block_table[pos / bs] as usize;
-                let at = shape.head_offset(block, kv_head);
+                let at = shape.head_offset(self.block_table[pos / bs] as usize, kv_head);
+                let live = pos.saturating_sub(first) * batch..rows;
+                let q = &qs[live.start * hd..];
+                let next = pos + bs;
+                let pair = slot == 0 && n == bs && 2 * bs <= RUN && next + bs <= last + 1;
+                if pair && !next.is_multiple_of(segment) {
+                    // Two whole blocks of one segment: their scores in one pass, which
+                    // loads each query value once for both; then a step over each.
+                    let at_b = shape.head_offset(self.block_table[next / bs] as usize, kv_head);
+                    let (keys_a, keys_b) = keys[..2 * hd * bs].split_at_mut(hd * bs);
+                    ops.widen(&self.k_pool[at..at + hd * bs], keys_a);
+                    ops.widen(&self.k_pool[at_b..at_b + hd * bs], keys_b);
+                    let (values_a, values_b) = values[..2 * bs * hd].split_at_mut(bs * hd);
+                    ops.widen(&self.v_pool[at..at + bs * hd], values_a);
+                    ops.widen(&self.v_pool[at_b..at_b + bs * hd], values_b);
+                    let pair = [&mut scores[live.clone()], &mut scores_b[live.clone()]];
+                    ops.scores_pair(q, [keys_a, keys_b], bs, self.scale, pair);
+                    state.step(ops, pos, bs, &mut scores, values_a);
+                    state.step(ops, next, bs, &mut scores_b, values_b);
+                    pos += 2 * bs;
+                    continue;
+                }
                 // The run's keys, `[head_dim][stride]`: a whole block in one piece, as it lies in
                 // the pool; a part of one row by row.
                 let stride = if n == bs { bs } else { RUN };
@@ -287,51 +299,15 @@ impl<T: KvElement> PagedAttention<'_, T> {
                     values: &values[..n * hd],
                     len: n,
                 };
-                // The tokens that attend to this run (all but those before `pos`), and the first
-                // of them that attends to all of it.
-                let from = pos.saturating_sub(first);
-                let whole = (pos + n - 1).saturating_sub(first).max(from);
-                // Every row's scores over the whole run: the scores of a slot do not depend on
-                // the others, and a token's run is a prefix of this one.
-                let live = from * batch..rows;
-                ops.scores(
-                    &qs[live.start * hd..],
-                    &run,
-                    self.scale,
-                    &mut scores[live.clone()],
-                );
-                for t in from..tokens {
-                    lens[t * batch..(t + 1) * batch].fill(n.min(first + t + 1 - pos));
-                }
-                let state = (&mut max[live.clone()], &mut denominator[live.clone()]);
-                let (scores_live, lens) = (&mut scores[live.clone()], &lens[live.clone()]);
-                ops.weights_rows(scores_live, lens, state, &mut factors[live.clone()]);
-                for r in live {
-                    if factors[r] != 1.0 {
-                        ops.scale(&mut outs[r * hd..(r + 1) * hd], factors[r]);
-                    }
-                }
-                // The weighted values: the tokens that stop inside the run one by one, the
-                // others together.
-                for t in from..whole {
-                    let len = n.min(first + t + 1 - pos);
-                    let heads = t * batch..(t + 1) * batch;
-                    let out = &mut outs[heads.start * hd..heads.end * hd];
-                    ops.accumulate(out, &scores[heads], &values[..len * hd]);
-                }
-                let out = &mut outs[whole * batch * hd..];
-                ops.accumulate(out, &scores[whole * batch..rows], &values[..n * hd]);
+                ops.scores(q, &run, self.scale, &mut scores[live]);
+                state.step(ops, pos, n, &mut scores, &values[..n * hd]);
                 pos += n;
             }
-            for t in 0..tokens {
-                let heads = t * batch..(t + 1) * batch;
-                let row = &mut outs[heads.start * hd..heads.end * hd];
-                let (row, denominator) = match (&mut merged, started[t]) {
-                    (Some(merged), true) => {
-                        let state = (&mut *row, &mut max[heads.clone()], &mut denominator[heads]);
-                        merged.finish(t, batch, hd, state)
-                    }
-                    _ => (row, &denominator[heads]),
+            for (t, started) in started.iter().enumerate().take(tokens) {
+                let (row, max, denominator) = state.token(t);
+                let (row, denominator) = match (&mut merged, started) {
+                    (Some(merged), true) => merged.finish(t, batch, hd, (row, max, denominator)),
+                    _ => (row, &*denominator),
                 };
                 for (row, denominator) in row.chunks_exact_mut(hd).zip(denominator) {
                     ops.scale(row, 1.0 / denominator);
@@ -339,6 +315,98 @@ impl<T: KvElement> PagedAttention<'_, T> {
                 out[t * width + first_head * hd..][..batch * hd].copy_from_slice(row);
             }
         }
+    }
+}
+
+/// The rows of a tile for one group of heads, row `t · batch + h` for head `h` of token `t`:
+/// their outputs, their online-softmax state in the current segment, and, for the current
+/// run, each row's length of it and the factor of its output.
+struct TileRows {
+    first: usize,
+    tokens: usize,
+    batch: usize,
+    hd: usize,
+    outs: Vec<f32>,
+    max: [f32; TILE_TOKENS * HEAD_BATCH],
+    denominator: [f32; TILE_TOKENS * HEAD_BATCH],
+    lens: [usize; TILE_TOKENS * HEAD_BATCH],
+    factors: [f32; TILE_TOKENS * HEAD_BATCH],
+}
+
+impl TileRows {
+    /// The rows of `tokens` tokens from position `first`, `batch` heads of `hd` each.
+    fn new(first: usize, tokens: usize, batch: usize, hd: usize) -> Self {
+        TileRows {
+            first,
+            tokens,
+            batch,
+            hd,
+            outs: vec![0.0; tokens * batch * hd],
+            max: [f32::NEG_INFINITY; TILE_TOKENS * HEAD_BATCH],
+            denominator: [0.0; TILE_TOKENS * HEAD_BATCH],
+            lens: [0; TILE_TOKENS * HEAD_BATCH],
+            factors: [1.0; TILE_TOKENS * HEAD_BATCH],
+        }
+    }
+
+    /// A fresh state, for the next group of heads.
+    fn reset(&mut self) {
+        self.outs.fill(0.0);
+        self.max.fill(f32::NEG_INFINITY);
+        self.denominator.fill(0.0);
+    }
+
+    /// Token `t`'s heads: their outputs, maxima and denominators.
+    fn token(&mut self, t: usize) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let heads = t * self.batch..(t + 1) * self.batch;
+        (
+            &mut self.outs[heads.start * self.hd..heads.end * self.hd],
+            &mut self.max[heads.clone()],
+            &mut self.denominator[heads],
+        )
+    }
+
+    /// One online-softmax step ([`PagedAttention::online_step`]) of every row whose token
+    /// attends to the run of `n` slots at `pos`, over its part of the run (up to the token's
+    /// own position): `scores` hold the run's scores from the first such row on, `values` its
+    /// values. The weights of every row, then the weighted values: the tokens that stop inside
+    /// the run one by one, the others together.
+    #[inline(always)]
+    fn step<V: VectorOps>(
+        &mut self,
+        ops: V,
+        pos: usize,
+        n: usize,
+        scores: &mut [[f32; RUN]],
+        values: &[f32],
+    ) {
+        let (first, batch, hd) = (self.first, self.batch, self.hd);
+        let rows = self.tokens * batch;
+        let from = pos.saturating_sub(first);
+        let whole = (pos + n - 1).saturating_sub(first).max(from);
+        let live = from * batch..rows;
+        for t in from..self.tokens {
+            self.lens[t * batch..(t + 1) * batch].fill(n.min(first + t + 1 - pos));
+        }
+        let state = (
+            &mut self.max[live.clone()],
+            &mut self.denominator[live.clone()],
+        );
+        let (scores_live, lens) = (&mut scores[live.clone()], &self.lens[live.clone()]);
+        ops.weights_rows(scores_live, lens, state, &mut self.factors[live.clone()]);
+        for r in live {
+            if self.factors[r] != 1.0 {
+                ops.scale(&mut self.outs[r * hd..(r + 1) * hd], self.factors[r]);
+            }
+        }
+        for t in from..whole {
+            let len = n.min(first + t + 1 - pos);
+            let heads = t * batch..(t + 1) * batch;
+            let out = &mut self.outs[heads.start * hd..heads.end * hd];
+            ops.accumulate(out, &scores[heads], &values[..len * hd]);
+        }
+        let out = &mut self.outs[whole * batch * hd..rows * hd];
+        ops.accumulate(out, &scores[whole * batch..rows], &values[..n * hd]);
     }
 }
 

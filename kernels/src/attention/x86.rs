@@ -81,6 +81,25 @@ impl VectorOps for Avx512 {
     }
 
     #[inline(always)]
+    fn scores_pair(
+        self,
+        q: &[f32],
+        keys: [&[f32]; 2],
+        block_size: usize,
+        scale: f32,
+        scores: [&mut [[f32; RUN]]; 2],
+    ) {
+        let hd = q.len() / scores[0].len().max(1);
+        let sized = matches!(hd, 32 | 64 | 128) && keys.iter().all(|k| k.len() == hd * 16);
+        if block_size == 16 && sized {
+            // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
+            unsafe { scores_pair_512(q, keys, scale, scores) }
+        } else {
+            super::scores_each(self, q, keys, block_size, scale, scores);
+        }
+    }
+
+    #[inline(always)]
     fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
         // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
         unsafe { accumulate_avx512(y, w, x) }
@@ -311,6 +330,85 @@ fn scores_block_512<const H: usize, const HD: usize, T: KvElement>(
     }
     for (acc, out) in acc.iter().zip(scores.iter_mut()) {
         store_scores_512(acc, scale, &mut out[..16]);
+    }
+}
+
+/// [`VectorOps::scores_pair`] of two whole blocks of 16 f32 keys, for heads of 32, 64 or 128
+/// (others are left untouched, and the caller sends none): three heads at a time, each with
+/// both blocks' chains.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+fn scores_pair_512(q: &[f32], keys: [&[f32]; 2], scale: f32, scores: [&mut [[f32; RUN]]; 2]) {
+    let keys = keys.map(|k| k.as_chunks::<16>().0);
+    match q.len() / scores[0].len().max(1) {
+        32 => scores_pair_sized_512::<32>(q, keys, scale, scores),
+        64 => scores_pair_sized_512::<64>(q, keys, scale, scores),
+        128 => scores_pair_sized_512::<128>(q, keys, scale, scores),
+        _ => {}
+    }
+}
+
+/// [`scores_pair_512`] of heads of `HD` dimensions.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+fn scores_pair_sized_512<const HD: usize>(
+    q: &[f32],
+    keys: [&[[f32; 16]]; 2],
+    scale: f32,
+    scores: [&mut [[f32; RUN]]; 2],
+) {
+    let (Ok(a), Ok(b)) = (
+        <&[[f32; 16]; HD]>::try_from(keys[0]),
+        <&[[f32; 16]; HD]>::try_from(keys[1]),
+    ) else {
+        return;
+    };
+    let (q, _) = q.as_chunks::<HD>();
+    let [scores_a, scores_b] = scores;
+    let groups = q
+        .chunks(3)
+        .zip(scores_a.chunks_mut(3).zip(scores_b.chunks_mut(3)));
+    for (q, (scores_a, scores_b)) in groups {
+        let scores = [scores_a, scores_b];
+        if let Ok(q) = <&[[f32; HD]; 3]>::try_from(q) {
+            scores_pair_heads_512::<3, HD>(q, [a, b], scale, scores);
+        } else if let Ok(q) = <&[[f32; HD]; 2]>::try_from(q) {
+            scores_pair_heads_512::<2, HD>(q, [a, b], scale, scores);
+        } else if let Ok(q) = <&[[f32; HD]; 1]>::try_from(q) {
+            scores_pair_heads_512::<1, HD>(q, [a, b], scale, scores);
+        }
+    }
+}
+
+/// [`scores_block_512`] of `H` heads over two blocks at once: per query dimension, both
+/// blocks' key vectors and the head's broadcast `q[d]` into each block's chain `d mod 4`, the
+/// chains of each block the ones it has alone.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // the chains indexed by constants: registers
+fn scores_pair_heads_512<const H: usize, const HD: usize>(
+    q: &[[f32; HD]; H],
+    keys: [&[[f32; 16]; HD]; 2],
+    scale: f32,
+    scores: [&mut [[f32; RUN]]; 2],
+) {
+    let mut acc = [[[_mm512_setzero_ps(); CHAINS]; 2]; H];
+    for d0 in (0..HD).step_by(CHAINS) {
+        for c in 0..CHAINS {
+            let d = d0 + c;
+            let k = [load_f32x16(&keys[0][d]), load_f32x16(&keys[1][d])];
+            for h in 0..H {
+                let q = _mm512_set1_ps(q[h][d]);
+                for b in 0..2 {
+                    acc[h][b][c] = _mm512_fmadd_ps(q, k[b], acc[h][b][c]);
+                }
+            }
+        }
+    }
+    for (b, scores) in scores.into_iter().enumerate() {
+        for (acc, out) in acc.iter().zip(scores.iter_mut()) {
+            store_scores_512(&acc[b], scale, &mut out[..16]);
+        }
     }
 }
 
