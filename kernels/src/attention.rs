@@ -24,6 +24,7 @@
 //! tile does), or each segment of a token's keys may be its own task (a decode at a long
 //! context, so that one sequence keeps every thread busy); the arithmetic is the same.
 
+mod ops;
 mod tile;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -36,6 +37,9 @@ use crate::error::KernelError;
 use crate::math;
 use crate::matrix::check_len;
 use crate::prefetch;
+use ops::{Portable, VectorOps, weights};
+#[cfg(test)]
+use ops::{scores_each, weights_each};
 
 mod sealed {
     pub trait Sealed {}
@@ -661,79 +665,6 @@ impl<T: KvElement> PagedAttention<'_, T> {
     }
 }
 
-/// The online-softmax weights of a run for one head (`scores`, replaced by the weights): the
-/// run's maximum; if it raises the running maximum, the rescaling of the denominator to it;
-/// then `exp(score − maximum)`, and their sum ([`VectorOps::exp_sum`]: in a fixed order, the
-/// same on every path) added to the denominator. Returns the factor by which what the head has
-/// accumulated so far must be rescaled: `exp(old maximum − new maximum)` if the run raised the
-/// maximum (0 on the first run, where all is still 0), else 1 (and the caller skips it).
-#[inline(always)]
-fn weights<V: VectorOps>(
-    ops: V,
-    scores: &mut [f32],
-    (max, denominator): (&mut f32, &mut f32),
-) -> f32 {
-    let run_max = ops.max(scores);
-    let mut factor = 1.0;
-    if run_max > *max {
-        factor = math::exp(*max - run_max);
-        *denominator *= factor;
-        *max = run_max;
-    }
-    *denominator += ops.exp_sum(scores, *max);
-    factor
-}
-
-/// [`VectorOps::scores_pair`] as two calls of [`VectorOps::scores`].
-#[inline(always)]
-fn scores_each<V: VectorOps>(
-    ops: V,
-    q: &[f32],
-    keys: [&[f32]; 2],
-    block_size: usize,
-    scale: f32,
-    scores: [&mut [[f32; RUN]]; 2],
-) {
-    for (keys, scores) in keys.into_iter().zip(scores) {
-        let run = Run {
-            keys,
-            block_size,
-            slot: 0,
-            values: &[],
-            len: block_size,
-        };
-        ops.scores(q, &run, scale, scores);
-    }
-}
-
-/// [`weights`] of several rows, one after another: row `r` over its first `lens[r]` scores,
-/// with its state `max[r]` and `denominator[r]`, its factor in `factors[r]`.
-#[inline(always)]
-fn weights_each<V: VectorOps>(
-    ops: V,
-    scores: &mut [[f32; RUN]],
-    lens: &[usize],
-    (max, denominator): (&mut [f32], &mut [f32]),
-    factors: &mut [f32],
-) {
-    let states = max.iter_mut().zip(denominator.iter_mut());
-    let rows = scores.iter_mut().zip(lens).zip(states).zip(factors);
-    for (((scores, &len), state), factor) in rows {
-        *factor = weights(ops, &mut scores[..len], state);
-    }
-}
-
-/// The sum of `xs` from 0, one element after another. A run's weights are summed this way on
-/// every path. A tree of vector lanes is no less accurate, but it changes the bits, and
-/// through the int8 activations that moves the default model's near-ties: the log-probability
-/// of the first token of its answer to "What is the capital of France?" moves by 0.18, and the
-/// answer turns from "The capital of France is Paris." to "L'Étoile, …". The chain costs little
-/// (a build without the sum is 2% faster on a 4,000-token prefill).
-#[inline(always)]
-fn sum_in_order(xs: &[f32]) -> f32 {
-    xs.iter().fold(0.0, |sum, &x| sum + x)
-}
-
 /// Folds `later`, the online-softmax state of a later segment of keys for some heads (their
 /// unnormalized outputs `[heads][head_dim]`, maxima and denominators), into `state`, that of
 /// the segments before it: both rescaled to the larger maximum, then added. Every path merges
@@ -808,123 +739,6 @@ fn head_batch(shape: &AttentionShape) -> usize {
         .rev()
         .find(|&batch| group.is_multiple_of(batch))
         .unwrap_or(1)
-}
-
-/// The vector primitives of the attention kernel, one implementation per SIMD level. They work
-/// on several query heads at once (`q`, `y`: `[heads][head_dim]`; `scores`, `w`: one row per
-/// head), each head's arithmetic the same whatever the others.
-trait VectorOps: Copy {
-    /// The scores of the run's slots for each head: `scores[h][j] = scale · Σ_d q[h][d] ·
-    /// keys[d][slot + j]` for `j < run.len`, the sum over `d` in a fixed order.
-    fn scores<T: KvElement>(
-        self,
-        q: &[f32],
-        run: &Run<'_, T>,
-        scale: f32,
-        scores: &mut [[f32; RUN]],
-    );
-    /// The scores of two whole blocks of keys (`keys[b]`, `[head_dim][block_size]`, as in the
-    /// pool) into `scores[b]`: bit for bit [`VectorOps::scores`] of each block alone, where a
-    /// level may load each query value once for both.
-    fn scores_pair(
-        self,
-        q: &[f32],
-        keys: [&[f32]; 2],
-        block_size: usize,
-        scale: f32,
-        scores: [&mut [[f32; RUN]]; 2],
-    ) {
-        scores_each(self, q, keys, block_size, scale, scores);
-    }
-    /// `y[h][i] += Σ_j w[h][j] · x[j][i]` over the `x.len() / head_dim` rows of `x`, each
-    /// element's terms added in the order of `j`.
-    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]);
-    /// `y[i] *= a`.
-    fn scale(self, y: &mut [f32], a: f32);
-    /// `y[i] = x[i]` as f32 (exact: every element widens to one f32).
-    fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]);
-    /// The largest of `xs` (−∞ for none). A maximum does not depend on the order in which it
-    /// is taken (NaN aside), so the SIMD levels take it over vector lanes, where a fold would
-    /// wait on each element in turn.
-    fn max(self, xs: &[f32]) -> f32;
-    /// `xs[j] = exp(xs[j] − max)` ([`math::exp`]), and the sum of those weights in the order
-    /// of `j` ([`sum_in_order`]). The same bits at every level.
-    fn exp_sum(self, xs: &mut [f32], max: f32) -> f32;
-    /// [`weights`] of the rows of a tile (see [`weights_each`] for the arguments): each row's
-    /// bits are those it has alone, whichever rows go together.
-    fn weights_rows(
-        self,
-        scores: &mut [[f32; RUN]],
-        lens: &[usize],
-        state: (&mut [f32], &mut [f32]),
-        factors: &mut [f32],
-    ) {
-        weights_each(self, scores, lens, state, factors);
-    }
-}
-
-/// Portable implementation: loops over independent elements, a shape LLVM vectorizes.
-#[derive(Clone, Copy)]
-struct Portable;
-
-impl VectorOps for Portable {
-    #[inline(always)]
-    fn scores<T: KvElement>(
-        self,
-        q: &[f32],
-        run: &Run<'_, T>,
-        scale: f32,
-        scores: &mut [[f32; RUN]],
-    ) {
-        let hd = q.len() / scores.len().max(1);
-        for (q, out) in q.chunks_exact(hd).zip(scores) {
-            let out = &mut out[..run.len];
-            out.fill(0.0);
-            for (&q, keys) in q.iter().zip(run.keys.chunks_exact(run.block_size)) {
-                for (o, &k) in out.iter_mut().zip(&keys[run.slot..]) {
-                    *o += q * k.to_f32();
-                }
-            }
-            out.iter_mut().for_each(|o| *o *= scale);
-        }
-    }
-
-    #[inline(always)]
-    fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
-        let hd = y.len() / w.len().max(1);
-        for (y, w) in y.chunks_exact_mut(hd).zip(w) {
-            for (&w, x) in w.iter().zip(x.chunks_exact(hd)) {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y += w * x.to_f32();
-                }
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn scale(self, y: &mut [f32], a: f32) {
-        for y in y.iter_mut() {
-            *y *= a;
-        }
-    }
-
-    #[inline(always)]
-    fn widen<T: KvElement>(self, x: &[T], y: &mut [f32]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = x.to_f32();
-        }
-    }
-
-    #[inline(always)]
-    fn max(self, xs: &[f32]) -> f32 {
-        xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-    }
-
-    #[inline(always)]
-    fn exp_sum(self, xs: &mut [f32], max: f32) -> f32 {
-        xs.iter_mut().for_each(|x| *x = math::exp(*x - max));
-        sum_in_order(xs)
-    }
 }
 
 #[cfg(test)]

@@ -647,3 +647,158 @@ fn run_weights_and_their_sum_are_the_same_bits_at_every_level() {
         }
     }
 }
+
+/// [`VectorOps::weights_rows`] at `level`.
+fn weights_rows_at(
+    level: Level,
+    scores: &mut [[f32; RUN]],
+    lens: &[usize],
+    state: (&mut [f32], &mut [f32]),
+    factors: &mut [f32],
+) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512(simd) => simd.weights_rows(scores, lens, state, factors),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2(simd) => simd.weights_rows(scores, lens, state, factors),
+        Level::Scalar => Portable.weights_rows(scores, lens, state, factors),
+    }
+}
+
+/// The weights of a tile's rows taken together (at AVX-512, 16 rows in the lanes at a time)
+/// are each row's weights alone, bit for bit: the weights themselves, the new maximum and
+/// denominator, and the factor of the row's output. Rows of every length of a run, on a first
+/// run (maximum −∞), on runs that raise the maximum and on runs that do not, and rows longer
+/// than 16 slots (which AVX-512 takes one by one).
+#[test]
+fn weights_of_rows_together_are_each_row_alone() {
+    let mut rng = Rng::new(7);
+    for (rows, longest) in [(1, 16), (5, 16), (16, 16), (23, 16), (48, 16), (20, 32)] {
+        let mut scores = vec![[0.0f32; RUN]; rows];
+        for row in &mut scores {
+            row.copy_from_slice(&rng.normal_vec(RUN, 3.0));
+        }
+        let lens: Vec<usize> = (0..rows)
+            .map(|_| 1 + (rng.uniform() * longest as f32) as usize % longest)
+            .map(|len| if rows == 16 { 16 } else { len })
+            .collect();
+        let max: Vec<f32> = (0..rows)
+            .map(|r| match r % 3 {
+                0 => f32::NEG_INFINITY,
+                1 => 10.0 + rng.uniform(),
+                _ => rng.uniform() - 0.5,
+            })
+            .collect();
+        let denominator: Vec<f32> = max
+            .iter()
+            .map(|m| {
+                if m.is_finite() {
+                    1.0 + rng.uniform()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (mut want, mut want_max, mut want_den) =
+            (scores.clone(), max.clone(), denominator.clone());
+        let mut want_factors = vec![0.0f32; rows];
+        weights_each(
+            Portable,
+            &mut want,
+            &lens,
+            (&mut want_max, &mut want_den),
+            &mut want_factors,
+        );
+        for level in supported_levels() {
+            let (mut got, mut got_max, mut got_den) =
+                (scores.clone(), max.clone(), denominator.clone());
+            let mut got_factors = vec![0.0f32; rows];
+            let state = (&mut got_max[..], &mut got_den[..]);
+            weights_rows_at(level, &mut got, &lens, state, &mut got_factors);
+            for r in 0..rows {
+                let len = lens[r];
+                assert_eq!(
+                    bits(&got[r][..len]),
+                    bits(&want[r][..len]),
+                    "{level:?}: weights of row {r} of {rows} (length {len})"
+                );
+            }
+            assert_eq!(bits(&got_max), bits(&want_max), "{level:?}: maxima");
+            assert_eq!(bits(&got_den), bits(&want_den), "{level:?}: denominators");
+            assert_eq!(
+                bits(&got_factors),
+                bits(&want_factors),
+                "{level:?}: factors"
+            );
+        }
+    }
+}
+
+/// [`VectorOps::scores_pair`] at `level`, and its two blocks scored one at a time.
+fn scores_pair_and_each_at(
+    level: Level,
+    q: &[f32],
+    keys: [&[f32]; 2],
+    block_size: usize,
+    pair: [&mut [[f32; RUN]]; 2],
+    each: [&mut [[f32; RUN]]; 2],
+) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512(simd) => {
+            simd.scores_pair(q, keys, block_size, 0.125, pair);
+            scores_each(simd, q, keys, block_size, 0.125, each);
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2(simd) => {
+            simd.scores_pair(q, keys, block_size, 0.125, pair);
+            scores_each(simd, q, keys, block_size, 0.125, each);
+        }
+        Level::Scalar => {
+            Portable.scores_pair(q, keys, block_size, 0.125, pair);
+            scores_each(Portable, q, keys, block_size, 0.125, each);
+        }
+    }
+}
+
+/// Two whole blocks scored in one pass give each block's scores alone, bit for bit, for every
+/// number of heads and the head sizes with (32, 64, 128) and without (20) a sized kernel.
+#[test]
+fn scores_of_two_blocks_at_once_are_each_block_alone() {
+    let mut rng = Rng::new(8);
+    let block_size = 16;
+    for hd in [20, 32, 64, 128] {
+        for heads in [1, 2, 3, 4, 7, 48] {
+            let q = rng.normal_vec(heads * hd, 1.0);
+            let (a, b) = (
+                rng.normal_vec(hd * block_size, 1.0),
+                rng.normal_vec(hd * block_size, 1.0),
+            );
+            for level in supported_levels() {
+                let mut pair = [vec![[f32::NAN; RUN]; heads], vec![[f32::NAN; RUN]; heads]];
+                let mut each = [vec![[f32::NAN; RUN]; heads], vec![[f32::NAN; RUN]; heads]];
+                let [pair_a, pair_b] = &mut pair;
+                let [each_a, each_b] = &mut each;
+                scores_pair_and_each_at(
+                    level,
+                    &q,
+                    [&a, &b],
+                    block_size,
+                    [pair_a, pair_b],
+                    [each_a, each_b],
+                );
+                for (block, (pair, each)) in pair.iter().zip(&each).enumerate() {
+                    for h in 0..heads {
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&pair[h][..block_size]),
+                            bits(&each[h][..block_size]),
+                            "{level:?}: head {h} of {heads} ({hd} dims), block {block}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
