@@ -148,8 +148,8 @@ where
 }
 
 /// Fills a merge's place in `out` from its segments' partial states: the first one's state,
-/// the others merged into it in order ([`merge_segment`](super::merge_segment)), then normalized, as
-/// [`PagedAttention::attend`] does in one task.
+/// the others merged into it in order ([`merge_segment`](super::merge_segment)), then
+/// normalized, as [`PagedAttention::attend`] does in one task.
 pub(super) fn merge(m: Merge<'_>, partials: &[f32], hd: usize) {
     let batch = m.out.len() / hd;
     let len = partial_len(batch, hd);
@@ -411,8 +411,8 @@ impl TileRows {
 }
 
 /// The merged online-softmax state of the segments a tile's queries have passed
-/// ([`merge_segment`](super::merge_segment)): per (token, head) of one group, the unnormalized output, the maximum
-/// and the denominator.
+/// ([`merge_segment`](super::merge_segment)): per (token, head) of one group, the unnormalized
+/// output, the maximum and the denominator.
 struct Merged {
     out: Vec<f32>,
     max: [f32; TILE_TOKENS * HEAD_BATCH],

@@ -17,9 +17,9 @@ use crate::x86::{
     store_f32x16_prefix,
 };
 
-/// [`VectorOps::scores_pair`](crate::attention::ops::VectorOps::scores_pair) of two whole blocks of 16 f32 keys, for heads of 32, 64 or 128
-/// (others are left untouched, and the caller sends none): three heads at a time, each with
-/// both blocks' chains.
+/// [`VectorOps::scores_pair`](crate::attention::ops::VectorOps::scores_pair) of two whole
+/// blocks of 16 f32 keys, for heads of 32, 64 or 128 (others are left untouched, and the
+/// caller sends none): three heads at a time, each with both blocks' chains.
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
 pub(super) fn scores_pair_512(
@@ -69,9 +69,9 @@ fn scores_pair_sized_512<const HD: usize>(
     }
 }
 
-/// [`scores_block_512`](super::scores_block_512) of `H` heads over two blocks at once: per query dimension, both
-/// blocks' key vectors and the head's broadcast `q[d]` into each block's chain `d mod 4`, the
-/// chains of each block the ones it has alone.
+/// [`scores_block_512`](super::scores_block_512) of `H` heads over two blocks at once: per
+/// query dimension, both blocks' key vectors and the head's broadcast `q[d]` into each block's
+/// chain `d mod 4`, the chains of each block the ones it has alone.
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // the chains indexed by constants: registers
@@ -101,10 +101,11 @@ fn scores_pair_heads_512<const H: usize, const HD: usize>(
     }
 }
 
-/// [`VectorOps::weights_rows`](crate::attention::ops::VectorOps::weights_rows) of up to 16 rows of at most 16 scores each, turned into columns
-/// so that the rows' chains run side by side in the lanes: lane `r` of column `j` is row `r`'s
-/// score `j`. Lane by lane, the operations are those of [`weights`](crate::attention::ops::weights) for that row alone:
-/// the maximum over its first `lens[r]` scores (order-free), the factor and the new state, then
+/// [`VectorOps::weights_rows`](crate::attention::ops::VectorOps::weights_rows) of up to 16
+/// rows of at most 16 scores each, turned into columns so that the rows' chains run side by
+/// side in the lanes: lane `r` of column `j` is row `r`'s score `j`. Lane by lane, the
+/// operations are those of [`weights`](crate::attention::ops::weights) for that row alone: the
+/// maximum over its first `lens[r]` scores (order-free), the factor and the new state, then
 /// each weight `exp(score − maximum)` and their sum from 0 in the order of `j`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
