@@ -37,7 +37,7 @@ use crate::error::KernelError;
 use crate::math;
 use crate::matrix::check_len;
 use crate::prefetch;
-use ops::{Portable, VectorOps, weights};
+use ops::{Portable, VectorOps, weights_scaling};
 #[cfg(test)]
 use ops::{scores_each, weights_each};
 
@@ -655,11 +655,8 @@ impl<T: KvElement> PagedAttention<'_, T> {
         let hd = self.shape.head_dim;
         ops.scores(q, run, self.scale, scores);
         let heads = out.chunks_exact_mut(hd).zip(scores.iter_mut());
-        for ((out, scores), (max, denominator)) in heads.zip(max.iter_mut().zip(denominator)) {
-            let factor = weights(ops, &mut scores[..run.len], (max, denominator));
-            if factor != 1.0 {
-                ops.scale(out, factor);
-            }
+        for ((out, scores), state) in heads.zip(max.iter_mut().zip(denominator)) {
+            weights_scaling(ops, &mut scores[..run.len], state, out);
         }
         ops.accumulate(out, scores, run.values);
     }

@@ -28,6 +28,27 @@ pub(super) fn weights<V: VectorOps>(
     factor
 }
 
+/// [`weights`] for one head of a decode, with what the head has accumulated (`out`) rescaled
+/// where the run raises the maximum, before the weights: the same bits, and the form a decode
+/// runs fastest in (scaling after the weights, by the returned factor, made a batch of 16
+/// decoding at 256 positions 3 to 5% slower in `attention_speed`, one thread).
+#[inline(always)]
+pub(super) fn weights_scaling<V: VectorOps>(
+    ops: V,
+    scores: &mut [f32],
+    (max, denominator): (&mut f32, &mut f32),
+    out: &mut [f32],
+) {
+    let run_max = ops.max(scores);
+    if run_max > *max {
+        let factor = math::exp(*max - run_max);
+        *denominator *= factor;
+        ops.scale(out, factor);
+        *max = run_max;
+    }
+    *denominator += ops.exp_sum(scores, *max);
+}
+
 /// [`VectorOps::scores_pair`] as two calls of [`VectorOps::scores`].
 #[inline(always)]
 pub(super) fn scores_each<V: VectorOps>(
