@@ -38,8 +38,6 @@ use crate::math;
 use crate::matrix::check_len;
 use crate::prefetch;
 use ops::{Portable, VectorOps, weights_scaling};
-#[cfg(test)]
-use ops::{scores_each, weights_each};
 
 mod sealed {
     pub trait Sealed {}

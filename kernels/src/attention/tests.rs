@@ -1,3 +1,4 @@
+use super::ops::{scores_each, weights_each};
 use super::*;
 use crate::cpu::supported_levels;
 use crate::test_util::Rng;
