@@ -1,6 +1,8 @@
 //! Speed of the int8 products on this CPU: `cargo run --release -p strata-kernels --example
 //! int8_speed`. Prints, per format, shape and batch, the time of one product and its rate in
-//! billions of weight-activation multiply-adds per second (per activation plane).
+//! billions of weight-activation multiply-adds per second (per activation plane); then the time
+//! of the activations' quantization alone (`quantize`), per shape and precision. Hidden states
+//! have outliers: the generated rows have one in every fifth block.
 
 // A benchmark program over fixed, generated inputs: it prints its figures.
 #![allow(clippy::print_stdout)]
@@ -58,6 +60,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         (m * rows * cols) as f64 / s / 1e9
                     );
                 }
+            }
+        }
+    }
+    for cols in [576usize, 1536] {
+        for m in [1usize, 16, 128] {
+            for precision in [Precision::Int8, Precision::Int8x2] {
+                let mut x: Vec<f32> = (0..m * cols)
+                    .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
+                for v in x.iter_mut().step_by(5 * 32) {
+                    *v = 20.0;
+                }
+                let mut q = QuantizedActivations::default();
+                let reps = (20_000_000 / (m * cols)).clamp(2, 20_000);
+                let mut s = f64::INFINITY;
+                for _ in 0..7 {
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        q.quantize_from(&x, m, cols, precision)?;
+                    }
+                    s = s.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                println!(
+                    "quantize {m}x{cols} {precision:?}: {:8.2} us, {:6.2} ns a block",
+                    s * 1e6,
+                    s * 1e9 / (m * cols / 32) as f64
+                );
             }
         }
     }

@@ -103,10 +103,15 @@ impl<'a> Columns<'a> {
         let this = &*self;
         let strips = this.cols.div_ceil(width.max(1));
         let strip = |s: usize| {
+            let (first, end) = (s * width, this.cols.min((s + 1) * width));
             f(Strip {
                 out: this,
-                first: s * width,
-                end: this.cols.min((s + 1) * width),
+                first,
+                end,
+                within: this
+                    .parts
+                    .iter()
+                    .position(|p| p.first <= first && end <= p.first.saturating_add(p.cols)),
             })
         };
         if parallel {
@@ -125,6 +130,9 @@ pub(crate) struct Strip<'s, 'a> {
     out: &'s Columns<'a>,
     first: usize,
     end: usize,
+    /// The part that holds all of the strip's columns, where one does (the usual case: parts
+    /// as wide as whole strips).
+    within: Option<usize>,
 }
 
 impl Strip<'_, '_> {
@@ -146,6 +154,19 @@ impl Strip<'_, '_> {
             return;
         }
         let end = first + N.min(self.end - first);
+        if let Some(part) = self.within.and_then(|k| self.out.parts.get(k))
+            && end - first == N
+        {
+            // SAFETY: `i < m` and `part.first <= self.first <= first < end <= self.end <=
+            // part.first + part.cols`, so the `N` elements from `i · part.cols + first -
+            // part.first` lie inside the part's `m · part.cols` buffer, which `out` borrows
+            // exclusively, and within this strip's columns, which no other thread holds.
+            unsafe {
+                let dst = part.ptr.add(i * part.cols + first - part.first);
+                dst.cast::<[f32; N]>().write_unaligned(*lanes);
+            }
+            return;
+        }
         for part in &self.out.parts {
             let (lo, hi) = (first.max(part.first), end.min(part.first + part.cols));
             if lo >= hi {

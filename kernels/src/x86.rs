@@ -15,7 +15,7 @@ use std::arch::x86_64::{
     _mm256_storeu_ps, _mm512_castps_pd, _mm512_castps512_ps256, _mm512_castsi512_ps,
     _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_extractf64x4_pd, _mm512_loadu_ps,
     _mm512_loadu_si512, _mm512_mask_loadu_ps, _mm512_mask_storeu_ps, _mm512_setzero_ps,
-    _mm512_slli_epi32, _mm512_storeu_ps,
+    _mm512_slli_epi32, _mm512_storeu_ps, _mm512_storeu_si512,
 };
 
 use half::{bf16, f16};
@@ -103,6 +103,14 @@ pub(crate) fn load_f32x16(values: &[f32; 16]) -> __m512 {
 pub(crate) fn store_f32x16(dst: &mut [f32; 16], v: __m512) {
     // SAFETY: `dst` is 16 writable floats, and `_mm512_storeu_ps` has no alignment requirement.
     unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), v) }
+}
+
+/// Stores 16 `i32`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn store_i32x16(dst: &mut [i32; 16], v: __m512i) {
+    // SAFETY: `dst` is 64 writable bytes, and `_mm512_storeu_si512` has no alignment requirement.
+    unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), v) }
 }
 
 /// The mask of the first `len` lanes of 16 (all of them from 16 on).

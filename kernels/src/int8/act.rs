@@ -118,25 +118,26 @@ fn quantize_chunk(chunk: RowChunk<'_>, cols: usize) {
             continue;
         }
         let b = i * per_row..(i + 1) * per_row;
+        // The blocks far below the row's largest keep one plane's codes: their rounding is
+        // small beside the largest block's, which the residual removes. Only the others are
+        // quantized twice.
+        let cut = REFINE_FROM * hi.d[b.clone()].iter().fold(0.0f32, |a, &d| a.max(d));
+        for b in b.clone() {
+            lo.coded[b] = hi.d[b] > 0.0 && hi.d[b] >= cut;
+        }
         let quads = b.start * QBLOCK / 4..b.end * QBLOCK / 4;
         let (hq, hd) = (&hi.q[quads.clone()], &hi.d[b.clone()]);
         let lq = &mut lo.q[quads];
         let (ls, lh) = (&mut lo.sum[b.clone()], &mut lo.half[b.clone()]);
+        let refined = &lo.coded[b.clone()];
         match cpu::int8_level() {
             #[cfg(target_arch = "x86_64")]
-            Int8Level::Avx512Vnni(t) => super::x86::quantize_residual_512(t, x, hq, hd, lq, ls, lh),
-            _ => quantize_residual(x, hq, hd, lq, ls, lh),
-        }
-        // The blocks far below the row's largest keep one plane's codes: their rounding is
-        // small beside the largest block's, which the residual removes.
-        let cut = REFINE_FROM * hi.d[b.clone()].iter().fold(0.0f32, |a, &d| a.max(d));
-        for b in b {
-            let refined = hi.d[b] > 0.0 && hi.d[b] >= cut;
-            lo.coded[b] = refined;
-            if !refined {
-                lo.q[b * QBLOCK / 4..][..QBLOCK / 4].fill(0);
-                (lo.sum[b], lo.half[b]) = (0, 0);
+            Int8Level::Avx512Vnni(t) => {
+                super::x86::quantize_residual_512(t, x, hq, hd, refined, lq, ls, lh)
             }
+            _ => quantize_residual(x, hq, hd, refined, lq, ls, lh),
+        }
+        for b in b {
             // The two planes as one code `256 · q_hi + q_lo` of step `d / 256`.
             lo.d[b] = hi.d[b] / RESIDUAL_STEPS;
             lo.sum[b] += hi.sum[b] << 8;
@@ -369,25 +370,32 @@ fn quad_bytes(quads: &[i32]) -> [i8; QBLOCK] {
 }
 
 /// The residual plane of one row's blocks: `x − d · q_hi` quantized with step `d / 256`
-/// (exactly: a power of two), codes into `quads`, `Σ q` and the first half's into `sum`, `half`.
+/// (exactly: a power of two), codes into `quads`, `Σ q` and the first half's into `sum`, `half`,
+/// for the blocks that `refined` marks; the others' codes and sums are zero.
 pub(super) fn quantize_residual(
     x: &[f32],
     hi_quads: &[i32],
     hi_d: &[f32],
+    refined: &[bool],
     quads: &mut [i32],
     sum: &mut [i32],
     half: &mut [i32],
 ) {
     let mut residual = [0.0f32; QBLOCK];
     for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
+        let codes = &mut quads[b * QBLOCK / 4..][..QBLOCK / 4];
+        if !refined[b] {
+            codes.fill(0);
+            (sum[b], half[b]) = (0, 0);
+            continue;
+        }
         let q = quad_bytes(&hi_quads[b * QBLOCK / 4..][..QBLOCK / 4]);
         let d = hi_d[b];
         for ((r, &x), &q) in residual.iter_mut().zip(x).zip(&q) {
             *r = x - d * f32::from(q);
         }
         let id = if d > 0.0 { RESIDUAL_STEPS / d } else { 0.0 };
-        (sum[b], half[b]) =
-            quantize_codes(&residual, id, &mut quads[b * QBLOCK / 4..][..QBLOCK / 4]);
+        (sum[b], half[b]) = quantize_codes(&residual, id, codes);
     }
 }
 

@@ -297,24 +297,30 @@ fn quantization_rounds_to_the_nearest_step_and_sums_the_codes() {
 
 #[test]
 fn every_level_quantizes_alike() {
+    let mut rng = Rng::new(10);
+    // Blocks in whole groups of 16 (which the AVX-512 quantizer reduces together) and not.
+    for (rows, cols) in [(1, 32), (1, 576), (16, 576), (3, 1536), (5, 320)] {
+        let x = activations(&mut rng, rows, cols);
+        let q = QuantizedActivations::quantize(&x, rows, cols).unwrap();
+        for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
+            let mut quads = [0i32; QBLOCK / 4];
+            let (d, sum, half) = act::quantize_block(x, &mut quads);
+            assert_eq!(
+                (d.to_bits(), sum, half),
+                (q.hi.d[b].to_bits(), q.hi.sum[b], q.hi.half[b]),
+                "{rows}x{cols}: block {b}"
+            );
+            assert_eq!(
+                &quads[..],
+                &q.hi.q[b * QBLOCK / 4..][..QBLOCK / 4],
+                "{rows}x{cols}: block {b}"
+            );
+        }
+    }
     let mut rng = Rng::new(9);
     let (rows, cols) = (5, 320);
     let x = activations(&mut rng, rows, cols);
     let q = QuantizedActivations::quantize(&x, rows, cols).unwrap();
-    for (b, x) in x.chunks_exact(QBLOCK).enumerate() {
-        let mut quads = [0i32; QBLOCK / 4];
-        let (d, sum, half) = act::quantize_block(x, &mut quads);
-        assert_eq!(
-            (d.to_bits(), sum, half),
-            (q.hi.d[b].to_bits(), q.hi.sum[b], q.hi.half[b]),
-            "block {b}"
-        );
-        assert_eq!(
-            &quads[..],
-            &q.hi.q[b * QBLOCK / 4..][..QBLOCK / 4],
-            "block {b}"
-        );
-    }
     // The residual plane: the portable quantizer's codes and sums, whatever this CPU ran.
     let mut two = QuantizedActivations::default();
     two.quantize_from(&x, rows, cols, Precision::Int8x2)
@@ -322,7 +328,10 @@ fn every_level_quantizes_alike() {
     let blocks = rows * cols / QBLOCK;
     let (mut quads, mut sum, mut half) =
         (vec![0; rows * cols / 4], vec![0; blocks], vec![0; blocks]);
-    act::quantize_residual(&x, &q.hi.q, &q.hi.d, &mut quads, &mut sum, &mut half);
+    let every = vec![true; blocks];
+    act::quantize_residual(
+        &x, &q.hi.q, &q.hi.d, &every, &mut quads, &mut sum, &mut half,
+    );
     let per_row = cols / QBLOCK;
     let (mut refined, mut plain) = (0, 0);
     for b in 0..blocks {

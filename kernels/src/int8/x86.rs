@@ -11,23 +11,25 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m256, __m256i, __m512, __m512i, _mm256_abs_epi8, _mm256_add_epi32, _mm256_and_si256,
-    _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32, _mm256_fmadd_ps,
-    _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8, _mm256_set1_epi16,
-    _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_sign_epi8,
-    _mm256_slli_epi32, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256, _mm512_abs_ps,
-    _mm512_add_epi32, _mm512_and_si512, _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8,
-    _mm512_cvtepi32_ps, _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_fmadd_ps, _mm512_max_ps,
-    _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_add_epi32, _mm512_reduce_max_ps,
-    _mm512_roundscale_ps, _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
-    _mm512_setzero_si512, _mm512_slli_epi32, _mm512_srli_epi16, _mm512_sub_epi32, _mm512_sub_ps,
+    __m256, __m256i, __m512, __m512i, _CMP_GT_OQ, _mm256_abs_epi8, _mm256_add_epi32,
+    _mm256_and_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_avx_epi32,
+    _mm256_fmadd_ps, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_set1_epi8,
+    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_setzero_si256,
+    _mm256_sign_epi8, _mm256_slli_epi32, _mm256_srli_epi16, _mm256_sub_epi32, _mm256_xor_si256,
+    _mm512_abs_ps, _mm512_add_epi32, _mm512_and_si512, _mm512_castps_si512, _mm512_castsi512_ps,
+    _mm512_cmp_ps_mask, _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps,
+    _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_div_ps, _mm512_fmadd_ps, _mm512_maskz_div_ps,
+    _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_permutexvar_ps, _mm512_reduce_add_epi32,
+    _mm512_reduce_max_ps, _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32,
+    _mm512_setzero_ps, _mm512_setzero_si512, _mm512_shuffle_f32x4, _mm512_shuffle_ps,
+    _mm512_slli_epi32, _mm512_srli_epi16, _mm512_sub_epi32, _mm512_sub_ps,
 };
 
 use super::{ActRow, Codes, PackedMatrix, PlaneRow, Prefetch, QBLOCK, TILE_ROWS};
 use crate::cpu::{Avx2, Avx512Vnni, AvxVnni};
 use crate::x86::{
     load_f32x8_le, load_f32x16, load_f32x16_le, load_i128, load_i256, load_i512, load_u8x16,
-    store_f32x8, store_f32x16, store_i128,
+    store_f32x8, store_f32x16, store_i32x16, store_i128,
 };
 
 /// The 8 quads (four codes each, what one `vpdpbusd` lane multiplies) of block `b` of a plane
@@ -637,54 +639,199 @@ fn quantize_blocks_512_impl(
     sum: &mut [i32],
     half: &mut [i32],
 ) {
-    let blocks = x.as_chunks::<32>().0;
-    let quads = q.as_chunks_mut::<8>().0;
-    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
-    for ((((x, q), d), sum), half) in blocks.iter().zip(quads).zip(d).zip(sum).zip(half) {
-        let [a, b] = x.as_chunks::<16>().0 else {
-            continue;
-        };
-        let (a, b) = (load_f32x16(a), load_f32x16(b));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-        *d = amax / 127.0;
-        let id = _mm512_set1_ps(if *d > 0.0 { 1.0 / *d } else { 0.0 });
-        let code = |v: __m512| {
-            // Round to nearest, ties to even, then clamp: the scalar order.
-            let r = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(v, id));
-            _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi))
-        };
-        let (qa, qb) = (code(a), code(b));
-        *half = _mm512_reduce_add_epi32(qa);
-        *sum = *half + _mm512_reduce_add_epi32(qb);
-        let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
-        for (quads, v) in q.as_chunks_mut::<4>().0.iter_mut().zip(bytes) {
-            store_i128(quads, v);
-        }
+    let (groups, tail) = x.as_chunks::<{ 16 * QBLOCK }>();
+    let (quad_groups, quad_tail) = q.as_chunks_mut::<{ 16 * QBLOCK / 4 }>();
+    let (d_groups, d_tail) = d.as_chunks_mut::<16>();
+    let (sum_groups, sum_tail) = sum.as_chunks_mut::<16>();
+    let (half_groups, half_tail) = half.as_chunks_mut::<16>();
+    let whole = groups
+        .iter()
+        .zip(quad_groups)
+        .zip(d_groups)
+        .zip(sum_groups)
+        .zip(half_groups);
+    for ((((x, q), d), sum), half) in whole {
+        quantize_16_blocks_512(x, q, d, sum, half);
     }
+    let blocks = tail.as_chunks::<32>().0;
+    let quads = quad_tail.as_chunks_mut::<8>().0;
+    let rest = blocks
+        .iter()
+        .zip(quads)
+        .zip(d_tail)
+        .zip(sum_tail)
+        .zip(half_tail);
+    for ((((x, q), d), sum), half) in rest {
+        quantize_block_512(x, q, d, sum, half);
+    }
+}
+
+/// `v · id` rounded to the nearest integer (ties to even) and clamped to ±127: the scalar's
+/// codes. The conversion rounds (to nearest even, the mode Rust never changes), and clamping
+/// to integers before rounding gives what clamping after it does.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn code_512(v: __m512, id: __m512) -> __m512i {
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, id), lo), hi))
+}
+
+/// One block, its reductions horizontal: the blocks after the last whole group of 16.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[inline]
+fn quantize_block_512(x: &[f32; 32], q: &mut [i32; 8], d: &mut f32, sum: &mut i32, half: &mut i32) {
+    let [a, b] = x.as_chunks::<16>().0 else {
+        return;
+    };
+    let (a, b) = (load_f32x16(a), load_f32x16(b));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    *d = amax / 127.0;
+    let id = _mm512_set1_ps(if *d > 0.0 { 1.0 / *d } else { 0.0 });
+    let (qa, qb) = (code_512(a, id), code_512(b, id));
+    *half = _mm512_reduce_add_epi32(qa);
+    *sum = *half + _mm512_reduce_add_epi32(qb);
+    let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
+    for (quads, v) in q.as_chunks_mut::<4>().0.iter_mut().zip(bytes) {
+        store_i128(quads, v);
+    }
+}
+
+/// 16 blocks at once: their maxima, scales and code sums reduced 16 vectors to one (lane `j`
+/// for block `j`), so that the divisions run once for all of them and no reduction ends in a
+/// scalar. Maxima and integer sums do not depend on their order: the same scales, codes and
+/// sums as one block at a time.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[inline]
+fn quantize_16_blocks_512(
+    x: &[f32; 16 * QBLOCK],
+    q: &mut [i32; 16 * QBLOCK / 4],
+    d: &mut [f32; 16],
+    sum: &mut [i32; 16],
+    half: &mut [i32; 16],
+) {
+    let blocks = x.as_chunks::<16>().0;
+    let mut pairs = [_mm512_setzero_ps(); 8];
+    for (pair, v) in pairs.iter_mut().zip(blocks.as_chunks::<4>().0) {
+        let [a0, b0, a1, b1] = v.each_ref().map(|v| _mm512_abs_ps(load_f32x16(v)));
+        *pair = fold_pair_512::<MAX>(_mm512_max_ps(a0, b0), _mm512_max_ps(a1, b1));
+    }
+    let amax = fold_eight_512::<MAX>(pairs);
+    let dv = _mm512_div_ps(amax, _mm512_set1_ps(127.0));
+    let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(dv, _mm512_setzero_ps());
+    let idv = _mm512_maskz_div_ps(positive, _mm512_set1_ps(1.0), dv);
+    store_f32x16(d, dv);
+    let mut ids = [0.0f32; 16];
+    store_f32x16(&mut ids, idv);
+    let (mut first, mut second) = ([_mm512_setzero_ps(); 8], [_mm512_setzero_ps(); 8]);
+    let quads = q.as_chunks_mut::<4>().0;
+    for (p, (v, quads)) in blocks
+        .as_chunks::<4>()
+        .0
+        .iter()
+        .zip(quads.as_chunks_mut::<4>().0)
+        .enumerate()
+    {
+        let mut codes = [_mm512_setzero_si512(); 4];
+        for (k, (code, v)) in codes.iter_mut().zip(v).enumerate() {
+            *code = code_512(load_f32x16(v), _mm512_set1_ps(ids[2 * p + k / 2]));
+        }
+        for (quads, code) in quads.iter_mut().zip(codes) {
+            store_i128(quads, _mm512_cvtepi32_epi8(code));
+        }
+        let [a0, b0, a1, b1] = codes.map(|c| _mm512_castsi512_ps(c));
+        first[p] = fold_pair_512::<ADD>(a0, a1);
+        second[p] = fold_pair_512::<ADD>(b0, b1);
+    }
+    let h = _mm512_castps_si512(fold_eight_512::<ADD>(first));
+    let s = _mm512_add_epi32(h, _mm512_castps_si512(fold_eight_512::<ADD>(second)));
+    store_i32x16(half, h);
+    store_i32x16(sum, s);
+}
+
+/// Which reduction [`fold_pair_512`] and [`fold_eight_512`] apply: the maximum of floats, or
+/// the sum of `i32` lanes.
+const MAX: bool = true;
+const ADD: bool = false;
+
+/// The lanes of two vectors combined pairwise, `MAX` or `ADD`: 128-bit chunks 0 and 2 of `x`
+/// with 1 and 3, then the same of `y`, so that `x` is left in chunks 0–1 (8 lanes) and `y`
+/// in 2–3.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn fold_pair_512<const OP: bool>(x: __m512, y: __m512) -> __m512 {
+    let lo = _mm512_shuffle_f32x4::<0x44>(x, y);
+    let hi = _mm512_shuffle_f32x4::<0xEE>(x, y);
+    fold_op::<OP>(lo, hi)
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn fold_op<const OP: bool>(a: __m512, b: __m512) -> __m512 {
+    if OP == MAX {
+        _mm512_max_ps(a, b)
+    } else {
+        _mm512_castsi512_ps(_mm512_add_epi32(
+            _mm512_castps_si512(a),
+            _mm512_castps_si512(b),
+        ))
+    }
+}
+
+/// Eight [`fold_pair_512`]s of 16 vectors (pair `i` of vectors `2i` and `2i + 1`) reduced to
+/// one vector whose lane `j` is the reduction of vector `j`'s 16 lanes.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn fold_eight_512<const OP: bool>(r: [__m512; 8]) -> __m512 {
+    // Chunk `c` of `s[i]`: four lanes of vector `4i + c`.
+    let s: [__m512; 4] = std::array::from_fn(|i| {
+        let (a, b) = (r[2 * i], r[2 * i + 1]);
+        let lo = _mm512_shuffle_f32x4::<0x88>(a, b);
+        let hi = _mm512_shuffle_f32x4::<0xDD>(a, b);
+        fold_op::<OP>(lo, hi)
+    });
+    // Chunk `c` of `t[i]`: two lanes of vector `8i + c`, then two of vector `8i + 4 + c`.
+    let t: [__m512; 2] = std::array::from_fn(|i| {
+        let (a, b) = (s[2 * i], s[2 * i + 1]);
+        fold_op::<OP>(
+            _mm512_shuffle_ps::<0x88>(a, b),
+            _mm512_shuffle_ps::<0xDD>(a, b),
+        )
+    });
+    // Lane `4c + k` of `u`: vector `4k + c`; back to lane `j` for vector `j`.
+    let u = fold_op::<OP>(
+        _mm512_shuffle_ps::<0x88>(t[0], t[1]),
+        _mm512_shuffle_ps::<0xDD>(t[0], t[1]),
+    );
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, u)
 }
 
 /// [`super::act::quantize_residual`] with the same operations (the same codes and sums): the
 /// residual `x − d · q` (a product, then a difference: no fused multiply-add), scaled by
-/// `256 / d`, rounded to nearest even, clamped.
+/// `256 / d`, rounded to nearest even, clamped; zero in the blocks `refined` leaves out.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn quantize_residual_512(
     token: Avx512Vnni,
     x: &[f32],
     hi_quads: &[i32],
     hi_d: &[f32],
+    refined: &[bool],
     q: &mut [i32],
     sum: &mut [i32],
     half: &mut [i32],
 ) {
     // SAFETY: the `Avx512Vnni` token proves the CPU supports AVX-512F/BW, AVX2 and FMA.
-    unsafe { quantize_residual_512_impl(token, x, hi_quads, hi_d, q, sum, half) }
+    unsafe { quantize_residual_512_impl(token, x, hi_quads, hi_d, refined, q, sum, half) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 fn quantize_residual_512_impl(
     _: Avx512Vnni,
     x: &[f32],
     hi_quads: &[i32],
     hi_d: &[f32],
+    refined: &[bool],
     q: &mut [i32],
     sum: &mut [i32],
     half: &mut [i32],
@@ -692,15 +839,19 @@ fn quantize_residual_512_impl(
     let blocks = x.as_chunks::<32>().0;
     let his = hi_quads.as_chunks::<8>().0;
     let quads = q.as_chunks_mut::<8>().0;
-    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
     let rows = blocks
         .iter()
         .zip(his)
-        .zip(hi_d)
+        .zip(hi_d.iter().zip(refined))
         .zip(quads)
         .zip(sum)
         .zip(half);
-    for (((((x, h), &d), q), sum), half) in rows {
+    for (((((x, h), (&d, &refined)), q), sum), half) in rows {
+        if !refined {
+            *q = [0; 8];
+            (*sum, *half) = (0, 0);
+            continue;
+        }
         let [a, b] = x.as_chunks::<16>().0 else {
             continue;
         };
@@ -713,13 +864,12 @@ fn quantize_residual_512_impl(
         } else {
             0.0
         });
-        let code = |v: __m512, h: &[i32; 4]| {
+        let residual = |v: __m512, h: &[i32; 4]| {
             let hq = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load_i128(h)));
-            let r = _mm512_sub_ps(v, _mm512_mul_ps(dv, hq));
-            let r = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(r, id));
-            _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi))
+            _mm512_sub_ps(v, _mm512_mul_ps(dv, hq))
         };
-        let (qa, qb) = (code(load_f32x16(a), ha), code(load_f32x16(b), hb));
+        let qa = code_512(residual(load_f32x16(a), ha), id);
+        let qb = code_512(residual(load_f32x16(b), hb), id);
         *half = _mm512_reduce_add_epi32(qa);
         *sum = *half + _mm512_reduce_add_epi32(qb);
         let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
