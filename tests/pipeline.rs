@@ -56,7 +56,10 @@ fn engine_greedy(
                         prompt_len: p.prompt_ids.len() as u32,
                         tokens: feed.clone(),
                         sample: true,
-                        params: SamplingParams::default(),
+                        params: SamplingParams {
+                            logprobs: true,
+                            ..SamplingParams::default()
+                        },
                         // The engine allocates.
                         blocks: vec![],
                         fresh: pos == 0,

@@ -47,7 +47,6 @@ pub struct ValidRequest {
     pub params: SamplingParams,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
-    pub logprobs: bool,
     pub include_special_tokens: bool,
 }
 
@@ -277,10 +276,10 @@ fn finish(
             presence_penalty,
             seed: p.seed.unwrap_or_else(rand::random),
             top_logprobs: p.top_logprobs,
+            logprobs: p.logprobs || p.top_logprobs > 0,
         },
         stop,
         ignore_eos: p.ignore_eos,
-        logprobs: p.logprobs || p.top_logprobs > 0,
         include_special_tokens: p.include_special_tokens,
     })
 }
@@ -323,7 +322,7 @@ mod tests {
         assert_eq!(v.input_ids.len(), 2);
         assert_eq!(v.max_new_tokens, 62, "default capped by the context left");
         assert_eq!(v.params.temperature, 1.0);
-        assert!(!v.logprobs);
+        assert!(!v.params.logprobs);
     }
 
     #[test]

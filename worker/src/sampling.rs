@@ -39,8 +39,14 @@ impl SeqSampler {
 
     /// Samples a token from `logits` (one row, vocabulary-sized).
     pub fn sample(&mut self, seq_id: u64, logits: &[f32], p: &SamplingParams) -> Sample {
-        // log p(x) = logit(x) − ln Σ exp(logits), for the few tokens reported.
-        let lse = strata_kernels::math::log_sum_exp(logits);
+        // log p(x) = logit(x) − ln Σ exp(logits), for the few tokens reported; the normalizer
+        // (a pass of `exp` over the vocabulary) only where the client asked for them.
+        let asked = p.logprobs || p.top_logprobs > 0;
+        let lse = if asked {
+            strata_kernels::math::log_sum_exp(logits)
+        } else {
+            f64::NAN
+        };
         let logprob = |t: u32| {
             logits
                 .get(t as usize)
@@ -220,11 +226,19 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
         let mut s = SeqSampler::new(0, 0);
-        let out = s.sample(9, &[0.0, 2.0, 1.0], &params());
+        let asked = SamplingParams {
+            logprobs: true,
+            ..params()
+        };
+        let out = s.sample(9, &[0.0, 2.0, 1.0], &asked);
         assert_eq!((out.seq_id, out.token), (9, 1));
         let lp = log_softmax(&[0.0, 2.0, 1.0]);
         assert!((out.logprob - lp[1]).abs() < 1e-7);
         assert!((lp.iter().map(|x| (*x as f64).exp()).sum::<f64>() - 1.0).abs() < 1e-6);
+        // Not asked for: the same token, no log-probability.
+        let out = s.sample(9, &[0.0, 2.0, 1.0], &params());
+        assert_eq!(out.token, 1);
+        assert!(out.logprob.is_nan());
     }
 
     #[test]

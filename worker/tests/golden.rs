@@ -75,7 +75,10 @@ fn one_seq_step(
             prompt_len: prompt_len as u32,
             tokens: tokens.to_vec(),
             sample: true,
-            params: SamplingParams::default(),
+            params: SamplingParams {
+                logprobs: true,
+                ..SamplingParams::default()
+            },
             // One sequence at a time: it may take blocks 0, 1, ... of every stage's pool.
             blocks: (0..(pos0 as usize + tokens.len()).div_ceil(KV_BLOCK_SIZE) as u32).collect(),
             fresh: pos0 == 0,

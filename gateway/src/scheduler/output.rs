@@ -189,7 +189,7 @@ impl StreamOutput {
             events,
             decoder: tokenizer.stream_decoder(&request.input_ids, !request.include_special_tokens),
             stop: StopMatcher::new(request.stop.clone()),
-            logprobs: request.logprobs,
+            logprobs: request.params.logprobs,
             observer: RequestObserver::none(),
         }
     }
@@ -531,7 +531,7 @@ mod tests {
     fn logprobs_come_with_tokens_when_asked() {
         let mut st = state();
         let mut req = request(4, 1);
-        req.logprobs = true;
+        req.params.logprobs = true;
         let mut rx = submit(&mut st, req);
         let paris = ids(" Paris")[0];
         let step = st.next_step().unwrap();

@@ -99,7 +99,6 @@ pub(super) fn prompt(input_ids: &[u32], max_new_tokens: u32) -> ValidRequest {
         params: SamplingParams::default(),
         stop: vec![],
         ignore_eos: false,
-        logprobs: false,
         include_special_tokens: false,
     }
 }

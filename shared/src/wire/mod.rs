@@ -25,7 +25,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"STRF";
 /// Wire version; a peer with another version is refused.
-pub const VERSION: u16 = 5;
+pub const VERSION: u16 = 6;
 /// Prelude length in bytes.
 pub const PRELUDE_LEN: usize = 24;
 /// Tokens per KV cache block. The gateway reserves and the stages allocate in these blocks, so
@@ -235,6 +235,10 @@ wire_struct! {
         pub seed: u64,
         /// Number of top alternatives to return with each token (0: none).
         pub top_logprobs: u32,
+        /// Whether the client asked for log-probabilities (of the sampled token, and the
+        /// `top_logprobs` alternatives'): without, the last stage skips the softmax's
+        /// normalizer and a sample's `logprob` is NaN.
+        pub logprobs: bool,
     }
 }
 
@@ -250,6 +254,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: 0,
             top_logprobs: 0,
+            logprobs: false,
         }
     }
 }

@@ -33,6 +33,7 @@ fn frames_round_trip() {
                 top_k: 40,
                 seed: 42,
                 top_logprobs: 3,
+                logprobs: true,
                 ..Default::default()
             },
             blocks: vec![4, 0, 9],
