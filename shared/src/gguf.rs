@@ -468,6 +468,11 @@ impl GgufFile {
         &self.path
     }
 
+    /// Keeps the metadata entries whose key `keep` accepts, and frees the others.
+    pub fn retain_metadata(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.metadata.retain(|k, _| keep(k));
+    }
+
     pub fn version(&self) -> u32 {
         self.version
     }
@@ -774,6 +779,12 @@ mod tests {
             err.contains("expected an array of strings, found string"),
             "{err}"
         );
+        // What a worker keeps: everything but the tokenizer's entries, and every tensor.
+        let mut g = g;
+        g.retain_metadata(|k| !k.starts_with("tokenizer."));
+        assert!(g.get("tokenizer.ggml.tokens").is_none());
+        assert_eq!(g.req_u64("llama.block_count").unwrap(), 2);
+        assert_eq!(g.tensors().len(), 2);
     }
 
     #[test]

@@ -181,6 +181,15 @@ impl ModelMeta {
         Ok(meta)
     }
 
+    /// Frees the tokenizer's metadata (a GGUF's `tokenizer.*` entries: vocabulary, merges and
+    /// token types, about 4 MiB for the default model, most of it an array of one value per
+    /// token), which a process that never tokenizes (a worker) does not need while it loads.
+    pub fn forget_tokenizer(&mut self) {
+        if let Some(g) = &mut self.gguf {
+            g.retain_metadata(|key| !key.starts_with("tokenizer."));
+        }
+    }
+
     /// The file that holds the weights (for error messages).
     pub fn weights_origin(&self) -> &Path {
         self.files

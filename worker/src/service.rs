@@ -430,7 +430,9 @@ impl Worker for WorkerService {
             let result = (|| -> Result<(Vec<Stage>, usize, DeviceDescription), WorkerError> {
                 let revision = (!req.revision.is_empty()).then_some(req.revision.as_str());
                 let files = ModelFiles::resolve(&req.model, revision)?;
-                let meta = ModelMeta::open(files)?;
+                let mut meta = ModelMeta::open(files)?;
+                // The gateway tokenizes: its vocabulary would only add to this load's peak.
+                meta.forget_tokenizer();
                 if !req.model_fingerprint.is_empty() {
                     let mine = meta.fingerprint()?;
                     if mine != req.model_fingerprint {
