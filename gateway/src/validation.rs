@@ -276,7 +276,7 @@ fn finish(
             presence_penalty,
             seed: p.seed.unwrap_or_else(rand::random),
             top_logprobs: p.top_logprobs,
-            logprobs: p.logprobs || p.top_logprobs > 0,
+            logprobs: p.logprobs,
         },
         stop,
         ignore_eos: p.ignore_eos,

@@ -41,8 +41,7 @@ impl SeqSampler {
     pub fn sample(&mut self, seq_id: u64, logits: &[f32], p: &SamplingParams) -> Sample {
         // log p(x) = logit(x) − ln Σ exp(logits), for the few tokens reported; the normalizer
         // (a pass of `exp` over the vocabulary) only where the client asked for them.
-        let asked = p.logprobs || p.top_logprobs > 0;
-        let lse = if asked {
+        let lse = if p.wants_logprobs() {
             strata_kernels::math::log_sum_exp(logits)
         } else {
             f64::NAN

@@ -189,7 +189,7 @@ impl StreamOutput {
             events,
             decoder: tokenizer.stream_decoder(&request.input_ids, !request.include_special_tokens),
             stop: StopMatcher::new(request.stop.clone()),
-            logprobs: request.params.logprobs,
+            logprobs: request.params.wants_logprobs(),
             observer: RequestObserver::none(),
         }
     }

@@ -235,10 +235,17 @@ wire_struct! {
         pub seed: u64,
         /// Number of top alternatives to return with each token (0: none).
         pub top_logprobs: u32,
-        /// Whether the client asked for log-probabilities (of the sampled token, and the
-        /// `top_logprobs` alternatives'): without, the last stage skips the softmax's
-        /// normalizer and a sample's `logprob` is NaN.
+        /// Whether the client asked for the sampled token's log-probability (asking for
+        /// `top_logprobs` alternatives asks for it too: [`SamplingParams::wants_logprobs`]).
         pub logprobs: bool,
+    }
+}
+
+impl SamplingParams {
+    /// Whether log-probabilities go back to the client: without, the last stage skips the
+    /// softmax's normalizer and a sample's `logprob` is NaN.
+    pub fn wants_logprobs(&self) -> bool {
+        self.logprobs || self.top_logprobs > 0
     }
 }
 
