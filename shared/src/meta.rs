@@ -182,8 +182,9 @@ impl ModelMeta {
     }
 
     /// Frees the tokenizer's metadata (a GGUF's `tokenizer.*` entries: vocabulary, merges and
-    /// token types, about 4 MiB for the default model, most of it an array of one value per
-    /// token), which a process that never tokenizes (a worker) does not need while it loads.
+    /// token types, the last an array of one value per token), which a process that never
+    /// tokenizes (a worker) does not need while it loads: the default model's worker peaks
+    /// 3 MiB lower without it.
     pub fn forget_tokenizer(&mut self) {
         if let Some(g) = &mut self.gguf {
             g.retain_metadata(|key| !key.starts_with("tokenizer."));
