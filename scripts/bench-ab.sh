@@ -9,6 +9,7 @@
 #   SHAPES  default "128:32:16 1024:16:0 4000:64:0" (prompt tokens : generated : batch)
 #   THREADS default 2
 #   EXTRA   more `strata bench` arguments for both, e.g. "--dtype bf16"
+#   TOPOLOGY  default none (every layer as stored), e.g. topologies/bench/one-worker.yml
 # Needs:  python3, the default model (`strata fetch-model`).
 set -euo pipefail
 a=${1:?usage: bench-ab.sh A_BINARY B_BINARY [ROUNDS]}
@@ -17,14 +18,14 @@ rounds=${3:-3}
 shapes=${SHAPES:-"128:32:16 1024:16:0 4000:64:0"}
 threads=${THREADS:-2}
 read -r -a extra <<<"${EXTRA:-}"
-echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), threads $threads${EXTRA:+, $EXTRA}"
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'), threads $threads${EXTRA:+, $EXTRA}${TOPOLOGY:+, topology $TOPOLOGY}"
 log=$(mktemp)
 for r in $(seq "$rounds"); do
   for shape in $shapes; do
     IFS=: read -r p g batch <<<"$shape"
     for side in A B; do
       bin=$a; [ "$side" = B ] && bin=$b
-      json=$("$bin" --threads "$threads" bench --topology none --reps 1 --prompt-tokens "$p" \
+      json=$("$bin" --threads "$threads" bench --topology "${TOPOLOGY:-none}" --reps 1 --prompt-tokens "$p" \
         --gen-tokens "$g" --batch "$batch" "${extra[@]}" --json 2>/dev/null)
       echo "$side $shape $json" | tee -a "$log" | cut -c1-160
     done
