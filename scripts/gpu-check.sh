@@ -14,7 +14,9 @@
 #      CPU's int8 ones, so a prompt whose top two logits are close may differ late);
 #   3. `strata serve` on the mixed route (two worker processes, the TCP ring between the CPU
 #      and the GPU), measured from a gRPC client;
-#   4. with two GPUs, the same perplexity over two GPU workers;
+#   4. with two GPUs, the same perplexity over two GPU workers, then `strata serve` on them: the
+#      hop between them over NCCL, and with `--no-nccl` over TCP (figures of both, and the same
+#      greedy text through both);
 #   5. speed: `strata bench` on `cuda[0]` and on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,10 +73,42 @@ grep -E "worker loaded|GPU opened" /tmp/strata-gpu-serve.log || true
 kill $serve; wait $serve 2>/dev/null || true; trap - EXIT
 
 if [ "$gpus" -ge 2 ]; then
-  echo "== 4. two GPU workers =="
+  echo "== 4. two GPU workers: in one process, then served with the NCCL hop and with TCP =="
   echo "cuda[0] + cuda[1]  $(ppl topologies/gpu/two-gpus.yml)"
+  grpcurl=$(command -v grpcurl || echo "$HOME/.cache/strata/venv/bin/grpcurl")
+  chat='{"messages":[{"role":"user","content":"What is the capital of France?"}],"parameters":{"max_tokens":24,"temperature":0}}'
+  # serve_two NAME [GATEWAY FLAGS]: serves two-gpus.yml, prints its figures, keeps its text.
+  serve_two() {
+    local name=$1; shift
+    "$STRATA" serve --model "$MODEL" --topology topologies/gpu/two-gpus.yml --listen "127.0.0.1:$port" --insecure "$@" > "/tmp/strata-gpu-$name.log" 2>&1 &
+    serve=$!
+    trap 'kill $serve 2>/dev/null || true' EXIT
+    for _ in $(seq 1 120); do
+      grep -q "\"event\":\"ready\"" "/tmp/strata-gpu-$name.log" 2>/dev/null && break
+      kill -0 $serve 2>/dev/null || { cat "/tmp/strata-gpu-$name.log"; exit 1; }
+      sleep 1
+    done
+    echo "-- $name: $(grep -c 'stage hop over NCCL' "/tmp/strata-gpu-$name.log") hop(s) over NCCL"
+    "$STRATA" bench-serve --addr "127.0.0.1:$port" --prompt-tokens 128 --gen-tokens 64 --reps 3
+    "$STRATA" load --addr "127.0.0.1:$port" --streams 1,16 --gen-tokens 64 --json
+    if [ -x "$grpcurl" ]; then
+      # The token ids alone (the last message's timings differ from run to run).
+      "$grpcurl" -plaintext -d "$chat" "127.0.0.1:$port" strata.v1.Strata/Chat | grep '"id"' > "/tmp/strata-gpu-$name.chat"
+    fi
+    kill $serve; wait $serve 2>/dev/null || true; trap - EXIT
+  }
+  serve_two nccl
+  serve_two tcp --no-nccl
+  # NCCL moves the same bytes the TCP frame would: the greedy tokens must be the same.
+  if [ -x "$grpcurl" ]; then
+    if cmp -s /tmp/strata-gpu-nccl.chat /tmp/strata-gpu-tcp.chat; then
+      echo "greedy chat over the NCCL hop: $(wc -l < /tmp/strata-gpu-nccl.chat) token ids, identical to TCP's: ok"
+    else
+      echo "greedy chat over the NCCL hop differs from TCP's: FAIL"; diff /tmp/strata-gpu-nccl.chat /tmp/strata-gpu-tcp.chat || true
+    fi
+  fi
 else
-  echo "== 4. two GPU workers: skipped, this machine has $gpus GPU(s) =="
+  echo "== 4. two GPU workers: skipped, this machine has $gpus GPU(s) (an NCCL hop needs two) =="
 fi
 
 echo "== 5. speed: strata bench on cuda[0] and on the CPU =="

@@ -271,6 +271,7 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
         dtype: strata_shared::wire::ActDType::F32,
         rows: 1,
         cols: info.hidden_size,
+        carrier: strata_shared::wire::Carrier::Frame,
         data: vec![0u8; info.hidden_size as usize * 4].into(),
     };
     let into_first = frame_len(step(None));

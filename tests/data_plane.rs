@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use strata_gateway::workers::stage_spec;
 use strata_proto::worker::v1::worker_client::WorkerClient;
-use strata_proto::worker::v1::{LinkRequest, LoadRequest, NextHop, load_event};
+use strata_proto::worker::v1::{LinkRequest, LoadRequest, NcclIdRequest, NextHop, load_event};
 use strata_shared::device::DeviceSpec;
 use strata_shared::meta::ModelMeta;
 use strata_shared::plan::{Plan, PlanOptions};
@@ -22,6 +22,7 @@ use strata_shared::transport::{
 };
 use strata_shared::wire::{Frame, KV_BLOCK_SIZE, SamplingParams, SeqStep, StepFrame};
 use support::Worker;
+use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const SESSION: &str = "0123456789abcdef0123456789abcdef";
@@ -108,12 +109,40 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
     let b_data = data[1].2.clone();
     let first = data[0].2.clone();
     let (client_a, ..) = &mut data[0];
+    // A CPU worker makes no NCCL ids and joins no NCCL hop; it says why, and the refused link
+    // leaves it unlinked.
+    let refused = client_a.nccl_id(NcclIdRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("cpu[0]"),
+        "{}",
+        refused.message()
+    );
+    let refused = client_a
+        .link(LinkRequest {
+            hops: vec![NextHop {
+                stage: 0,
+                address: b_data.clone(),
+                nccl_id: vec![0; 128],
+            }],
+            nccl_inbound: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().starts_with("stage 0: ") && refused.message().contains("cuda"),
+        "{}",
+        refused.message()
+    );
     client_a
         .link(LinkRequest {
             hops: vec![NextHop {
                 stage: 0,
                 address: b_data,
+                nccl_id: Vec::new(),
             }],
+            nccl_inbound: Vec::new(),
         })
         .await
         .unwrap();
@@ -129,7 +158,9 @@ async fn a_failed_step_comes_back_as_an_error_and_the_ring_goes_on() {
             hops: vec![NextHop {
                 stage: 1,
                 address: gateway,
+                nccl_id: Vec::new(),
             }],
+            nccl_inbound: Vec::new(),
         })
         .await
         .unwrap();

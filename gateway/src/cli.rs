@@ -82,6 +82,10 @@ pub struct ServingArgs {
     /// prefix.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Keep every hop between stages on TCP, even between GPU workers that could share an
+    /// NCCL communicator.
+    #[arg(long)]
+    pub no_nccl: bool,
     /// `max_tokens` of requests that leave it unset.
     #[arg(long, default_value_t = 256)]
     pub default_max_tokens: u32,
@@ -222,6 +226,7 @@ pub fn gateway_config(
         max_waiting: s.max_waiting,
         steps_in_flight: s.steps_in_flight.map(|n| n as usize),
         prefix_caching: !s.no_prefix_caching,
+        nccl: !s.no_nccl,
         default_max_tokens: s.default_max_tokens,
         step_timeout: Duration::from_secs(s.step_timeout_secs),
         connect_timeout: Duration::from_secs(s.connect_timeout_secs),

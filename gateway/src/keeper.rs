@@ -78,6 +78,8 @@ pub struct KeeperConfig {
     pub connect_timeout: Duration,
     /// Mutual TLS on the control plane, or plaintext.
     pub links: LinkSecurity,
+    /// Activations between GPU workers over NCCL where both can.
+    pub nccl: bool,
     pub source: WorkerSource,
     /// How long a rebuild may take before the requests waiting on it fail; zero: never rebuild.
     pub recovery: Duration,
@@ -335,6 +337,7 @@ impl Keeper {
                 gateway_data_address: &self.cfg.gateway_data_address,
                 connect_timeout,
                 links: &self.cfg.links,
+                nccl: self.cfg.nccl,
             },
             &self.workers,
         )

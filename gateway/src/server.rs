@@ -135,6 +135,8 @@ pub struct GatewayConfig {
     pub open_health: bool,
     /// Mutual TLS on the links to the workers (control and data plane), or plaintext.
     pub links: LinkSecurity,
+    /// Activations between GPU workers over NCCL where both can (otherwise TCP).
+    pub nccl: bool,
     /// TLS on the public API; `None`: plaintext.
     pub api_tls: Option<ApiTls>,
     /// Where to serve health alone in plaintext, for probes; `None`: nowhere.
@@ -522,6 +524,7 @@ async fn start(
             gateway_data_address: data_address,
             connect_timeout: cfg.connect_timeout,
             links: cfg.links.clone(),
+            nccl: cfg.nccl,
             source: cfg.workers.clone(),
             recovery: cfg.recovery,
             poll: Duration::from_millis(500),

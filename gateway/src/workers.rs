@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use strata_proto::worker::v1::worker_client::WorkerClient;
 use strata_proto::worker::v1::{
-    LinkRequest, LoadRequest, NextHop, StageSpec, State, StatusRequest, TensorLoad, load_event,
+    LinkRequest, LoadRequest, NcclIdRequest, NcclInbound, NextHop, StageSpec, State, StatusRequest,
+    TensorLoad, load_event,
 };
 use strata_shared::device::DeviceSpec;
 use strata_shared::plan::Plan;
@@ -39,6 +40,8 @@ pub struct WorkerInfo {
     pub device_memory_bytes: u64,
     /// What the worker's KV cache stores (`f16`, `f32`).
     pub kv_cache_dtype: String,
+    /// Whether it can take part in NCCL hops (a GPU, with the NCCL library).
+    pub nccl: bool,
     pub error: String,
 }
 
@@ -175,6 +178,8 @@ pub struct Deployment<'a> {
     pub connect_timeout: Duration,
     /// Mutual TLS on the control plane, or plaintext.
     pub links: &'a LinkSecurity,
+    /// Activations between GPU workers over NCCL where both can (otherwise every hop is TCP).
+    pub nccl: bool,
 }
 
 /// What a worker needs to load route stage `index` of `plan`.
@@ -214,6 +219,7 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
         gateway_data_address,
         connect_timeout,
         links,
+        nccl,
     } = *d;
     let mut infos = Vec::new();
     for device in &plan.devices {
@@ -242,6 +248,7 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
             device_name: String::new(),
             device_memory_bytes: 0,
             kv_cache_dtype: String::new(),
+            nccl: false,
             error: String::new(),
         });
     }
@@ -294,6 +301,32 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
             .find(|w| w.device == device)
             .map(|w| w.data_address.clone())
     };
+    // NCCL hops: a unique id from each one's sending worker, for both ends.
+    let mut nccl_ids: HashMap<u32, Vec<u8>> = HashMap::new();
+    let hops = if nccl {
+        nccl_hops(plan, &snapshot)
+    } else {
+        Vec::new()
+    };
+    for stage in hops {
+        let sender = snapshot
+            .iter()
+            .find(|w| w.stages.contains(&stage))
+            .ok_or_else(|| GatewayError::Internal(format!("no worker runs stage {stage}")))?;
+        let client = clients
+            .get_mut(&sender.address)
+            .ok_or_else(|| GatewayError::Internal(format!("no client for {}", sender.address)))?;
+        let id = client.nccl_id(NcclIdRequest {}).await.map_err(|s| {
+            GatewayError::Unavailable(format!(
+                "worker {} ({}) could not open an NCCL hop from stage {stage}: {}",
+                sender.address,
+                sender.device,
+                s.message()
+            ))
+        })?;
+        tracing::info!(from = stage, to = stage + 1, "stage hop over NCCL");
+        nccl_ids.insert(stage, id.into_inner().id);
+    }
     for w in &snapshot {
         let hops = w
             .stages
@@ -302,12 +335,25 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
                 stage: s,
                 address: data_of(s as usize + 1)
                     .unwrap_or_else(|| gateway_data_address.to_string()),
+                nccl_id: nccl_ids.get(&s).cloned().unwrap_or_default(),
+            })
+            .collect();
+        let nccl_inbound = w
+            .stages
+            .iter()
+            .filter_map(|&s| {
+                let id = nccl_ids.get(&s.checked_sub(1)?)?;
+                Some(NcclInbound {
+                    stage: s,
+                    nccl_id: id.clone(),
+                })
             })
             .collect();
         let client = clients
             .get_mut(&w.address)
             .ok_or_else(|| GatewayError::Internal(format!("no client for {}", w.address)))?;
-        client.link(LinkRequest { hops }).await.map_err(|s| {
+        let request = LinkRequest { hops, nccl_inbound };
+        client.link(request).await.map_err(|s| {
             GatewayError::Unavailable(format!(
                 "worker {} ({}) could not link its stages: {}",
                 w.address,
@@ -317,6 +363,24 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
         })?;
     }
     Ok(())
+}
+
+/// The route stages whose activations go to the next stage over NCCL: both stages on GPUs of
+/// different workers that can each take part in NCCL hops. Every other hop is TCP, so a route
+/// may mix CPU and GPU stages.
+pub fn nccl_hops(plan: &Plan, workers: &[WorkerInfo]) -> Vec<u32> {
+    let nccl_worker = |stage: usize| {
+        let device = plan.route.get(stage)?.device;
+        let w = workers.iter().find(|w| w.device == device)?;
+        (matches!(device, DeviceSpec::Cuda(_)) && w.nccl).then_some(device)
+    };
+    (0..plan.route.len())
+        .filter(|&s| match (nccl_worker(s), nccl_worker(s + 1)) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        })
+        .map(|s| s as u32)
+        .collect()
 }
 
 async fn load_one(
@@ -361,6 +425,7 @@ async fn load_one(
                     w.device_name = l.device_name.clone();
                     w.device_memory_bytes = l.device_memory_bytes;
                     w.kv_cache_dtype = l.kv_cache_dtype.clone();
+                    w.nccl = l.nccl;
                 });
                 return Ok((info.address.clone(), client));
             }
@@ -438,4 +503,82 @@ fn report(workers: &Workers, failures: &watch::Sender<Option<String>>, w: &Worke
     tracing::error!("{msg}");
     workers.fail(&w.address, why);
     crate::keeper::report_failure(failures, &msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_shared::plan::StagePlan;
+
+    use super::*;
+
+    /// A plan whose stage `i` runs on `devices[i]`, and the workers of its devices, those in
+    /// `nccl` able to take part in NCCL hops.
+    fn route(devices: &[DeviceSpec], nccl: &[DeviceSpec]) -> (Plan, Vec<WorkerInfo>) {
+        let route = devices
+            .iter()
+            .enumerate()
+            .map(|(index, &device)| StagePlan {
+                index,
+                device,
+                layer_start: index,
+                layer_end: index + 1,
+                embed: index == 0,
+                head: index + 1 == devices.len(),
+            })
+            .collect();
+        let mut distinct: Vec<DeviceSpec> = Vec::new();
+        for d in devices {
+            if !distinct.contains(d) {
+                distinct.push(*d);
+            }
+        }
+        let workers = distinct
+            .iter()
+            .map(|&device| WorkerInfo {
+                device,
+                address: format!("http://{device}"),
+                stages: (0..devices.len() as u32)
+                    .filter(|&s| devices[s as usize] == device)
+                    .collect(),
+                data_address: String::new(),
+                state: WorkerState::Ready,
+                weight_bytes: 0,
+                rss_bytes: 0,
+                peak_rss_bytes: 0,
+                load_seconds: 0.0,
+                kernels: String::new(),
+                device_name: String::new(),
+                device_memory_bytes: 0,
+                kv_cache_dtype: String::new(),
+                nccl: nccl.contains(&device),
+                error: String::new(),
+            })
+            .collect();
+        let plan = Plan {
+            tensors: Vec::new(),
+            route,
+            devices: distinct,
+        };
+        (plan, workers)
+    }
+
+    #[test]
+    fn nccl_carries_the_hops_between_gpus_that_both_have_it() {
+        use DeviceSpec::{Cpu, Cuda};
+        let all = [Cuda(0), Cuda(1), Cuda(2)];
+        // GPU to GPU: NCCL; the last stage answers the gateway over TCP.
+        let (plan, w) = route(&[Cuda(0), Cuda(1)], &all);
+        assert_eq!(nccl_hops(&plan, &w), vec![0]);
+        // A mixed route: only the hop between the two GPUs.
+        let (plan, w) = route(&[Cpu(0), Cuda(0), Cuda(1), Cpu(0)], &all);
+        assert_eq!(nccl_hops(&plan, &w), vec![1]);
+        // A GPU whose worker cannot load NCCL keeps its hops on TCP.
+        let (plan, w) = route(&[Cuda(0), Cuda(1), Cuda(2)], &[Cuda(0), Cuda(2)]);
+        assert!(nccl_hops(&plan, &w).is_empty());
+        // CPU stages never, and a worker's stages on one device never to itself.
+        let (plan, w) = route(&[Cpu(0), Cpu(1)], &all);
+        assert!(nccl_hops(&plan, &w).is_empty());
+        let (plan, w) = route(&[Cuda(0), Cuda(1), Cuda(0)], &all);
+        assert_eq!(nccl_hops(&plan, &w), vec![0, 1]);
+    }
 }

@@ -149,6 +149,11 @@ impl CudaDevice {
         self.ordinal
     }
 
+    /// A new stream on the device's context (an NCCL hop's, beside the products' own).
+    pub(crate) fn new_stream(&self) -> Result<Arc<CudaStream>, DriverError> {
+        self.stream.context().new_stream()
+    }
+
     /// What it is.
     pub fn info(&self) -> &DeviceInfo {
         &self.info

@@ -12,7 +12,9 @@
 //! - [`math`]: vectorized `exp`, SiLU-gated products, log-sum-exp;
 //! - [`cpu`]: the SIMD level picked at run time;
 //! - `cuda` (with the `cuda` feature): NVIDIA devices through cudarc, loaded at run time, and
-//!   weight matrices in device memory behind the same [`QuantMatrix`] interface.
+//!   weight matrices in device memory behind the same [`QuantMatrix`] interface;
+//! - `nccl` (with the `cuda` feature): NCCL hops, activations device to device between GPU
+//!   workers.
 //!
 //! Every kernel has a portable scalar implementation and, on x86-64, AVX2 and AVX-512 versions
 //! chosen once per process by runtime CPU detection. Kernels validate their inputs and report
@@ -32,6 +34,8 @@ pub mod hqq;
 pub mod int8;
 pub mod math;
 pub mod matrix;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod pool;
 
 mod aligned;

@@ -116,6 +116,20 @@ impl Placement {
             },
         }
     }
+
+    /// Whether it is a GPU.
+    pub fn is_cuda(&self) -> bool {
+        !matches!(self, Placement::Cpu)
+    }
+
+    /// Whether it can take part in NCCL hops: a GPU, with the NCCL library loadable.
+    pub fn nccl(&self) -> bool {
+        match self {
+            Placement::Cpu => false,
+            #[cfg(feature = "cuda")]
+            Placement::Cuda(device) => device.info().nccl,
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod layers;
+pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod sampling;

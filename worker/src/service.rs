@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use strata_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use strata_proto::worker::v1::{
-    LinkRequest, LinkResponse, LoadEvent, LoadProgress, LoadRequest, Loaded, State, StatusRequest,
-    StatusResponse, load_event,
+    LinkRequest, LinkResponse, LoadEvent, LoadProgress, LoadRequest, Loaded, NcclIdRequest,
+    NcclIdResponse, State, StatusRequest, StatusResponse, load_event,
 };
 use strata_shared::meta::ModelMeta;
 use strata_shared::source::ModelFiles;
@@ -26,8 +26,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::device::{DeviceDescription, Placement};
+use crate::device::Placement;
 use crate::error::WorkerError;
+use crate::links::{self, Routes};
 use crate::memory;
 use crate::metrics::{Direction, WorkerMetrics};
 use crate::model::{ModelSlice, SliceSpec, TensorLoad};
@@ -38,8 +39,8 @@ enum Job {
     /// Take over freshly loaded stages (every frame queued before goes to the old ones), and
     /// say so.
     Install(Vec<Stage>, std::sync::mpsc::SyncSender<()>),
-    /// Route each stage's output: stage index → outbound queue.
-    Route(HashMap<u32, mpsc::Sender<Frame>>),
+    /// Route each stage's output (and input, where NCCL carries it).
+    Route(Routes),
     /// A frame from the data plane.
     Frame(Frame),
     /// An inbound data-plane connection of the current session broke or stalled: the ring is
@@ -58,6 +59,8 @@ enum Phase {
 struct Shared {
     phase: Arc<Mutex<Phase>>,
     device: Mutex<String>,
+    /// The device the loaded stages run on.
+    placement: Mutex<Option<Placement>>,
     stages: Mutex<Vec<u32>>,
     data_address: String,
     jobs: mpsc::Sender<Job>,
@@ -138,6 +141,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         phase,
         device: Mutex::new(String::new()),
+        placement: Mutex::new(None),
         stages: Mutex::new(Vec::new()),
         data_address: data_address.clone(),
         jobs: jobs_tx,
@@ -153,7 +157,7 @@ pub async fn start(
 /// own context on with the frame it sends.
 fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &Mutex<Phase>) {
     let mut stages: HashMap<u32, Stage> = HashMap::new();
-    let mut routes: HashMap<u32, mpsc::Sender<Frame>> = HashMap::new();
+    let mut routes = Routes::default();
     while let Some(job) = jobs.blocking_recv() {
         match job {
             Job::Install(list, done) => {
@@ -179,7 +183,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
                         continue;
                     }
                 };
-                let Some(out) = routes.get(&to) else {
+                let Some(out) = routes.next.get(&to) else {
                     tracing::error!(
                         stage = to,
                         "data plane: frame for a stage this worker does not route; dropping it"
@@ -187,7 +191,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
                     continue;
                 };
                 let next = match frame {
-                    Frame::Step(step) => {
+                    Frame::Step(mut step) => {
                         let step_id = step.step_id;
                         let span = tracing::info_span!(
                             "stage",
@@ -201,19 +205,20 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
                         let started = Instant::now();
                         let shared = step.concurrent > 1;
                         let result = match stages.get_mut(&to) {
-                            Some(s) => {
+                            Some(s) => routes.receive(&mut step).and_then(|()| {
                                 strata_kernels::pool::install_sharing(shared, || s.run(step))
-                            }
+                            }),
                             None => Err(WorkerError::Step(format!(
                                 "stage {to} is not loaded on this worker"
                             ))),
                         };
                         metrics.forward(to, started.elapsed());
-                        let result = result.map(|mut next| {
+                        let result = result.and_then(|mut next| {
                             if let Frame::Step(s) = &mut next {
                                 s.trace = strata_shared::telemetry::traceparent_of(&span);
                             }
-                            next
+                            routes.send(to, &mut next)?;
+                            Ok(next)
                         });
                         result.unwrap_or_else(|e| {
                             tracing::error!(stage = to, step_id, error = %e, "step failed");
@@ -427,7 +432,7 @@ impl Worker for WorkerService {
         tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let started = Instant::now();
-            let result = (|| -> Result<(Vec<Stage>, usize, DeviceDescription), WorkerError> {
+            let result = (|| -> Result<(Vec<Stage>, usize, Placement), WorkerError> {
                 let revision = (!req.revision.is_empty()).then_some(req.revision.as_str());
                 let files = ModelFiles::resolve(&req.model, revision)?;
                 let mut meta = ModelMeta::open(files)?;
@@ -469,10 +474,12 @@ impl Worker for WorkerService {
                     bytes += slice.weight_bytes();
                     stages.push(Stage::new(*index, slice, kv_blocks)?);
                 }
-                Ok((stages, bytes, placement.describe()))
+                Ok((stages, bytes, placement))
             })();
             match result {
-                Ok((stages, bytes, device)) => {
+                Ok((stages, bytes, placement)) => {
+                    let device = placement.describe();
+                    let nccl = placement.nccl();
                     let indices: Vec<u32> = stages.iter().map(Stage::index).collect();
                     let mut kv_dtypes: Vec<&str> =
                         stages.iter().map(|s| s.kv().dtype().name()).collect();
@@ -494,6 +501,9 @@ impl Worker for WorkerService {
                     }
                     if let Ok(mut s) = shared.stages.lock() {
                         *s = indices;
+                    }
+                    if let Ok(mut p) = shared.placement.lock() {
+                        *p = Some(placement);
                     }
                     shared.set_phase(Phase::Ready);
                     shared.metrics.loaded(started.elapsed().as_secs_f64());
@@ -519,6 +529,7 @@ impl Worker for WorkerService {
                             kv_cache_dtype,
                             device_name: device.name,
                             device_memory_bytes: device.memory_bytes,
+                            nccl,
                         })),
                     }));
                 }
@@ -546,9 +557,44 @@ impl Worker for WorkerService {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
+        let request = request.into_inner();
+        let placement = self.shared.placement.lock().ok().and_then(|p| p.clone());
+        let device = self
+            .shared
+            .device
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        let mut routes = Routes::default();
+        // The NCCL hops first: each joins its communicator on a thread of its own, and the
+        // other rank joins it when its own worker is linked.
+        for inbound in &request.nccl_inbound {
+            if !loaded.contains(&inbound.stage) {
+                return Err(Status::invalid_argument(format!(
+                    "nccl_inbound: stage {} is not loaded on this worker",
+                    inbound.stage
+                )));
+            }
+            let link = links::join(
+                placement.as_ref(),
+                &device,
+                inbound.stage,
+                &inbound.nccl_id,
+                1,
+            )
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            routes.nccl_in.insert(inbound.stage, link);
+        }
+        for hop in request.hops.iter().filter(|h| !h.nccl_id.is_empty()) {
+            if !loaded.contains(&hop.stage) {
+                continue; // refused below
+            }
+            let link = links::join(placement.as_ref(), &device, hop.stage, &hop.nccl_id, 0)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            routes.nccl_out.insert(hop.stage, link);
+        }
         let mut by_addr: HashMap<String, mpsc::Sender<Frame>> = HashMap::new();
-        let mut routes = HashMap::new();
-        for hop in request.into_inner().hops {
+        for hop in request.hops {
             if !loaded.contains(&hop.stage) {
                 return Err(Status::invalid_argument(format!(
                     "hops: stage {} is not loaded on this worker",
@@ -579,9 +625,9 @@ impl Worker for WorkerService {
                     tx
                 }
             };
-            routes.insert(hop.stage, tx);
+            routes.next.insert(hop.stage, tx);
         }
-        if let Some(missing) = loaded.iter().find(|s| !routes.contains_key(s)) {
+        if let Some(missing) = loaded.iter().find(|s| !routes.next.contains_key(s)) {
             return Err(Status::invalid_argument(format!(
                 "hops: no next hop for stage {missing}"
             )));
@@ -592,6 +638,27 @@ impl Worker for WorkerService {
             .await
             .map_err(|_| Status::internal("the compute thread is gone"))?;
         Ok(Response::new(LinkResponse {}))
+    }
+
+    async fn nccl_id(
+        &self,
+        _request: Request<NcclIdRequest>,
+    ) -> Result<Response<NcclIdResponse>, Status> {
+        if self.shared.phase() != Phase::Ready {
+            return Err(Status::failed_precondition(
+                "an NCCL id before the stages are loaded",
+            ));
+        }
+        let placement = self.shared.placement.lock().ok().and_then(|p| p.clone());
+        let device = self
+            .shared
+            .device
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        let id = links::unique_id(placement.as_ref(), &device)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(NcclIdResponse { id }))
     }
 
     async fn status(

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use strata_shared::wire::{ActDType, Activations, Frame, Sample, SamplesFrame, SeqStep, StepFrame};
+use strata_shared::wire::{
+    ActDType, Activations, Carrier, Frame, Sample, SamplesFrame, SeqStep, StepFrame,
+};
 
 use crate::error::{Result, WorkerError};
 use crate::kv::KvCache;
@@ -284,6 +286,7 @@ pub fn to_activations(x: &Hidden) -> Result<Activations> {
         dtype: ActDType::F32,
         rows: x.rows as u32,
         cols: x.cols as u32,
+        carrier: Carrier::Frame,
         data: Bytes::from(data),
     })
 }
@@ -294,6 +297,17 @@ pub fn from_activations(a: &Activations, rows: usize, cols: usize) -> Result<Hid
         return Err(WorkerError::Step(format!(
             "activations are {}x{}, the step needs {rows}x{cols}",
             a.rows, a.cols
+        )));
+    }
+    if a.data.len() as u64 != a.expected_len() {
+        return Err(WorkerError::Step(format!(
+            "activations {}x{} of {:?} (carried by {:?}) need {} bytes, {} arrived",
+            a.rows,
+            a.cols,
+            a.dtype,
+            a.carrier,
+            a.expected_len(),
+            a.data.len()
         )));
     }
     let data: Vec<f32> = match a.dtype {

@@ -25,7 +25,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"STRF";
 /// Wire version; a peer with another version is refused.
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// Prelude length in bytes.
 pub const PRELUDE_LEN: usize = 24;
 /// Tokens per KV cache block. The gateway reserves and the stages allocate in these blocks, so
@@ -295,18 +295,21 @@ wire_struct! {
 }
 
 /// Activations between stages: `rows` tokens (all sequences of the step, in order) × `cols`.
-/// In a frame, the header carries `dtype`, `rows` and `cols`; `data` is the frame's payload.
+/// In a frame, the header carries `dtype`, `rows`, `cols` and the carrier; `data` is the
+/// frame's payload, or (carried by NCCL) travels device to device beside the frame, which then
+/// has none.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Activations {
     pub dtype: ActDType,
     pub rows: u32,
     pub cols: u32,
+    pub carrier: Carrier,
     pub data: Bytes,
 }
 
 impl Wire for Activations {
-    const MIN_LEN: usize = 9;
-    /// The shape only: the data travels as the frame's payload.
+    const MIN_LEN: usize = 10;
+    /// The shape and carrier only: the data travels as the frame's payload (or over NCCL).
     fn len(&self) -> usize {
         Self::MIN_LEN
     }
@@ -314,22 +317,66 @@ impl Wire for Activations {
         (self.dtype as u8).put(out);
         self.rows.put(out);
         self.cols.put(out);
+        (self.carrier as u8).put(out);
     }
-    /// The shape only: [`Frame::decode`] attaches the payload and checks its length.
+    /// The shape and carrier only: [`Frame::decode`] attaches the payload and checks its
+    /// length.
     fn get(r: &mut Reader<'_>) -> Result<Self, WireError> {
         Ok(Activations {
             dtype: ActDType::from_u8(u8::get(r)?)?,
             rows: u32::get(r)?,
             cols: u32::get(r)?,
+            carrier: Carrier::from_u8(u8::get(r)?)?,
             data: Bytes::new(),
         })
     }
 }
 
 impl Activations {
+    /// Activations carried in the frame.
+    pub fn in_frame(dtype: ActDType, rows: u32, cols: u32, data: Bytes) -> Self {
+        Activations {
+            dtype,
+            rows,
+            cols,
+            carrier: Carrier::Frame,
+            data,
+        }
+    }
+
     /// Bytes `rows × cols` elements of `dtype` take.
     pub fn expected_len(&self) -> u64 {
         u64::from(self.rows) * u64::from(self.cols) * self.dtype.size() as u64
+    }
+
+    /// Bytes of payload the frame carries for them: all, or none when NCCL carries them.
+    pub fn payload_len(&self) -> u64 {
+        match self.carrier {
+            Carrier::Frame => self.expected_len(),
+            Carrier::Nccl => 0,
+        }
+    }
+}
+
+/// How a step's activations travel to the next stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// In the frame, as its payload (the TCP ring).
+    Frame = 0,
+    /// Device to device over the hop's NCCL communicator, sent after the frame: the frame
+    /// carries only the step header.
+    Nccl = 1,
+}
+
+impl Carrier {
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        match v {
+            0 => Ok(Carrier::Frame),
+            1 => Ok(Carrier::Nccl),
+            _ => Err(WireError::Malformed(format!(
+                "unknown activation carrier {v}"
+            ))),
+        }
     }
 }
 
@@ -587,13 +634,14 @@ impl Frame {
             KIND_STEP => {
                 let mut step = StepFrame::get(&mut r)?;
                 match &mut step.hidden {
-                    Some(a) if a.expected_len() != payload.len() as u64 => {
+                    Some(a) if a.payload_len() != payload.len() as u64 => {
                         return Err(WireError::Malformed(format!(
-                            "activations {}x{} of {:?} need {} bytes, payload has {}",
+                            "activations {}x{} of {:?} carried by {:?} need {} bytes of payload, it has {}",
                             a.rows,
                             a.cols,
                             a.dtype,
-                            a.expected_len(),
+                            a.carrier,
+                            a.payload_len(),
                             payload.len()
                         )));
                     }

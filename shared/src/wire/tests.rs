@@ -44,6 +44,7 @@ fn frames_round_trip() {
             dtype: ActDType::F32,
             rows: 3,
             cols: 2,
+            carrier: Carrier::Frame,
             data: Bytes::from(vec![0u8; 24]),
         }),
         trace: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
@@ -130,6 +131,7 @@ fn the_codec_reassembles_frames_from_any_chunking() {
                 dtype: ActDType::BF16,
                 rows: 2,
                 cols: 3,
+                carrier: Carrier::Frame,
                 data: Bytes::from((0u8..12).collect::<Vec<_>>()),
             }),
             trace: String::new(),
@@ -180,6 +182,7 @@ fn a_payload_must_match_the_activations_it_claims() {
         dtype: ActDType::F32,
         rows: 1,
         cols: 2,
+        carrier: Carrier::Frame,
         data: Bytes::from(vec![0u8; 8]),
     };
     let bytes = step(Some(a.clone())).to_bytes().unwrap();
@@ -188,7 +191,60 @@ fn a_payload_must_match_the_activations_it_claims() {
     let bytes = step(Some(a)).to_bytes().unwrap();
     let err = Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap_err();
     assert!(
-        err.to_string().contains("need 12 bytes, payload has 8"),
+        err.to_string()
+            .contains("need 12 bytes of payload, it has 8"),
+        "{err}"
+    );
+}
+
+#[test]
+fn activations_that_nccl_carries_leave_the_frame_without_payload() {
+    let mut a = Activations {
+        dtype: ActDType::F32,
+        rows: 2,
+        cols: 4,
+        carrier: Carrier::Nccl,
+        data: Bytes::new(),
+    };
+    let frame = |a: &Activations| {
+        Frame::Step(StepFrame {
+            step_id: 3,
+            stage: 1,
+            releases: vec![],
+            seqs: vec![],
+            hidden: Some(a.clone()),
+            trace: String::new(),
+            concurrent: 2,
+        })
+    };
+    assert_eq!(a.payload_len(), 0);
+    assert_eq!(round_trip(&frame(&a)), frame(&a));
+    let bytes = frame(&a).to_bytes().unwrap();
+    assert_eq!(bytes.len() as u64, frame(&a).wire_len());
+    // The header says NCCL carries them: a payload beside it is a malformed frame.
+    a.data = Bytes::from(vec![0u8; 32]);
+    let bytes = frame(&a).to_bytes().unwrap();
+    let err = Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("carried by Nccl need 0 bytes of payload, it has 32"),
+        "{err}"
+    );
+    // An unknown carrier is refused by name.
+    let mut bytes = frame(&Activations {
+        data: Bytes::new(),
+        ..a
+    })
+    .to_bytes()
+    .unwrap()
+    .to_vec();
+    // The carrier: the last byte before the trace (empty: its u32 count) and `concurrent`.
+    let at = bytes.len() - 4 - 4 - 1;
+    assert_eq!(bytes[at], 1);
+    bytes[at] = 7;
+    let err = Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown activation carrier 7"),
         "{err}"
     );
 }
