@@ -20,6 +20,7 @@
 #   5. speed: `strata bench` on `cuda[0]` and on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+failed=0
 
 MODEL="${MODEL:-default}"
 if [ -z "${STRATA:-}" ]; then
@@ -88,7 +89,12 @@ if [ "$gpus" -ge 2 ]; then
       kill -0 $serve 2>/dev/null || { cat "/tmp/strata-gpu-$name.log"; exit 1; }
       sleep 1
     done
-    echo "-- $name: $(grep -c 'stage hop over NCCL' "/tmp/strata-gpu-$name.log") hop(s) over NCCL"
+    local hops
+    hops=$(grep -c 'stage hop over NCCL' "/tmp/strata-gpu-$name.log" || true)
+    echo "-- $name: $hops hop(s) over NCCL"
+    if [ "$name" = nccl ] && [ "$hops" -lt 1 ]; then
+      echo "the two GPU workers did not set up an NCCL hop (is libnccl.so loadable?): FAIL"; failed=1
+    fi
     "$STRATA" bench-serve --addr "127.0.0.1:$port" --prompt-tokens 128 --gen-tokens 64 --reps 3
     "$STRATA" load --addr "127.0.0.1:$port" --streams 1,16 --gen-tokens 64 --json
     if [ -x "$grpcurl" ]; then
@@ -105,7 +111,10 @@ if [ "$gpus" -ge 2 ]; then
       echo "greedy chat over the NCCL hop: $(wc -l < /tmp/strata-gpu-nccl.chat) token ids, identical to TCP's: ok"
     else
       echo "greedy chat over the NCCL hop differs from TCP's: FAIL"; diff /tmp/strata-gpu-nccl.chat /tmp/strata-gpu-tcp.chat || true
+      failed=1
     fi
+  else
+    echo "no grpcurl (scripts/setup-test-peers.sh installs it): the NCCL hop's tokens are not compared: FAIL"; failed=1
   fi
 else
   echo "== 4. two GPU workers: skipped, this machine has $gpus GPU(s) (an NCCL hop needs two) =="
@@ -114,3 +123,4 @@ fi
 echo "== 5. speed: strata bench on cuda[0] and on the CPU =="
 "$STRATA" bench --model "$MODEL" --topology topologies/gpu/cuda0.yml --prompt-tokens 128 --gen-tokens 128 --reps 3
 "$STRATA" bench --model "$MODEL" --topology none --prompt-tokens 128 --gen-tokens 128 --reps 3
+exit "$failed"

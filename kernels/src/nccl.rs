@@ -9,9 +9,11 @@
 //! its products should wait on that. Transfers on one peer happen in the order they were asked
 //! for, which is the order of the data-plane frames they go with.
 //!
-//! Architecture Invariant: a hop's sender asks for each transfer after queueing the frame that
-//! announces it, and the receiver asks for it on reading that frame: both ranks walk the same
-//! sequence of transfers, so neither waits on one the other will never make.
+//! Architecture Invariant: a hop's sender queues each transfer, then the frame that announces
+//! it; the receiver asks for it on taking that frame: both ranks walk the same sequence of
+//! transfers. A transfer that fails or times out fails the peer for good (every later one
+//! fails at once), and its worker reports itself failed, so that the gateway rebuilds the ring
+//! with new communicators.
 
 use std::ffi::c_char;
 use std::sync::mpsc;
@@ -115,11 +117,16 @@ impl NcclPeer {
         std::thread::Builder::new()
             .name(format!("strata-nccl-{rank}"))
             .spawn(move || {
-                if let Err(e) = serve(&stream, id, rank, &queue)
-                    && let Ok(mut f) = failure.lock()
-                {
-                    *f = Some(e.to_string());
-                }
+                // cudarc's `Comm` panics if NCCL fails to abort it on drop: a failure too.
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    serve(&stream, id, rank, &queue)
+                }));
+                let why = match served {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "NCCL hop: the communicator failed while closing".to_string(),
+                };
+                record(&failure, why);
             })
             .map_err(|e| KernelError::Device(format!("cannot start an NCCL thread: {e}")))?;
         Ok(NcclPeer {
@@ -127,6 +134,12 @@ impl NcclPeer {
             failed,
             rank,
         })
+    }
+
+    /// Fails the hop for good: every later transfer fails at once with `why`.
+    fn fail(&self, why: String) -> KernelError {
+        record(&self.failed, why.clone());
+        KernelError::Device(why)
     }
 
     /// Why the hop stopped working, if it has.
@@ -165,7 +178,9 @@ impl NcclPeer {
             .map_err(|_| self.failure().unwrap_or_else(gone))?;
         match answer.recv_timeout(deadline) {
             Ok(result) => result,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(KernelError::Device(format!(
+            // The transfer still waits on the thread: the transfers after it could never line
+            // up again.
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(self.fail(format!(
                 "NCCL hop: {len} bytes from the previous stage did not arrive within {deadline:?}"
             ))),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.failure().unwrap_or_else(gone)),
@@ -175,6 +190,13 @@ impl NcclPeer {
 
 fn gone() -> KernelError {
     KernelError::Device("NCCL hop: its thread is gone".into())
+}
+
+/// Records why a hop failed, keeping the first reason.
+fn record(failed: &Mutex<Option<String>>, why: String) {
+    if let Ok(mut f) = failed.lock() {
+        f.get_or_insert(why);
+    }
 }
 
 /// The communicator's thread: joins, then runs the transfers in order until the peer is

@@ -60,8 +60,13 @@ impl Routes {
                 step.stage
             )));
         };
-        let len = usize::try_from(a.expected_len())
-            .map_err(|_| WorkerError::Step(format!("activations of {} bytes", a.expected_len())))?;
+        let len = usize::try_from(a.expected_len()).map_err(|_| {
+            WorkerError::Step(format!(
+                "stage {}: activations of {} bytes do not fit this machine's memory",
+                step.stage,
+                a.expected_len()
+            ))
+        })?;
         let data = receive(link, len).map_err(|e| {
             WorkerError::Step(format!(
                 "stage {}: receiving its activations over NCCL: {e}",

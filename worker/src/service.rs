@@ -204,20 +204,31 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
                         let _entered = span.enter();
                         let started = Instant::now();
                         let shared = step.concurrent > 1;
-                        let result = match stages.get_mut(&to) {
-                            Some(s) => routes.receive(&mut step).and_then(|()| {
-                                strata_kernels::pool::install_sharing(shared, || s.run(step))
-                            }),
-                            None => Err(WorkerError::Step(format!(
-                                "stage {to} is not loaded on this worker"
-                            ))),
+                        // A hop that fails loses the order of its transfers: the ring must be
+                        // rebuilt, with new communicators.
+                        let nccl_failed = |e: &WorkerError| {
+                            Shared::fail_if_ready(phase, format!("data plane: {e}"));
                         };
+                        let result =
+                            match stages.get_mut(&to) {
+                                Some(s) => routes
+                                    .receive(&mut step)
+                                    .inspect_err(nccl_failed)
+                                    .and_then(|()| {
+                                        strata_kernels::pool::install_sharing(shared, || {
+                                            s.run(step)
+                                        })
+                                    }),
+                                None => Err(WorkerError::Step(format!(
+                                    "stage {to} is not loaded on this worker"
+                                ))),
+                            };
                         metrics.forward(to, started.elapsed());
                         let result = result.and_then(|mut next| {
                             if let Frame::Step(s) = &mut next {
                                 s.trace = strata_shared::telemetry::traceparent_of(&span);
                             }
-                            routes.send(to, &mut next)?;
+                            routes.send(to, &mut next).inspect_err(nccl_failed)?;
                             Ok(next)
                         });
                         result.unwrap_or_else(|e| {

@@ -363,8 +363,8 @@ impl Activations {
 pub enum Carrier {
     /// In the frame, as its payload (the TCP ring).
     Frame = 0,
-    /// Device to device over the hop's NCCL communicator, sent after the frame: the frame
-    /// carries only the step header.
+    /// Device to device over the hop's NCCL communicator (the sender queues the transfer, then
+    /// the frame): the frame carries only the step header.
     Nccl = 1,
 }
 
