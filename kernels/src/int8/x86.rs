@@ -180,19 +180,20 @@ macro_rules! unroll_tiles {
 
 /// The integer sums `Σ c · q` over quads `$from..$to` of one block (all 8, or the 4 of one
 /// half), for `$T` tiles (their block bytes `$blocks`) and `$N` activation rows (one plane
-/// each, the quads `$q`; the rows where `$rows[i]` is false are left at zero, as for codes that
-/// are all zero): `[[__m512i; N]; T]`. Straight-line
+/// each, the quads `$q`; the rows where `$rows[i]` is false are left as they start, as for
+/// codes that are all zero), added to `$init` (`[[__m512i; N]; T]`, what the sums start from):
+/// `[[__m512i; N]; T]`. Straight-line
 /// code with constant indices, so that the `T × N` sums (independent chains) stay in registers
 /// and each activation quad is broadcast once for all tiles. A macro rather than a function:
 /// a function would not be inlined (target features forbid `inline(always)`), and would return
 /// its vectors through memory.
 macro_rules! isums {
-    ($T:expr, $N:expr, $nib:expr, $blocks:expr, $code_bytes:expr, $q:expr, $from:expr, $to:expr, $rows:expr) => {{
+    ($T:expr, $N:expr, $nib:expr, $blocks:expr, $code_bytes:expr, $q:expr, $from:expr, $to:expr, $rows:expr, $init:expr) => {{
         let low = _mm512_set1_epi8(0x0F);
         // With few chains (one or two rows), even and odd quads go to separate sums, halving
         // the chain of dependent `vpdpbusd`s.
         let split = $N <= 2;
-        let mut a = [[[_mm512_setzero_si512(); $N]; $T]; 2];
+        let mut a = [$init, [[_mm512_setzero_si512(); $N]; $T]];
         let mut g: [&[[u8; 64]]; $T] = [&[]; $T];
         unroll_tiles!($T, t, {
             g[t] = $blocks[t][..$code_bytes].as_chunks::<64>().0;
@@ -400,7 +401,8 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
         // the scalar kernel's order.
         for h in 0..subs {
             let (from, to) = if SUB { (4 * h, 4 * h + 4) } else { (0, 8) };
-            let mut sums = isums!(T, N, NIB, blocks, code_bytes, hq, from, to, [true; N]);
+            let zero = [[_mm512_setzero_si512(); N]; T];
+            let mut sums = isums!(T, N, NIB, blocks, code_bytes, hq, from, to, [true; N], zero);
             if TWO {
                 unroll_tiles!(T, t, {
                     unroll_rows!(N, i, {
@@ -408,14 +410,11 @@ fn tile_512<const T: usize, const N: usize, const NIB: bool, const TWO: bool, co
                     });
                 });
                 // The residual's sums, of the rows whose residual codes in the block are not
-                // all zero (the others' are zero).
+                // all zero (the others' are zero), added by the products themselves onto
+                // `256 · Σ_hi` (integers: the same sum in any order), in no registers of their
+                // own.
                 if coded {
-                    let low_sums = isums!(T, N, NIB, blocks, code_bytes, lq, from, to, lc);
-                    unroll_tiles!(T, t, {
-                        unroll_rows!(N, i, {
-                            sums[t][i] = _mm512_add_epi32(sums[t][i], low_sums[t][i]);
-                        });
-                    });
+                    sums = isums!(T, N, NIB, blocks, code_bytes, lq, from, to, lc, sums);
                 }
             }
             // Per row, once for every tile: its scale and (with an offset) its code sum.
