@@ -3,7 +3,10 @@
 //! (`vpdpbusd` on 512-bit vectors, 64 multiply-adds each, twelve independent chains with
 //! nothing else to do), for the int8 products' GMAC/s (`int8_speed`); and the rate at which it
 //! reads memory far larger than its caches, for a decode, which reads every weight once a
-//! token.
+//! token. Then what bounds the int8 kernel's inner loop: eight `vpdpbusd` of two 64-byte code
+//! vectors (two tiles) with four rows' activation quads, the quads broadcast by each product
+//! from memory (eight 4-byte loads) or once per row into a register for both tiles (four),
+//! with and without the two code loads.
 //!
 //! `cargo run --release -p strata-kernels --example cpu_peaks`
 
@@ -18,6 +21,118 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     vnni(cores);
     memory(cores);
+    loads();
+}
+
+/// The inner loop of the int8 tile kernel (two tiles, four rows), `rounds` times over the same
+/// cache lines, in four forms: `loads` whether the two code vectors are loaded each round,
+/// `shared` whether each row's quad is broadcast once into a register for both tiles (else
+/// each product broadcasts it from memory).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn tile_loop(rounds: u64, quads: &[i32; 32], codes: &[u8; 128], loads: bool, shared: bool) {
+    let (q, w) = (quads.as_ptr(), codes.as_ptr());
+    // SAFETY: the blocks read only `quads` (at most 100 bytes in) and `codes` (128 bytes), and
+    // write only the registers they name; the caller checked the CPU's features.
+    unsafe {
+        macro_rules! run {
+            ($($body:literal),*) => {
+                std::arch::asm!(
+                    "vmovdqu64 zmm8, [{w}]", "vmovdqu64 zmm13, [{w} + 64]",
+                    "2:",
+                    $($body,)*
+                    "dec {n}", "jnz 2b",
+                    n = inout(reg) rounds => _, q = in(reg) q, w = in(reg) w,
+                    out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
+                    out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _,
+                    out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _,
+                    options(nostack),
+                )
+            };
+        }
+        match (loads, shared) {
+            (false, false) => run!(
+                "vpdpbusd zmm0, zmm8, dword ptr [{q}]{{1to16}}",
+                "vpdpbusd zmm1, zmm8, dword ptr [{q} + 32]{{1to16}}",
+                "vpdpbusd zmm2, zmm8, dword ptr [{q} + 64]{{1to16}}",
+                "vpdpbusd zmm3, zmm8, dword ptr [{q} + 96]{{1to16}}",
+                "vpdpbusd zmm4, zmm13, dword ptr [{q}]{{1to16}}",
+                "vpdpbusd zmm5, zmm13, dword ptr [{q} + 32]{{1to16}}",
+                "vpdpbusd zmm6, zmm13, dword ptr [{q} + 64]{{1to16}}",
+                "vpdpbusd zmm7, zmm13, dword ptr [{q} + 96]{{1to16}}"
+            ),
+            (true, false) => run!(
+                "vmovdqu64 zmm8, [{w}]",
+                "vmovdqu64 zmm13, [{w} + 64]",
+                "vpdpbusd zmm0, zmm8, dword ptr [{q}]{{1to16}}",
+                "vpdpbusd zmm1, zmm8, dword ptr [{q} + 32]{{1to16}}",
+                "vpdpbusd zmm2, zmm8, dword ptr [{q} + 64]{{1to16}}",
+                "vpdpbusd zmm3, zmm8, dword ptr [{q} + 96]{{1to16}}",
+                "vpdpbusd zmm4, zmm13, dword ptr [{q}]{{1to16}}",
+                "vpdpbusd zmm5, zmm13, dword ptr [{q} + 32]{{1to16}}",
+                "vpdpbusd zmm6, zmm13, dword ptr [{q} + 64]{{1to16}}",
+                "vpdpbusd zmm7, zmm13, dword ptr [{q} + 96]{{1to16}}"
+            ),
+            (false, true) => run!(
+                "vpbroadcastd zmm9, dword ptr [{q}]",
+                "vpbroadcastd zmm10, dword ptr [{q} + 32]",
+                "vpbroadcastd zmm11, dword ptr [{q} + 64]",
+                "vpbroadcastd zmm12, dword ptr [{q} + 96]",
+                "vpdpbusd zmm0, zmm8, zmm9",
+                "vpdpbusd zmm1, zmm8, zmm10",
+                "vpdpbusd zmm2, zmm8, zmm11",
+                "vpdpbusd zmm3, zmm8, zmm12",
+                "vpdpbusd zmm4, zmm13, zmm9",
+                "vpdpbusd zmm5, zmm13, zmm10",
+                "vpdpbusd zmm6, zmm13, zmm11",
+                "vpdpbusd zmm7, zmm13, zmm12"
+            ),
+            (true, true) => run!(
+                "vmovdqu64 zmm8, [{w}]",
+                "vmovdqu64 zmm13, [{w} + 64]",
+                "vpbroadcastd zmm9, dword ptr [{q}]",
+                "vpbroadcastd zmm10, dword ptr [{q} + 32]",
+                "vpbroadcastd zmm11, dword ptr [{q} + 64]",
+                "vpbroadcastd zmm12, dword ptr [{q} + 96]",
+                "vpdpbusd zmm0, zmm8, zmm9",
+                "vpdpbusd zmm1, zmm8, zmm10",
+                "vpdpbusd zmm2, zmm8, zmm11",
+                "vpdpbusd zmm3, zmm8, zmm12",
+                "vpdpbusd zmm4, zmm13, zmm9",
+                "vpdpbusd zmm5, zmm13, zmm10",
+                "vpdpbusd zmm6, zmm13, zmm11",
+                "vpdpbusd zmm7, zmm13, zmm12"
+            ),
+        }
+    }
+}
+
+/// The four forms of [`tile_loop`] on one core, best of three rounds each.
+fn loads() {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+        let (quads, codes) = ([1i32; 32], [1u8; 128]);
+        let rounds = 50_000_000u64;
+        for (loads, shared) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut best = 0.0f64;
+            for _ in 0..3 {
+                let t = Instant::now();
+                // SAFETY: the features were detected above.
+                unsafe { tile_loop(rounds, &quads, &codes, loads, shared) };
+                best = best.max(8.0 * rounds as f64 / t.elapsed().as_secs_f64());
+            }
+            println!(
+                "tile loop, {} code loads, quads broadcast {}: {:6.2} G vpdpbusd/s",
+                if loads { "2" } else { "no" },
+                if shared {
+                    "once per row into a register (4 loads)"
+                } else {
+                    "by each product (8 loads)"
+                },
+                best / 1e9
+            );
+        }
+    }
 }
 
 /// Twelve chains of `vpdpbusd`, `rounds` deep; their sum, so that they are computed.
