@@ -45,6 +45,29 @@ pub struct WorkerInfo {
     pub error: String,
 }
 
+impl WorkerInfo {
+    /// A worker about to load `stages` on `device`, reached at `address`: nothing known yet.
+    pub fn loading(device: DeviceSpec, address: String, stages: Vec<u32>) -> Self {
+        WorkerInfo {
+            device,
+            address,
+            stages,
+            data_address: String::new(),
+            state: WorkerState::Loading,
+            weight_bytes: 0,
+            rss_bytes: 0,
+            peak_rss_bytes: 0,
+            load_seconds: 0.0,
+            kernels: String::new(),
+            device_name: String::new(),
+            device_memory_bytes: 0,
+            kv_cache_dtype: String::new(),
+            nccl: false,
+            error: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
     Loading,
@@ -234,23 +257,7 @@ pub async fn load_and_link(d: &Deployment<'_>, workers: &Workers) -> Result<(), 
             .filter(|s| s.device == *device)
             .map(|s| s.index as u32)
             .collect();
-        infos.push(WorkerInfo {
-            device: *device,
-            address,
-            stages,
-            data_address: String::new(),
-            state: WorkerState::Loading,
-            weight_bytes: 0,
-            rss_bytes: 0,
-            peak_rss_bytes: 0,
-            load_seconds: 0.0,
-            kernels: String::new(),
-            device_name: String::new(),
-            device_memory_bytes: 0,
-            kv_cache_dtype: String::new(),
-            nccl: false,
-            error: String::new(),
-        });
+        infos.push(WorkerInfo::loading(*device, address, stages));
     }
     workers.reset(infos.clone());
     let deadline = Instant::now() + connect_timeout;
@@ -534,24 +541,15 @@ mod tests {
         }
         let workers = distinct
             .iter()
-            .map(|&device| WorkerInfo {
-                device,
-                address: format!("http://{device}"),
-                stages: (0..devices.len() as u32)
+            .map(|&device| {
+                let stages = (0..devices.len() as u32)
                     .filter(|&s| devices[s as usize] == device)
-                    .collect(),
-                data_address: String::new(),
-                state: WorkerState::Ready,
-                weight_bytes: 0,
-                rss_bytes: 0,
-                peak_rss_bytes: 0,
-                load_seconds: 0.0,
-                kernels: String::new(),
-                device_name: String::new(),
-                device_memory_bytes: 0,
-                kv_cache_dtype: String::new(),
-                nccl: nccl.contains(&device),
-                error: String::new(),
+                    .collect();
+                WorkerInfo {
+                    state: WorkerState::Ready,
+                    nccl: nccl.contains(&device),
+                    ..WorkerInfo::loading(device, format!("http://{device}"), stages)
+                }
             })
             .collect();
         let plan = Plan {

@@ -35,12 +35,14 @@ fn tile_loop(rounds: u64, quads: &[i32; 32], codes: &[u8; 128], loads: bool, sha
     // SAFETY: the blocks read only `quads` (at most 100 bytes in) and `codes` (128 bytes), and
     // write only the registers they name; the caller checked the CPU's features.
     unsafe {
+        // The loop around `$load` (the code vectors' loads, or nothing) and `$body`.
         macro_rules! run {
-            ($($body:literal),*) => {
+            ($load:expr, $body:expr) => {
                 std::arch::asm!(
                     "vmovdqu64 zmm8, [{w}]", "vmovdqu64 zmm13, [{w} + 64]",
                     "2:",
-                    $($body,)*
+                    $load,
+                    $body,
                     "dec {n}", "jnz 2b",
                     n = inout(reg) rounds => _, q = in(reg) q, w = in(reg) w,
                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _,
@@ -50,59 +52,51 @@ fn tile_loop(rounds: u64, quads: &[i32; 32], codes: &[u8; 128], loads: bool, sha
                 )
             };
         }
+        // Each product broadcasts its row's quad from memory.
+        macro_rules! by_products {
+            () => {
+                concat!(
+                    "vpdpbusd zmm0, zmm8, dword ptr [{q}]{{1to16}}\n",
+                    "vpdpbusd zmm1, zmm8, dword ptr [{q} + 32]{{1to16}}\n",
+                    "vpdpbusd zmm2, zmm8, dword ptr [{q} + 64]{{1to16}}\n",
+                    "vpdpbusd zmm3, zmm8, dword ptr [{q} + 96]{{1to16}}\n",
+                    "vpdpbusd zmm4, zmm13, dword ptr [{q}]{{1to16}}\n",
+                    "vpdpbusd zmm5, zmm13, dword ptr [{q} + 32]{{1to16}}\n",
+                    "vpdpbusd zmm6, zmm13, dword ptr [{q} + 64]{{1to16}}\n",
+                    "vpdpbusd zmm7, zmm13, dword ptr [{q} + 96]{{1to16}}",
+                )
+            };
+        }
+        // Each row's quad broadcast once into a register, for both tiles.
+        macro_rules! shared_registers {
+            () => {
+                concat!(
+                    "vpbroadcastd zmm9, dword ptr [{q}]\n",
+                    "vpbroadcastd zmm10, dword ptr [{q} + 32]\n",
+                    "vpbroadcastd zmm11, dword ptr [{q} + 64]\n",
+                    "vpbroadcastd zmm12, dword ptr [{q} + 96]\n",
+                    "vpdpbusd zmm0, zmm8, zmm9\n",
+                    "vpdpbusd zmm1, zmm8, zmm10\n",
+                    "vpdpbusd zmm2, zmm8, zmm11\n",
+                    "vpdpbusd zmm3, zmm8, zmm12\n",
+                    "vpdpbusd zmm4, zmm13, zmm9\n",
+                    "vpdpbusd zmm5, zmm13, zmm10\n",
+                    "vpdpbusd zmm6, zmm13, zmm11\n",
+                    "vpdpbusd zmm7, zmm13, zmm12",
+                )
+            };
+        }
+        // The two tiles' code vectors, loaded again.
+        macro_rules! codes {
+            () => {
+                "vmovdqu64 zmm8, [{w}]\nvmovdqu64 zmm13, [{w} + 64]"
+            };
+        }
         match (loads, shared) {
-            (false, false) => run!(
-                "vpdpbusd zmm0, zmm8, dword ptr [{q}]{{1to16}}",
-                "vpdpbusd zmm1, zmm8, dword ptr [{q} + 32]{{1to16}}",
-                "vpdpbusd zmm2, zmm8, dword ptr [{q} + 64]{{1to16}}",
-                "vpdpbusd zmm3, zmm8, dword ptr [{q} + 96]{{1to16}}",
-                "vpdpbusd zmm4, zmm13, dword ptr [{q}]{{1to16}}",
-                "vpdpbusd zmm5, zmm13, dword ptr [{q} + 32]{{1to16}}",
-                "vpdpbusd zmm6, zmm13, dword ptr [{q} + 64]{{1to16}}",
-                "vpdpbusd zmm7, zmm13, dword ptr [{q} + 96]{{1to16}}"
-            ),
-            (true, false) => run!(
-                "vmovdqu64 zmm8, [{w}]",
-                "vmovdqu64 zmm13, [{w} + 64]",
-                "vpdpbusd zmm0, zmm8, dword ptr [{q}]{{1to16}}",
-                "vpdpbusd zmm1, zmm8, dword ptr [{q} + 32]{{1to16}}",
-                "vpdpbusd zmm2, zmm8, dword ptr [{q} + 64]{{1to16}}",
-                "vpdpbusd zmm3, zmm8, dword ptr [{q} + 96]{{1to16}}",
-                "vpdpbusd zmm4, zmm13, dword ptr [{q}]{{1to16}}",
-                "vpdpbusd zmm5, zmm13, dword ptr [{q} + 32]{{1to16}}",
-                "vpdpbusd zmm6, zmm13, dword ptr [{q} + 64]{{1to16}}",
-                "vpdpbusd zmm7, zmm13, dword ptr [{q} + 96]{{1to16}}"
-            ),
-            (false, true) => run!(
-                "vpbroadcastd zmm9, dword ptr [{q}]",
-                "vpbroadcastd zmm10, dword ptr [{q} + 32]",
-                "vpbroadcastd zmm11, dword ptr [{q} + 64]",
-                "vpbroadcastd zmm12, dword ptr [{q} + 96]",
-                "vpdpbusd zmm0, zmm8, zmm9",
-                "vpdpbusd zmm1, zmm8, zmm10",
-                "vpdpbusd zmm2, zmm8, zmm11",
-                "vpdpbusd zmm3, zmm8, zmm12",
-                "vpdpbusd zmm4, zmm13, zmm9",
-                "vpdpbusd zmm5, zmm13, zmm10",
-                "vpdpbusd zmm6, zmm13, zmm11",
-                "vpdpbusd zmm7, zmm13, zmm12"
-            ),
-            (true, true) => run!(
-                "vmovdqu64 zmm8, [{w}]",
-                "vmovdqu64 zmm13, [{w} + 64]",
-                "vpbroadcastd zmm9, dword ptr [{q}]",
-                "vpbroadcastd zmm10, dword ptr [{q} + 32]",
-                "vpbroadcastd zmm11, dword ptr [{q} + 64]",
-                "vpbroadcastd zmm12, dword ptr [{q} + 96]",
-                "vpdpbusd zmm0, zmm8, zmm9",
-                "vpdpbusd zmm1, zmm8, zmm10",
-                "vpdpbusd zmm2, zmm8, zmm11",
-                "vpdpbusd zmm3, zmm8, zmm12",
-                "vpdpbusd zmm4, zmm13, zmm9",
-                "vpdpbusd zmm5, zmm13, zmm10",
-                "vpdpbusd zmm6, zmm13, zmm11",
-                "vpdpbusd zmm7, zmm13, zmm12"
-            ),
+            (false, false) => run!("", by_products!()),
+            (true, false) => run!(codes!(), by_products!()),
+            (false, true) => run!("", shared_registers!()),
+            (true, true) => run!(codes!(), shared_registers!()),
         }
     }
 }

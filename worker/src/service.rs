@@ -86,6 +86,13 @@ impl Shared {
         }
     }
 
+    /// The loaded stages' device (`None` before a load) and its name as the gateway gave it.
+    fn device(&self) -> (Option<Placement>, String) {
+        let placement = self.placement.lock().ok().and_then(|p| p.clone());
+        let name = self.device.lock().map(|d| d.clone()).unwrap_or_default();
+        (placement, name)
+    }
+
     fn phase(&self) -> Phase {
         self.phase
             .lock()
@@ -569,13 +576,7 @@ impl Worker for WorkerService {
             .map(|s| s.clone())
             .unwrap_or_default();
         let request = request.into_inner();
-        let placement = self.shared.placement.lock().ok().and_then(|p| p.clone());
-        let device = self
-            .shared
-            .device
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default();
+        let (placement, device) = self.shared.device();
         let mut routes = Routes::default();
         // The NCCL hops first: each joins its communicator on a thread of its own, and the
         // other rank joins it when its own worker is linked.
@@ -660,13 +661,7 @@ impl Worker for WorkerService {
                 "an NCCL id before the stages are loaded",
             ));
         }
-        let placement = self.shared.placement.lock().ok().and_then(|p| p.clone());
-        let device = self
-            .shared
-            .device
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default();
+        let (placement, device) = self.shared.device();
         let id = links::unique_id(placement.as_ref(), &device)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(NcclIdResponse { id }))
