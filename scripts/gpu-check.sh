@@ -107,7 +107,7 @@ if [ "$gpus" -ge 2 ]; then
   serve_two tcp --no-nccl
   # NCCL moves the same bytes the TCP frame would: the greedy tokens must be the same.
   if [ -x "$grpcurl" ]; then
-    if cmp -s /tmp/strata-gpu-nccl.chat /tmp/strata-gpu-tcp.chat; then
+    if [ -s /tmp/strata-gpu-nccl.chat ] && cmp -s /tmp/strata-gpu-nccl.chat /tmp/strata-gpu-tcp.chat; then
       echo "greedy chat over the NCCL hop: $(wc -l < /tmp/strata-gpu-nccl.chat) token ids, identical to TCP's: ok"
     else
       echo "greedy chat over the NCCL hop differs from TCP's: FAIL"; diff /tmp/strata-gpu-nccl.chat /tmp/strata-gpu-tcp.chat || true
