@@ -267,13 +267,12 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
         })
     };
     let frame_len = |f: strata_shared::wire::Frame| f.to_bytes().map_or(0, |b| b.len());
-    let activations = strata_shared::wire::Activations {
-        dtype: strata_shared::wire::ActDType::F32,
-        rows: 1,
-        cols: info.hidden_size,
-        carrier: strata_shared::wire::Carrier::Frame,
-        data: vec![0u8; info.hidden_size as usize * 4].into(),
-    };
+    let activations = strata_shared::wire::Activations::in_frame(
+        strata_shared::wire::ActDType::F32,
+        1,
+        info.hidden_size,
+        vec![0u8; info.hidden_size as usize * 4].into(),
+    );
     let into_first = frame_len(step(None));
     let between = frame_len(step(Some(activations)));
     let back = frame_len(strata_shared::wire::Frame::Samples(

@@ -6,9 +6,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use rayon::prelude::*;
-use strata_shared::wire::{
-    ActDType, Activations, Carrier, Frame, Sample, SamplesFrame, SeqStep, StepFrame,
-};
+use strata_shared::wire::{ActDType, Activations, Frame, Sample, SamplesFrame, SeqStep, StepFrame};
 
 use crate::error::{Result, WorkerError};
 use crate::kv::KvCache;
@@ -282,13 +280,12 @@ pub fn to_activations(x: &Hidden) -> Result<Activations> {
     for f in &x.data {
         data.extend_from_slice(&f.to_le_bytes());
     }
-    Ok(Activations {
-        dtype: ActDType::F32,
-        rows: x.rows as u32,
-        cols: x.cols as u32,
-        carrier: Carrier::Frame,
-        data: Bytes::from(data),
-    })
+    Ok(Activations::in_frame(
+        ActDType::F32,
+        x.rows as u32,
+        x.cols as u32,
+        Bytes::from(data),
+    ))
 }
 
 /// Deserializes activations, checking their shape against the step.
