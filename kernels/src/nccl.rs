@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cudarc::driver::{CudaStream, DriverError};
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, DriverError};
 use cudarc::nccl::result::NcclError;
 use cudarc::nccl::safe::{Comm, Id};
 
@@ -77,19 +77,11 @@ enum Transfer {
 }
 
 /// One end of an NCCL hop: its communicator on a thread of its own.
+#[derive(Debug)]
 pub struct NcclPeer {
     transfers: mpsc::Sender<Transfer>,
     /// Why the communicator's thread stopped, once it has.
     failed: Arc<Mutex<Option<String>>>,
-    rank: usize,
-}
-
-impl std::fmt::Debug for NcclPeer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NcclPeer")
-            .field("rank", &self.rank)
-            .finish()
-    }
 }
 
 impl NcclPeer {
@@ -129,11 +121,7 @@ impl NcclPeer {
                 record(&failure, why);
             })
             .map_err(|e| KernelError::Device(format!("cannot start an NCCL thread: {e}")))?;
-        Ok(NcclPeer {
-            transfers,
-            failed,
-            rank,
-        })
+        Ok(NcclPeer { transfers, failed })
     }
 
     /// Fails the hop for good: every later transfer fails at once with `why`.
@@ -214,18 +202,22 @@ fn serve(
     let comm = Comm::from_rank(Arc::clone(stream), rank, 2, id)
         .map_err(|e| nccl_error("ncclCommInitRank", &e))?;
     let peer = if rank == 0 { 1 } else { 0 };
+    // One device buffer for every transfer, grown to the largest.
+    let mut buffer = None;
     while let Ok(transfer) = queue.recv() {
         match transfer {
             Transfer::Send(data) => {
-                let buffer = stream
-                    .clone_htod(&data)
+                let mut staged = staging(stream, &mut buffer, data.len())?;
+                stream
+                    .memcpy_htod(&data, &mut staged)
                     .map_err(|e| driver_error("copy to the device", &e))?;
-                comm.send(&buffer, peer)
+                comm.send(&staged, peer)
                     .map_err(|e| nccl_error("ncclSend", &e))?;
                 stream.synchronize().map_err(|e| driver_error("send", &e))?;
             }
             Transfer::Recv(len, reply) => {
-                let received = receive(stream, &comm, peer, len);
+                let received = staging(stream, &mut buffer, len)
+                    .and_then(|mut staged| receive(stream, &comm, peer, &mut staged));
                 let failure = received.as_ref().err().map(ToString::to_string);
                 let _ = reply.send(received);
                 if let Some(why) = failure {
@@ -237,19 +229,35 @@ fn serve(
     Ok(())
 }
 
+/// The first `len` bytes of the hop's device buffer, which is made (or replaced by a larger
+/// one) when it has fewer.
+fn staging<'b>(
+    stream: &Arc<CudaStream>,
+    buffer: &'b mut Option<CudaSlice<u8>>,
+    len: usize,
+) -> Result<CudaViewMut<'b, u8>, KernelError> {
+    if buffer.as_ref().is_none_or(|b| b.len() < len) {
+        *buffer = None;
+        let grown = stream
+            .alloc_zeros::<u8>(len)
+            .map_err(|e| driver_error("allocate the transfer buffer", &e))?;
+        *buffer = Some(grown);
+    }
+    buffer.as_mut().map(|b| b.slice_mut(..len)).ok_or_else(gone)
+}
+
+/// Receives `staged.len()` bytes from `peer` into `staged`, then copies them to the host.
 fn receive(
     stream: &Arc<CudaStream>,
     comm: &Comm,
     peer: i32,
-    len: usize,
+    staged: &mut CudaViewMut<'_, u8>,
 ) -> Result<Vec<u8>, KernelError> {
-    let mut buffer = stream
-        .alloc_zeros::<u8>(len)
-        .map_err(|e| driver_error("allocate the receive buffer", &e))?;
-    comm.recv(&mut buffer, peer)
+    comm.recv(staged, peer)
         .map_err(|e| nccl_error("ncclRecv", &e))?;
-    let data = stream
-        .clone_dtoh(&buffer)
+    let mut data = vec![0u8; staged.len()];
+    stream
+        .memcpy_dtoh(staged, &mut data)
         .map_err(|e| driver_error("copy to the host", &e))?;
     stream
         .synchronize()
