@@ -733,6 +733,14 @@ fn quantize_block_512(x: &[f32; 32], q: &mut [i32; 8], d: &mut f32, sum: &mut i3
     *d = amax / 127.0;
     let id = _mm512_set1_ps(if *d > 0.0 { 1.0 / *d } else { 0.0 });
     let (qa, qb) = (code_512(a, id), code_512(b, id));
+    store_block_512(qa, qb, q, sum, half);
+}
+
+/// A block's codes (its two halves' 16 each) stored as bytes in `q`, their sum and the first
+/// half's in `sum` and `half`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn store_block_512(qa: __m512i, qb: __m512i, q: &mut [i32; 8], sum: &mut i32, half: &mut i32) {
     *half = _mm512_reduce_add_epi32(qa);
     *sum = *half + _mm512_reduce_add_epi32(qb);
     let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
@@ -915,11 +923,6 @@ fn quantize_residual_512_impl(
         };
         let qa = code_512(residual(load_f32x16(a), ha), id);
         let qb = code_512(residual(load_f32x16(b), hb), id);
-        *half = _mm512_reduce_add_epi32(qa);
-        *sum = *half + _mm512_reduce_add_epi32(qb);
-        let bytes = [_mm512_cvtepi32_epi8(qa), _mm512_cvtepi32_epi8(qb)];
-        for (quads, v) in q.as_chunks_mut::<4>().0.iter_mut().zip(bytes) {
-            store_i128(quads, v);
-        }
+        store_block_512(qa, qb, q, sum, half);
     }
 }
