@@ -218,10 +218,10 @@ macro_rules! isums {
                     unroll_rows!($N, i, {
                         if $rows[i] {
                             let x: &i32 = &$q[i][$k];
-                            // Pairs for three or four rows; with one or two, the loop is
-                            // bound by the weights' memory, where broadcasting in the
-                            // products themselves measured faster (a decode's m = 1: 0.9×
-                            // with pairs).
+                            // Pairs for three or four rows. With one or two, the loop is
+                            // bound by the weights' memory, and pairs there did not pay: a
+                            // decode with the default topology's types measured 0.93×,
+                            // 0.93× and 0.97× with them (Q4_1 alone 1.05×).
                             if $T == 2 && $N >= 3 {
                                 let (a0, a1) = dpbusd_pair!(a[h][0][i], a[h][1][i], c[0], c[1], x);
                                 a[h][0][i] = a0;
