@@ -134,10 +134,9 @@ pub(crate) mod x86 {
         _mm256_castsi256_ps, _mm256_cmp_ps, _mm256_cvtps_epi32, _mm256_div_ps, _mm256_fmadd_ps,
         _mm256_fnmadd_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps, _mm256_round_ps,
         _mm256_set1_epi32, _mm256_set1_ps, _mm256_setzero_ps, _mm256_slli_epi32, _mm256_sub_ps,
-        _mm512_add_epi32, _mm512_add_ps, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
-        _mm512_cvtps_epi32, _mm512_div_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_maskz_mov_ps,
-        _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_roundscale_ps, _mm512_set1_epi32,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_slli_epi32, _mm512_sub_ps,
+        _mm512_add_ps, _mm512_cmp_ps_mask, _mm512_div_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps,
+        _mm512_maskz_scalef_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_roundscale_ps,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
     };
 
     use super::{C1, C2, HIGH, LOG2E, LOW, P, exp, silu_mul_scalar};
@@ -159,12 +158,11 @@ pub(crate) mod x86 {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k));
         }
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, z, r), _mm512_set1_ps(1.0));
-        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
+        // `y · 2ⁿ` by `vscalefps`, zero where `x < LOW`: one instruction for the scalar
+        // path's exponent bits, multiply and select. `n` lies in [−126, 127], so `2ⁿ` is the
+        // normal float the scalar path builds, and both round the same exact product.
         let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(LOW));
-        _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(bits)))
+        _mm512_maskz_scalef_ps(keep, y, n)
     }
 
     /// [`super::exp`] on 8 lanes, operation for operation.
@@ -270,6 +268,9 @@ mod tests {
         let mut rng = Rng::new(11);
         let mut xs: Vec<f32> = (0..20_000).map(|_| rng.uniform() * 175.0 - 87.0).collect();
         xs.extend([0.0, -0.0, 1.0, -1.0, 88.0, -87.0, 1e-8, -1e-8, 0.5, -0.5]);
+        // Where the result is subnormal or near it, and where `n` is largest.
+        xs.extend((0..4000).map(|i| -87.0 + i as f32 * 1e-3));
+        xs.extend((0..1000).map(|i| 88.0 - i as f32 * 1e-3));
         for &x in &xs {
             let (got, want) = (exp(x), x.exp());
             assert!(ulps(got, want) <= 2, "exp({x}) = {got}, libm {want}");
