@@ -268,7 +268,8 @@ mod tests {
         let mut rng = Rng::new(11);
         let mut xs: Vec<f32> = (0..20_000).map(|_| rng.uniform() * 175.0 - 87.0).collect();
         xs.extend([0.0, -0.0, 1.0, -1.0, 88.0, -87.0, 1e-8, -1e-8, 0.5, -0.5]);
-        // Where the result is subnormal or near it, and where `n` is largest.
+        // The range's low end, where `n` is smallest (−126), and its high end, where it is
+        // largest.
         xs.extend((0..4000).map(|i| -87.0 + i as f32 * 1e-3));
         xs.extend((0..1000).map(|i| 88.0 - i as f32 * 1e-3));
         for &x in &xs {

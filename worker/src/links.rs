@@ -78,11 +78,13 @@ impl Routes {
     }
 
     /// Where stage `stage`'s output frame carries activations and the stage has an NCCL hop,
-    /// queues them on the hop and takes them out of the frame, which then says so.
+    /// moves them out of the frame onto the hop (without a copy: the stage's bytes are owned
+    /// by the frame alone), and the frame says so.
     ///
     /// # Errors
     ///
-    /// [`WorkerError::Step`] when the hop has failed; the frame is left as it was.
+    /// [`WorkerError::Step`] when the hop has failed; the frame has lost its activations then,
+    /// and goes no further (the step fails).
     pub fn send(&self, stage: u32, frame: &mut Frame) -> Result<()> {
         let Frame::Step(step) = frame else {
             return Ok(());
@@ -90,12 +92,11 @@ impl Routes {
         let (Some(a), Some(link)) = (&mut step.hidden, self.nccl_out.get(&stage)) else {
             return Ok(());
         };
-        send(link, a.data.to_vec()).map_err(|e| {
+        send(link, Vec::from(std::mem::take(&mut a.data))).map_err(|e| {
             WorkerError::Step(format!(
                 "stage {stage}: sending its activations over NCCL: {e}"
             ))
         })?;
-        a.data = Bytes::new();
         a.carrier = Carrier::Nccl;
         Ok(())
     }

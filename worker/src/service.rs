@@ -576,17 +576,37 @@ impl Worker for WorkerService {
             .map(|s| s.clone())
             .unwrap_or_default();
         let request = request.into_inner();
+        // Every check before any effect: a refused request joins no communicator and opens no
+        // connection.
+        if let Some(hop) = request.hops.iter().find(|h| !loaded.contains(&h.stage)) {
+            return Err(Status::invalid_argument(format!(
+                "hops: stage {} is not loaded on this worker",
+                hop.stage
+            )));
+        }
+        if let Some(inbound) = request
+            .nccl_inbound
+            .iter()
+            .find(|i| !loaded.contains(&i.stage))
+        {
+            return Err(Status::invalid_argument(format!(
+                "nccl_inbound: stage {} is not loaded on this worker",
+                inbound.stage
+            )));
+        }
+        if let Some(missing) = loaded
+            .iter()
+            .find(|&&s| !request.hops.iter().any(|h| h.stage == s))
+        {
+            return Err(Status::invalid_argument(format!(
+                "hops: no next hop for stage {missing}"
+            )));
+        }
         let (placement, device) = self.shared.device();
         let mut routes = Routes::default();
         // The NCCL hops first: each joins its communicator on a thread of its own, and the
         // other rank joins it when its own worker is linked.
         for inbound in &request.nccl_inbound {
-            if !loaded.contains(&inbound.stage) {
-                return Err(Status::invalid_argument(format!(
-                    "nccl_inbound: stage {} is not loaded on this worker",
-                    inbound.stage
-                )));
-            }
             let link = links::join(
                 placement.as_ref(),
                 &device,
@@ -598,21 +618,12 @@ impl Worker for WorkerService {
             routes.nccl_in.insert(inbound.stage, link);
         }
         for hop in request.hops.iter().filter(|h| !h.nccl_id.is_empty()) {
-            if !loaded.contains(&hop.stage) {
-                continue; // refused below
-            }
             let link = links::join(placement.as_ref(), &device, hop.stage, &hop.nccl_id, 0)
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
             routes.nccl_out.insert(hop.stage, link);
         }
         let mut by_addr: HashMap<String, mpsc::Sender<Frame>> = HashMap::new();
         for hop in request.hops {
-            if !loaded.contains(&hop.stage) {
-                return Err(Status::invalid_argument(format!(
-                    "hops: stage {} is not loaded on this worker",
-                    hop.stage
-                )));
-            }
             let tx = match by_addr.get(&hop.address) {
                 Some(tx) => tx.clone(),
                 None => {
@@ -638,11 +649,6 @@ impl Worker for WorkerService {
                 }
             };
             routes.next.insert(hop.stage, tx);
-        }
-        if let Some(missing) = loaded.iter().find(|s| !routes.next.contains_key(s)) {
-            return Err(Status::invalid_argument(format!(
-                "hops: no next hop for stage {missing}"
-            )));
         }
         self.shared
             .jobs
