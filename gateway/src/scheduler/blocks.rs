@@ -29,7 +29,9 @@ struct Block {
 pub struct BlockManager {
     block_size: usize,
     blocks: Vec<Block>,
-    /// Unheld and uncached: take these first.
+    /// Unheld and uncached: take these first, the most recently freed first (its pages are
+    /// resident in every stage and likely still in the CPU's caches; untouched blocks stay
+    /// untouched, costing address space but no memory, until the load needs them).
     free: VecDeque<u32>,
     /// Unheld but cached, by release time: evicted oldest first.
     evictable: BTreeMap<u64, u32>,
@@ -175,7 +177,7 @@ impl BlockManager {
                     b.released_at = Some(self.clock);
                     self.evictable.insert(self.clock, id);
                 } else {
-                    self.free.push_back(id);
+                    self.free.push_front(id);
                 }
             }
         }
@@ -238,6 +240,16 @@ mod tests {
         m.release(&a);
         assert_eq!((m.available(), m.held()), (4, 0));
         m.check(&[]).unwrap();
+    }
+
+    #[test]
+    fn freed_blocks_are_taken_again_before_untouched_ones() {
+        let mut m = BlockManager::new(8, 16);
+        let a = m.allocate_n(3).unwrap();
+        assert_eq!(a, [0, 1, 2], "the pool is taken from its start");
+        m.release(&a[1..]);
+        // The most recently freed first, then the pool's untouched rest.
+        assert_eq!(m.allocate_n(3).unwrap(), [2, 1, 3]);
     }
 
     #[test]
