@@ -65,6 +65,10 @@ pub const TILE_ROWS: usize = 16;
 /// Activation rows that share one unpacking of a tile's codes.
 pub(crate) const ROW_GROUP: usize = 4;
 
+/// The activations' bytes of a chunk of rows ([`PackedMatrix::tile_pairs`]): half of a Zen 4 or
+/// 5 core's L2, so that the tiles streaming past have the other half.
+const CHUNK_BYTES: usize = 512 << 10;
+
 /// How finely activations are quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
@@ -341,8 +345,10 @@ impl PackedMatrix {
 
     /// Every pair of tiles against every row, each task writing its tiles' columns of `out`.
     /// Tasks take pairs of tiles (the AVX-512 kernel shares each activation broadcast between
-    /// them) against every row, so that the weights are read from memory once whatever the
-    /// batch.
+    /// them) against the rows, so that the weights are read from memory once per chunk of rows
+    /// whatever the batch. A long prompt's rows go in chunks ([`Self::chunk_rows`]) whose
+    /// activations stay in L2 while every tile passes by: without them, each pair of tiles
+    /// streamed all the rows' activations from L3 again.
     fn tile_pairs(
         &self,
         level: Int8Level,
@@ -354,44 +360,56 @@ impl PackedMatrix {
         let m = rows.len();
         let tiles = self.tiles();
         let pairs = tiles.div_ceil(2);
-        let groups = act::precision_runs(rows, 0..m);
-        let task = |strip: Strip<'_, '_>| {
-            let first_tile = strip.first() / TILE_ROWS;
-            let n_tiles = if first_tile + 1 < tiles { 2 } else { 1 };
-            // The (up to two) tiles after these (this task's next strip, or the next task's
-            // first), which the first group of rows asks the memory for near its tiles' end and
-            // the second all along, while it computes from cache.
-            let after = first_tile + n_tiles;
-            let next = [
-                self.tile(after.min(tiles - 1)),
-                self.tile((after + 1).min(tiles - 1)),
-            ];
-            let next = &next[..tiles.min(after + 2).saturating_sub(after)];
-            let both = [self.tile(first_tile), self.tile(first_tile + n_tiles - 1)];
-            let tiles = &both[..n_tiles];
-            let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
-            for (index, g) in groups.iter().enumerate() {
-                let n = g.len();
-                let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
-                let prefetch = match index {
-                    0 => Prefetch::Own(next),
-                    1 => Prefetch::Next(next),
-                    _ => Prefetch::None,
-                };
-                self.tiles_products(level, tiles, &rows[g.clone()], tmp, prefetch);
-                // `tmp` is `[tiles][rows][16]`.
-                for (t, tile) in tmp.chunks_exact(n * TILE_ROWS).enumerate() {
-                    for (i, lanes) in tile.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
-                        strip.write(g.start + i, t * TILE_ROWS, lanes);
+        let chunk = self.chunk_rows(rows.iter().any(|r| r.lo.is_some()));
+        for start in (0..m).step_by(chunk) {
+            let groups = act::precision_runs(rows, start..(start + chunk).min(m));
+            let task = |strip: Strip<'_, '_>| {
+                let first_tile = strip.first() / TILE_ROWS;
+                let n_tiles = if first_tile + 1 < tiles { 2 } else { 1 };
+                // The (up to two) tiles after these (this task's next strip, or the next
+                // task's first), which the first group of rows asks the memory for near its
+                // tiles' end and the second all along, while it computes from cache.
+                let after = first_tile + n_tiles;
+                let next = [
+                    self.tile(after.min(tiles - 1)),
+                    self.tile((after + 1).min(tiles - 1)),
+                ];
+                let next = &next[..tiles.min(after + 2).saturating_sub(after)];
+                let both = [self.tile(first_tile), self.tile(first_tile + n_tiles - 1)];
+                let tiles = &both[..n_tiles];
+                let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
+                for (index, g) in groups.iter().enumerate() {
+                    let n = g.len();
+                    let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
+                    let prefetch = match index {
+                        0 => Prefetch::Own(next),
+                        1 => Prefetch::Next(next),
+                        _ => Prefetch::None,
+                    };
+                    self.tiles_products(level, tiles, &rows[g.clone()], tmp, prefetch);
+                    // `tmp` is `[tiles][rows][16]`.
+                    for (t, tile) in tmp.chunks_exact(n * TILE_ROWS).enumerate() {
+                        for (i, lanes) in tile.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
+                            strip.write(g.start + i, t * TILE_ROWS, lanes);
+                        }
                     }
                 }
-            }
-        };
-        // Few rows make short tasks, and rayon's splitting costs microseconds a job: one run of
-        // tiles per thread then; more, for balance, when the tasks are long.
-        let per_thread = if m > ROW_GROUP { 4 } else { 1 };
-        let min_len = pairs.div_ceil(threads * per_thread);
-        out.for_each_strip(2 * TILE_ROWS, parallel, min_len, task);
+            };
+            // Few rows make short tasks, and rayon's splitting costs microseconds a job: one
+            // run of tiles per thread then; more, for balance, when the tasks are long.
+            let per_thread = if groups.len() > 1 { 4 } else { 1 };
+            let min_len = pairs.div_ceil(threads * per_thread);
+            out.for_each_strip(2 * TILE_ROWS, parallel, min_len, task);
+        }
+    }
+
+    /// Rows whose quantized activations (one plane, or two with `two_planes`) take about
+    /// [`CHUNK_BYTES`], in whole groups of [`ROW_GROUP`].
+    fn chunk_rows(&self, two_planes: bool) -> usize {
+        let planes = if two_planes { 2 } else { 1 };
+        // Per plane and block: the codes, the scale, the sums and the flag.
+        let row_bytes = planes * self.blocks() * (QBLOCK + 13);
+        (CHUNK_BYTES / row_bytes.max(1) / ROW_GROUP).max(1) * ROW_GROUP
     }
 
     /// Results of 1 to [`ROW_GROUP`] activation rows against one or two tiles, into `out`
