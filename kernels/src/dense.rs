@@ -76,6 +76,10 @@ pub struct DenseMatrix {
 /// 8, `docs/benchmarks.md`).
 const WEIGHT_ROWS: usize = rowwise::ROWS_PER_TASK / 2;
 
+/// The activations' bytes of a chunk of rows ([`DenseMatrix::matmul_at`]): half of a Zen 4 or 5
+/// core's L2, so that the weight rows streaming past have the other half.
+const CHUNK_BYTES: usize = 512 << 10;
+
 impl DenseMatrix {
     /// Wraps `data` as `[rows, cols]`.
     ///
@@ -106,7 +110,16 @@ impl DenseMatrix {
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         check_matmul(self.rows, self.cols, x, m, out)?;
-        let cols = self.cols;
+        let (rows, cols) = (self.rows, self.cols);
+        // A long prompt's rows in chunks whose activations stay in L2 while every weight row
+        // passes by (each output element is computed alike in any chunk).
+        let chunk = (CHUNK_BYTES / (4 * cols).max(1) / 4).max(1) * 4;
+        if m > chunk && rows > 0 && cols > 0 {
+            for (x, out) in x.chunks(chunk * cols).zip(out.chunks_mut(chunk * rows)) {
+                self.matmul_at(level, x, x.len() / cols, out)?;
+            }
+            return Ok(());
+        }
         // The kernel of a weight format at a level, on the group of weight rows at `j0`.
         macro_rules! on_group {
             ($w:expr, $avx512:ident, $avx2:ident) => {
@@ -326,6 +339,32 @@ mod tests {
                         .iter()
                         .map(|v| v.to_bits())
                         .collect::<Vec<_>>(),
+                    "{} row {i}",
+                    matrix.format()
+                );
+            }
+        }
+    }
+
+    /// A long prompt's rows go through the weights in chunks: every row still gets the bits
+    /// it has alone, across the chunks' boundaries.
+    #[test]
+    fn rows_in_chunks_give_each_row_its_result_alone() {
+        let mut rng = Rng::new(12);
+        let (rows, cols, m) = (20, 576, 500);
+        assert!(CHUNK_BYTES / (4 * cols) < m / 2);
+        let w = rng.normal_vec(rows * cols, 0.05);
+        let x = rng.normal_vec(m * cols, 1.0);
+        for (matrix, _) in matrices(&w, rows, cols) {
+            let mut all = vec![0.0; m * rows];
+            matrix.matmul(&x, m, &mut all).unwrap();
+            for i in (0..m).step_by(3) {
+                let mut one = vec![0.0; rows];
+                matrix.matmul(&x[i * cols..][..cols], 1, &mut one).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&one),
+                    bits(&all[i * rows..][..rows]),
                     "{} row {i}",
                     matrix.format()
                 );
