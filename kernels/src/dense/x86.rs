@@ -4,8 +4,9 @@
 //! A call covers a group of weight rows (half a task's). AVX-512 takes the activations 4 rows at a
 //! time and, for each such block, the weight rows 4 at a time: 16 accumulators, each weight
 //! vector widened once and each activation vector loaded once per 16 columns for 4
-//! multiply-adds, the activation block staying in L1 while the weight rows pass by. AVX2 holds a lane set of 16 as two 8-lane halves, so it
-//! blocks 2 weight rows by 2 activation rows.
+//! multiply-adds, the activation block staying in L1 while the weight rows pass by; the 16
+//! accumulators' lanes are then summed together ([`reduce_16x16`]). AVX2 holds a lane set of 16
+//! as two 8-lane halves, so it blocks 2 weight rows by 2 activation rows.
 
 #![allow(unsafe_code)]
 
