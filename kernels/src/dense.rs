@@ -76,10 +76,6 @@ pub struct DenseMatrix {
 /// 8, `docs/benchmarks.md`).
 const WEIGHT_ROWS: usize = rowwise::ROWS_PER_TASK / 2;
 
-/// The activations' bytes of a chunk of rows ([`DenseMatrix::matmul_at`]): half of a Zen 4 or 5
-/// core's L2, so that the weight rows streaming past have the other half.
-const CHUNK_BYTES: usize = 512 << 10;
-
 impl DenseMatrix {
     /// Wraps `data` as `[rows, cols]`.
     ///
@@ -113,7 +109,7 @@ impl DenseMatrix {
         let (rows, cols) = (self.rows, self.cols);
         // A long prompt's rows in chunks whose activations stay in L2 while every weight row
         // passes by (each output element is computed alike in any chunk).
-        let chunk = (CHUNK_BYTES / (4 * cols).max(1) / 4).max(1) * 4;
+        let chunk = rowwise::chunk_rows(m, 4 * cols);
         if m > chunk && rows > 0 && cols > 0 {
             for (x, out) in x.chunks(chunk * cols).zip(out.chunks_mut(chunk * rows)) {
                 self.matmul_at(level, x, x.len() / cols, out)?;
@@ -352,7 +348,7 @@ mod tests {
     fn rows_in_chunks_give_each_row_its_result_alone() {
         let mut rng = Rng::new(12);
         let (rows, cols, m) = (20, 576, 500);
-        assert!(CHUNK_BYTES / (4 * cols) < m / 2);
+        assert!(rowwise::chunk_rows(m, 4 * cols) < m / 2);
         let w = rng.normal_vec(rows * cols, 0.05);
         let x = rng.normal_vec(m * cols, 1.0);
         for (matrix, _) in matrices(&w, rows, cols) {

@@ -17,6 +17,26 @@ const PARALLEL_MIN_MACS: usize = 1 << 17;
 /// Weight rows per rayon task.
 pub(crate) const ROWS_PER_TASK: usize = 16;
 
+/// The most activation bytes of a chunk of a long prompt's rows ([`chunk_rows`]): half of a Zen 4
+/// or 5 core's L2, so that the weights streaming past have the other half.
+const CHUNK_BYTES: usize = 512 << 10;
+
+/// The rows of each chunk of a product of `m` rows of `row_bytes` activation bytes each, which
+/// the products take one after another so that a chunk's activations stay in L2 while every
+/// weight passes by them (rather than streaming every row from L3 again for each few weight
+/// rows): chunks of equal size within [`CHUNK_BYTES`], in whole blocks of 4 rows (the kernels'
+/// blocks), or a single one up to twice that, whose activations still fit in L2. Each output
+/// element is computed alike in any chunk.
+pub(crate) fn chunk_rows(m: usize, row_bytes: usize) -> usize {
+    let budget = (CHUNK_BYTES / row_bytes.max(1)).max(1);
+    let chunks = if m > 2 * budget {
+        m.div_ceil(budget)
+    } else {
+        1
+    };
+    m.div_ceil(chunks).next_multiple_of(4).max(4)
+}
+
 /// Activation rows the SIMD kernels process together, so that each decoded weight vector is
 /// reused from registers this many times.
 #[cfg(target_arch = "x86_64")]
@@ -169,5 +189,19 @@ mod tests {
         let mut out: [f32; 0] = [];
         for_each_weight_row(0, 4, 3, &mut out, |_, _| unreachable!());
         for_each_weight_row(4, 4, 0, &mut out, |_, _| unreachable!());
+    }
+
+    #[test]
+    fn chunks_are_equal_and_only_past_twice_the_budget() {
+        // Rows of 576 f32 columns (2,304 bytes): 227 fit the budget.
+        assert_eq!(chunk_rows(128, 2304), 128);
+        assert_eq!(
+            chunk_rows(454, 2304),
+            456,
+            "one chunk up to twice the budget"
+        );
+        assert_eq!(chunk_rows(455, 2304), 152, "then three equal ones");
+        assert_eq!(chunk_rows(4000, 2304), 224);
+        assert_eq!(chunk_rows(1, 0), 4);
     }
 }

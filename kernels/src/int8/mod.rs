@@ -53,6 +53,7 @@ use crate::columns::{Columns, Strip};
 use crate::cpu::{self, Int8Level};
 use crate::error::KernelError;
 use crate::matrix::{QuantMatrix, check_len, check_matmul, check_row, checked_len};
+use crate::rowwise;
 
 pub use act::QuantizedActivations;
 pub(crate) use act::{ActRow, PlaneRow};
@@ -64,10 +65,6 @@ pub const QBLOCK: usize = 32;
 pub const TILE_ROWS: usize = 16;
 /// Activation rows that share one unpacking of a tile's codes.
 pub(crate) const ROW_GROUP: usize = 4;
-
-/// The activations' bytes of a chunk of rows ([`PackedMatrix::tile_pairs`]): half of a Zen 4 or
-/// 5 core's L2, so that the tiles streaming past have the other half.
-const CHUNK_BYTES: usize = 512 << 10;
 
 /// How finely activations are quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -346,7 +343,7 @@ impl PackedMatrix {
     /// Every pair of tiles against every row, each task writing its tiles' columns of `out`.
     /// Tasks take pairs of tiles (the AVX-512 kernel shares each activation broadcast between
     /// them) against the rows, so that the weights are read from memory once per chunk of rows
-    /// whatever the batch. A long prompt's rows go in chunks ([`Self::chunk_rows`]) whose
+    /// whatever the batch. A long prompt's rows go in chunks ([`rowwise::chunk_rows`]) whose
     /// activations stay in L2 while every tile passes by: without them, each pair of tiles
     /// streamed all the rows' activations from L3 again.
     fn tile_pairs(
@@ -360,7 +357,8 @@ impl PackedMatrix {
         let m = rows.len();
         let tiles = self.tiles();
         let pairs = tiles.div_ceil(2);
-        let chunk = self.chunk_rows(rows.iter().any(|r| r.lo.is_some()));
+        let two_planes = rows.iter().any(|r| r.lo.is_some());
+        let chunk = rowwise::chunk_rows(m, self.activation_row_bytes(two_planes));
         for start in (0..m).step_by(chunk) {
             let groups = act::precision_runs(rows, start..(start + chunk).min(m));
             let task = |strip: Strip<'_, '_>| {
@@ -403,13 +401,11 @@ impl PackedMatrix {
         }
     }
 
-    /// Rows whose quantized activations (one plane, or two with `two_planes`) take about
-    /// [`CHUNK_BYTES`], in whole groups of [`ROW_GROUP`].
-    fn chunk_rows(&self, two_planes: bool) -> usize {
+    /// The bytes of one row's quantized activations, one plane or two (`two_planes`).
+    fn activation_row_bytes(&self, two_planes: bool) -> usize {
         let planes = if two_planes { 2 } else { 1 };
         // Per plane and block: the codes, the scale, the sums and the flag.
-        let row_bytes = planes * self.blocks() * (QBLOCK + 13);
-        (CHUNK_BYTES / row_bytes.max(1) / ROW_GROUP).max(1) * ROW_GROUP
+        planes * self.blocks() * (QBLOCK + 13)
     }
 
     /// Results of 1 to [`ROW_GROUP`] activation rows against one or two tiles, into `out`

@@ -257,7 +257,8 @@ fn rows_in_chunks_give_each_row_its_result_alone() {
     let policies: [&dyn Fn(usize) -> Precision; 3] =
         [&|_| Precision::Int8, &|_| Precision::Int8x2, &one_or_two];
     for precision in policies {
-        assert!(packed.chunk_rows(precision(1) == Precision::Int8x2) < m / 2);
+        let row_bytes = packed.activation_row_bytes(precision(1) == Precision::Int8x2);
+        assert!(crate::rowwise::chunk_rows(m, row_bytes) < m / 2);
         let mut all = QuantizedActivations::default();
         all.quantize_rows(&x, m, cols, precision).unwrap();
         let mut batch = vec![0.0; m * rows];
