@@ -263,6 +263,20 @@ fn rows_in_chunks_give_each_row_its_result_alone() {
         all.quantize_rows(&x, m, cols, precision).unwrap();
         let mut batch = vec![0.0; m * rows];
         packed.matmul_quantized(&all, &mut batch).unwrap();
+        // Into one buffer per part, as a layer's fused projections: the same results.
+        let mut parts = [vec![f32::NAN; m * 24], vec![f32::NAN; m * 16]];
+        let [a, b] = &mut parts;
+        packed
+            .matmul_quantized_parts(&all, &mut [&mut a[..], &mut b[..]], &[24, 16])
+            .unwrap();
+        for i in 0..m {
+            assert_eq!(parts[0][i * 24..][..24], batch[i * rows..][..24], "row {i}");
+            assert_eq!(
+                parts[1][i * 16..][..16],
+                batch[i * rows + 24..][..16],
+                "row {i}"
+            );
+        }
         for i in (0..m).step_by(3) {
             let mut one = QuantizedActivations::default();
             one.quantize_from(&x[i * cols..][..cols], 1, cols, precision(i))
