@@ -1,5 +1,6 @@
 //! Figures, not a test: the f32 dense products of one decoder layer of the default model's shape
-//! (hidden 576, intermediate 1536) at several batch sizes, in G multiply-adds per second.
+//! (hidden 576, intermediate 1536) at several batch sizes, in G multiply-adds per second, and a
+//! decode's products over 24 layers' weights read from memory, in GB/s.
 //!
 //! `cargo run --release -p strata-kernels --example dense_speed [THREADS]`
 
@@ -36,7 +37,7 @@ fn run() {
             DenseMatrix::new(r, c, DenseData::F32(w)).unwrap()
         })
         .collect();
-    // A decode's products over 24 layers' weights (380 MB of f32): from memory, as in a model.
+    // A decode's products over 24 layers' weights (340 MB of f32): from memory, as in a model.
     let layers: Vec<Vec<DenseMatrix>> = (0..24)
         .map(|l| {
             [
