@@ -296,7 +296,7 @@ pub(crate) fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) 
         &mut |tensor, done, total| task.update(done, total, tensor),
     )?;
     drop(task);
-    strata_worker::memory::release_free_heap();
+    strata_worker::memory::release_idle_pages();
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         weight_bytes = engine.weight_bytes(),

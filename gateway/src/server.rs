@@ -185,7 +185,7 @@ pub fn resolve(cfg: &ModelChoice) -> Result<Resolved, GatewayError> {
         &meta.config.eos_token_ids,
     )?);
     // Building the tokenizer leaves the heap full of holes.
-    strata_shared::memory::release_free_heap();
+    strata_shared::memory::release_idle_pages();
     Ok(Resolved {
         meta,
         plan,

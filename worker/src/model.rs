@@ -620,7 +620,7 @@ impl ModelSlice {
             layers.push(DecoderLayer::load(&mut l, i, &cfg)?);
             // Each layer's transient full-precision and raw copies are freed by now; glibc
             // keeps their pages resident (and the peak grows layer by layer) unless told.
-            strata_shared::memory::release_free_heap();
+            strata_shared::memory::release_idle_pages();
         }
         let rope = if n_layers > 0 {
             let factors = match meta.tensor(TensorRole::RopeFreqs) {

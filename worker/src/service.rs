@@ -526,7 +526,7 @@ impl Worker for WorkerService {
                     shared.set_phase(Phase::Ready);
                     shared.metrics.loaded(started.elapsed().as_secs_f64());
                     // The load's transient copies (and any earlier stages) are freed by now.
-                    memory::release_free_heap();
+                    memory::release_idle_pages();
                     let rss = memory::rss();
                     tracing::info!(
                         weight_bytes = bytes,
