@@ -2,6 +2,9 @@
 //! per SIMD level; [`Portable`] here), and the online-softmax weights of a run built on them
 //! ([`weights`], and [`weights_each`] for several rows).
 
+use std::ops::Range;
+
+use super::tile::{Column, TILE_ROWS};
 use super::{KvElement, RUN, Run};
 use crate::math;
 
@@ -52,25 +55,50 @@ pub(super) fn weights_scaling<V: VectorOps>(
     *denominator += ops.exp_sum(scores, *max);
 }
 
-/// [`VectorOps::scores_pair`] as two calls of [`VectorOps::scores`].
+/// A tile's queries in the form a level's [`VectorOps::scores_columns`] reads
+/// ([`VectorOps::prepare_queries`]), starting on a cache line, so that no 64-byte load of them
+/// straddles two.
+#[derive(Default)]
+pub(super) struct Prepared {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Prepared {
+    /// `len` zeros from a 64-byte boundary, to fill.
+    pub(super) fn zeroed(&mut self, len: usize) -> &mut [f32] {
+        self.buf.clear();
+        self.buf.resize(len + 15, 0.0);
+        // Correct from any start; only the loads' speed depends on the alignment.
+        self.start = self.buf.as_ptr().align_offset(64).min(15);
+        self.len = len;
+        &mut self.buf[self.start..self.start + len]
+    }
+
+    pub(super) fn as_slice(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// For each of `R` runs in order, each head of `y` rescaled by its factor (skipped where it
+/// is 1), then [`VectorOps::accumulate`] of the run's weights `w[r]` and values `x[r]`.
 #[inline(always)]
-pub(super) fn scores_each<V: VectorOps>(
+pub(super) fn scale_accumulate_each<V: VectorOps, const R: usize>(
     ops: V,
-    q: &[f32],
-    keys: [&[f32]; 2],
-    block_size: usize,
-    scale: f32,
-    scores: [&mut [[f32; RUN]]; 2],
+    y: &mut [f32],
+    factors: [&[f32]; R],
+    w: [&[[f32; RUN]]; R],
+    x: [&[f32]; R],
 ) {
-    for (keys, scores) in keys.into_iter().zip(scores) {
-        let run = Run {
-            keys,
-            block_size,
-            slot: 0,
-            values: &[],
-            len: block_size,
-        };
-        ops.scores(q, &run, scale, scores);
+    let hd = y.len() / w.first().map_or(1, |w| w.len().max(1));
+    for ((factors, w), x) in factors.into_iter().zip(w).zip(x) {
+        for (y, &factor) in y.chunks_exact_mut(hd).zip(factors) {
+            if factor != 1.0 {
+                ops.scale(y, factor);
+            }
+        }
+        ops.accumulate(y, w, x);
     }
 }
 
@@ -115,19 +143,6 @@ pub(super) trait VectorOps: Copy {
         scale: f32,
         scores: &mut [[f32; RUN]],
     );
-    /// The scores of two whole blocks of keys (`keys[b]`, `[head_dim][block_size]`, as in the
-    /// pool) into `scores[b]`: bit for bit [`VectorOps::scores`] of each block alone, where a
-    /// level may load each query value once for both.
-    fn scores_pair(
-        self,
-        q: &[f32],
-        keys: [&[f32]; 2],
-        block_size: usize,
-        scale: f32,
-        scores: [&mut [[f32; RUN]]; 2],
-    ) {
-        scores_each(self, q, keys, block_size, scale, scores);
-    }
     /// `y[h][i] += Σ_j w[h][j] · x[j][i]` over the `x.len() / head_dim` rows of `x`, each
     /// element's terms added in the order of `j`.
     fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]);
@@ -152,6 +167,146 @@ pub(super) trait VectorOps: Copy {
         factors: &mut [f32],
     ) {
         weights_each(self, scores, lens, state, factors);
+    }
+
+    /// The queries of a tile's rows (`q`, `[rows][head_dim]`) in the form this level's
+    /// [`VectorOps::scores_columns`] reads for runs of keys `stride` slots apart, into `out`:
+    /// here the rows as they are.
+    fn prepare_queries(self, q: &[f32], _hd: usize, _stride: usize, out: &mut Prepared) {
+        out.zeroed(q.len()).copy_from_slice(q);
+    }
+
+    /// The scores of a run of `n` slots (`keys`, f32, `[head_dim][stride]`) for a tile's rows
+    /// `rows` (`q` from [`VectorOps::prepare_queries`]), in columns: `cols[j][r]` is row `r`'s
+    /// score of slot `j`, bit for bit [`VectorOps::scores`] of the row alone. Other entries of
+    /// `cols` may change.
+    fn scores_columns(
+        self,
+        q: &[f32],
+        hd: usize,
+        run: (&[f32], usize, usize),
+        scale: f32,
+        rows: Range<usize>,
+        cols: &mut [Column],
+    ) {
+        scores_columns_rows(self, q, hd, run, scale, rows, cols);
+    }
+
+    /// [`VectorOps::weights_rows`] of a tile's rows `rows` over their scores in columns
+    /// (`cols[j][r]`, `cols.len()` slots, replaced by the weights): row `r` over its first
+    /// `lens[r]` slots, its state `max[r]` and `denominator[r]`, its factor into `factors[r]`
+    /// (all indexed by row). Each row's bits are those it has alone; other rows' entries may
+    /// change, but not their state.
+    fn weights_columns(
+        self,
+        cols: &mut [Column],
+        rows: Range<usize>,
+        lens: &[usize],
+        state: (&mut [f32], &mut [f32]),
+        factors: &mut [f32],
+    ) {
+        weights_columns_rows(self, cols, rows, lens, state, factors);
+    }
+
+    /// For each of `R` runs in order, the outputs `y` of a tile's rows `rows` rescaled by their
+    /// factors (`factors[run][r]`, skipped where 1), then the run's values `x[run]` weighted
+    /// by its weights in columns (`cols[run][j][r]`) added ([`VectorOps::accumulate`]): bit
+    /// for bit those steps one after the other, where a level may keep `y` in registers
+    /// through them all.
+    fn scale_accumulate_columns<const R: usize>(
+        self,
+        y: &mut [f32],
+        rows: Range<usize>,
+        factors: [&[f32]; R],
+        cols: [&[Column]; R],
+        x: [&[f32]; R],
+    ) {
+        scale_accumulate_columns_rows(self, y, rows, factors, cols, x);
+    }
+}
+
+/// [`VectorOps::scores_columns`] through [`VectorOps::scores`] of the rows, then copied into
+/// the columns.
+#[inline(always)]
+pub(super) fn scores_columns_rows<V: VectorOps>(
+    ops: V,
+    q: &[f32],
+    hd: usize,
+    (keys, stride, n): (&[f32], usize, usize),
+    scale: f32,
+    rows: Range<usize>,
+    cols: &mut [Column],
+) {
+    let mut scores = [[0.0f32; RUN]; TILE_ROWS];
+    let scores = &mut scores[..rows.len()];
+    let run = Run {
+        keys,
+        block_size: stride,
+        slot: 0,
+        values: &[],
+        len: n,
+    };
+    ops.scores(&q[rows.start * hd..rows.end * hd], &run, scale, scores);
+    for (r, scores) in rows.zip(scores.iter()) {
+        for (column, &score) in cols.iter_mut().zip(&scores[..n]) {
+            column[r] = score;
+        }
+    }
+}
+
+/// [`VectorOps::scale_accumulate_columns`] through [`scale_accumulate_each`], the weights
+/// copied out of the columns into rows.
+#[inline(always)]
+pub(super) fn scale_accumulate_columns_rows<V: VectorOps, const R: usize>(
+    ops: V,
+    y: &mut [f32],
+    rows: Range<usize>,
+    factors: [&[f32]; R],
+    cols: [&[Column]; R],
+    x: [&[f32]; R],
+) {
+    let mut w = [[[0.0f32; RUN]; TILE_ROWS]; R];
+    for (w, cols) in w.iter_mut().zip(cols) {
+        for (r, w) in rows.clone().zip(w.iter_mut()) {
+            for (w, column) in w.iter_mut().zip(cols) {
+                *w = column[r];
+            }
+        }
+    }
+    let w: [&[[f32; RUN]]; R] = std::array::from_fn(|i| &w[i][..rows.len()]);
+    let factors = factors.map(|f| &f[rows.clone()]);
+    scale_accumulate_each(ops, y, factors, w, x);
+}
+
+/// [`VectorOps::weights_columns`] through [`VectorOps::weights_rows`] of the rows copied out of
+/// the columns, and back.
+#[inline(always)]
+pub(super) fn weights_columns_rows<V: VectorOps>(
+    ops: V,
+    cols: &mut [Column],
+    rows: Range<usize>,
+    lens: &[usize],
+    (max, denominator): (&mut [f32], &mut [f32]),
+    factors: &mut [f32],
+) {
+    let mut scores = [[0.0f32; RUN]; TILE_ROWS];
+    let scores = &mut scores[..rows.len()];
+    for (r, scores) in rows.clone().zip(scores.iter_mut()) {
+        for (score, column) in scores.iter_mut().zip(cols.iter()) {
+            *score = column[r];
+        }
+    }
+    let state = (&mut max[rows.clone()], &mut denominator[rows.clone()]);
+    ops.weights_rows(
+        scores,
+        &lens[rows.clone()],
+        state,
+        &mut factors[rows.clone()],
+    );
+    for (r, scores) in rows.zip(scores.iter()) {
+        for (column, &weight) in cols.iter_mut().zip(scores.iter()) {
+            column[r] = weight;
+        }
     }
 }
 

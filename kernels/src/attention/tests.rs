@@ -1,4 +1,5 @@
-use super::ops::{scores_each, weights_each};
+use super::ops::{Prepared, weights_each};
+use super::tile::{Column, TILE_ROWS};
 use super::*;
 use crate::cpu::supported_levels;
 use crate::test_util::Rng;
@@ -649,41 +650,53 @@ fn run_weights_and_their_sum_are_the_same_bits_at_every_level() {
     }
 }
 
-/// [`VectorOps::weights_rows`] at `level`.
-fn weights_rows_at(
+/// [`VectorOps::weights_columns`] at `level`.
+fn weights_columns_at(
     level: Level,
-    scores: &mut [[f32; RUN]],
+    cols: &mut [Column],
+    rows: std::ops::Range<usize>,
     lens: &[usize],
     state: (&mut [f32], &mut [f32]),
     factors: &mut [f32],
 ) {
     match level {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512(simd) => simd.weights_rows(scores, lens, state, factors),
+        Level::Avx512(simd) => simd.weights_columns(cols, rows, lens, state, factors),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2(simd) => simd.weights_rows(scores, lens, state, factors),
-        Level::Scalar => Portable.weights_rows(scores, lens, state, factors),
+        Level::Avx2(simd) => simd.weights_columns(cols, rows, lens, state, factors),
+        Level::Scalar => Portable.weights_columns(cols, rows, lens, state, factors),
     }
 }
 
-/// The weights of a tile's rows taken together (at AVX-512, 16 rows in the lanes at a time)
-/// are each row's weights alone, bit for bit: the weights themselves, the new maximum and
-/// denominator, and the factor of the row's output. Rows of every length of a run, on a first
-/// run (maximum −∞), on runs that raise the maximum and on runs that do not, and rows longer
-/// than 16 slots (which AVX-512 takes one by one).
+/// The weights of a tile's rows taken together in columns (at AVX-512, 16 rows in the lanes
+/// at a time) are each row's weights alone, bit for bit: the weights themselves, the new
+/// maximum and denominator, and the factor of the row's output; the rows outside the range
+/// keep their state. Rows of every length of a run, on a first run (maximum −∞), on runs that
+/// raise the maximum and on runs that do not, ranges that start inside a group of 16, and runs
+/// longer than 16 slots (which AVX-512 takes row by row).
 #[test]
 fn weights_of_rows_together_are_each_row_alone() {
     let mut rng = Rng::new(7);
-    for (rows, longest) in [(1, 16), (5, 16), (16, 16), (23, 16), (48, 16), (20, 32)] {
-        let mut scores = vec![[0.0f32; RUN]; rows];
-        for row in &mut scores {
-            row.copy_from_slice(&rng.normal_vec(RUN, 3.0));
+    for (rows, start, slots) in [
+        (1, 0, 16),
+        (5, 0, 16),
+        (16, 0, 16),
+        (23, 0, 16),
+        (48, 0, 16),
+        (48, 21, 16),
+        (128, 37, 16),
+        (30, 3, 11),
+        (20, 0, 32),
+    ] {
+        let mut cols = vec![[0.0f32; TILE_ROWS]; slots];
+        for column in &mut cols {
+            column.copy_from_slice(&rng.normal_vec(TILE_ROWS, 3.0));
         }
-        let lens: Vec<usize> = (0..rows)
-            .map(|_| 1 + (rng.uniform() * longest as f32) as usize % longest)
-            .map(|len| if rows == 16 { 16 } else { len })
+        let lens: Vec<usize> = (0..TILE_ROWS)
+            .map(|_| 1 + (rng.uniform() * slots as f32) as usize % slots)
+            .map(|len| if rows == 16 { slots } else { len })
             .collect();
-        let max: Vec<f32> = (0..rows)
+        let max: Vec<f32> = (0..TILE_ROWS)
             .map(|r| match r % 3 {
                 0 => f32::NEG_INFINITY,
                 1 => 10.0 + rng.uniform(),
@@ -701,101 +714,135 @@ fn weights_of_rows_together_are_each_row_alone() {
             })
             .collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let (mut want, mut want_max, mut want_den) =
-            (scores.clone(), max.clone(), denominator.clone());
-        let mut want_factors = vec![0.0f32; rows];
+        // Each row alone, from the portable kernel.
+        let mut want: Vec<[f32; RUN]> = (0..TILE_ROWS)
+            .map(|r| std::array::from_fn(|j| cols.get(j).map_or(0.0, |c| c[r])))
+            .collect();
+        let (mut want_max, mut want_den) = (max.clone(), denominator.clone());
+        let mut want_factors = vec![0.0f32; TILE_ROWS];
+        let range = start..rows;
         weights_each(
             Portable,
-            &mut want,
-            &lens,
-            (&mut want_max, &mut want_den),
-            &mut want_factors,
+            &mut want[range.clone()],
+            &lens[range.clone()],
+            (&mut want_max[range.clone()], &mut want_den[range.clone()]),
+            &mut want_factors[range.clone()],
         );
         for level in supported_levels() {
-            let (mut got, mut got_max, mut got_den) =
-                (scores.clone(), max.clone(), denominator.clone());
-            let mut got_factors = vec![0.0f32; rows];
+            let mut got = cols.clone();
+            let (mut got_max, mut got_den) = (max.clone(), denominator.clone());
+            let mut got_factors = vec![0.0f32; TILE_ROWS];
             let state = (&mut got_max[..], &mut got_den[..]);
-            weights_rows_at(level, &mut got, &lens, state, &mut got_factors);
-            for r in 0..rows {
+            weights_columns_at(
+                level,
+                &mut got,
+                range.clone(),
+                &lens,
+                state,
+                &mut got_factors,
+            );
+            for r in range.clone() {
                 let len = lens[r];
+                let got_row: Vec<f32> = got[..len].iter().map(|c| c[r]).collect();
                 assert_eq!(
-                    bits(&got[r][..len]),
+                    bits(&got_row),
                     bits(&want[r][..len]),
-                    "{level:?}: weights of row {r} of {rows} (length {len})"
+                    "{level:?}: weights of row {r} of {range:?} (length {len})"
                 );
             }
             assert_eq!(bits(&got_max), bits(&want_max), "{level:?}: maxima");
             assert_eq!(bits(&got_den), bits(&want_den), "{level:?}: denominators");
             assert_eq!(
-                bits(&got_factors),
-                bits(&want_factors),
+                bits(&got_factors[range.clone()]),
+                bits(&want_factors[range.clone()]),
                 "{level:?}: factors"
             );
         }
     }
 }
 
-/// [`VectorOps::scores_pair`] at `level`, and its two blocks scored one at a time.
-fn scores_pair_and_each_at(
-    level: Level,
+/// A run's scores in columns for the rows `rows` of a tile (`q`, `[rows][hd]`), and each row's
+/// scores alone, at `ops`' level: `(columns, alone)`, `alone[r]` row `r`'s.
+fn scores_columns_and_alone<V: VectorOps>(
+    ops: V,
     q: &[f32],
-    keys: [&[f32]; 2],
-    block_size: usize,
-    pair: [&mut [[f32; RUN]]; 2],
-    each: [&mut [[f32; RUN]]; 2],
-) {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512(simd) => {
-            simd.scores_pair(q, keys, block_size, 0.125, pair);
-            scores_each(simd, q, keys, block_size, 0.125, each);
-        }
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2(simd) => {
-            simd.scores_pair(q, keys, block_size, 0.125, pair);
-            scores_each(simd, q, keys, block_size, 0.125, each);
-        }
-        Level::Scalar => {
-            Portable.scores_pair(q, keys, block_size, 0.125, pair);
-            scores_each(Portable, q, keys, block_size, 0.125, each);
-        }
-    }
+    hd: usize,
+    (keys, stride, n): (&[f32], usize, usize),
+    rows: std::ops::Range<usize>,
+) -> (Vec<Column>, Vec<[f32; RUN]>) {
+    let mut prepared = Prepared::default();
+    ops.prepare_queries(q, hd, stride, &mut prepared);
+    let mut cols = vec![[f32::NAN; TILE_ROWS]; n];
+    ops.scores_columns(
+        prepared.as_slice(),
+        hd,
+        (keys, stride, n),
+        0.125,
+        rows.clone(),
+        &mut cols,
+    );
+    let run = Run {
+        keys,
+        block_size: stride,
+        slot: 0,
+        values: &[],
+        len: n,
+    };
+    let alone = rows
+        .map(|r| {
+            let mut one = [[f32::NAN; RUN]];
+            ops.scores(&q[r * hd..(r + 1) * hd], &run, 0.125, &mut one);
+            one[0]
+        })
+        .collect();
+    (cols, alone)
 }
 
-/// Two whole blocks scored in one pass give each block's scores alone, bit for bit, for every
-/// number of heads and the head sizes with (32, 64, 128) and without (20) a sized kernel.
+/// A run's scores computed in columns for many rows at once give each row's scores alone, bit
+/// for bit: head sizes with (32, 64, 128) and without (20) a sized kernel, whole blocks of 16,
+/// parts of one, an odd number of slots, other block sizes, and ranges of rows that start
+/// inside a group of 16.
 #[test]
-fn scores_of_two_blocks_at_once_are_each_block_alone() {
+fn scores_in_columns_are_each_row_alone() {
     let mut rng = Rng::new(8);
-    let block_size = 16;
     for hd in [20, 32, 64, 128] {
-        for heads in [1, 2, 3, 4, 7, 48] {
-            let q = rng.normal_vec(heads * hd, 1.0);
-            let (a, b) = (
-                rng.normal_vec(hd * block_size, 1.0),
-                rng.normal_vec(hd * block_size, 1.0),
-            );
-            for level in supported_levels() {
-                let mut pair = [vec![[f32::NAN; RUN]; heads], vec![[f32::NAN; RUN]; heads]];
-                let mut each = [vec![[f32::NAN; RUN]; heads], vec![[f32::NAN; RUN]; heads]];
-                let [pair_a, pair_b] = &mut pair;
-                let [each_a, each_b] = &mut each;
-                scores_pair_and_each_at(
-                    level,
-                    &q,
-                    [&a, &b],
-                    block_size,
-                    [pair_a, pair_b],
-                    [each_a, each_b],
-                );
-                for (block, (pair, each)) in pair.iter().zip(&each).enumerate() {
-                    for h in 0..heads {
-                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (rows, start) in [
+            (1, 0),
+            (2, 0),
+            (3, 0),
+            (7, 2),
+            (48, 0),
+            (48, 17),
+            (128, 100),
+        ] {
+            for (stride, n) in [(16, 16), (16, 11), (16, 1), (5, 5), (32, 27)] {
+                let q = rng.normal_vec(rows * hd, 1.0);
+                let keys = rng.normal_vec(hd * stride, 1.0);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for level in supported_levels() {
+                    let (cols, alone) = match level {
+                        #[cfg(target_arch = "x86_64")]
+                        Level::Avx512(simd) => {
+                            scores_columns_and_alone(simd, &q, hd, (&keys, stride, n), start..rows)
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        Level::Avx2(simd) => {
+                            scores_columns_and_alone(simd, &q, hd, (&keys, stride, n), start..rows)
+                        }
+                        Level::Scalar => scores_columns_and_alone(
+                            Portable,
+                            &q,
+                            hd,
+                            (&keys, stride, n),
+                            start..rows,
+                        ),
+                    };
+                    for (r, alone) in (start..rows).zip(&alone) {
+                        let column: Vec<f32> = cols.iter().map(|c| c[r]).collect();
                         assert_eq!(
-                            bits(&pair[h][..block_size]),
-                            bits(&each[h][..block_size]),
-                            "{level:?}: head {h} of {heads} ({hd} dims), block {block}"
+                            bits(&column),
+                            bits(&alone[..n]),
+                            "{level:?}: row {r} of {start}..{rows} ({hd} dims), {n} slots of {stride}"
                         );
                     }
                 }

@@ -7,7 +7,7 @@
 
 #![allow(unsafe_code)]
 
-mod rows;
+mod columns;
 
 use std::arch::x86_64::{
     __m256, __m512, _mm_cvtss_f32, _mm_max_ps, _mm_max_ss, _mm_movehdup_ps, _mm_movehl_ps,
@@ -24,7 +24,10 @@ use crate::x86::{
     halves_f32x16, load_f32x8, load_f32x16, load_f32x16_prefix, load_f32x16_prefix_or, store_f32x8,
     store_f32x16, store_f32x16_prefix,
 };
-use rows::{scores_pair_512, weights_columns_512};
+use std::ops::Range;
+
+use super::ops::{Prepared, scores_columns_rows, weights_columns_rows};
+use super::tile::Column;
 
 /// AVX-512 version of [`PagedAttention::compute`].
 pub(super) fn compute_avx512<T: KvElement>(
@@ -82,25 +85,6 @@ impl VectorOps for Avx512 {
     }
 
     #[inline(always)]
-    fn scores_pair(
-        self,
-        q: &[f32],
-        keys: [&[f32]; 2],
-        block_size: usize,
-        scale: f32,
-        scores: [&mut [[f32; RUN]]; 2],
-    ) {
-        let hd = q.len() / scores[0].len().max(1);
-        let sized = matches!(hd, 32 | 64 | 128) && keys.iter().all(|k| k.len() == hd * 16);
-        if block_size == 16 && sized {
-            // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
-            unsafe { scores_pair_512(q, keys, scale, scores) }
-        } else {
-            super::ops::scores_each(self, q, keys, block_size, scale, scores);
-        }
-    }
-
-    #[inline(always)]
     fn accumulate<T: KvElement>(self, y: &mut [f32], w: &[[f32; RUN]], x: &[T]) {
         // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
         unsafe { accumulate_avx512(y, w, x) }
@@ -131,24 +115,67 @@ impl VectorOps for Avx512 {
     }
 
     #[inline(always)]
-    fn weights_rows(
-        self,
-        scores: &mut [[f32; RUN]],
-        lens: &[usize],
-        (max, denominator): (&mut [f32], &mut [f32]),
-        factors: &mut [f32],
-    ) {
-        let states = max.chunks_mut(16).zip(denominator.chunks_mut(16));
-        let chunks = scores.chunks_mut(16).zip(lens.chunks(16));
-        for (((scores, lens), state), factors) in chunks.zip(states).zip(factors.chunks_mut(16)) {
-            if lens.iter().all(|&len| len <= 16) {
-                // SAFETY: `self` proves the CPU supports AVX-512F, AVX2 and FMA.
-                unsafe { weights_columns_512(scores, lens, state, factors) }
-            } else {
-                super::ops::weights_each(self, scores, lens, state, factors);
-            }
+    fn prepare_queries(self, q: &[f32], hd: usize, stride: usize, out: &mut Prepared) {
+        if native_columns(hd, stride) {
+            columns::transpose_queries(q, hd, out);
+        } else {
+            out.zeroed(q.len()).copy_from_slice(q);
         }
     }
+
+    #[inline(always)]
+    fn scores_columns(
+        self,
+        q: &[f32],
+        hd: usize,
+        (keys, stride, n): (&[f32], usize, usize),
+        scale: f32,
+        rows: Range<usize>,
+        cols: &mut [Column],
+    ) {
+        if native_columns(hd, stride) {
+            // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
+            unsafe { columns::scores_columns_512(q, hd, (keys, n), scale, rows, cols) }
+        } else {
+            scores_columns_rows(self, q, hd, (keys, stride, n), scale, rows, cols);
+        }
+    }
+
+    #[inline(always)]
+    fn weights_columns(
+        self,
+        cols: &mut [Column],
+        rows: Range<usize>,
+        lens: &[usize],
+        state: (&mut [f32], &mut [f32]),
+        factors: &mut [f32],
+    ) {
+        if cols.len() <= 16 {
+            // SAFETY: `self` proves the CPU supports AVX-512F, AVX2 and FMA.
+            unsafe { columns::weights_columns_512(cols, rows, lens, state, factors) }
+        } else {
+            weights_columns_rows(self, cols, rows, lens, state, factors);
+        }
+    }
+
+    #[inline(always)]
+    fn scale_accumulate_columns<const R: usize>(
+        self,
+        y: &mut [f32],
+        rows: Range<usize>,
+        factors: [&[f32]; R],
+        cols: [&[Column]; R],
+        x: [&[f32]; R],
+    ) {
+        // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
+        unsafe { scale_accumulate_columns_avx512(self, y, rows, factors, cols, x) }
+    }
+}
+
+/// Whether the AVX-512 column kernels take a tile's runs of keys `stride` slots apart with
+/// heads of `hd`: whole blocks of 16 positions, the usual head sizes.
+fn native_columns(hd: usize, stride: usize) -> bool {
+    stride == 16 && matches!(hd, 32 | 64 | 128)
 }
 
 impl VectorOps for Avx2 {
@@ -399,9 +426,8 @@ fn accumulate_heads_512<const V: usize, T: KvElement>(y: &mut [f32], w: &[[f32; 
     }
 }
 
-/// `H` heads of `V` vectors each held in registers (constant counts, so the arrays are
-/// registers): per row of `x`, its `V` vectors are loaded once, and each head adds its weight
-/// times them.
+/// `H` heads of `V` vectors each held in registers: [`scale_accumulate_held_512`] of one run,
+/// without factors.
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
 fn accumulate_held_512<const H: usize, const V: usize, T: KvElement>(
@@ -409,17 +435,131 @@ fn accumulate_held_512<const H: usize, const V: usize, T: KvElement>(
     w: &[[f32; RUN]],
     x: &[T],
 ) {
+    scale_accumulate_held_512::<H, V, 1, T, _>(y, None, [w], [x]);
+}
+
+/// The weight of head (or row) `h` of a pass for slot `j` of a run.
+trait RunWeights: Copy {
+    fn at(self, h: usize, j: usize) -> f32;
+}
+
+/// Weights in rows, `w[h][j]`.
+impl RunWeights for &[[f32; RUN]] {
+    #[inline(always)]
+    fn at(self, h: usize, j: usize) -> f32 {
+        self[h][j]
+    }
+}
+
+/// A tile's weights in columns (`cols[j][row]`) from row `first`.
+#[derive(Clone, Copy)]
+struct ColumnWeights<'a> {
+    cols: &'a [Column],
+    first: usize,
+}
+
+impl RunWeights for ColumnWeights<'_> {
+    #[inline(always)]
+    fn at(self, h: usize, j: usize) -> f32 {
+        self.cols[j][self.first + h]
+    }
+}
+
+/// [`VectorOps::scale_accumulate_columns`] with AVX-512: for the usual head sizes, up to
+/// [`HEADS`] rows' outputs held in registers through all `R` runs (3 for heads of 128: at most
+/// 24 accumulators), as [`accumulate_avx512`] holds them through one.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn scale_accumulate_columns_avx512<const R: usize>(
+    simd: Avx512,
+    y: &mut [f32],
+    rows: Range<usize>,
+    factors: [&[f32]; R],
+    cols: [&[Column]; R],
+    x: [&[f32]; R],
+) {
+    let hd = y.len() / rows.len().max(1);
+    match hd {
+        32 => scale_accumulate_passes_512::<2, R>(y, rows, factors, cols, x),
+        64 => scale_accumulate_passes_512::<4, R>(y, rows, factors, cols, x),
+        128 => scale_accumulate_passes_512::<8, R>(y, rows, factors, cols, x),
+        _ => super::ops::scale_accumulate_columns_rows(simd, y, rows, factors, cols, x),
+    }
+}
+
+/// [`scale_accumulate_columns_avx512`] of rows of `V` vectors.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn scale_accumulate_passes_512<const V: usize, const R: usize>(
+    y: &mut [f32],
+    rows: Range<usize>,
+    factors: [&[f32]; R],
+    cols: [&[Column]; R],
+    x: [&[f32]; R],
+) {
+    let per_pass = if V == 8 { 3 } else { HEADS };
+    for (p, y) in y.chunks_mut(per_pass * V * 16).enumerate() {
+        let first = rows.start + p * per_pass;
+        let pass = first..first + y.len() / (V * 16);
+        let f: [&[f32]; R] = std::array::from_fn(|r| &factors[r][pass.clone()]);
+        let w: [ColumnWeights<'_>; R] = std::array::from_fn(|r| ColumnWeights {
+            cols: cols[r],
+            first,
+        });
+        match pass.len() {
+            6 => scale_accumulate_held_512::<6, V, R, f32, _>(y, Some(f), w, x),
+            5 => scale_accumulate_held_512::<5, V, R, f32, _>(y, Some(f), w, x),
+            4 => scale_accumulate_held_512::<4, V, R, f32, _>(y, Some(f), w, x),
+            3 => scale_accumulate_held_512::<3, V, R, f32, _>(y, Some(f), w, x),
+            2 => scale_accumulate_held_512::<2, V, R, f32, _>(y, Some(f), w, x),
+            _ => scale_accumulate_held_512::<1, V, R, f32, _>(y, Some(f), w, x),
+        }
+    }
+}
+
+/// `H` heads (or rows) of `V` vectors each held in registers (constant counts, so the arrays
+/// are registers) through `R` runs: per run, each multiplied by its factor (when one of them
+/// is not 1: a product by 1 is exact), then per row of the run's values, its `V` vectors
+/// loaded once, and each head adds its weight times them.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn scale_accumulate_held_512<
+    const H: usize,
+    const V: usize,
+    const R: usize,
+    T: KvElement,
+    W: RunWeights,
+>(
+    y: &mut [f32],
+    factors: Option<[&[f32]; R]>,
+    w: [W; R],
+    x: [&[T]; R],
+) {
     let (y, _) = y.as_chunks_mut::<16>();
     let mut acc: [[__m512; V]; H] =
         std::array::from_fn(|h| std::array::from_fn(|v| load_f32x16(&y[h * V + v])));
-    for (j, row) in x.chunks_exact(16 * V).enumerate() {
-        let row = row.as_chunks::<16>().0;
-        // SAFETY: this function's features are the ones `widen16` needs.
-        let xs: [__m512; V] = std::array::from_fn(|v| unsafe { T::widen16(&row[v]) });
-        for h in 0..H {
-            let w = _mm512_set1_ps(w[h][j]);
-            for v in 0..V {
-                acc[h][v] = _mm512_fmadd_ps(w, xs[v], acc[h][v]);
+    for r in 0..R {
+        if let Some(factors) = factors
+            && let Ok(f) = <&[f32; H]>::try_from(factors[r])
+            && f.iter().any(|&f| f != 1.0)
+        {
+            for (acc, &f) in acc.iter_mut().zip(f) {
+                let f = _mm512_set1_ps(f);
+                for a in acc.iter_mut() {
+                    *a = _mm512_mul_ps(f, *a);
+                }
+            }
+        }
+        let w = w[r];
+        for (j, row) in x[r].chunks_exact(16 * V).enumerate() {
+            let row = row.as_chunks::<16>().0;
+            // SAFETY: this function's features are the ones `widen16` needs.
+            let xs: [__m512; V] = std::array::from_fn(|v| unsafe { T::widen16(&row[v]) });
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(w.at(h, j));
+                for (a, &x) in acc.iter_mut().zip(&xs) {
+                    *a = _mm512_fmadd_ps(w, x, *a);
+                }
             }
         }
     }
