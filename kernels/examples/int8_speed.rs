@@ -20,6 +20,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed ^= seed << 17;
         seed
     };
+    // `M="128 4000"`: other batches (activation rows) than the default ones.
+    let batches: Vec<usize> = match std::env::var("M") {
+        Ok(list) => list
+            .split_whitespace()
+            .filter_map(|m| m.parse().ok())
+            .collect(),
+        Err(_) => vec![1, 4, 16, 64],
+    };
     for dtype in [BlockType::Q4_1, BlockType::Q8_0] {
         for (rows, cols) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
             let blocks = rows * cols / dtype.block_size();
@@ -33,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 data.extend_from_slice(&b);
             }
             let w = from_ggml_blocks(dtype, rows, cols, &data)?;
-            for m in [1usize, 4, 16, 64] {
+            for &m in &batches {
                 for precision in [Precision::Int8, Precision::Int8x2] {
                     let x: Vec<f32> = (0..m * cols)
                         .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)

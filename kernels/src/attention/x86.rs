@@ -501,11 +501,13 @@ fn scale_accumulate_passes_512<const V: usize, const R: usize>(
     for (p, y) in y.chunks_mut(per_pass * V * 16).enumerate() {
         let first = rows.start + p * per_pass;
         let pass = first..first + y.len() / (V * 16);
-        let f: [&[f32]; R] = std::array::from_fn(|r| &factors[r][pass.clone()]);
-        let w: [ColumnWeights<'_>; R] = std::array::from_fn(|r| ColumnWeights {
-            cols: cols[r],
-            first,
-        });
+        // Loops rather than `array::from_fn`, whose closures are not inlined here.
+        let mut f: [&[f32]; R] = [&[]; R];
+        let mut w = [ColumnWeights { cols: &[], first }; R];
+        for r in 0..R {
+            f[r] = &factors[r][pass.clone()];
+            w[r].cols = cols[r];
+        }
         match pass.len() {
             6 => scale_accumulate_held_512::<6, V, R, f32, _>(y, Some(f), w, x),
             5 => scale_accumulate_held_512::<5, V, R, f32, _>(y, Some(f), w, x),
