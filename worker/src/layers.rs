@@ -373,7 +373,7 @@ impl RmsNorm {
     pub fn forward_into(&self, x: &[f32], out: &mut Vec<f32>) {
         let dim = self.weight.len().max(1);
         let rows = x.len() / dim;
-        out.clear();
+        // Every row is written below: no clearing.
         out.resize(rows * dim, 0.0);
         let norm = |(row, out): (&[f32], &mut [f32])| {
             // Eight partial sums: a fixed order, and no single dependency chain.
