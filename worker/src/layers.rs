@@ -510,11 +510,7 @@ impl Rope {
         if width == 0 {
             return;
         }
-        for ((row, cos), sin) in x
-            .chunks_exact_mut(width)
-            .zip(t.cos.chunks_exact(half))
-            .zip(t.sin.chunks_exact(half))
-        {
+        let rotate = |((row, cos), sin): ((&mut [f32], &[f32]), &[f32])| {
             for head in row.chunks_exact_mut(2 * half) {
                 let (a, b) = head.split_at_mut(half);
                 for i in 0..half {
@@ -523,13 +519,83 @@ impl Rope {
                     b[i] = x0 * sin[i] + x1 * cos[i];
                 }
             }
+        };
+        // A prefill's rows in parallel (each row's arithmetic is its own).
+        let rows = x.len() / width;
+        let rows_per_task = strata_kernels::pool::rows_per_task(rows, width, PARALLEL_MIN_VALUES);
+        if rows_per_task < rows {
+            x.par_chunks_mut(rows_per_task * width)
+                .zip(t.cos.par_chunks(rows_per_task * half))
+                .zip(t.sin.par_chunks(rows_per_task * half))
+                .for_each(|((x, cos), sin)| {
+                    x.chunks_exact_mut(width)
+                        .zip(cos.chunks_exact(half))
+                        .zip(sin.chunks_exact(half))
+                        .for_each(rotate)
+                });
+        } else {
+            x.chunks_exact_mut(width)
+                .zip(t.cos.chunks_exact(half))
+                .zip(t.sin.chunks_exact(half))
+                .for_each(rotate);
         }
+    }
+}
+
+/// `x[i] += y[i]` (a residual connection), split among the compute threads when long: each
+/// element's sum is its own.
+pub fn add_residual(x: &mut [f32], y: &[f32]) {
+    let chunk = strata_kernels::pool::rows_per_task(x.len(), 1, PARALLEL_MIN_VALUES);
+    if chunk < x.len() {
+        x.par_chunks_mut(chunk)
+            .zip(y.par_chunks(chunk))
+            .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+    } else {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rotary embeddings and residual sums of many rows (split among threads) give each row the
+    /// bits it has alone.
+    #[test]
+    fn rope_and_residuals_of_many_rows_are_each_row_alone() {
+        let (heads, half) = (3, 8);
+        let width = heads * 2 * half;
+        let rows = PARALLEL_MIN_VALUES / width + 41;
+        let value = |i: usize| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0;
+        let tables = RopeTables {
+            cos: (0..rows * half).map(|i| value(i + 5).cos()).collect(),
+            sin: (0..rows * half).map(|i| value(i + 5).sin()).collect(),
+            half,
+        };
+        let x: Vec<f32> = (0..rows * width).map(value).collect();
+        let mut all = x.clone();
+        Rope::apply(&mut all, heads, &tables);
+        let mut residual = all.clone();
+        add_residual(&mut residual, &x);
+        for r in 0..rows {
+            let one = RopeTables {
+                cos: tables.cos[r * half..(r + 1) * half].to_vec(),
+                sin: tables.sin[r * half..(r + 1) * half].to_vec(),
+                half,
+            };
+            let row = r * width..(r + 1) * width;
+            let mut alone = x[row.clone()].to_vec();
+            Rope::apply(&mut alone, heads, &one);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&all[row.clone()]), bits(&alone), "row {r}");
+            let sums: Vec<f32> = alone
+                .iter()
+                .zip(&x[row.clone()])
+                .map(|(a, b)| a + b)
+                .collect();
+            assert_eq!(bits(&residual[row]), bits(&sums), "row {r}");
+        }
+    }
 
     /// Many rows, normed together (split among threads), give each row the bits it has alone.
     #[test]

@@ -17,7 +17,9 @@ use strata_shared::wire::KV_BLOCK_SIZE;
 use crate::device::Placement;
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::kv::{KvCache, KvDtype, Pools};
-use crate::layers::{Embedding, Hidden, Linear, Projections, RmsNorm, Rope, RopeTables, Scratch};
+use crate::layers::{
+    Embedding, Hidden, Linear, Projections, RmsNorm, Rope, RopeTables, Scratch, add_residual,
+};
 use crate::weights::{self, LoadSpec, Weight};
 
 /// How one tensor use is loaded (from the plan).
@@ -538,11 +540,11 @@ impl DecoderLayer {
     ) -> Result<()> {
         self.input_layernorm.forward_into(&x.data, &mut s.normed);
         self.self_attn.forward(batch, rope, kv, layer, s)?;
-        x.data.iter_mut().zip(&s.out).for_each(|(x, h)| *x += h);
+        add_residual(&mut x.data, &s.out);
         self.post_attention_layernorm
             .forward_into(&x.data, &mut s.normed);
         self.mlp.forward(&batch.precision, s)?;
-        x.data.iter_mut().zip(&s.out).for_each(|(x, h)| *x += h);
+        add_residual(&mut x.data, &s.out);
         Ok(())
     }
 }
