@@ -243,7 +243,7 @@ impl<T: KvElement> PagedAttention<'_, T> {
         let mut prepared = Prepared::default();
         let mut state = TileRows::new(first, tokens, batch, hd);
         // Runs of keys, widened: `[head_dim][stride]`, a whole block as it lies in the pool, a
-        // part of a longer one in rows of `RUN`.
+        // part of one in rows as long as a block (at most `RUN`), the slots past it unused.
         let stride = bs.min(RUN);
 
         let width = shape.n_heads * hd;
