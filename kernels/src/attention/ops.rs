@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::tile::{Column, TILE_ROWS};
+use super::tile::RunScores;
 use super::{KvElement, RUN, Run};
 use crate::math;
 
@@ -55,7 +55,7 @@ pub(super) fn weights_scaling<V: VectorOps>(
     *denominator += ops.exp_sum(scores, *max);
 }
 
-/// A tile's queries in the form a level's [`VectorOps::scores_columns`] reads
+/// A tile's queries in the form a level's [`VectorOps::tile_scores`] reads
 /// ([`VectorOps::prepare_queries`]), starting on a cache line, so that no 64-byte load of them
 /// straddles two.
 #[derive(Default)]
@@ -169,76 +169,82 @@ pub(super) trait VectorOps: Copy {
         weights_each(self, scores, lens, state, factors);
     }
 
+    /// Whether this level's tile primitives take a run's scores in columns ([`RunScores`]) for
+    /// heads of `hd` and runs of keys `stride` slots apart; here not: in rows, through the row
+    /// primitives.
+    fn tile_in_columns(self, _hd: usize, _stride: usize) -> bool {
+        false
+    }
+
     /// The queries of a tile's rows (`q`, `[rows][head_dim]`) in the form this level's
-    /// [`VectorOps::scores_columns`] reads for runs of keys `stride` slots apart, into `out`:
+    /// [`VectorOps::tile_scores`] reads for runs of keys `stride` slots apart, into `out`:
     /// here the rows as they are.
     fn prepare_queries(self, q: &[f32], _hd: usize, _stride: usize, out: &mut Prepared) {
         out.zeroed(q.len()).copy_from_slice(q);
     }
 
     /// The scores of a run of `n` slots (`keys`, f32, `[head_dim][stride]`) for a tile's rows
-    /// `rows` (`q` from [`VectorOps::prepare_queries`]), in columns: `cols[j][r]` is row `r`'s
-    /// score of slot `j`, bit for bit [`VectorOps::scores`] of the row alone. Other entries of
-    /// `cols` may change.
-    fn scores_columns(
+    /// `rows` (`q` from [`VectorOps::prepare_queries`]) into `scores`: bit for bit
+    /// [`VectorOps::scores`] of each row alone. Other rows' entries may change.
+    fn tile_scores(
         self,
         q: &[f32],
         hd: usize,
         run: (&[f32], usize, usize),
         scale: f32,
         rows: Range<usize>,
-        cols: &mut [Column],
+        scores: &mut RunScores,
     ) {
-        scores_columns_rows(self, q, hd, run, scale, rows, cols);
+        tile_scores_rows(self, q, hd, run, scale, rows, scores);
     }
 
-    /// [`VectorOps::weights_rows`] of a tile's rows `rows` over their scores in columns
-    /// (`cols[j][r]`, `cols.len()` slots, replaced by the weights): row `r` over its first
-    /// `lens[r]` slots, its state `max[r]` and `denominator[r]`, its factor into `factors[r]`
-    /// (all indexed by row). Each row's bits are those it has alone; other rows' entries may
-    /// change, but not their state.
-    fn weights_columns(
+    /// [`VectorOps::weights_rows`] of a tile's rows `rows` over their scores of a run of `n`
+    /// slots (replaced by the weights): row `r` over its first `lens[r]` slots, its state
+    /// `max[r]` and `denominator[r]`, its factor into `factors[r]` (all indexed by row). Each
+    /// row's bits are those it has alone; other rows' entries may change, but not their state.
+    fn tile_weights(
         self,
-        cols: &mut [Column],
+        scores: &mut RunScores,
+        _n: usize,
         rows: Range<usize>,
         lens: &[usize],
         state: (&mut [f32], &mut [f32]),
         factors: &mut [f32],
     ) {
-        weights_columns_rows(self, cols, rows, lens, state, factors);
+        tile_weights_rows(self, scores, rows, lens, state, factors);
     }
 
     /// For each of `R` runs in order, the outputs `y` of a tile's rows `rows` rescaled by their
-    /// factors (`factors[run][r]`, skipped where 1), then the run's values `x[run]` weighted
-    /// by its weights in columns (`cols[run][j][r]`) added ([`VectorOps::accumulate`]): bit
-    /// for bit those steps one after the other, where a level may keep `y` in registers
-    /// through them all.
-    fn scale_accumulate_columns<const R: usize>(
+    /// factors (`factors[run][r]`, skipped where 1), then the run's values `x[run]` weighted by
+    /// its weights (`scores[run]`) added ([`VectorOps::accumulate`]): bit for bit those steps
+    /// one after the other, where a level may keep `y` in registers through them all.
+    fn tile_scale_accumulate<const R: usize>(
         self,
         y: &mut [f32],
         rows: Range<usize>,
         factors: [&[f32]; R],
-        cols: [&[Column]; R],
+        scores: [&RunScores; R],
         x: [&[f32]; R],
     ) {
-        scale_accumulate_columns_rows(self, y, rows, factors, cols, x);
+        tile_scale_accumulate_rows(self, y, rows, factors, scores, x);
     }
 }
 
-/// [`VectorOps::scores_columns`] through [`VectorOps::scores`] of the rows, then copied into
-/// the columns.
+/// [`VectorOps::tile_scores`] of scores in rows: [`VectorOps::scores`].
 #[inline(always)]
-pub(super) fn scores_columns_rows<V: VectorOps>(
+pub(super) fn tile_scores_rows<V: VectorOps>(
     ops: V,
     q: &[f32],
     hd: usize,
     (keys, stride, n): (&[f32], usize, usize),
     scale: f32,
     rows: Range<usize>,
-    cols: &mut [Column],
+    scores: &mut RunScores,
 ) {
-    let mut scores = [[0.0f32; RUN]; TILE_ROWS];
-    let scores = &mut scores[..rows.len()];
+    debug_assert!(
+        !scores.in_columns(),
+        "the row primitives take scores in rows"
+    );
     let run = Run {
         keys,
         block_size: stride,
@@ -246,68 +252,43 @@ pub(super) fn scores_columns_rows<V: VectorOps>(
         values: &[],
         len: n,
     };
-    ops.scores(&q[rows.start * hd..rows.end * hd], &run, scale, scores);
-    for (r, scores) in rows.zip(scores.iter()) {
-        for (column, &score) in cols.iter_mut().zip(&scores[..n]) {
-            column[r] = score;
-        }
-    }
+    let q = &q[rows.start * hd..rows.end * hd];
+    ops.scores(q, &run, scale, &mut scores.rows_mut()[rows]);
 }
 
-/// [`VectorOps::scale_accumulate_columns`] through [`scale_accumulate_each`], the weights
-/// copied out of the columns into rows.
+/// [`VectorOps::tile_weights`] of scores in rows: [`VectorOps::weights_rows`].
 #[inline(always)]
-pub(super) fn scale_accumulate_columns_rows<V: VectorOps, const R: usize>(
+pub(super) fn tile_weights_rows<V: VectorOps>(
     ops: V,
-    y: &mut [f32],
-    rows: Range<usize>,
-    factors: [&[f32]; R],
-    cols: [&[Column]; R],
-    x: [&[f32]; R],
-) {
-    let mut w = [[[0.0f32; RUN]; TILE_ROWS]; R];
-    for (w, cols) in w.iter_mut().zip(cols) {
-        for (r, w) in rows.clone().zip(w.iter_mut()) {
-            for (w, column) in w.iter_mut().zip(cols) {
-                *w = column[r];
-            }
-        }
-    }
-    let w: [&[[f32; RUN]]; R] = std::array::from_fn(|i| &w[i][..rows.len()]);
-    let factors = factors.map(|f| &f[rows.clone()]);
-    scale_accumulate_each(ops, y, factors, w, x);
-}
-
-/// [`VectorOps::weights_columns`] through [`VectorOps::weights_rows`] of the rows copied out of
-/// the columns, and back.
-#[inline(always)]
-pub(super) fn weights_columns_rows<V: VectorOps>(
-    ops: V,
-    cols: &mut [Column],
+    scores: &mut RunScores,
     rows: Range<usize>,
     lens: &[usize],
     (max, denominator): (&mut [f32], &mut [f32]),
     factors: &mut [f32],
 ) {
-    let mut scores = [[0.0f32; RUN]; TILE_ROWS];
-    let scores = &mut scores[..rows.len()];
-    for (r, scores) in rows.clone().zip(scores.iter_mut()) {
-        for (score, column) in scores.iter_mut().zip(cols.iter()) {
-            *score = column[r];
-        }
-    }
-    let state = (&mut max[rows.clone()], &mut denominator[rows.clone()]);
-    ops.weights_rows(
-        scores,
-        &lens[rows.clone()],
-        state,
-        &mut factors[rows.clone()],
+    debug_assert!(
+        !scores.in_columns(),
+        "the row primitives take scores in rows"
     );
-    for (r, scores) in rows.zip(scores.iter()) {
-        for (column, &weight) in cols.iter_mut().zip(scores.iter()) {
-            column[r] = weight;
-        }
-    }
+    let state = (&mut max[rows.clone()], &mut denominator[rows.clone()]);
+    let (scores, lens) = (&mut scores.rows_mut()[rows.clone()], &lens[rows.clone()]);
+    ops.weights_rows(scores, lens, state, &mut factors[rows]);
+}
+
+/// [`VectorOps::tile_scale_accumulate`] of weights in rows: [`scale_accumulate_each`].
+#[inline(always)]
+pub(super) fn tile_scale_accumulate_rows<V: VectorOps, const R: usize>(
+    ops: V,
+    y: &mut [f32],
+    rows: Range<usize>,
+    factors: [&[f32]; R],
+    scores: [&RunScores; R],
+    x: [&[f32]; R],
+) {
+    debug_assert!(scores.iter().all(|s| !s.in_columns()));
+    let w = scores.map(|s| &s.rows()[rows.clone()]);
+    let factors = factors.map(|f| &f[rows.clone()]);
+    scale_accumulate_each(ops, y, factors, w, x);
 }
 
 /// Portable implementation: loops over independent elements, a shape LLVM vectorizes.

@@ -1,5 +1,5 @@
 use super::ops::{Prepared, weights_each};
-use super::tile::{Column, TILE_ROWS};
+use super::tile::{RunScores, TILE_ROWS};
 use super::*;
 use crate::cpu::supported_levels;
 use crate::test_util::Rng;
@@ -650,30 +650,56 @@ fn run_weights_and_their_sum_are_the_same_bits_at_every_level() {
     }
 }
 
-/// [`VectorOps::weights_columns`] at `level`.
-fn weights_columns_at(
+/// [`VectorOps::tile_weights`] at `level`, over a run of `n` slots (`scores`, in rows, replaced
+/// by the weights) laid out as the level takes a tile's runs of keys `stride` slots apart.
+#[allow(clippy::too_many_arguments)]
+fn tile_weights_at(
     level: Level,
-    cols: &mut [Column],
+    scores: &mut [[f32; RUN]],
+    (n, stride): (usize, usize),
     rows: std::ops::Range<usize>,
     lens: &[usize],
     state: (&mut [f32], &mut [f32]),
     factors: &mut [f32],
 ) {
+    fn with<V: VectorOps>(
+        ops: V,
+        scores: &mut [[f32; RUN]],
+        (n, stride): (usize, usize),
+        rows: std::ops::Range<usize>,
+        lens: &[usize],
+        state: (&mut [f32], &mut [f32]),
+        factors: &mut [f32],
+    ) {
+        let mut run = RunScores::new(ops.tile_in_columns(64, stride));
+        for (r, row) in scores.iter().enumerate() {
+            for (j, &score) in row.iter().enumerate().take(n) {
+                run.set(r, j, score);
+            }
+        }
+        ops.tile_weights(&mut run, n, rows, lens, state, factors);
+        for (r, row) in scores.iter_mut().enumerate() {
+            for (j, weight) in row.iter_mut().enumerate().take(n) {
+                *weight = run.get(r, j);
+            }
+        }
+    }
+    let shape = (n, stride);
     match level {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512(simd) => simd.weights_columns(cols, rows, lens, state, factors),
+        Level::Avx512(simd) => with(simd, scores, shape, rows, lens, state, factors),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2(simd) => simd.weights_columns(cols, rows, lens, state, factors),
-        Level::Scalar => Portable.weights_columns(cols, rows, lens, state, factors),
+        Level::Avx2(simd) => with(simd, scores, shape, rows, lens, state, factors),
+        Level::Scalar => with(Portable, scores, shape, rows, lens, state, factors),
     }
 }
 
-/// The weights of a tile's rows taken together in columns (at AVX-512, 16 rows in the lanes
+/// The weights of a tile's rows taken together (at AVX-512, in columns: 16 rows in the lanes
 /// at a time) are each row's weights alone, bit for bit: the weights themselves, the new
 /// maximum and denominator, and the factor of the row's output; the rows outside the range
 /// keep their state. Rows of every length of a run, on a first run (maximum −∞), on runs that
 /// raise the maximum and on runs that do not, ranges that start inside a group of 16, and runs
-/// longer than 16 slots (which AVX-512 takes row by row).
+/// longer than 16 slots (which AVX-512 takes in rows).
 #[test]
 fn weights_of_rows_together_are_each_row_alone() {
     let mut rng = Rng::new(7);
@@ -688,10 +714,13 @@ fn weights_of_rows_together_are_each_row_alone() {
         (30, 3, 11),
         (20, 0, 32),
     ] {
-        let mut cols = vec![[0.0f32; TILE_ROWS]; slots];
-        for column in &mut cols {
-            column.copy_from_slice(&rng.normal_vec(TILE_ROWS, 3.0));
+        let mut scores = vec![[0.0f32; RUN]; TILE_ROWS];
+        for row in &mut scores {
+            row[..slots].copy_from_slice(&rng.normal_vec(slots, 3.0));
         }
+        // Runs of up to 16 slots are a block of 16's (or a part of one); longer ones a part
+        // of a longer block.
+        let stride = slots.max(16);
         let lens: Vec<usize> = (0..TILE_ROWS)
             .map(|_| 1 + (rng.uniform() * slots as f32) as usize % slots)
             .map(|len| if rows == 16 { slots } else { len })
@@ -715,9 +744,7 @@ fn weights_of_rows_together_are_each_row_alone() {
             .collect();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         // Each row alone, from the portable kernel.
-        let mut want: Vec<[f32; RUN]> = (0..TILE_ROWS)
-            .map(|r| std::array::from_fn(|j| cols.get(j).map_or(0.0, |c| c[r])))
-            .collect();
+        let mut want = scores.clone();
         let (mut want_max, mut want_den) = (max.clone(), denominator.clone());
         let mut want_factors = vec![0.0f32; TILE_ROWS];
         let range = start..rows;
@@ -729,13 +756,15 @@ fn weights_of_rows_together_are_each_row_alone() {
             &mut want_factors[range.clone()],
         );
         for level in supported_levels() {
-            let mut got = cols.clone();
+            let mut got = scores.clone();
             let (mut got_max, mut got_den) = (max.clone(), denominator.clone());
             let mut got_factors = vec![0.0f32; TILE_ROWS];
             let state = (&mut got_max[..], &mut got_den[..]);
-            weights_columns_at(
+            let shape = (slots, stride);
+            tile_weights_at(
                 level,
                 &mut got,
+                shape,
                 range.clone(),
                 &lens,
                 state,
@@ -743,9 +772,8 @@ fn weights_of_rows_together_are_each_row_alone() {
             );
             for r in range.clone() {
                 let len = lens[r];
-                let got_row: Vec<f32> = got[..len].iter().map(|c| c[r]).collect();
                 assert_eq!(
-                    bits(&got_row),
+                    bits(&got[r][..len]),
                     bits(&want[r][..len]),
                     "{level:?}: weights of row {r} of {range:?} (length {len})"
                 );
@@ -761,26 +789,32 @@ fn weights_of_rows_together_are_each_row_alone() {
     }
 }
 
-/// A run's scores in columns for the rows `rows` of a tile (`q`, `[rows][hd]`), and each row's
-/// scores alone, at `ops`' level: `(columns, alone)`, `alone[r]` row `r`'s.
-fn scores_columns_and_alone<V: VectorOps>(
+/// A run's scores for the rows `rows` of a tile (`q`, `[rows][hd]`), taken together as the
+/// level takes a tile's, and each row's scores alone, at `ops`' level: `(together, alone)`,
+/// each `[r][j]` for row `r` of `rows`.
+fn tile_scores_and_alone<V: VectorOps>(
     ops: V,
     q: &[f32],
     hd: usize,
     (keys, stride, n): (&[f32], usize, usize),
     rows: std::ops::Range<usize>,
-) -> (Vec<Column>, Vec<[f32; RUN]>) {
+) -> (Vec<Vec<f32>>, Vec<[f32; RUN]>) {
     let mut prepared = Prepared::default();
     ops.prepare_queries(q, hd, stride, &mut prepared);
-    let mut cols = vec![[f32::NAN; TILE_ROWS]; n];
-    ops.scores_columns(
+    let mut scores = RunScores::new(ops.tile_in_columns(hd, stride));
+    let run = (keys, stride, n);
+    ops.tile_scores(
         prepared.as_slice(),
         hd,
-        (keys, stride, n),
+        run,
         0.125,
         rows.clone(),
-        &mut cols,
+        &mut scores,
     );
+    let together = rows
+        .clone()
+        .map(|r| (0..n).map(|j| scores.get(r, j)).collect())
+        .collect();
     let run = Run {
         keys,
         block_size: stride,
@@ -795,11 +829,11 @@ fn scores_columns_and_alone<V: VectorOps>(
             one[0]
         })
         .collect();
-    (cols, alone)
+    (together, alone)
 }
 
-/// A run's scores computed in columns for many rows at once give each row's scores alone, bit
-/// for bit: head sizes with (32, 64, 128) and without (20) a sized kernel, whole blocks of 16,
+/// A run's scores computed for many rows at once (at AVX-512, in columns) give each row's
+/// scores alone, bit for bit: head sizes with (32, 64, 128) and without (20) a sized kernel, whole blocks of 16,
 /// parts of one, an odd number of slots, other block sizes, and ranges of rows that start
 /// inside a group of 16.
 #[test]
@@ -820,27 +854,22 @@ fn scores_in_columns_are_each_row_alone() {
                 let keys = rng.normal_vec(hd * stride, 1.0);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 for level in supported_levels() {
-                    let (cols, alone) = match level {
+                    let (together, alone) = match level {
                         #[cfg(target_arch = "x86_64")]
                         Level::Avx512(simd) => {
-                            scores_columns_and_alone(simd, &q, hd, (&keys, stride, n), start..rows)
+                            tile_scores_and_alone(simd, &q, hd, (&keys, stride, n), start..rows)
                         }
                         #[cfg(target_arch = "x86_64")]
                         Level::Avx2(simd) => {
-                            scores_columns_and_alone(simd, &q, hd, (&keys, stride, n), start..rows)
+                            tile_scores_and_alone(simd, &q, hd, (&keys, stride, n), start..rows)
                         }
-                        Level::Scalar => scores_columns_and_alone(
-                            Portable,
-                            &q,
-                            hd,
-                            (&keys, stride, n),
-                            start..rows,
-                        ),
+                        Level::Scalar => {
+                            tile_scores_and_alone(Portable, &q, hd, (&keys, stride, n), start..rows)
+                        }
                     };
-                    for (r, alone) in (start..rows).zip(&alone) {
-                        let column: Vec<f32> = cols.iter().map(|c| c[r]).collect();
+                    for ((r, together), alone) in (start..rows).zip(&together).zip(&alone) {
                         assert_eq!(
-                            bits(&column),
+                            bits(together),
                             bits(&alone[..n]),
                             "{level:?}: row {r} of {start}..{rows} ({hd} dims), {n} slots of {stride}"
                         );

@@ -23,10 +23,71 @@ const TILE_TOKENS: usize = 16;
 /// Rows of a tile: a row per query head of each of its tokens.
 pub(super) const TILE_ROWS: usize = TILE_TOKENS * HEAD_BATCH;
 
-/// One slot's scores (or weights) for every row of a tile: a run's scores are kept in columns,
-/// `cols[j][r]` for slot `j` and row `r`, so that a vector holds one slot of 16 rows, whose
-/// online-softmax chains then run side by side in its lanes.
+/// One slot's scores (or weights) for every row of a tile.
 pub(super) type Column = [f32; TILE_ROWS];
+
+/// A run's scores, then its weights, for every row of a tile (up to [`RUN`] slots each), laid
+/// out as the level's tile primitives take them ([`VectorOps::tile_in_columns`]): in columns,
+/// `[slot][row]`, a vector then holding one slot of 16 rows, whose online-softmax chains run
+/// side by side in its lanes; or in rows, `[row][slot]`, for the levels that go through their
+/// row primitives.
+#[repr(C, align(64))]
+pub(super) struct RunScores {
+    values: [f32; RUN * TILE_ROWS],
+    columns: bool,
+}
+
+impl RunScores {
+    pub(super) fn new(columns: bool) -> Self {
+        RunScores {
+            values: [0.0; RUN * TILE_ROWS],
+            columns,
+        }
+    }
+
+    /// Whether the scores lie in columns.
+    pub(super) fn in_columns(&self) -> bool {
+        self.columns
+    }
+
+    /// The scores as [`RUN`] columns.
+    pub(super) fn columns(&self) -> &[Column] {
+        self.values.as_chunks::<TILE_ROWS>().0
+    }
+
+    pub(super) fn columns_mut(&mut self) -> &mut [Column] {
+        self.values.as_chunks_mut::<TILE_ROWS>().0
+    }
+
+    /// The scores as [`TILE_ROWS`] rows.
+    pub(super) fn rows(&self) -> &[[f32; RUN]] {
+        self.values.as_chunks::<RUN>().0
+    }
+
+    pub(super) fn rows_mut(&mut self) -> &mut [[f32; RUN]] {
+        self.values.as_chunks_mut::<RUN>().0
+    }
+
+    /// Row `r`'s score of slot `j`, in either layout.
+    #[cfg(test)]
+    pub(super) fn get(&self, r: usize, j: usize) -> f32 {
+        if self.columns {
+            self.columns()[j][r]
+        } else {
+            self.rows()[r][j]
+        }
+    }
+
+    /// Sets row `r`'s score of slot `j`, in either layout.
+    #[cfg(test)]
+    pub(super) fn set(&mut self, r: usize, j: usize, value: f32) {
+        if self.columns {
+            self.columns_mut()[j][r] = value;
+        } else {
+            self.rows_mut()[r][j] = value;
+        }
+    }
+}
 
 /// A buffer that starts on a cache line, so that none of its 64-byte vectors straddles two.
 #[repr(C, align(64))]
@@ -235,9 +296,7 @@ impl<T: KvElement> PagedAttention<'_, T> {
         debug_assert!(self.window.is_none() && hd <= TILE_HEAD_DIM && tokens <= TILE_TOKENS);
         let mut keys = Line64([0.0f32; TILE_HEAD_DIM * RUN]);
         let mut values = Line64([0.0f32; RUN * TILE_HEAD_DIM]);
-        // The scores of a run (or of the two runs of a pair), in columns.
-        let mut cols = Line64([[0.0f32; TILE_ROWS]; RUN]);
-        let (keys, values, cols) = (&mut keys.0, &mut values.0, &mut cols.0);
+        let (keys, values) = (&mut keys.0, &mut values.0);
         let rows = tokens * batch;
         let mut qs = vec![0.0f32; rows * hd];
         let mut prepared = Prepared::default();
@@ -245,6 +304,9 @@ impl<T: KvElement> PagedAttention<'_, T> {
         // Runs of keys, widened: `[head_dim][stride]`, a whole block as it lies in the pool, a
         // part of one in rows as long as a block (at most `RUN`), the slots past it unused.
         let stride = bs.min(RUN);
+        // The scores of a run, and of the second run of a pair.
+        let columns = ops.tile_in_columns(hd, stride);
+        let (mut scores, mut scores_b) = (RunScores::new(columns), RunScores::new(columns));
 
         let width = shape.n_heads * hd;
         let segment = shape.segment_len();
@@ -290,26 +352,12 @@ impl<T: KvElement> PagedAttention<'_, T> {
                     let (values_a, values_b) = values[..2 * bs * hd].split_at_mut(bs * hd);
                     ops.widen(&self.v_pool[at..at + bs * hd], values_a);
                     ops.widen(&self.v_pool[at_b..at_b + bs * hd], values_b);
-                    let (cols_a, cols_b) = cols[..2 * bs].split_at_mut(bs);
+                    let q = prepared.as_slice();
                     let scale = self.scale;
-                    ops.scores_columns(
-                        prepared.as_slice(),
-                        hd,
-                        (keys_a, bs, bs),
-                        scale,
-                        live.clone(),
-                        cols_a,
-                    );
-                    ops.scores_columns(
-                        prepared.as_slice(),
-                        hd,
-                        (keys_b, bs, bs),
-                        scale,
-                        live,
-                        cols_b,
-                    );
+                    ops.tile_scores(q, hd, (keys_a, bs, bs), scale, live.clone(), &mut scores);
+                    ops.tile_scores(q, hd, (keys_b, bs, bs), scale, live, &mut scores_b);
                     let values = [&*values_a, &*values_b];
-                    state.step_pair(ops, pos, bs, [cols_a, cols_b], values);
+                    state.step_pair(ops, pos, bs, [&mut scores, &mut scores_b], values);
                     pos += 2 * bs;
                     continue;
                 }
@@ -325,15 +373,8 @@ impl<T: KvElement> PagedAttention<'_, T> {
                     &mut values[..n * hd],
                 );
                 let run = (&keys[..hd * stride], stride, n);
-                ops.scores_columns(
-                    prepared.as_slice(),
-                    hd,
-                    run,
-                    self.scale,
-                    live,
-                    &mut cols[..n],
-                );
-                state.step(ops, pos, n, &mut cols[..n], &values[..n * hd]);
+                ops.tile_scores(prepared.as_slice(), hd, run, self.scale, live, &mut scores);
+                state.step(ops, pos, n, &mut scores, &values[..n * hd]);
                 pos += n;
             }
             for (t, started) in started.iter().enumerate().take(tokens) {
@@ -402,7 +443,7 @@ impl TileRows {
 
     /// One online-softmax step ([`PagedAttention::online_step`]) of every row whose token
     /// attends to the run of `n` slots at `pos`, over its part of the run (up to the token's
-    /// own position): `cols` hold the run's scores in columns, `values` its values. The
+    /// own position): `scores` hold the run's scores, `values` its values. The
     /// weights of every row, then the weighted values: the tokens that stop inside the run one
     /// by one, the others together.
     #[inline(always)]
@@ -411,25 +452,25 @@ impl TileRows {
         ops: V,
         pos: usize,
         n: usize,
-        cols: &mut [Column],
+        scores: &mut RunScores,
         values: &[f32],
     ) {
-        let (from, whole) = self.weights(ops, 0, pos, n, cols);
-        self.apply_each(ops, 0, (pos, n), from..whole, cols, values);
+        let (from, whole) = self.weights(ops, 0, pos, n, scores);
+        self.apply_each(ops, 0, (pos, n), from..whole, scores, values);
         let (rows, hd) = (whole * self.batch..self.tokens * self.batch, self.hd);
-        ops.scale_accumulate_columns(
+        ops.tile_scale_accumulate(
             &mut self.outs[rows.start * hd..rows.end * hd],
             rows,
             [&self.factors[0]],
-            [cols],
+            [scores],
             [&values[..n * hd]],
         );
     }
 
     /// [`TileRows::step`] over two whole blocks of `bs` slots from `pos` (the second ending at
-    /// or before the tile's last token), their scores `cols[b]` and values `values[b]`: the
+    /// or before the tile's last token), their scores `scores[b]` and values `values[b]`: the
     /// weights of both, then the rows that attend to both whole go through both runs in one
-    /// pass ([`VectorOps::scale_accumulate_columns`]), the others run by run. Each row's
+    /// pass ([`VectorOps::tile_scale_accumulate`]), the others run by run. Each row's
     /// operations, and their order, are those of the two steps one after the other.
     #[inline(always)]
     fn step_pair<V: VectorOps>(
@@ -437,26 +478,26 @@ impl TileRows {
         ops: V,
         pos: usize,
         bs: usize,
-        [cols_a, cols_b]: [&mut [Column]; 2],
+        [scores_a, scores_b]: [&mut RunScores; 2],
         [values_a, values_b]: [&[f32]; 2],
     ) {
-        let (from_a, _) = self.weights(ops, 0, pos, bs, cols_a);
-        let (from_b, whole) = self.weights(ops, 1, pos + bs, bs, cols_b);
-        self.apply_each(ops, 0, (pos, bs), from_a..whole, cols_a, values_a);
-        self.apply_each(ops, 1, (pos + bs, bs), from_b..whole, cols_b, values_b);
+        let (from_a, _) = self.weights(ops, 0, pos, bs, scores_a);
+        let (from_b, whole) = self.weights(ops, 1, pos + bs, bs, scores_b);
+        self.apply_each(ops, 0, (pos, bs), from_a..whole, scores_a, values_a);
+        self.apply_each(ops, 1, (pos + bs, bs), from_b..whole, scores_b, values_b);
         let (rows, hd) = (whole * self.batch..self.tokens * self.batch, self.hd);
         let [factors_a, factors_b] = &self.factors;
-        ops.scale_accumulate_columns(
+        ops.tile_scale_accumulate(
             &mut self.outs[rows.start * hd..rows.end * hd],
             rows,
             [factors_a, factors_b],
-            [cols_a, cols_b],
+            [scores_a, scores_b],
             [values_a, values_b],
         );
     }
 
     /// The weights of every row whose token attends to the run of `n` slots at `pos` (each
-    /// over its part of the run; `cols`, its scores in columns, replaced by them), its state
+    /// over its part of the run; `scores`, the run's scores, replaced by them), its state
     /// updated and its factor in `self.factors[which]`. Returns the first token that attends
     /// to the run and the first that attends to all of it.
     #[inline(always)]
@@ -466,7 +507,7 @@ impl TileRows {
         which: usize,
         pos: usize,
         n: usize,
-        cols: &mut [Column],
+        scores: &mut RunScores,
     ) -> (usize, usize) {
         let (first, batch) = (self.first, self.batch);
         let from = pos.saturating_sub(first);
@@ -476,12 +517,12 @@ impl TileRows {
         }
         let live = from * batch..self.tokens * batch;
         let state = (&mut self.max[..], &mut self.denominator[..]);
-        ops.weights_columns(cols, live, &self.lens, state, &mut self.factors[which]);
+        ops.tile_weights(scores, n, live, &self.lens, state, &mut self.factors[which]);
         (from, whole)
     }
 
     /// The rescaling and weighted values of the run of `n` slots at `pos` (its weights in
-    /// columns) for the rows of `tokens`, token by token, each over its part of the run
+    /// `scores`) for the rows of `tokens`, token by token, each over its part of the run
     /// (factors in `self.factors[which]`).
     #[inline(always)]
     fn apply_each<V: VectorOps>(
@@ -490,18 +531,18 @@ impl TileRows {
         which: usize,
         (pos, n): (usize, usize),
         tokens: std::ops::Range<usize>,
-        cols: &[Column],
+        scores: &RunScores,
         values: &[f32],
     ) {
         let (batch, hd) = (self.batch, self.hd);
         for t in tokens {
             let len = n.min(self.first + t + 1 - pos);
             let heads = t * batch..(t + 1) * batch;
-            ops.scale_accumulate_columns(
+            ops.tile_scale_accumulate(
                 &mut self.outs[heads.start * hd..heads.end * hd],
                 heads,
                 [&self.factors[which]],
-                [cols],
+                [scores],
                 [&values[..len * hd]],
             );
         }

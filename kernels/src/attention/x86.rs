@@ -26,8 +26,8 @@ use crate::x86::{
 };
 use std::ops::Range;
 
-use super::ops::{Prepared, scores_columns_rows, weights_columns_rows};
-use super::tile::Column;
+use super::ops::{Prepared, tile_scale_accumulate_rows, tile_scores_rows, tile_weights_rows};
+use super::tile::{Column, RunScores};
 
 /// AVX-512 version of [`PagedAttention::compute`].
 pub(super) fn compute_avx512<T: KvElement>(
@@ -115,6 +115,11 @@ impl VectorOps for Avx512 {
     }
 
     #[inline(always)]
+    fn tile_in_columns(self, hd: usize, stride: usize) -> bool {
+        native_columns(hd, stride)
+    }
+
+    #[inline(always)]
     fn prepare_queries(self, q: &[f32], hd: usize, stride: usize, out: &mut Prepared) {
         if native_columns(hd, stride) {
             columns::transpose_queries(q, hd, out);
@@ -124,56 +129,65 @@ impl VectorOps for Avx512 {
     }
 
     #[inline(always)]
-    fn scores_columns(
+    fn tile_scores(
         self,
         q: &[f32],
         hd: usize,
         (keys, stride, n): (&[f32], usize, usize),
         scale: f32,
         rows: Range<usize>,
-        cols: &mut [Column],
+        scores: &mut RunScores,
     ) {
-        if native_columns(hd, stride) {
+        if scores.in_columns() {
+            let cols = scores.columns_mut();
             // SAFETY: `self` proves the CPU supports AVX-512F and FMA.
             unsafe { columns::scores_columns_512(q, hd, (keys, n), scale, rows, cols) }
         } else {
-            scores_columns_rows(self, q, hd, (keys, stride, n), scale, rows, cols);
+            tile_scores_rows(self, q, hd, (keys, stride, n), scale, rows, scores);
         }
     }
 
     #[inline(always)]
-    fn weights_columns(
+    fn tile_weights(
         self,
-        cols: &mut [Column],
+        scores: &mut RunScores,
+        n: usize,
         rows: Range<usize>,
         lens: &[usize],
         state: (&mut [f32], &mut [f32]),
         factors: &mut [f32],
     ) {
-        if cols.len() <= 16 {
+        if scores.in_columns() {
+            let cols = &mut scores.columns_mut()[..n.min(16)];
             // SAFETY: `self` proves the CPU supports AVX-512F, AVX2 and FMA.
             unsafe { columns::weights_columns_512(cols, rows, lens, state, factors) }
         } else {
-            weights_columns_rows(self, cols, rows, lens, state, factors);
+            tile_weights_rows(self, scores, rows, lens, state, factors);
         }
     }
 
     #[inline(always)]
-    fn scale_accumulate_columns<const R: usize>(
+    fn tile_scale_accumulate<const R: usize>(
         self,
         y: &mut [f32],
         rows: Range<usize>,
         factors: [&[f32]; R],
-        cols: [&[Column]; R],
+        scores: [&RunScores; R],
         x: [&[f32]; R],
     ) {
-        // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
-        unsafe { scale_accumulate_columns_avx512(self, y, rows, factors, cols, x) }
+        if scores.iter().all(|s| s.in_columns()) {
+            let cols = scores.map(RunScores::columns);
+            // SAFETY: `self` proves the CPU supports AVX-512F, FMA and F16C.
+            unsafe { scale_accumulate_columns_avx512(y, rows, factors, cols, x) }
+        } else {
+            tile_scale_accumulate_rows(self, y, rows, factors, scores, x);
+        }
     }
 }
 
 /// Whether the AVX-512 column kernels take a tile's runs of keys `stride` slots apart with
-/// heads of `hd`: whole blocks of 16 positions, the usual head sizes.
+/// heads of `hd` (its scores then lie in columns): whole blocks of 16 positions, the usual
+/// head sizes.
 fn native_columns(hd: usize, stride: usize) -> bool {
     stride == 16 && matches!(hd, 32 | 64 | 128)
 }
@@ -465,13 +479,13 @@ impl RunWeights for ColumnWeights<'_> {
     }
 }
 
-/// [`VectorOps::scale_accumulate_columns`] with AVX-512: for the usual head sizes, up to
-/// [`HEADS`] rows' outputs held in registers through all `R` runs (3 for heads of 128: at most
-/// 24 accumulators), as [`accumulate_avx512`] holds them through one.
+/// [`VectorOps::tile_scale_accumulate`] of weights in columns, with AVX-512, for the head sizes
+/// whose scores lie in columns ([`native_columns`]): up to [`HEADS`] rows' outputs held in
+/// registers through all `R` runs (3 for heads of 128: at most 24 accumulators), as
+/// [`accumulate_avx512`] holds them through one.
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
 fn scale_accumulate_columns_avx512<const R: usize>(
-    simd: Avx512,
     y: &mut [f32],
     rows: Range<usize>,
     factors: [&[f32]; R],
@@ -483,7 +497,7 @@ fn scale_accumulate_columns_avx512<const R: usize>(
         32 => scale_accumulate_passes_512::<2, R>(y, rows, factors, cols, x),
         64 => scale_accumulate_passes_512::<4, R>(y, rows, factors, cols, x),
         128 => scale_accumulate_passes_512::<8, R>(y, rows, factors, cols, x),
-        _ => super::ops::scale_accumulate_columns_rows(simd, y, rows, factors, cols, x),
+        _ => {} // not in columns (`native_columns`)
     }
 }
 
