@@ -510,13 +510,17 @@ impl Rope {
         if width == 0 {
             return;
         }
-        let rotate = |((row, cos), sin): ((&mut [f32], &[f32]), &[f32])| {
-            for head in row.chunks_exact_mut(2 * half) {
-                let (a, b) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (x0, x1) = (a[i], b[i]);
-                    a[i] = x0 * cos[i] - x1 * sin[i];
-                    b[i] = x0 * sin[i] + x1 * cos[i];
+        // The rows of `x` with their cos and sin rows.
+        let rotate = |x: &mut [f32], cos: &[f32], sin: &[f32]| {
+            let rows = x.chunks_exact_mut(width);
+            for ((row, cos), sin) in rows.zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half)) {
+                for head in row.chunks_exact_mut(2 * half) {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x0, x1) = (a[i], b[i]);
+                        a[i] = x0 * cos[i] - x1 * sin[i];
+                        b[i] = x0 * sin[i] + x1 * cos[i];
+                    }
                 }
             }
         };
@@ -527,17 +531,9 @@ impl Rope {
             x.par_chunks_mut(rows_per_task * width)
                 .zip(t.cos.par_chunks(rows_per_task * half))
                 .zip(t.sin.par_chunks(rows_per_task * half))
-                .for_each(|((x, cos), sin)| {
-                    x.chunks_exact_mut(width)
-                        .zip(cos.chunks_exact(half))
-                        .zip(sin.chunks_exact(half))
-                        .for_each(rotate)
-                });
+                .for_each(|((x, cos), sin)| rotate(x, cos, sin));
         } else {
-            x.chunks_exact_mut(width)
-                .zip(t.cos.chunks_exact(half))
-                .zip(t.sin.chunks_exact(half))
-                .for_each(rotate);
+            rotate(x, &t.cos, &t.sin);
         }
     }
 }
@@ -545,13 +541,14 @@ impl Rope {
 /// `x[i] += y[i]` (a residual connection), split among the compute threads when long: each
 /// element's sum is its own.
 pub fn add_residual(x: &mut [f32], y: &[f32]) {
+    let add = |x: &mut [f32], y: &[f32]| x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
     let chunk = strata_kernels::pool::rows_per_task(x.len(), 1, PARALLEL_MIN_VALUES);
     if chunk < x.len() {
         x.par_chunks_mut(chunk)
             .zip(y.par_chunks(chunk))
-            .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+            .for_each(|(x, y)| add(x, y));
     } else {
-        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+        add(x, y);
     }
 }
 
