@@ -4,6 +4,7 @@
 //!
 //! Architecture invariant: the worker never tokenizes; it sees token ids and activations only.
 
+pub mod batch;
 pub mod cli;
 pub mod device;
 pub mod engine;

@@ -14,6 +14,7 @@ use strata_shared::names::{LayerTensor, TensorRole};
 use strata_shared::plan::{FloatType, Plan};
 use strata_shared::wire::KV_BLOCK_SIZE;
 
+pub use crate::batch::{ActivationPolicy, Batch, LAYER_CHUNK_ROWS, Span};
 use crate::device::Placement;
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::kv::{KvCache, KvDtype, Pools};
@@ -104,105 +105,6 @@ impl SliceSpec {
             head: true,
             tensors,
         }
-    }
-}
-
-/// One sequence's tokens within a batch: positions `pos0..pos0 + len`, rows `row..row + len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Span {
-    pub seq_id: u64,
-    pub pos0: usize,
-    pub len: usize,
-    pub row: usize,
-}
-
-/// How finely rows are quantized for the int8 products (`STRATA_ACTIVATIONS`: `int8x2`, the
-/// default, or `int8`).
-///
-/// Two 8-bit planes (the second only in the blocks whose scale is near the row's largest,
-/// where the outlier channels are) are f32-class: perplexity within 0.2% of full two planes'
-/// with every ISQ type, top-1 agreement 192 of 192 on the golden prompts. One plane is
-/// llama.cpp's precision (perplexity within 0.4%, top-1 189 of 192) for less integer work. It
-/// is not the default because near-ties flip: asked for the capital of France, SmolLM2-135M
-/// answers "The capital of France is Paris." with two planes and "L'Étoile, …" with one (the
-/// first token's logit moves by 0.3). The policy is per process (workers inherit it), and a
-/// row's precision never depends on its batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivationPolicy {
-    /// One 8-bit plane for every row (llama.cpp's precision).
-    Int8,
-    /// Two planes for every row.
-    Int8x2,
-}
-
-impl ActivationPolicy {
-    /// The process's policy, from `STRATA_ACTIVATIONS` (the default where it is unset or
-    /// invalid: [`ActivationPolicy::from_env`] is what reports an invalid value).
-    pub fn current() -> Self {
-        static POLICY: std::sync::OnceLock<ActivationPolicy> = std::sync::OnceLock::new();
-        *POLICY.get_or_init(|| Self::from_env().unwrap_or(ActivationPolicy::Int8x2))
-    }
-
-    /// The policy `STRATA_ACTIVATIONS` names (`int8x2` when unset).
-    ///
-    /// # Errors
-    ///
-    /// [`WorkerError::Config`] naming the variable and its value when it is neither `int8`
-    /// nor `int8x2`.
-    pub fn from_env() -> Result<Self> {
-        match std::env::var("STRATA_ACTIVATIONS") {
-            Err(std::env::VarError::NotPresent) => Ok(ActivationPolicy::Int8x2),
-            Ok(v) if v == "int8" => Ok(ActivationPolicy::Int8),
-            Ok(v) if v == "int8x2" => Ok(ActivationPolicy::Int8x2),
-            Ok(v) => Err(WorkerError::Config(format!(
-                "STRATA_ACTIVATIONS is `{v}`; it must be `int8x2` (two 8-bit planes, the default) or `int8` (one)"
-            ))),
-            Err(e) => Err(WorkerError::Config(format!("STRATA_ACTIVATIONS: {e}"))),
-        }
-    }
-
-    /// The precision of a row at `position` of a sequence whose prompt is `prompt_len` long.
-    pub fn precision(self, _position: usize, _prompt_len: usize) -> Precision {
-        match self {
-            ActivationPolicy::Int8 => Precision::Int8,
-            ActivationPolicy::Int8x2 => Precision::Int8x2,
-        }
-    }
-}
-
-/// The layout of a micro-batch: sequences stacked row-wise.
-#[derive(Debug, Clone, Default)]
-pub struct Batch {
-    pub spans: Vec<Span>,
-    /// Per span, its sequence's KV block table.
-    pub tables: Vec<Vec<u32>>,
-    pub positions: Vec<u32>,
-    /// Per row, the precision of its int8 activations.
-    pub precision: Vec<Precision>,
-}
-
-impl Batch {
-    /// Sequences as `(seq_id, pos0, len, prompt_len, block table)`.
-    pub fn new(seqs: impl IntoIterator<Item = (u64, usize, usize, usize, Vec<u32>)>) -> Self {
-        let policy = ActivationPolicy::current();
-        let mut b = Batch::default();
-        for (seq_id, pos0, len, prompt_len, table) in seqs {
-            b.tables.push(table);
-            b.spans.push(Span {
-                seq_id,
-                pos0,
-                len,
-                row: b.positions.len(),
-            });
-            b.positions.extend((pos0..pos0 + len).map(|p| p as u32));
-            b.precision
-                .extend((pos0..pos0 + len).map(|p| policy.precision(p, prompt_len)));
-        }
-        b
-    }
-
-    pub fn rows(&self) -> usize {
-        self.positions.len()
     }
 }
 
@@ -528,23 +430,23 @@ impl DecoderLayer {
             && self.mlp.down_proj.is_f32()
     }
 
-    /// `x += attention(norm(x)); x += mlp(norm(x))`, in place.
+    /// `x += attention(norm(x)); x += mlp(norm(x))`, in place, over the rows of `batch` (`x`
+    /// holds them, row after row).
     fn forward(
         &self,
-        x: &mut Hidden,
+        x: &mut [f32],
         batch: &Batch,
         rope: &RopeTables,
         kv: &mut KvCache,
         layer: usize,
         s: &mut LayerScratch,
     ) -> Result<()> {
-        self.input_layernorm.forward_into(&x.data, &mut s.normed);
+        self.input_layernorm.forward_into(x, &mut s.normed);
         self.self_attn.forward(batch, rope, kv, layer, s)?;
-        add_residual(&mut x.data, &s.out);
-        self.post_attention_layernorm
-            .forward_into(&x.data, &mut s.normed);
+        add_residual(x, &s.out);
+        self.post_attention_layernorm.forward_into(x, &mut s.normed);
         self.mlp.forward(&batch.precision, s)?;
-        add_residual(&mut x.data, &s.out);
+        add_residual(x, &s.out);
         Ok(())
     }
 }
@@ -569,6 +471,8 @@ pub struct ModelSlice {
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
     weight_bytes: usize,
+    /// Rows a layer takes at a time ([`LAYER_CHUNK_ROWS`] unless set).
+    chunk_rows: usize,
 }
 
 impl ModelSlice {
@@ -673,7 +577,15 @@ impl ModelSlice {
             norm,
             lm_head,
             weight_bytes,
+            chunk_rows: LAYER_CHUNK_ROWS,
         })
+    }
+
+    /// Runs each layer over at most `rows` rows at a time (see [`LAYER_CHUNK_ROWS`]): the same
+    /// results, in buffers of that many rows.
+    pub fn with_chunk_rows(mut self, rows: usize) -> Self {
+        self.chunk_rows = rows.max(1);
+        self
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -739,11 +651,21 @@ impl ModelSlice {
                 self.config.hidden_size
             )));
         }
-        let tables = rope.tables(&batch.positions)?;
+        let chunks = batch.row_chunks(self.chunk_rows);
+        let tables = chunks
+            .iter()
+            .map(|(_, chunk)| rope.tables(&chunk.positions))
+            .collect::<Result<Vec<_>>>()?;
+        let width = x.cols;
         let mut scratch = LayerScratch::default();
         for (i, layer) in self.layers.iter().enumerate() {
-            layer
-                .forward(&mut x, batch, &tables, kv, i, &mut scratch)
+            chunks
+                .iter()
+                .zip(&tables)
+                .try_for_each(|((first, chunk), tables)| {
+                    let rows = &mut x.data[first * width..(first + chunk.rows()) * width];
+                    layer.forward(rows, chunk, tables, kv, i, &mut scratch)
+                })
                 .map_err(|e| match e {
                     WorkerError::Candle { context, source } => WorkerError::Candle {
                         context: format!("layer {}: {context}", self.layer_start + i),

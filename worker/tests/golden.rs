@@ -153,6 +153,50 @@ fn f32_logits_and_greedy_match_the_reference() {
     }
 }
 
+/// A layer that takes its rows in runs gives the bits it gives in one pass: two prompts in one
+/// step, in runs of 7 rows (across the two sequences, and across the attention's tiles of 16),
+/// then decode steps of both.
+#[test]
+fn rows_in_runs_give_the_bits_of_one_pass() {
+    let meta = meta();
+    let spec = SliceSpec::whole(&meta, None);
+    let engine = |rows| {
+        let slice = ModelSlice::load(&meta, &spec, &mut |_, _, _| {}).unwrap();
+        Engine::from_stages(vec![
+            Stage::new(0, slice.with_chunk_rows(rows), 256).unwrap(),
+        ])
+        .unwrap()
+    };
+    let prompts = prompts();
+    let (a, b) = (&prompts[5].prompt_ids, &prompts[3].prompt_ids);
+    let run = |engine: &mut Engine| {
+        let mut out = Vec::new();
+        let (mut feed_a, mut feed_b) = (a.clone(), b.clone());
+        let (mut pos_a, mut pos_b) = (0u32, 0u32);
+        for step_id in 0..4 {
+            let mut step = one_seq_step(step_id, 1, pos_a, a.len(), &feed_a);
+            let mut second = one_seq_step(step_id, 2, pos_b, b.len(), &feed_b);
+            // The second sequence's blocks from 128 on.
+            second.seqs[0].blocks.iter_mut().for_each(|b| *b += 128);
+            step.seqs.append(&mut second.seqs);
+            let samples = engine.step(step).unwrap().samples;
+            assert_eq!(samples.len(), 2);
+            pos_a += feed_a.len() as u32;
+            pos_b += feed_b.len() as u32;
+            feed_a = vec![samples[0].token];
+            feed_b = vec![samples[1].token];
+            out.extend(samples.iter().map(|s| (s.token, s.logprob.to_bits())));
+        }
+        out
+    };
+    assert!(
+        a.len() > 7 && b.len() > 7,
+        "each prompt fills more than one run"
+    );
+    let whole = run(&mut engine(4096));
+    assert_eq!(run(&mut engine(7)), whole);
+}
+
 #[test]
 fn as_stored_q4_1_agrees_with_the_reference_top1() {
     let meta = meta();
