@@ -192,6 +192,40 @@ fn detect() -> Level {
     Level::Scalar
 }
 
+/// Weight rows that an f32, f16 or bf16 product of a single activation row (a decode) reads side
+/// by side at AVX-512: 1 on AMD family 19h (Zen 4), 4 elsewhere. Each output element's
+/// arithmetic is the same either way (one chain of multiply-adds through its 16 lanes), so the
+/// bits do not depend on it; only the order in which memory is read does.
+///
+/// A decode reads every weight once, from memory. Four rows side by side are four short streams
+/// (2.3 KiB each on the default model, then the next four): on Zen 4 they read at 12.5 to 13.1
+/// GB/s on one thread, where the rows one by one, a single stream through the matrix, read at
+/// 21.3 to 21.7 (a plain read: 28 GB/s); on Zen 5 the rows one by one were the slower, 26.3 to
+/// 27.4 GB/s against 28.7 to 33.1 (`dense_speed 1`; docs/benchmarks.md).
+pub(crate) fn dense_single_row_side_by_side() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| if amd_family_19h() { 1 } else { 4 })
+}
+
+/// Whether the CPU is an AMD processor of family 19h (Zen 3 and Zen 4), from CPUID leaves 0 and 1.
+fn amd_family_19h() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        let vendor = __cpuid(0);
+        let amd = [vendor.ebx, vendor.edx, vendor.ecx]
+            == [*b"Auth", *b"enti", *b"cAMD"].map(u32::from_le_bytes);
+        let eax = __cpuid(1).eax;
+        let base = (eax >> 8) & 0xf;
+        let family = base + if base == 0xf { (eax >> 20) & 0xff } else { 0 };
+        amd && family == 0x19
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Every level this CPU supports, scalar first; tests run each kernel at each of them.
 #[cfg(test)]
 pub(crate) fn supported_levels() -> Vec<Level> {

@@ -10,7 +10,10 @@
 //!
 //! So the AVX-512, AVX2 and scalar kernels agree bit for bit, and a row's result does not
 //! depend on the rows it was computed with. The SIMD kernels block 4 weight rows by 4
-//! activation rows, so each loaded vector serves four multiply-adds.
+//! activation rows, so each loaded vector serves four multiply-adds. A single activation row (a
+//! decode, which reads every weight from memory) reads its weight rows 4 side by side, or one
+//! by one where the CPU's prefetcher follows one stream better than four short ones (Zen 4:
+//! [`crate::cpu::dense_single_row_side_by_side`]); the bits are the same.
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -105,6 +108,20 @@ impl DenseMatrix {
         m: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
+        let side = cpu::dense_single_row_side_by_side();
+        self.matmul_with(level, side, x, m, out)
+    }
+
+    /// [`Self::matmul_at`], reading `side` weight rows side by side for a single activation row
+    /// at AVX-512 (the same bits whatever `side`).
+    pub(crate) fn matmul_with(
+        &self,
+        level: Level,
+        side: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         check_matmul(self.rows, self.cols, x, m, out)?;
         let (rows, cols) = (self.rows, self.cols);
         // A long prompt's rows in chunks whose activations stay in L2 while every weight row
@@ -112,7 +129,7 @@ impl DenseMatrix {
         let chunk = rowwise::chunk_rows(m, 4 * cols);
         if m > chunk && rows > 0 && cols > 0 {
             for (x, out) in x.chunks(chunk * cols).zip(out.chunks_mut(chunk * rows)) {
-                self.matmul_at(level, x, x.len() / cols, out)?;
+                self.matmul_with(level, side, x, x.len() / cols, out)?;
             }
             return Ok(());
         }
@@ -123,7 +140,7 @@ impl DenseMatrix {
                     let w = &$w[j0 * cols..][..buf.len() / m * cols];
                     match level {
                         #[cfg(target_arch = "x86_64")]
-                        Level::Avx512(token) => x86::$avx512(token, w, cols, x, m, buf),
+                        Level::Avx512(token) => x86::$avx512(token, side, w, cols, x, m, buf),
                         #[cfg(target_arch = "x86_64")]
                         Level::Avx2(token) => x86::$avx2(token, w, cols, x, m, buf),
                         Level::Scalar => group_scalar(w, cols, x, m, buf),
@@ -296,19 +313,22 @@ mod tests {
                     matrix.matmul_at(Level::Scalar, &x, m, &mut want).unwrap();
                     let exact = naive_matmul(&x, &stored, m, rows, cols);
                     assert_close_dot(&want, &exact, &x, &stored, m, rows, cols, 1e-5);
+                    // Every level, and at AVX-512 each number of weight rows side by side.
                     for level in supported_levels() {
-                        let mut got = vec![f32::NAN; m * rows];
-                        matrix.matmul_at(level, &x, m, &mut got).unwrap();
-                        let same = got
-                            .iter()
-                            .zip(&want)
-                            .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(
-                            same,
-                            "{:?} {} {rows}x{cols} m={m}: {got:?} != {want:?}",
-                            level,
-                            matrix.format()
-                        );
+                        for side in 1..=4 {
+                            let mut got = vec![f32::NAN; m * rows];
+                            matrix.matmul_with(level, side, &x, m, &mut got).unwrap();
+                            let same = got
+                                .iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(
+                                same,
+                                "{:?} {} {rows}x{cols} m={m} side {side}: {got:?} != {want:?}",
+                                level,
+                                matrix.format()
+                            );
+                        }
                     }
                 }
             }

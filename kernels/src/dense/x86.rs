@@ -86,9 +86,12 @@ fn tail<E: Element>(mut sum: f32, w: &[E], x: &[f32]) -> f32 {
 
 macro_rules! dense_kernels {
     ($elem:ty, $avx512:ident, $avx2:ident, $widen16:ident, $widen8:ident) => {
-        /// AVX-512: fills `buf[t * m + i]` for the group of weight rows `w` (rows of `cols`).
+        /// AVX-512: fills `buf[t * m + i]` for the group of weight rows `w` (rows of `cols`),
+        /// reading `side` weight rows side by side (1 to 4) for a single activation row and 4
+        /// for more ([`crate::cpu::dense_single_row_side_by_side`]): the same bits either way.
         pub(crate) fn $avx512(
             _: Avx512,
+            side: usize,
             w: &[$elem],
             cols: usize,
             x: &[f32],
@@ -96,7 +99,7 @@ macro_rules! dense_kernels {
             buf: &mut [f32],
         ) {
             #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-            fn group(w: &[$elem], cols: usize, x: &[f32], m: usize, buf: &mut [f32]) {
+            fn group(side: usize, w: &[$elem], cols: usize, x: &[f32], m: usize, buf: &mut [f32]) {
                 // Activation blocks outside, weight rows inside: a block of 4 activation rows
                 // stays in L1 while the group's weight rows pass by.
                 let mut i = 0;
@@ -104,20 +107,21 @@ macro_rules! dense_kernels {
                     let r = (m - i).min(4);
                     let x = &x[i * cols..][..r * cols];
                     match r {
-                        4 => rows::<4>(w, cols, x, i, m, buf),
-                        3 => rows::<3>(w, cols, x, i, m, buf),
-                        2 => rows::<2>(w, cols, x, i, m, buf),
-                        _ => rows::<1>(w, cols, x, i, m, buf),
+                        4 => rows::<4>(4, w, cols, x, i, m, buf),
+                        3 => rows::<3>(4, w, cols, x, i, m, buf),
+                        2 => rows::<2>(4, w, cols, x, i, m, buf),
+                        _ => rows::<1>(side.clamp(1, 4), w, cols, x, i, m, buf),
                     }
                     i += r;
                 }
             }
 
-            /// The group's weight rows, 4 at a time, against the `R` activation rows `x`
+            /// The group's weight rows, `side` at a time, against the `R` activation rows `x`
             /// (rows `i0..` of the product).
             #[target_feature(enable = "avx512f,avx2,fma,f16c")]
             #[inline]
             fn rows<const R: usize>(
+                side: usize,
                 w: &[$elem],
                 cols: usize,
                 x: &[f32],
@@ -128,7 +132,7 @@ macro_rules! dense_kernels {
                 let n = w.len() / cols;
                 let mut t = 0;
                 while t < n {
-                    let wn = (n - t).min(4);
+                    let wn = (n - t).min(side);
                     let (wt, out) = (&w[t * cols..][..wn * cols], &mut buf[t * m..]);
                     match wn {
                         4 => put(block::<4, R>(wt, x, cols), i0, m, out),
@@ -200,7 +204,7 @@ macro_rules! dense_kernels {
                 return;
             }
             // SAFETY: the `Avx512` token proves the CPU supports AVX-512F, AVX2, FMA and F16C.
-            unsafe { group(w, cols, x, m, buf) }
+            unsafe { group(side, w, cols, x, m, buf) }
         }
 
         /// AVX2: fills `buf[t * m + i]` for the group of weight rows `w` (rows of `cols`).
