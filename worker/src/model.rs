@@ -200,7 +200,7 @@ impl Loader<'_> {
     }
 }
 
-/// Buffers one forward pass reuses from layer to layer.
+/// Buffers one forward pass reuses from layer to layer, and from one run of rows to the next.
 #[derive(Debug, Default)]
 pub struct LayerScratch {
     products: Scratch,
