@@ -142,14 +142,16 @@ impl Batch {
     }
 }
 
-/// Rows a layer takes at a time. A long prompt runs each layer over runs of this many rows, one
+/// Rows a layer takes at a time. A long step runs each layer over runs of this many rows, one
 /// after the other (a run's attention reading the keys and values its predecessors wrote), so
 /// that the step's buffers hold this many rows rather than the whole prompt: some 30 KiB a
 /// row on the default model (q, k, v, the attention's output, gate and up, their int8
-/// quantization), 60 MiB for a 2,048-token step. Each row's arithmetic is the same whatever
-/// rows it runs with (the products' and the attention's batch invariance), so the bits do not
-/// change; the layer's weights stay in cache from one run to the next.
-pub const LAYER_CHUNK_ROWS: usize = 256;
+/// quantization), 60 MiB for a 2,048-token step in one run. Each row's arithmetic is the same
+/// whatever rows it runs with (the products' and the attention's batch invariance), so the bits
+/// do not change; the layer's weights stay in cache from one run to the next, and a run's
+/// activations in L2 (runs of 64 prefilled a 1,024-token prompt 1.07× faster than runs of 256
+/// on Zen 4, 128 rows 1.00×; docs/benchmarks.md).
+pub const LAYER_CHUNK_ROWS: usize = 64;
 
 #[cfg(test)]
 mod tests {
