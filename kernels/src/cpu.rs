@@ -192,19 +192,29 @@ fn detect() -> Level {
     Level::Scalar
 }
 
-/// Weight rows that an f32, f16 or bf16 product of a single activation row (a decode) reads side
-/// by side at AVX-512: 1 on AMD family 19h (Zen 4), 4 elsewhere. Each output element's
-/// arithmetic is the same either way (one chain of multiply-adds through its 16 lanes), so the
-/// bits do not depend on it; only the order in which memory is read does.
+/// Whether a decode's products (few activation rows, which read every weight once, from
+/// memory) read their weights as one stream: on AMD family 19h (Zen 4), whose prefetchers
+/// follow one stream through a matrix but not several short ones side by side. Each output
+/// element's arithmetic is the same either way, so the bits do not depend on it; only the
+/// order in which memory is read does.
 ///
-/// A decode reads every weight once, from memory. Four rows side by side are four short streams
-/// (2.3 KiB each on the default model, then the next four): on Zen 4 they read at 12.5 to 13.1
-/// GB/s on one thread, where the rows one by one, a single stream through the matrix, read at
-/// 21.3 to 21.7 (a plain read: 28 GB/s); on Zen 5 the rows one by one were the slower, 26.3 to
-/// 27.4 GB/s against 28.7 to 33.1 (`dense_speed 1`; docs/benchmarks.md).
+/// - f32, f16 and bf16 ([`dense_single_row_side_by_side`]): four weight rows side by side are
+///   four streams of 2.3 KiB on the default model; on Zen 4 they read at 12.5 to 13.1 GB/s on
+///   one thread, the rows one by one at 21.3 to 21.7 (a plain read: 28 GB/s). On Zen 5 the rows
+///   one by one were the slower, 26.3 to 27.4 GB/s against 28.7 to 33.1 (`dense_speed 1`).
+/// - int8 (`PackedMatrix::matmul_quantized`, 1 to 4 activation rows): a pair of 16-row tiles
+///   side by side are two streams; on Zen 4 the tiles one after the other, with no prefetch of
+///   their own, decode Q4_1 and Q8_0 1.4× to 1.6× as fast on one thread, 1.2× to 1.4× on two
+///   (`strata bench`; docs/benchmarks.md).
+pub(crate) fn single_stream() -> bool {
+    static ONE: OnceLock<bool> = OnceLock::new();
+    *ONE.get_or_init(amd_family_19h)
+}
+
+/// Weight rows that an f32, f16 or bf16 product of a single activation row reads side by side
+/// at AVX-512: 1 where the weights are read as one stream ([`single_stream`]), 4 elsewhere.
 pub(crate) fn dense_single_row_side_by_side() -> usize {
-    static ROWS: OnceLock<usize> = OnceLock::new();
-    *ROWS.get_or_init(|| if amd_family_19h() { 1 } else { 4 })
+    if single_stream() { 1 } else { 4 }
 }
 
 /// Whether the CPU is an AMD processor of family 19h (Zen 3 and Zen 4), from CPUID leaves 0 and 1.

@@ -308,7 +308,7 @@ impl PackedMatrix {
         widths: &[usize],
     ) -> Result<(), KernelError> {
         let out = Columns::side_by_side(outs, widths, x.rows, self.rows)?;
-        self.matmul_quantized_columns(cpu::int8_level(), x, out)
+        self.matmul_quantized_columns(cpu::int8_level(), cpu::single_stream(), x, out)
     }
 
     pub(crate) fn matmul_quantized_at(
@@ -317,13 +317,26 @@ impl PackedMatrix {
         x: &QuantizedActivations,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
+        self.matmul_quantized_with(level, cpu::single_stream(), x, out)
+    }
+
+    /// [`Self::matmul_quantized_at`], one group of activation rows reading its tiles as one
+    /// stream or not (the same bits either way).
+    pub(crate) fn matmul_quantized_with(
+        &self,
+        level: Int8Level,
+        single_stream: bool,
+        x: &QuantizedActivations,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         let out = Columns::new(out, x.rows, self.rows)?;
-        self.matmul_quantized_columns(level, x, out)
+        self.matmul_quantized_columns(level, single_stream, x, out)
     }
 
     fn matmul_quantized_columns(
         &self,
         level: Int8Level,
+        single_stream: bool,
         x: &QuantizedActivations,
         mut out: Columns<'_>,
     ) -> Result<(), KernelError> {
@@ -336,7 +349,7 @@ impl PackedMatrix {
         let macs = m.saturating_mul(self.rows).saturating_mul(self.cols);
         let threads = rayon::current_num_threads();
         let parallel = macs >= PARALLEL_MIN_MACS && threads > 1;
-        self.tile_pairs(level, &rows, &mut out, parallel, threads);
+        self.tile_pairs(level, &rows, &mut out, parallel, threads, single_stream);
         Ok(())
     }
 
@@ -353,12 +366,20 @@ impl PackedMatrix {
         out: &mut Columns<'_>,
         parallel: bool,
         threads: usize,
+        single_stream: bool,
     ) {
         let m = rows.len();
         let tiles = self.tiles();
         let pairs = tiles.div_ceil(2);
         let two_planes = rows.iter().any(|r| r.lo.is_some());
         let chunk = rowwise::chunk_rows(m, self.activation_row_bytes(two_planes));
+        // One group of rows (a decode of up to 4 sequences) reads each tile once, from memory,
+        // and computes little on it. Where the prefetchers follow one stream better than two,
+        // a pair's tiles go one after the other, with no prefetch of the kernel's own: the
+        // hardware's runs ahead of a single stream, and asking on top of it made the decode
+        // slower. More rows keep the pairs, whose shared broadcasts their arithmetic needs
+        // (docs/benchmarks.md).
+        let one_stream = m <= ROW_GROUP && single_stream;
         for start in (0..m).step_by(chunk) {
             let groups = act::precision_runs(rows, start..(start + chunk).min(m));
             let task = |strip: Strip<'_, '_>| {
@@ -376,6 +397,17 @@ impl PackedMatrix {
                 let both = [self.tile(first_tile), self.tile(first_tile + n_tiles - 1)];
                 let tiles = &both[..n_tiles];
                 let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
+                if one_stream && let [g] = groups.as_slice() {
+                    // The tiles one after the other, each read from memory once.
+                    let out = &mut tmp[..g.len() * TILE_ROWS];
+                    for (t, &tile) in tiles.iter().enumerate() {
+                        self.tiles_products(level, &[tile], &rows[g.clone()], out, Prefetch::None);
+                        for (i, lanes) in out.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
+                            strip.write(g.start + i, t * TILE_ROWS, lanes);
+                        }
+                    }
+                    return;
+                }
                 for (index, g) in groups.iter().enumerate() {
                     let n = g.len();
                     let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];

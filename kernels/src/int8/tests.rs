@@ -175,16 +175,22 @@ fn check_levels(packed: &PackedMatrix, name: &str, rng: &mut Rng) {
         let mut q = QuantizedActivations::default();
         q.quantize_from(&x, m, cols, precision).unwrap();
         let want = reference(packed, &codes, &q);
+        // Each level, a single row's tiles read side by side and as one stream.
         for level in int8_levels() {
-            let mut out = vec![f32::NAN; m * rows];
-            packed.matmul_quantized_at(level, &q, &mut out).unwrap();
-            for (k, (a, b)) in out.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{name} {rows}x{cols} m={m} {}: element {k}: {a} vs {b}",
-                    level.name()
-                );
+            for single_stream in [false, true] {
+                let mut out = vec![f32::NAN; m * rows];
+                packed
+                    .matmul_quantized_with(level, single_stream, &q, &mut out)
+                    .unwrap();
+                for (k, (a, b)) in out.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{name} {rows}x{cols} m={m} {} single stream {single_stream}: \
+                         element {k}: {a} vs {b}",
+                        level.name()
+                    );
+                }
             }
         }
     }
