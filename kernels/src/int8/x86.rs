@@ -288,6 +288,10 @@ macro_rules! dpbusd_pair {
     ($a0:expr, $a1:expr, $c0:expr, $c1:expr, $x:expr) => {{
         let (mut a0, mut a1): (__m512i, __m512i) = ($a0, $a1);
         let x: *const i32 = $x;
+        // The broadcast's register, a named output: with AVX-512 in the baseline (`-C
+        // target-cpu=native` on these machines, or `x86-64-v4`), LLVM wrote a discarded one
+        // (`out(zmm_reg) _`) as a byte register (`R31BH`), which no instruction takes.
+        let _q: __m512i;
         // SAFETY: `x` points at a live `i32` (a reference); the block reads those 4 bytes and
         // writes only `a0`, `a1` and its scratch register. The caller's target features include
         // AVX-512F and VNNI.
@@ -301,7 +305,7 @@ macro_rules! dpbusd_pair {
                 c0 = in(zmm_reg) $c0,
                 c1 = in(zmm_reg) $c1,
                 x = in(reg) x,
-                q = out(zmm_reg) _,
+                q = out(zmm_reg) _q,
                 options(pure, readonly, nostack, preserves_flags),
             );
         }
