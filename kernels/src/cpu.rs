@@ -203,9 +203,9 @@ fn detect() -> Level {
 ///   one thread, the rows one by one at 21.3 to 21.7 (a plain read: 28 GB/s). On Zen 5 the rows
 ///   one by one were the slower, 26.3 to 27.4 GB/s against 28.7 to 33.1 (`dense_speed 1`).
 /// - int8 (`PackedMatrix::matmul_quantized`, 1 to 4 activation rows): a pair of 16-row tiles
-///   side by side are two streams; on Zen 4 the tiles one after the other, with no prefetch of
-///   their own, decode Q4_1 and Q8_0 1.4× to 1.6× as fast on one thread, 1.2× to 1.4× on two
-///   (`strata bench`; docs/benchmarks.md).
+///   side by side are two streams; on Zen 4 the tiles one after the other decoded Q4_1, Q4_0
+///   and Q8_0 1.39× to 1.46× as fast on one thread and 1.22× to 1.26× on two, and without the
+///   kernel's own prefetch 1.10× to 1.17× faster again (`strata bench`; docs/benchmarks.md).
 pub(crate) fn single_stream() -> bool {
     static ONE: OnceLock<bool> = OnceLock::new();
     *ONE.get_or_init(amd_family_19h)
