@@ -385,6 +385,19 @@ impl PackedMatrix {
             let task = |strip: Strip<'_, '_>| {
                 let first_tile = strip.first() / TILE_ROWS;
                 let n_tiles = if first_tile + 1 < tiles { 2 } else { 1 };
+                let both = [self.tile(first_tile), self.tile(first_tile + n_tiles - 1)];
+                let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
+                if one_stream && let [g] = groups.as_slice() {
+                    // The tiles one after the other, each read from memory once.
+                    let out = &mut tmp[..g.len() * TILE_ROWS];
+                    for (t, &tile) in both[..n_tiles].iter().enumerate() {
+                        self.tiles_products(level, &[tile], &rows[g.clone()], out, Prefetch::None);
+                        for (i, lanes) in out.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
+                            strip.write(g.start + i, t * TILE_ROWS, lanes);
+                        }
+                    }
+                    return;
+                }
                 // The (up to two) tiles after these (this task's next strip, or the next
                 // task's first), which the first group of rows asks the memory for near its
                 // tiles' end and the second all along, while it computes from cache.
@@ -394,20 +407,7 @@ impl PackedMatrix {
                     self.tile((after + 1).min(tiles - 1)),
                 ];
                 let next = &next[..tiles.min(after + 2).saturating_sub(after)];
-                let both = [self.tile(first_tile), self.tile(first_tile + n_tiles - 1)];
                 let tiles = &both[..n_tiles];
-                let mut tmp = [0.0f32; 2 * ROW_GROUP * TILE_ROWS];
-                if one_stream && let [g] = groups.as_slice() {
-                    // The tiles one after the other, each read from memory once.
-                    let out = &mut tmp[..g.len() * TILE_ROWS];
-                    for (t, &tile) in tiles.iter().enumerate() {
-                        self.tiles_products(level, &[tile], &rows[g.clone()], out, Prefetch::None);
-                        for (i, lanes) in out.as_chunks::<TILE_ROWS>().0.iter().enumerate() {
-                            strip.write(g.start + i, t * TILE_ROWS, lanes);
-                        }
-                    }
-                    return;
-                }
                 for (index, g) in groups.iter().enumerate() {
                     let n = g.len();
                     let tmp = &mut tmp[..n_tiles * n * TILE_ROWS];
