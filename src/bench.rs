@@ -100,6 +100,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     let rss = strata_worker::memory::rss();
+    let huge_pages = strata_worker::memory::huge_page_bytes();
     let kv_dtype = engine
         .stages()
         .first()
@@ -115,7 +116,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "gen_tokens": a.gen_tokens, "prefill_tokens_per_s": best_prefill, "decode_tokens_per_s": best_decode,
                 "batch": a.batch, "batch_decode_tokens_per_s": best_batch,
                 "load_seconds": load_seconds, "weight_bytes": engine.weight_bytes(),
-                "rss_after_load_bytes": rss_after_load.current, "peak_rss_bytes": rss.peak,
+                "rss_after_load_bytes": rss_after_load.current, "peak_rss_bytes": rss.peak, "huge_page_bytes": huge_pages,
                 "cpu_kernels": strata_worker::cpu_features(), "kv_cache_dtype": kv_dtype})
         )?;
     } else {
@@ -126,7 +127,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         };
         writeln!(
             out,
-            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens){batch}, best of {}; load {:.2} s; weights {:.1} MiB; peak RSS {:.1} MiB; threads {threads}; kernels {}; KV cache {kv_dtype}",
+            "prefill {:.1} tok/s ({} tokens), decode {:.1} tok/s ({} tokens){batch}, best of {}; load {:.2} s; weights {:.1} MiB; peak RSS {:.1} MiB ({:.1} MiB on huge pages); threads {threads}; kernels {}; KV cache {kv_dtype}",
             best_prefill,
             a.prompt_tokens,
             best_decode,
@@ -135,6 +136,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             load_seconds,
             engine.weight_bytes() as f64 / 1048576.0,
             rss.peak as f64 / 1048576.0,
+            huge_pages as f64 / 1048576.0,
             strata_worker::cpu_features()
         )?;
     }

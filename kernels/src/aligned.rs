@@ -15,38 +15,108 @@ use std::fmt;
 struct Line([u8; 64]);
 
 /// `len` bytes whose first is 64-byte aligned.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Default)]
 pub(crate) struct AlignedBytes {
-    lines: Vec<Line>,
+    store: Store,
     len: usize,
 }
 
+/// Where the bytes live.
+enum Store {
+    /// Whole cache lines on the heap.
+    Heap(Vec<Line>),
+    /// A range of a huge-page chunk ([`crate::huge`]).
+    #[cfg(target_os = "linux")]
+    Huge(crate::huge::Block),
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::Heap(Vec::new())
+    }
+}
+
 impl AlignedBytes {
-    /// `len` zero bytes.
+    /// `len` zero bytes on the heap.
     pub(crate) fn zeroed(len: usize) -> Self {
         AlignedBytes {
-            lines: vec![Line([0; 64]); len.div_ceil(64)],
+            store: Store::Heap(vec![Line([0; 64]); len.div_ceil(64)]),
             len,
         }
+    }
+
+    /// `len` zero bytes that will be read as a stream for as long as the process serves
+    /// (weights): on transparent huge pages where there are enough of them to fill some
+    /// ([`crate::huge::MIN_BYTES`]) and the system lets a chunk be mapped, else on the heap.
+    pub(crate) fn zeroed_for_streaming(len: usize) -> Self {
+        #[cfg(target_os = "linux")]
+        if len >= crate::huge::MIN_BYTES
+            && let Some(block) = crate::huge::Block::zeroed(len)
+        {
+            return AlignedBytes {
+                store: Store::Huge(block),
+                len,
+            };
+        }
+        Self::zeroed(len)
     }
 
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the bytes lie in a huge-page chunk.
+    #[cfg(test)]
+    pub(crate) fn on_huge_pages(&self) -> bool {
+        !matches!(self.store, Store::Heap(_))
+    }
+
     pub(crate) fn as_slice(&self) -> &[u8] {
-        // SAFETY: `lines` holds `len.div_ceil(64)` initialized `Line`s of 64 bytes each, with no
-        // padding (`repr(C)` over `[u8; 64]`), so its first `len` bytes are initialized and
-        // readable for as long as `self` is borrowed.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
+        match &self.store {
+            // SAFETY: `lines` holds `len.div_ceil(64)` initialized `Line`s of 64 bytes each,
+            // with no padding (`repr(C)` over `[u8; 64]`), so its first `len` bytes are
+            // initialized and readable for as long as `self` is borrowed.
+            Store::Heap(lines) => unsafe {
+                std::slice::from_raw_parts(lines.as_ptr().cast::<u8>(), self.len)
+            },
+            #[cfg(target_os = "linux")]
+            Store::Huge(block) => block.as_slice(),
+        }
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`; the mutable borrow of `self` makes the slice the only access,
-        // and every byte value is a valid `Line` byte.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
+        match &mut self.store {
+            // SAFETY: as in `as_slice`; the mutable borrow of `self` makes the slice the only
+            // access, and every byte value is a valid `Line` byte.
+            Store::Heap(lines) => unsafe {
+                std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), self.len)
+            },
+            #[cfg(target_os = "linux")]
+            Store::Huge(block) => block.as_mut_slice(),
+        }
     }
 }
+
+impl Clone for AlignedBytes {
+    /// A copy in the same kind of memory.
+    fn clone(&self) -> Self {
+        let mut copy = match self.store {
+            Store::Heap(_) => Self::zeroed(self.len),
+            #[cfg(target_os = "linux")]
+            Store::Huge(_) => Self::zeroed_for_streaming(self.len),
+        };
+        copy.as_mut_slice().copy_from_slice(self.as_slice());
+        copy
+    }
+}
+
+impl PartialEq for AlignedBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for AlignedBytes {}
 
 impl fmt::Debug for AlignedBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,6 +139,26 @@ mod tests {
             }
             assert!(b.as_slice().iter().enumerate().all(|(i, &v)| v == i as u8));
             assert_eq!(b.clone().as_slice(), b.as_slice());
+        }
+    }
+
+    #[test]
+    fn long_lived_bytes_are_zeroed_aligned_and_copy_to_their_kind() {
+        for len in [0, 100, 64 << 10, (3 << 20) + 5] {
+            let mut b = AlignedBytes::zeroed_for_streaming(len);
+            #[cfg(target_os = "linux")]
+            assert_eq!(
+                b.on_huge_pages(),
+                len >= crate::huge::MIN_BYTES,
+                "{len} bytes"
+            );
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_slice().as_ptr() as usize % 64, 0);
+            assert!(b.as_slice().iter().all(|&v| v == 0));
+            b.as_mut_slice().fill(7);
+            let c = b.clone();
+            assert_eq!(c.on_huge_pages(), b.on_huge_pages());
+            assert!(c == b);
         }
     }
 }

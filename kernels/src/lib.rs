@@ -11,6 +11,8 @@
 //! - [`attention`]: causal attention over a paged KV cache;
 //! - [`math`]: vectorized `exp`, SiLU-gated products, log-sum-exp;
 //! - [`cpu`]: the SIMD level picked at run time;
+//! - `huge` (Linux): packed weights on transparent huge pages, and what a load leaves of them
+//!   unused given back;
 //! - `cuda` (with the `cuda` feature): NVIDIA devices through cudarc, loaded at run time, and
 //!   weight matrices in device memory behind the same [`QuantMatrix`] interface;
 //! - `nccl` (with the `cuda` feature): NCCL hops, activations device to device between GPU
@@ -31,6 +33,8 @@ pub mod error;
 pub mod fp8;
 pub mod ggml;
 pub mod hqq;
+#[cfg(target_os = "linux")]
+pub mod huge;
 pub mod int8;
 pub mod math;
 pub mod matrix;

@@ -14,17 +14,25 @@ pub fn rss() -> Rss {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
         return Rss::default();
     };
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
     Rss {
-        current: field("VmRSS:"),
-        peak: field("VmHWM:"),
+        current: kb_field(&status, "VmRSS:"),
+        peak: kb_field(&status, "VmHWM:"),
     }
+}
+
+/// The bytes of a `Name:   123 kB` line of a `/proc` text (0 where absent or unreadable).
+fn kb_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes of this process's anonymous memory on transparent huge pages (`AnonHugePages` of
+/// `/proc/self/smaps_rollup`; 0 where unavailable): the packed weights, where the system gives
+/// them huge pages.
+pub fn huge_page_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup").map_or(0, |s| kb_field(&s, "AnonHugePages:"))
 }
 
 /// Gives back what a load leaves resident and serving does not use: the allocator's free

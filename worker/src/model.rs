@@ -568,6 +568,9 @@ impl ModelSlice {
             (None, None)
         };
         let weight_bytes = l.bytes;
+        // The huge page past the last weight, resident as a whole though mostly unused.
+        #[cfg(target_os = "linux")]
+        strata_kernels::huge::release_unused();
         Ok(ModelSlice {
             config: cfg,
             embed_tokens,

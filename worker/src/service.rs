@@ -532,6 +532,7 @@ impl Worker for WorkerService {
                         weight_bytes = bytes,
                         rss = rss.current,
                         peak_rss = rss.peak,
+                        huge_pages = memory::huge_page_bytes(),
                         seconds = started.elapsed().as_secs_f64(),
                         kv_cache = %kv_cache_dtype,
                         "loaded"

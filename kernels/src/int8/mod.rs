@@ -177,7 +177,8 @@ impl PackedMatrix {
         let blocks = cols / QBLOCK;
         let tiles = rows.div_ceil(TILE_ROWS);
         let tile_bytes = checked_len("tile", blocks, format.block_stride())?;
-        let mut data = AlignedBytes::zeroed(checked_len("packed weight", tiles, tile_bytes)?);
+        let mut data =
+            AlignedBytes::zeroed_for_streaming(checked_len("packed weight", tiles, tile_bytes)?);
         data.as_mut_slice()
             .par_chunks_mut(tile_bytes)
             .enumerate()
@@ -219,7 +220,7 @@ impl PackedMatrix {
                 )));
             }
         }
-        let mut data = AlignedBytes::zeroed(parts.iter().map(|p| p.data.len()).sum());
+        let mut data = AlignedBytes::zeroed_for_streaming(parts.iter().map(|p| p.data.len()).sum());
         let mut rest = data.as_mut_slice();
         for p in parts {
             let (head, tail) = rest.split_at_mut(p.data.len());
