@@ -97,6 +97,61 @@ impl AlignedBytes {
     }
 }
 
+/// A plain value type: every bit pattern is a valid value, with no padding and an alignment of
+/// at most 64, so that whole values can be read from [`AlignedBytes`].
+///
+/// # Safety
+///
+/// Only for types that are what this says (`f32`, and `half`'s `f16` and `bf16`, each a
+/// transparent `u16`).
+pub(crate) unsafe trait Plain: Copy + Send + Sync + 'static {}
+
+// SAFETY: 4 bytes, any pattern a valid float, alignment 4.
+unsafe impl Plain for f32 {}
+// SAFETY: `half::f16` is `repr(transparent)` over `u16`.
+unsafe impl Plain for half::f16 {}
+// SAFETY: `half::bf16` is `repr(transparent)` over `u16`.
+unsafe impl Plain for half::bf16 {}
+
+/// Values kept for streaming (float weights): [`AlignedBytes::zeroed_for_streaming`] holding
+/// them.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct AlignedValues<T> {
+    bytes: AlignedBytes,
+    len: usize,
+    _values: std::marker::PhantomData<T>,
+}
+
+impl<T: Plain> AlignedValues<T> {
+    /// A copy of `values`.
+    pub(crate) fn for_streaming(values: &[T]) -> Self {
+        let mut bytes = AlignedBytes::zeroed_for_streaming(std::mem::size_of_val(values));
+        // SAFETY: `values` is `len · size_of::<T>()` initialized bytes (`T: Plain` has no
+        // padding), readable for the borrow.
+        let src = unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        };
+        bytes.as_mut_slice().copy_from_slice(src);
+        AlignedValues {
+            bytes,
+            len: values.len(),
+            _values: std::marker::PhantomData,
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[T] {
+        let bytes = self.bytes.as_slice();
+        // SAFETY: `bytes` holds `len · size_of::<T>()` initialized bytes starting on a 64-byte
+        // boundary (aligned for any `T: Plain`), every pattern of which is a valid `T`.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), self.len) }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn on_huge_pages(&self) -> bool {
+        self.bytes.on_huge_pages()
+    }
+}
+
 impl Clone for AlignedBytes {
     /// A copy in the same kind of memory.
     fn clone(&self) -> Self {
@@ -159,6 +214,21 @@ mod tests {
             let c = b.clone();
             assert_eq!(c.on_huge_pages(), b.on_huge_pages());
             assert!(c == b);
+        }
+    }
+
+    #[test]
+    fn values_read_back_as_written() {
+        use super::AlignedValues;
+        for len in [0, 3, 100_000] {
+            let v: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let a = AlignedValues::for_streaming(&v);
+            assert_eq!(a.as_slice(), &v[..]);
+            assert_eq!(a.as_slice().as_ptr() as usize % 64, 0);
+            #[cfg(target_os = "linux")]
+            assert_eq!(a.on_huge_pages(), 4 * len >= crate::huge::MIN_BYTES);
+            let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            assert_eq!(AlignedValues::for_streaming(&h).as_slice(), &h[..]);
         }
     }
 }

@@ -21,6 +21,7 @@ mod x86;
 use half::{bf16, f16};
 
 use crate::KernelError;
+use crate::aligned::AlignedValues;
 use crate::cpu::{self, Level};
 use crate::matrix::{QuantMatrix, check_len, check_matmul, checked_len};
 use crate::rowwise;
@@ -50,13 +51,6 @@ impl DenseData {
             DenseData::Bf16(_) => "bf16",
         }
     }
-
-    fn element_bytes(&self) -> usize {
-        match self {
-            DenseData::F32(_) => 4,
-            DenseData::F16(_) | DenseData::Bf16(_) => 2,
-        }
-    }
 }
 
 impl std::fmt::Debug for DenseData {
@@ -66,11 +60,58 @@ impl std::fmt::Debug for DenseData {
 }
 
 /// A `[rows, cols]` weight matrix of f32, f16 or bf16 values.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DenseMatrix {
     rows: usize,
     cols: usize,
-    data: DenseData,
+    data: Values,
+}
+
+impl std::fmt::Debug for DenseMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DenseMatrix({}[{}x{}])",
+            self.data.name(),
+            self.rows,
+            self.cols
+        )
+    }
+}
+
+/// The values as a product reads them: on a cache line, and on transparent huge pages where
+/// there are enough of them (as the int8 tiles are, `crate::huge`): a decode streams them.
+#[derive(Clone)]
+enum Values {
+    F32(AlignedValues<f32>),
+    F16(AlignedValues<f16>),
+    Bf16(AlignedValues<bf16>),
+}
+
+impl Values {
+    fn new(data: &DenseData) -> Self {
+        match data {
+            DenseData::F32(v) => Values::F32(AlignedValues::for_streaming(v)),
+            DenseData::F16(v) => Values::F16(AlignedValues::for_streaming(v)),
+            DenseData::Bf16(v) => Values::Bf16(AlignedValues::for_streaming(v)),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Values::F32(_) => "f32",
+            Values::F16(_) => "f16",
+            Values::Bf16(_) => "bf16",
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Values::F32(v) => std::mem::size_of_val(v.as_slice()),
+            Values::F16(v) => std::mem::size_of_val(v.as_slice()),
+            Values::Bf16(v) => std::mem::size_of_val(v.as_slice()),
+        }
+    }
 }
 
 /// Weight rows one kernel call covers: half a task's, so that they (8 rows of this model's
@@ -80,7 +121,8 @@ pub struct DenseMatrix {
 const WEIGHT_ROWS: usize = rowwise::ROWS_PER_TASK / 2;
 
 impl DenseMatrix {
-    /// Wraps `data` as `[rows, cols]`.
+    /// `data` as `[rows, cols]`, copied to where the products stream it from (transparent
+    /// huge pages where it is large enough, `crate::huge`); `data` is dropped on return.
     ///
     /// # Errors
     ///
@@ -92,12 +134,11 @@ impl DenseMatrix {
             data.len(),
             checked_len("dense weight", rows, cols)?,
         )?;
-        Ok(DenseMatrix { rows, cols, data })
-    }
-
-    /// The values.
-    pub fn data(&self) -> &DenseData {
-        &self.data
+        Ok(DenseMatrix {
+            rows,
+            cols,
+            data: Values::new(&data),
+        })
     }
 
     /// The product at a given SIMD level (tests force each level the CPU has).
@@ -149,9 +190,9 @@ impl DenseMatrix {
             };
         }
         match &self.data {
-            DenseData::F32(w) => on_group!(w, group_avx512_f32, group_avx2_f32),
-            DenseData::F16(w) => on_group!(w, group_avx512_f16, group_avx2_f16),
-            DenseData::Bf16(w) => on_group!(w, group_avx512_bf16, group_avx2_bf16),
+            Values::F32(w) => on_group!(w.as_slice(), group_avx512_f32, group_avx2_f32),
+            Values::F16(w) => on_group!(w.as_slice(), group_avx512_f16, group_avx2_f16),
+            Values::Bf16(w) => on_group!(w.as_slice(), group_avx512_bf16, group_avx2_bf16),
         }
         Ok(())
     }
@@ -228,7 +269,7 @@ impl QuantMatrix for DenseMatrix {
     }
 
     fn storage_bytes(&self) -> usize {
-        self.data.len() * self.data.element_bytes()
+        self.data.bytes()
     }
 
     fn format(&self) -> String {
@@ -248,9 +289,9 @@ impl QuantMatrix for DenseMatrix {
         }
         let at = row * self.cols;
         match &self.data {
-            DenseData::F32(w) => widen_into(&w[at..][..self.cols], out),
-            DenseData::F16(w) => widen_into(&w[at..][..self.cols], out),
-            DenseData::Bf16(w) => widen_into(&w[at..][..self.cols], out),
+            Values::F32(w) => widen_into(&w.as_slice()[at..][..self.cols], out),
+            Values::F16(w) => widen_into(&w.as_slice()[at..][..self.cols], out),
+            Values::Bf16(w) => widen_into(&w.as_slice()[at..][..self.cols], out),
         }
         Ok(())
     }
@@ -260,7 +301,7 @@ impl QuantMatrix for DenseMatrix {
     }
 
     fn is_f32(&self) -> bool {
-        matches!(self.data, DenseData::F32(_))
+        matches!(self.data, Values::F32(_))
     }
 }
 

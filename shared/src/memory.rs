@@ -29,8 +29,9 @@ fn kb_field(text: &str, name: &str) -> u64 {
 }
 
 /// Bytes of this process's anonymous memory on transparent huge pages (`AnonHugePages` of
-/// `/proc/self/smaps_rollup`; 0 where unavailable): the packed weights, where the system gives
-/// them huge pages.
+/// `/proc/self/smaps_rollup`; 0 where unavailable): the weights, which ask for them
+/// (`strata_kernels::huge`), and, where the system's setting is `always`, whatever else it
+/// backs with them.
 pub fn huge_page_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/smaps_rollup").map_or(0, |s| kb_field(&s, "AnonHugePages:"))
 }

@@ -62,6 +62,9 @@ impl Weight {
                     .ctx(ctx)?,
             ),
         };
+        // The matrix copies the values to where products stream them from (huge pages): two
+        // copies at a time at most, as `to_vec1` made.
+        drop(flat);
         let matrix = DenseMatrix::new(rows, cols, data).ctx(ctx)?;
         Ok(Weight::Matrix(Arc::new(matrix)))
     }
