@@ -12,6 +12,10 @@
 #   LONG=1          also a 4,000-token context: prefill of 4,000 tokens, then 64 decoded after it
 #                   (llama.cpp `-p 4000` and `-n 64 -d 4000`, ik_llama.cpp `-p 4000` and
 #                   `-gp 4000,64`, Strata `--prompt-tokens 4000 --gen-tokens 64`), 2 threads.
+#   PEER_HUGE_PAGES=1  the peers' weights on transparent huge pages too, as Strata keeps its
+#                   own: read into memory instead of mapped from the file (llama.cpp
+#                   `-lm none`, ik_llama.cpp `-mmp 0`), with glibc asked to back large blocks
+#                   with huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`).
 # Needs:  python3. Any engine whose variable is unset is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +39,15 @@ fi
 peer() { # name binary type threads args...
   local name=$1 bin=$2 type=$3 threads=$4
   shift 4
-  "$bin" -m "${file[$type]}" -t "$threads" "$@" -o json 2>/dev/null | python3 -c '
+  local huge=() tunables=${GLIBC_TUNABLES:-}
+  if [ -n "${PEER_HUGE_PAGES:-}" ]; then
+    tunables=glibc.malloc.hugetlb=1
+    case $name in
+      llama.cpp*) huge=(-lm none) ;;
+      ik_llama.cpp*) huge=(-mmp 0) ;;
+    esac
+  fi
+  GLIBC_TUNABLES=$tunables "$bin" -m "${file[$type]}" -t "$threads" "${huge[@]}" "$@" -o json 2>/dev/null | python3 -c '
 import json, sys
 name, typ, threads = sys.argv[1:4]
 runs = json.load(sys.stdin)

@@ -1,4 +1,5 @@
-//! Byte buffers that start on a cache line.
+//! Byte buffers that start on a cache line: on the heap, or, for weights a decode streams, on
+//! transparent huge pages ([`AlignedBytes::zeroed_for_streaming`], `crate::huge`).
 //!
 //! Packed weights are read in 64-byte vectors; a buffer from the allocator starts wherever it
 //! likes (glibc: 16 bytes into a page for large blocks), so that every such load would straddle
