@@ -98,53 +98,30 @@ impl AlignedBytes {
     }
 }
 
-/// A plain value type: every bit pattern is a valid value, with no padding and an alignment of
-/// at most 64, so that whole values can be read from [`AlignedBytes`].
-///
-/// # Safety
-///
-/// Only for types that are what this says (`f32`, and `half`'s `f16` and `bf16`, each a
-/// transparent `u16`).
-pub(crate) unsafe trait Plain: Copy + Send + Sync + 'static {}
-
-// SAFETY: 4 bytes, any pattern a valid float, alignment 4.
-unsafe impl Plain for f32 {}
-// SAFETY: `half::f16` is `repr(transparent)` over `u16`.
-unsafe impl Plain for half::f16 {}
-// SAFETY: `half::bf16` is `repr(transparent)` over `u16`.
-unsafe impl Plain for half::bf16 {}
-
 /// Values kept for streaming (float weights): [`AlignedBytes::zeroed_for_streaming`] holding
 /// them.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct AlignedValues<T> {
     bytes: AlignedBytes,
-    len: usize,
     _values: std::marker::PhantomData<T>,
 }
 
-impl<T: Plain> AlignedValues<T> {
+impl<T: bytemuck::Pod> AlignedValues<T> {
     /// A copy of `values`.
     pub(crate) fn for_streaming(values: &[T]) -> Self {
-        let mut bytes = AlignedBytes::zeroed_for_streaming(std::mem::size_of_val(values));
-        // SAFETY: `values` is `len · size_of::<T>()` initialized bytes (`T: Plain` has no
-        // padding), readable for the borrow.
-        let src = unsafe {
-            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
-        };
+        let src: &[u8] = bytemuck::cast_slice(values);
+        let mut bytes = AlignedBytes::zeroed_for_streaming(src.len());
         bytes.as_mut_slice().copy_from_slice(src);
         AlignedValues {
             bytes,
-            len: values.len(),
             _values: std::marker::PhantomData,
         }
     }
 
     pub(crate) fn as_slice(&self) -> &[T] {
-        let bytes = self.bytes.as_slice();
-        // SAFETY: `bytes` holds `len · size_of::<T>()` initialized bytes starting on a 64-byte
-        // boundary (aligned for any `T: Plain`), every pattern of which is a valid `T`.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), self.len) }
+        // The bytes start on a cache line (aligned for any value type of at most 64 bytes)
+        // and are whole values, as `for_streaming` copied them: the cast cannot fail.
+        bytemuck::cast_slice(self.bytes.as_slice())
     }
 
     #[cfg(test)]
