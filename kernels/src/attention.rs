@@ -329,7 +329,9 @@ pub fn write_kv<T: KvElement>(
 /// batch go over it.
 const RUN: usize = 32;
 
-/// Blocks of keys and values a decode asks the memory for ahead of the one it attends.
+/// Blocks of keys and values a decode asks the memory for ahead of the one it attends (into
+/// L2: [`prefetch::lines_l2`]), and that a task asks for at the start of the next one. Further
+/// ahead (4 or 8) made no difference.
 const PREFETCH_BLOCKS: usize = 2;
 
 /// Most query heads processed together (see [`head_batch`]).
@@ -446,13 +448,19 @@ impl<T: KvElement> PagedAttention<'_, T> {
         check_len("out", out.len(), total)?;
         let mut partials = vec![0.0f32; tile::partials_len(requests)];
         let (tasks, merges) = tile::tasks(requests, out, &mut partials);
-        let task = |task: tile::Task<'_>| {
+        // What each task starts on, so that the task before it asks for it (a thread's tasks
+        // are consecutive ones).
+        let starts: Vec<(usize, Work)> = tasks.iter().map(|t| (t.request, t.work)).collect();
+        let task = |(i, task): (usize, tile::Task<'_>)| {
+            if let Some(&(request, work)) = starts.get(i + 1) {
+                requests[request].prefetch_start(work);
+            }
             requests[task.request].compute_at(level, task.work, task.out);
         };
         if work >= PARALLEL_MIN_WORK {
-            tasks.into_par_iter().for_each(task);
+            tasks.into_par_iter().enumerate().for_each(task);
         } else {
-            tasks.into_iter().for_each(task);
+            tasks.into_iter().enumerate().for_each(task);
         }
         for m in merges {
             tile::merge(m, &partials, shape.head_dim);
@@ -495,6 +503,35 @@ impl<T: KvElement> PagedAttention<'_, T> {
         check_len("q", self.q.len(), len)?;
         check_len("out", out.len(), len)?;
         Self::run_batch_at(level, std::slice::from_ref(self), out)
+    }
+
+    /// Asks the memory (into L2) for the keys and values of the first blocks that `work` reads
+    /// one token's heads over (a tile's rows ask for their own). The walk itself asks for each
+    /// block [`PREFETCH_BLOCKS`] ahead, but not for its first ones: the task before this one
+    /// does, so that a decode of many short contexts does not wait on memory at the start of
+    /// each. The request has been validated.
+    fn prefetch_start(&self, work: Work) {
+        let (token, first_head, segment) = match work {
+            Work::Heads { token, first_head } => (token, first_head, 0),
+            Work::Segment {
+                token,
+                first_head,
+                segment,
+            } => (token, first_head, segment),
+            Work::Tile { .. } => return,
+        };
+        let Some(positions) = self.segments(token).nth(segment) else {
+            return;
+        };
+        let shape = &self.shape;
+        let (hd, bs) = (shape.head_dim, shape.block_size);
+        let kv_head = first_head / (shape.n_heads / shape.n_kv_heads);
+        let blocks = positions.start / bs..=positions.end.saturating_sub(1) / bs;
+        for index in blocks.take(PREFETCH_BLOCKS) {
+            let at = shape.head_offset(self.block_table[index] as usize, kv_head);
+            prefetch::lines_l2(&self.k_pool[at..at + hd * bs]);
+            prefetch::lines_l2(&self.v_pool[at..at + hd * bs]);
+        }
     }
 
     /// The first position the query at `pos` attends to.
@@ -613,8 +650,8 @@ impl<T: KvElement> PagedAttention<'_, T> {
         while pos < positions.end {
             while ahead <= (pos / bs + PREFETCH_BLOCKS).min(last) {
                 let at = shape.head_offset(self.block_table[ahead] as usize, kv_head);
-                prefetch::lines(&self.k_pool[at..at + hd * bs]);
-                prefetch::lines(&self.v_pool[at..at + hd * bs]);
+                prefetch::lines_l2(&self.k_pool[at..at + hd * bs]);
+                prefetch::lines_l2(&self.v_pool[at..at + hd * bs]);
                 ahead += 1;
             }
             // A run of consecutive slots of one block, at most RUN long.
