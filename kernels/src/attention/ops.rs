@@ -135,7 +135,8 @@ pub(super) fn sum_in_order(xs: &[f32]) -> f32 {
 /// head), each head's arithmetic the same whatever the others.
 pub(super) trait VectorOps: Copy {
     /// The scores of the run's slots for each head: `scores[h][j] = scale · Σ_d q[h][d] ·
-    /// keys[d][slot + j]` for `j < run.len`, the sum over `d` in a fixed order.
+    /// keys[d][slot + j]` for `j < run.len`, the sum over `d` in a fixed order. The lanes of
+    /// `scores` past `run.len` may be written too (with anything): no one reads them.
     fn scores<T: KvElement>(
         self,
         q: &[f32],

@@ -311,7 +311,7 @@ fn scores_heads_512<const H: usize, const HD: usize, T: KvElement>(
     scores: &mut [[f32; RUN]],
 ) {
     let (n, bs, slot) = (run.len, run.block_size, run.slot);
-    if let Some(keys) = whole_block::<HD, T>(run) {
+    if let Some(keys) = block_rows::<HD, T>(run) {
         scores_block_512(q, keys, scale, scores);
         return;
     }
@@ -336,20 +336,26 @@ fn scores_heads_512<const H: usize, const HD: usize, T: KvElement>(
     }
 }
 
-/// The keys of `run` as `HD` rows of 16 slots, when it is a whole block of 16 positions (the
-/// common case: every run of a context but its last).
+/// The keys of the block of 16 positions that `run` starts at the first slot of, as `HD` rows
+/// of 16 slots: every run of a context (the last one, too, from its block's start).
 #[inline(always)]
-fn whole_block<'a, const HD: usize, T: KvElement>(run: &Run<'a, T>) -> Option<&'a [[T; 16]; HD]> {
-    if (run.block_size, run.slot, run.len) != (16, 0, 16) {
+fn block_rows<'a, const HD: usize, T: KvElement>(run: &Run<'a, T>) -> Option<&'a [[T; 16]; HD]> {
+    if (run.block_size, run.slot) != (16, 0) || run.len > 16 {
         return None;
     }
     let rows = run.keys.get(..HD * 16)?.as_chunks::<16>().0;
     <&[[T; 16]; HD]>::try_from(rows).ok()
 }
 
-/// [`scores_heads_512`] of a whole block of 16 positions: the same multiply-adds in the same
-/// chains, over rows whose bounds the types prove, so that the loop is only loads,
-/// conversions and multiply-adds.
+/// [`scores_heads_512`] of a run from the first slot of a block of 16 positions: the same
+/// multiply-adds in the same chains, over rows whose bounds the types prove, so that the loop
+/// is only loads, conversions and multiply-adds. Short of a whole block (the last run of a
+/// context), the slots past the run (later positions, or none yet) are computed too, and their
+/// lanes of `scores` written but never read: each lane's arithmetic is its own, so the run's
+/// scores are the same bits, every key row is one plain load and every store a whole vector.
+/// Loaded as a prefix instead, a row's elements went through the stack, and each vector load
+/// of them waited for those stores to leave: on Zen 4 a decode of 16 sequences at 8 positions
+/// spent about 1 µs a task on it (docs/benchmarks.md, "twelfth").
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // the chains indexed by constants: registers
