@@ -19,10 +19,10 @@ pub(crate) fn lines<T>(xs: &[T]) {
 
 /// Asks for every cache line of `xs` to be brought into L2 and the levels below it, not L1
 /// (`prefetcht1`): for many short runs scattered in memory, each read soon but not at once.
-/// On Zen 4, 2 KiB runs in random order read at 8.3 GB/s on one thread with no prefetch, 9.4
-/// when each run asked for the lines of the run 2 to 8 ahead into L1, 12.7 to 15.4 into L2
-/// (a linear read: 25 GB/s): a request into L1 holds one of its few miss buffers until the
-/// line arrives, and they run out (docs/benchmarks.md, "twelfth").
+/// On Zen 4, 2 KiB runs in random order read at 6.9 to 8.3 GB/s on one thread with no
+/// prefetch, 9.1 to 9.8 when each run asked for the lines of the run 2 to 8 ahead into L1, 12.4
+/// to 15.4 into L2 (a linear read: 21 to 22 GB/s); presumably a request into L1 holds one of
+/// the core's few L1 miss buffers until its line arrives (docs/benchmarks.md, "twelfth").
 #[inline(always)]
 pub(crate) fn lines_l2<T>(xs: &[T]) {
     lines_with::<_MM_HINT_T1, T>(xs);
