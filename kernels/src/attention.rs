@@ -524,14 +524,23 @@ impl<T: KvElement> PagedAttention<'_, T> {
             return;
         };
         let shape = &self.shape;
-        let (hd, bs) = (shape.head_dim, shape.block_size);
+        let bs = shape.block_size;
         let kv_head = first_head / (shape.n_heads / shape.n_kv_heads);
         let blocks = positions.start / bs..=positions.end.saturating_sub(1) / bs;
         for index in blocks.take(PREFETCH_BLOCKS) {
-            let at = shape.head_offset(self.block_table[index] as usize, kv_head);
-            prefetch::lines_l2(&self.k_pool[at..at + hd * bs]);
-            prefetch::lines_l2(&self.v_pool[at..at + hd * bs]);
+            self.prefetch_block(index, kv_head);
         }
+    }
+
+    /// Asks the memory (into L2) for the keys and values of KV head `kv_head` in the block at
+    /// entry `index` of the block table (a validated one).
+    #[inline(always)]
+    fn prefetch_block(&self, index: usize, kv_head: usize) {
+        let shape = &self.shape;
+        let len = shape.head_dim * shape.block_size;
+        let at = shape.head_offset(self.block_table[index] as usize, kv_head);
+        prefetch::lines_l2(&self.k_pool[at..at + len]);
+        prefetch::lines_l2(&self.v_pool[at..at + len]);
     }
 
     /// The first position the query at `pos` attends to.
@@ -649,9 +658,7 @@ impl<T: KvElement> PagedAttention<'_, T> {
         let (mut ahead, last) = (pos / bs + 1, positions.end.saturating_sub(1) / bs);
         while pos < positions.end {
             while ahead <= (pos / bs + PREFETCH_BLOCKS).min(last) {
-                let at = shape.head_offset(self.block_table[ahead] as usize, kv_head);
-                prefetch::lines_l2(&self.k_pool[at..at + hd * bs]);
-                prefetch::lines_l2(&self.v_pool[at..at + hd * bs]);
+                self.prefetch_block(ahead, kv_head);
                 ahead += 1;
             }
             // A run of consecutive slots of one block, at most RUN long.

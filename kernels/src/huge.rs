@@ -246,9 +246,7 @@ impl Chunk {
         }
         self.live -= 1;
     }
-}
 
-impl Chunk {
     /// See [`release_unused`].
     fn release_unused(&self) -> u64 {
         // SAFETY: `sysconf` reads a constant of the system.
