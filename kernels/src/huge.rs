@@ -17,7 +17,9 @@
 //! A chunk reserves address space only ([`CHUNK_BYTES`], `MAP_NORESERVE`); what is resident is
 //! what was touched, rounded up to the huge page. A freed buffer's range is reused, first fit,
 //! by the next buffer that fits (a stacked matrix frees its parts, `int8::PackedMatrix::stack`);
-//! a chunk with no buffer left is unmapped.
+//! a chunk with no buffer left is unmapped. Once a load is done ([`release_unused`]), the
+//! huge page that holds a chunk's top and the space above it go on small pages: `khugepaged`
+//! would otherwise fill that last huge page, 2 MiB resident for a tail of a few KiB.
 //!
 //! Architecture Invariant: a buffer from here is zeroed when handed out, whether the range is
 //! fresh or reused, and no two live buffers overlap.
@@ -97,10 +99,11 @@ static ARENA: Mutex<Arena> = Mutex::new(Arena { chunks: Vec::new() });
 /// most; some may never have been touched).
 ///
 /// Call it once a load is done: a huge page cut here goes on as small pages, so a call after
-/// every matrix would cost the next ones their huge pages.
+/// every matrix would cost the next ones their huge pages. What lies from the top's huge page
+/// on is marked for small pages until a buffer is handed out there.
 pub fn release_unused() -> u64 {
-    let arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
-    arena.chunks.iter().map(Chunk::release_unused).sum()
+    let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
+    arena.chunks.iter_mut().map(Chunk::release_unused).sum()
 }
 
 /// The chunks and, in each, what is handed out.
@@ -109,12 +112,13 @@ struct Arena {
 }
 
 /// One mapping. Offsets below `top` are handed out or in `free`; those from `clean` on have
-/// never been written.
+/// never been written; those from `small_from` on are marked for small pages.
 struct Chunk {
     base: usize,
     size: usize,
     top: usize,
     clean: usize,
+    small_from: usize,
     /// Freed ranges below `top`: sorted, disjoint, none touching another or `top`.
     free: Vec<Range<usize>>,
     live: usize,
@@ -195,6 +199,7 @@ impl Chunk {
             size,
             top: 0,
             clean: 0,
+            small_from: size,
             free: Vec::new(),
             live: 0,
         })
@@ -213,6 +218,11 @@ impl Chunk {
         } else if self.size - self.top >= n {
             let at = self.top;
             self.top += n;
+            if self.top > self.small_from {
+                // A buffer past the load's end (`release_unused`): huge pages again.
+                self.advise(self.small_from..self.size, libc::MADV_HUGEPAGE);
+                self.small_from = self.size;
+            }
             at
         } else {
             return None;
@@ -248,7 +258,7 @@ impl Chunk {
     }
 
     /// See [`release_unused`].
-    fn release_unused(&self) -> u64 {
+    fn release_unused(&mut self) -> u64 {
         // SAFETY: `sysconf` reads a constant of the system.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .ok()
@@ -258,23 +268,35 @@ impl Chunk {
         let mut released = 0;
         for r in self.free.iter().cloned().chain([past_top]) {
             let (start, end) = (r.start.next_multiple_of(page), r.end / page * page);
-            if start < end {
-                // SAFETY: whole pages of this chunk's mapping that no live buffer holds; they
-                // read as zeros when touched again, and a buffer given out there is zeroed
-                // anyway (`take`).
-                let done = unsafe {
-                    libc::madvise(
-                        (self.base + start) as *mut libc::c_void,
-                        end - start,
-                        libc::MADV_DONTNEED,
-                    )
-                } == 0;
-                if done {
-                    released += (end - start) as u64;
-                }
+            // Whole pages of this chunk that no live buffer holds; they read as zeros when
+            // touched again, and a buffer given out there is zeroed anyway (`take`).
+            if start < end && self.advise(start..end, libc::MADV_DONTNEED) {
+                released += (end - start) as u64;
             }
         }
+        // The huge page that holds the top, cut to small pages above, and every one after it
+        // stay small: else `khugepaged` (which fills a huge page around even one small page
+        // present) makes the top's whole 2 MiB resident again a few seconds later.
+        let small_from = self.top / HUGE_PAGE * HUGE_PAGE;
+        if small_from < self.small_from && self.advise(small_from..self.size, libc::MADV_NOHUGEPAGE)
+        {
+            self.small_from = small_from;
+        }
         released
+    }
+
+    /// `madvise(advice)` on `range` (offsets in this chunk, on page boundaries); whether it
+    /// took.
+    fn advise(&self, range: Range<usize>, advice: libc::c_int) -> bool {
+        // SAFETY: `range` lies in this chunk's mapping; the callers pass `MADV_DONTNEED` only
+        // for pages no live buffer holds, and the huge-page advice changes no contents.
+        unsafe {
+            libc::madvise(
+                (self.base + range.start) as *mut libc::c_void,
+                range.len(),
+                advice,
+            ) == 0
+        }
     }
 }
 
@@ -338,6 +360,55 @@ mod tests {
         assert!(arena.chunks[1].size > CHUNK_BYTES);
         arena.free(big, CHUNK_BYTES + 1);
         arena.free(a, 1000);
+        assert!(arena.chunks.is_empty());
+    }
+
+    /// The `VmFlags` of the mapping that holds `addr` in this process, if one does.
+    fn vm_flags(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut lines = smaps.lines();
+        lines.find(|l| {
+            let range = l.split(' ').next().unwrap_or_default();
+            let mut ends = range.split('-').map(|x| usize::from_str_radix(x, 16));
+            matches!((ends.next(), ends.next()), (Some(Ok(lo)), Some(Ok(hi))) if (lo..hi).contains(&addr))
+        })?;
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn release_keeps_the_top_on_small_pages_until_a_buffer_goes_past_it() {
+        let mut arena = Arena { chunks: Vec::new() };
+        let a = arena.alloc(HUGE_PAGE + 1000).unwrap();
+        bytes(a, HUGE_PAGE + 1000).fill(1);
+        if !vm_flags(a).is_some_and(|f| f.contains(" hg")) {
+            eprintln!("skipped: this kernel has no transparent huge pages to advise");
+            arena.free(a, HUGE_PAGE + 1000);
+            return;
+        }
+        arena.chunks[0].release_unused();
+        let chunk = &arena.chunks[0];
+        assert_eq!(
+            chunk.small_from, HUGE_PAGE,
+            "from the huge page that holds the top"
+        );
+        let flags = vm_flags(chunk.base + HUGE_PAGE).expect("the small part is a mapping");
+        assert!(flags.contains(" nh"), "marked for small pages: {flags}");
+        let flags = vm_flags(chunk.base).expect("the chunk's first mapping");
+        assert!(
+            flags.contains(" hg"),
+            "the full huge page keeps its advice: {flags}"
+        );
+        // A buffer past the mark (another load): the rest is for huge pages again.
+        let b = arena.alloc(HUGE_PAGE).unwrap();
+        assert!(bytes(b, HUGE_PAGE).iter().all(|&v| v == 0));
+        let chunk = &arena.chunks[0];
+        assert_eq!(chunk.small_from, chunk.size);
+        let flags = vm_flags(chunk.base + HUGE_PAGE).expect("the chunk's mapping");
+        assert!(flags.contains(" hg"), "advice taken back: {flags}");
+        arena.free(b, HUGE_PAGE);
+        arena.free(a, HUGE_PAGE + 1000);
         assert!(arena.chunks.is_empty());
     }
 }
