@@ -21,7 +21,8 @@ pub struct BenchArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
-    /// Repetitions (the best is reported, as llama-bench does with its mean).
+    /// Repetitions after one untimed warm-up (at least one; the best is reported, as llama-bench
+    /// does with its mean).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Also decode this many sequences together, one token each per step (0: skip).
@@ -43,7 +44,7 @@ pub struct BenchServeArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: u32,
-    /// Repetitions after one untimed warm-up; the best is reported.
+    /// Repetitions after one untimed warm-up (at least one); the best is reported.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// Print the result as JSON.
@@ -132,7 +133,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             a.prompt_tokens,
             best_decode,
             a.gen_tokens,
-            a.reps,
+            a.reps.max(1),
             load_seconds,
             engine.weight_bytes() as f64 / 1048576.0,
             rss.peak as f64 / 1048576.0,
@@ -304,7 +305,9 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
         writeln!(
             out,
             "{workers} workers, {stages} stages: time to first token {best_ttft:.1} ms ({} prompt tokens), decode {best_decode:.1} tok/s ({} tokens), best of {}; bytes per token per hop: {into_first} into the first stage, {between} between stages, {back} back to the gateway",
-            a.prompt_tokens, a.gen_tokens, a.reps
+            a.prompt_tokens,
+            a.gen_tokens,
+            a.reps.max(1)
         )?;
     }
     Ok(())

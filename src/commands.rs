@@ -297,6 +297,7 @@ pub(crate) fn load_engine(r: &Resolved, isq: Option<IsqType>, kv_tokens: usize) 
     )?;
     drop(task);
     strata_worker::memory::release_idle_pages();
+    strata_worker::memory::fix_heap_thresholds();
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         weight_bytes = engine.weight_bytes(),

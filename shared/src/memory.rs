@@ -44,6 +44,32 @@ pub fn release_idle_pages() {
     release_file_pages();
 }
 
+/// The size from which the allocator maps a block of its own, and the free space at the top of
+/// one of its arenas from which it gives that space back ([`fix_heap_thresholds`]).
+pub const HEAP_THRESHOLD_BYTES: usize = 1 << 20;
+
+/// Fixes glibc's thresholds at [`HEAP_THRESHOLD_BYTES`], so that memory a step frees goes back
+/// to the system (call it once a worker's load is done, before it serves): a block that large is a mapping of its own, unmapped when freed, and an arena
+/// gives back its top once that much is free there.
+///
+/// By default glibc raises both as a process frees large blocks: its mapping threshold to the
+/// largest mapped block freed (up to 32 MiB), its trim threshold to twice that. After a load
+/// has freed the default model's 30 MB embedding as read from the file, a thread's arena kept
+/// what a prompt's step had used (2.3 MiB of activations for 64 rows) resident for good, and
+/// `malloc_trim` does not reach the top of a thread's arena. Buffers that every step needs stay
+/// allocated from one step to the next (`strata_worker::scratch`), so a decode frees nothing
+/// that large. Elsewhere than on glibc this does nothing.
+pub fn fix_heap_thresholds() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: `mallopt` sets glibc's tunables under its own lock; the values are in range.
+    unsafe {
+        let bytes = HEAP_THRESHOLD_BYTES as libc::c_int;
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes);
+    }
+}
+
 /// Returns the allocator's free pages to the kernel.
 ///
 /// Loading leaves holes in the heap: a tokenizer is built through a JSON document several

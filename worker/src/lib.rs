@@ -15,6 +15,7 @@ pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
+pub mod scratch;
 pub mod service;
 pub mod stage;
 pub mod weights;

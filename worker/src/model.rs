@@ -19,8 +19,9 @@ use crate::device::Placement;
 use crate::error::{CandleContext, Result, WorkerError};
 use crate::kv::{KvCache, KvDtype, Pools};
 use crate::layers::{
-    Embedding, Hidden, Linear, Projections, RmsNorm, Rope, RopeTables, Scratch, add_residual,
+    Embedding, Hidden, Linear, Projections, RmsNorm, Rope, RopeTables, add_residual,
 };
+pub use crate::scratch::{HeadScratch, LayerScratch};
 use crate::weights::{self, LoadSpec, Weight};
 
 /// How one tensor use is loaded (from the plan).
@@ -198,21 +199,6 @@ impl Loader<'_> {
         self.tick(&role.hf_name());
         Ok(t)
     }
-}
-
-/// Buffers one forward pass reuses from layer to layer, and from one run of rows to the next.
-#[derive(Debug, Default)]
-pub struct LayerScratch {
-    products: Scratch,
-    normed: Vec<f32>,
-    /// q, k and v.
-    proj: [Vec<f32>; 3],
-    /// gate and up: buffers of their own, so that no layer resizes q's and k's to theirs and
-    /// back (growing a buffer zeroes what it adds: 37 MB a layer at 4,000 tokens).
-    gate_up: [Vec<f32>; 2],
-    /// The attention's output, then SwiGLU's.
-    attn: Vec<f32>,
-    out: Vec<f32>,
 }
 
 /// Multi-head attention with grouped key/value heads over the paged KV cache.
@@ -631,9 +617,15 @@ impl ModelSlice {
     }
 
     /// Runs the slice's layers over a batch, whose block tables have been checked against the
-    /// cache ([`KvCache::check_table`]).
-    pub fn forward_layers(&self, x: Hidden, batch: &Batch, kv: &mut KvCache) -> Result<Hidden> {
-        strata_kernels::pool::install(|| self.forward_layers_here(x, batch, kv))
+    /// cache ([`KvCache::check_table`]), in the buffers of `scratch`.
+    pub fn forward_layers(
+        &self,
+        x: Hidden,
+        batch: &Batch,
+        kv: &mut KvCache,
+        scratch: &mut LayerScratch,
+    ) -> Result<Hidden> {
+        strata_kernels::pool::install(|| self.forward_layers_here(x, batch, kv, scratch))
     }
 
     fn forward_layers_here(
@@ -641,6 +633,7 @@ impl ModelSlice {
         mut x: Hidden,
         batch: &Batch,
         kv: &mut KvCache,
+        scratch: &mut LayerScratch,
     ) -> Result<Hidden> {
         let Some(rope) = &self.rope else {
             return Ok(x);
@@ -660,14 +653,13 @@ impl ModelSlice {
             .map(|(_, chunk)| rope.tables(&chunk.positions))
             .collect::<Result<Vec<_>>>()?;
         let width = x.cols;
-        let mut scratch = LayerScratch::default();
         for (i, layer) in self.layers.iter().enumerate() {
             chunks
                 .iter()
                 .zip(&tables)
                 .try_for_each(|((first, chunk), tables)| {
                     let rows = &mut x.data[first * width..(first + chunk.rows()) * width];
-                    layer.forward(rows, chunk, tables, kv, i, &mut scratch)
+                    layer.forward(rows, chunk, tables, kv, i, scratch)
                 })
                 .map_err(|e| match e {
                     WorkerError::Candle { context, source } => WorkerError::Candle {
@@ -687,17 +679,24 @@ impl ModelSlice {
     /// Final norm and output head over the given hidden rows: `[rows, vocab]` logits. The head
     /// reads its input at full int8 precision (two planes): logits decide tokens.
     pub fn logits(&self, x: &Hidden) -> Result<Hidden> {
+        let mut head = HeadScratch::default();
+        self.logits_into(x, &mut head)?;
+        head.take()
+    }
+
+    /// [`ModelSlice::logits`] into the buffers of `s` ([`HeadScratch::row`] reads them).
+    pub fn logits_into(&self, x: &Hidden, s: &mut HeadScratch) -> Result<()> {
         let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
             return Err(WorkerError::Step("this stage has no output head".into()));
         };
+        s.rows = 0;
         strata_kernels::pool::install(|| {
-            let mut normed = Vec::new();
-            norm.forward_into(&x.data, &mut normed);
-            let mut out = Vec::new();
+            norm.forward_into(&x.data, &mut s.normed);
             let precision = vec![Precision::Int8x2; x.rows];
-            head.forward_into(&normed, &precision, &mut Scratch::default(), &mut out)?;
-            Hidden::new(x.rows, head.out_features(), out)
-        })
+            head.forward_into(&s.normed, &precision, &mut s.products, &mut s.logits)
+        })?;
+        (s.rows, s.vocab) = (x.rows, head.out_features());
+        Ok(())
     }
 }
 

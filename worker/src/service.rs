@@ -527,6 +527,7 @@ impl Worker for WorkerService {
                     shared.metrics.loaded(started.elapsed().as_secs_f64());
                     // The load's transient copies (and any earlier stages) are freed by now.
                     memory::release_idle_pages();
+                    memory::fix_heap_thresholds();
                     let rss = memory::rss();
                     tracing::info!(
                         weight_bytes = bytes,

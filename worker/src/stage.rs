@@ -11,7 +11,7 @@ use strata_shared::wire::{ActDType, Activations, Frame, Sample, SamplesFrame, Se
 use crate::error::{Result, WorkerError};
 use crate::kv::KvCache;
 use crate::layers::Hidden;
-use crate::model::{Batch, ModelSlice};
+use crate::model::{Batch, HeadScratch, LayerScratch, ModelSlice};
 use crate::sampling::SeqSampler;
 
 /// Most tokens one step may carry through a stage (all sequences together).
@@ -24,6 +24,9 @@ pub struct Stage {
     slice: ModelSlice,
     kv: KvCache,
     samplers: HashMap<u64, SeqSampler>,
+    /// The layers' and the head's buffers, kept from step to step (`scratch.rs`).
+    scratch: LayerScratch,
+    head: HeadScratch,
 }
 
 impl Stage {
@@ -34,6 +37,8 @@ impl Stage {
             slice,
             kv,
             samplers: HashMap::new(),
+            scratch: LayerScratch::default(),
+            head: HeadScratch::default(),
         })
     }
 
@@ -159,8 +164,11 @@ impl Stage {
             }
             Some(x) => x,
         };
-        let x = self.slice.forward_layers(x, &batch, &mut self.kv)?;
-        Ok(Some(x))
+        let x = self
+            .slice
+            .forward_layers(x, &batch, &mut self.kv, &mut self.scratch);
+        self.scratch.after_step(batch.rows(), step.seqs.len());
+        Ok(Some(x?))
     }
 
     /// Checks a step against this stage before any work: token counts, positions within the
@@ -241,9 +249,10 @@ impl Stage {
             return Ok(Vec::new());
         }
         let last = x.select_rows(&rows)?;
-        let logits = self.slice.logits(&last)?;
+        self.slice.logits_into(&last, &mut self.head)?;
+        let logits = &self.head;
         let sampled: Vec<_> = step.seqs.iter().filter(|s| s.sample).collect();
-        if logits.rows != sampled.len()
+        if logits.rows() != sampled.len()
             || sampled
                 .iter()
                 .any(|s| !self.samplers.contains_key(&s.seq_id))
