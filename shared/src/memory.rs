@@ -49,8 +49,9 @@ pub fn release_idle_pages() {
 pub const HEAP_THRESHOLD_BYTES: usize = 1 << 20;
 
 /// Fixes glibc's thresholds at [`HEAP_THRESHOLD_BYTES`], so that memory a step frees goes back
-/// to the system (call it once a worker's load is done, before it serves): a block that large is a mapping of its own, unmapped when freed, and an arena
-/// gives back its top once that much is free there.
+/// to the system: a block that large is a mapping of its own, unmapped when freed, and an arena
+/// gives back its top once that much is free there. Call it once a worker's load is done,
+/// before it serves.
 ///
 /// By default glibc raises both as a process frees large blocks: its mapping threshold to the
 /// largest mapped block freed (up to 32 MiB), its trim threshold to twice that. After a load

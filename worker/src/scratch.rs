@@ -3,7 +3,8 @@
 //!
 //! A decode step of a batch needs the same buffers every time, so they stay allocated and a
 //! step writes into them without asking the allocator for anything (a batch of 16 sequences
-//! needs 3 MiB of logits alone). A step that prefills needs up to [`LAYER_CHUNK_ROWS`] rows of
+//! needs 3 MiB of logits alone); logits far larger than the steps now need, left by a burst of
+//! sequences, go back ([`HeadScratch::after_step`]). A step that prefills needs up to [`LAYER_CHUNK_ROWS`] rows of
 //! every layer buffer, 2.3 MiB on the default model: those go back once it is done
 //! ([`LayerScratch::after_step`]), so that what a prompt needed once is not kept resident for
 //! the decode that follows.
@@ -52,7 +53,22 @@ pub struct HeadScratch {
     pub(crate) vocab: usize,
 }
 
+/// Rows of logits a stage keeps between steps, whatever the batch: a burst of sequences gives
+/// back what it needed beyond this once the steps need a quarter of it or less.
+pub const KEEP_LOGITS_ROWS: usize = 16;
+
 impl HeadScratch {
+    /// Called once a step's logits are sampled: keeps them for the next step unless they hold
+    /// more than [`KEEP_LOGITS_ROWS`] rows and four times what this step needed (a batch of 64
+    /// sequences holds 12 MiB on the default model).
+    pub fn after_step(&mut self) {
+        let keep = KEEP_LOGITS_ROWS.max(4 * self.rows) * self.vocab;
+        if self.logits.capacity() > keep {
+            self.logits = Vec::new();
+            self.rows = 0;
+        }
+    }
+
     /// Rows of logits the last call computed.
     pub fn rows(&self) -> usize {
         self.rows
@@ -74,7 +90,7 @@ impl HeadScratch {
 
 #[cfg(test)]
 mod tests {
-    use super::{HeadScratch, LayerScratch};
+    use super::{HeadScratch, KEEP_LOGITS_ROWS, LayerScratch};
 
     #[test]
     fn a_prefill_gives_its_buffers_back_and_a_decode_keeps_them() {
@@ -84,6 +100,33 @@ mod tests {
         assert_eq!(s.gate_up[0].len(), 64 * 1536, "decode: kept");
         s.after_step(100, 1);
         assert_eq!(s.gate_up[0].capacity(), 0, "prefill: given back");
+    }
+
+    #[test]
+    fn the_head_keeps_its_logits_unless_a_burst_left_far_more() {
+        let vocab = 10;
+        let mut h = HeadScratch {
+            logits: vec![0.0; 64 * vocab],
+            rows: 64,
+            vocab,
+            ..HeadScratch::default()
+        };
+        h.after_step();
+        assert_eq!(h.logits.capacity(), 64 * vocab, "the batch's own: kept");
+        h.rows = 16;
+        h.after_step();
+        assert_eq!(h.logits.capacity(), 64 * vocab, "a quarter of them: kept");
+        h.rows = 15;
+        h.after_step();
+        assert_eq!(h.logits.capacity(), 0, "less: given back");
+        h.logits = vec![0.0; KEEP_LOGITS_ROWS * vocab];
+        h.rows = 1;
+        h.after_step();
+        assert_eq!(
+            h.logits.capacity(),
+            KEEP_LOGITS_ROWS * vocab,
+            "a small batch's: kept"
+        );
     }
 
     #[test]

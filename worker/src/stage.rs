@@ -279,6 +279,7 @@ impl Stage {
         for (s, sampler) in jobs {
             self.samplers.insert(s.seq_id, sampler);
         }
+        self.head.after_step();
         Ok(out)
     }
 }
