@@ -174,6 +174,13 @@ impl DenseMatrix {
             }
             return Ok(());
         }
+        on_cache_lines(x, |x| self.matmul_groups(level, side, x, m, out));
+        Ok(())
+    }
+
+    /// The product of activations the callers have checked, weight rows in groups.
+    fn matmul_groups(&self, level: Level, side: usize, x: &[f32], m: usize, out: &mut [f32]) {
+        let cols = self.cols;
         // The kernel of a weight format at a level, on the group of weight rows at `j0`.
         macro_rules! on_group {
             ($w:expr, $avx512:ident, $avx2:ident) => {
@@ -194,8 +201,45 @@ impl DenseMatrix {
             Values::F16(w) => on_group!(w.as_slice(), group_avx512_f16, group_avx2_f16),
             Values::Bf16(w) => on_group!(w.as_slice(), group_avx512_bf16, group_avx2_bf16),
         }
-        Ok(())
     }
+}
+
+/// The most activation values a product copies onto a cache line ([`on_cache_lines`]): 16 rows
+/// of the default model's widest input (96 KiB).
+const ALIGNED_COPY_MAX: usize = 16 * 1536;
+
+std::thread_local! {
+    /// A thread's copy of the activations of its last small product ([`on_cache_lines`]).
+    static ALIGNED_COPY: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `x`, or on a copy of it that starts on a cache line where `x` does not and is
+/// small (a decode's, or a small batch's).
+///
+/// Every weight vector is multiplied with a 64-byte vector of the activations, which a
+/// buffer from the allocator rarely holds on a cache line (glibc aligns to 16 bytes), so
+/// that each of those loads straddles two. They come from L1, but on Zen 4 a decode of f32
+/// weights, one thread, read its weights at 21.1 to 24.7 GB/s with its activations 32 bytes
+/// into a line against 26 to 30.8 with them on one (`dense_speed 1`, interleaved runs;
+/// `docs/benchmarks.md`). The copy is a few KiB against megabytes of weights.
+fn on_cache_lines<R>(x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+    const LANES: usize = 16;
+    if x.as_ptr().addr().is_multiple_of(64) || x.len() > ALIGNED_COPY_MAX {
+        return f(x);
+    }
+    ALIGNED_COPY.with(|cell| {
+        // A product within a product's closure (none today) reads its input where it lies.
+        let Ok(mut copy) = cell.try_borrow_mut() else {
+            return f(x);
+        };
+        if copy.len() < x.len() + LANES {
+            copy.resize(x.len() + LANES, 0.0);
+        }
+        let skip = copy.as_ptr().align_offset(64).min(LANES);
+        let aligned = &mut copy[skip..][..x.len()];
+        aligned.copy_from_slice(x);
+        f(aligned)
+    })
 }
 
 /// A float format a weight can be stored in.
@@ -425,6 +469,49 @@ mod tests {
                     "{} row {i}",
                     matrix.format()
                 );
+            }
+        }
+    }
+
+    /// Activations anywhere in memory give the same bits: a small product reads a copy of them
+    /// that starts on a cache line, a large one reads them where they lie.
+    #[test]
+    fn activations_off_a_cache_line_give_the_same_bits() {
+        let mut rng = Rng::new(13);
+        let (rows, cols) = (40, 200);
+        let w = rng.normal_vec(rows * cols, 0.1);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for m in [1, 3, 16, ALIGNED_COPY_MAX / cols + 1] {
+            let x = rng.normal_vec(m * cols, 1.0);
+            // The same values at every offset from a cache line, in floats.
+            let mut room = vec![0.0f32; x.len() + 16];
+            let first = room.as_ptr().align_offset(64);
+            for (matrix, _) in matrices(&w, rows, cols) {
+                let mut want = vec![0.0; m * rows];
+                matrix.matmul_at(Level::Scalar, &x, m, &mut want).unwrap();
+                for shift in 0..16 {
+                    let at = (first + shift) % 16;
+                    room[at..][..x.len()].copy_from_slice(&x);
+                    let moved = &room[at..][..x.len()];
+                    let copied = on_cache_lines(moved, |seen| {
+                        assert_eq!(bits(seen), bits(&x));
+                        seen.as_ptr() != moved.as_ptr()
+                    });
+                    let aligned = moved.as_ptr().addr().is_multiple_of(64);
+                    assert_eq!(
+                        copied,
+                        !aligned && x.len() <= ALIGNED_COPY_MAX,
+                        "m={m} shift {shift}"
+                    );
+                    let mut got = vec![f32::NAN; m * rows];
+                    matrix.matmul(moved, m, &mut got).unwrap();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{} m={m} shift {shift}",
+                        matrix.format()
+                    );
+                }
             }
         }
     }
