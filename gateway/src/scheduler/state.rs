@@ -65,6 +65,16 @@ pub struct SchedulerStats {
     pub cached_tokens: AtomicU64,
 }
 
+/// The tokens past which a step of a pipeline (several steps in flight) takes no further
+/// sequence. A burst of prompts then passes the stages in many steps, each stage computing one
+/// while the next computes the one before, rather than in one step per stage with the other
+/// stage waiting: with two stages, sixteen 128-token prompts in 2 steps keep a stage idle for a
+/// third of their prefill, in 16 steps for a seventeenth. Each step reads every weight of a
+/// stage once more, a few milliseconds against the tens that 128 prompt tokens take; and the
+/// sequences that decode meanwhile wait for one such step between their tokens, not for the
+/// whole burst (`docs/benchmarks.md`: 256 tokens gave the same throughput with twice the wait).
+pub(super) const PIPELINED_STEP_TOKENS: usize = 128;
+
 /// A request handed to the scheduler, with where its results go.
 #[derive(Debug)]
 pub struct NewRequest<O> {
@@ -438,24 +448,48 @@ impl<O: SeqOutput> SchedulerState<O> {
     /// so that the next steps find sequences too and every stage computes at once. Without
     /// the cap the first step would take every sequence, and in a steady decode the stages
     /// would take turns.
+    ///
+    /// With several steps in flight it also takes no more than its share of the tokens waiting
+    /// to be computed: once it holds `⌈waiting / steps still to send⌉` of them (the steps the
+    /// pipeline can take before this one comes back), or [`PIPELINED_STEP_TOKENS`], it takes no
+    /// further sequence. A burst of prompts then goes into steps of equal weight, 128 tokens
+    /// each, instead of whole into the first step, with a few decode tokens in the second:
+    /// a stage would compute the prompts while the other waited for them, and the decode step
+    /// would wait behind them at the first stage. A sequence's chunk is not cut to the share
+    /// (its remainder would wait for the step to come back), so a long prompt still goes in
+    /// chunks of the whole budget.
     pub fn next_step_of(&mut self, depth: usize) -> Option<StepFrame> {
         self.admit();
         let share = self.running.len().div_ceil(depth.max(1)).max(1);
         let step_id = self.next_step;
         let mut budget = self.cfg.max_batch_tokens;
         let now = Instant::now();
+        let ready = |s: &Seq<O>| s.in_flight.is_none() && s.doomed.is_none();
+        let waiting: usize = self
+            .running
+            .iter()
+            .filter(|s| ready(s))
+            .map(|s| s.len().saturating_sub(s.computed))
+            .sum();
+        let to_send = depth.saturating_sub(self.in_flight.len()).max(1);
+        let token_share = if depth > 1 {
+            waiting.div_ceil(to_send).min(PIPELINED_STEP_TOKENS)
+        } else {
+            waiting
+        };
         // Decode tokens first (oldest first): running sequences never starve behind long
         // prompts. Then prompt chunks.
         let mut order: Vec<(bool, u64)> = self
             .running
             .iter()
-            .filter(|s| s.in_flight.is_none() && s.doomed.is_none())
+            .filter(|s| ready(s))
             .map(|s| (!s.decoding(), s.id))
             .collect();
         order.sort_unstable();
         let mut seqs = Vec::new();
         for (_, id) in order {
-            if budget == 0 || seqs.len() == share {
+            let taken = self.cfg.max_batch_tokens - budget;
+            if budget == 0 || seqs.len() == share || taken >= token_share {
                 break;
             }
             let Some(s) = self.running.iter().find(|s| s.id == id) else {

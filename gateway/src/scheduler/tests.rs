@@ -694,6 +694,42 @@ fn with_two_stages_the_running_sequences_split_between_two_steps() {
 }
 
 #[test]
+fn with_two_stages_a_burst_of_prompts_goes_in_steps_of_a_few_hundred_tokens() {
+    use super::state::PIPELINED_STEP_TOKENS;
+    let tokens = |step: &StepFrame| step.seqs.iter().map(|s| s.tokens.len()).sum::<usize>();
+    // Eight 100-token prompts: with one stage, one step takes them all.
+    let mut one = state(256, 2048, 16);
+    let _one: Vec<_> = (0..8).map(|_| submit(&mut one, request(100, 4))).collect();
+    assert_eq!(tokens(&one.next_step_of(1).unwrap()), 800);
+    // With two, each step stops taking prompts once it holds PIPELINED_STEP_TOKENS (whole
+    // prompts: 200 of them here), and the next step the same.
+    assert!(PIPELINED_STEP_TOKENS > 100 && PIPELINED_STEP_TOKENS <= 200);
+    let mut two = state(256, 2048, 16);
+    let _two: Vec<_> = (0..8).map(|_| submit(&mut two, request(100, 4))).collect();
+    let a = two.next_step_of(2).unwrap();
+    let b = two.next_step_of(2).unwrap();
+    assert_eq!((seq_ids(&a), seq_ids(&b)), (vec![1, 2], vec![3, 4]));
+    assert!(
+        a.seqs.iter().chain(&b.seqs).all(|s| s.sample),
+        "no prompt is cut"
+    );
+    // When the first comes back, its sequences decode ahead of the next prompts, which fill
+    // the step up to the same bound.
+    feed(&mut two, &a, vec![sample(1, 500), sample(2, 500)]);
+    let c = two.next_step_of(2).unwrap();
+    assert_eq!(seq_ids(&c), vec![1, 2, 5, 6]);
+    assert_eq!(tokens(&c), 202);
+    // A prompt longer than the bound still goes whole, up to the step's budget: its chunks
+    // could not be in two steps at once anyway.
+    let mut long = state(256, 2048, 16);
+    let _long = submit(&mut long, request(1000, 4));
+    assert_eq!(tokens(&long.next_step_of(2).unwrap()), 1000);
+    for st in [&one, &two, &long] {
+        st.check_blocks().unwrap();
+    }
+}
+
+#[test]
 fn the_newest_sequence_is_preempted_and_recomputed_when_blocks_run_out() {
     // 3 blocks of 16 tokens: A and B take one block each for their prompts, then grow.
     let mut st = state(3, 64, 4);
