@@ -449,15 +449,17 @@ impl<O: SeqOutput> SchedulerState<O> {
     /// the cap the first step would take every sequence, and in a steady decode the stages
     /// would take turns.
     ///
-    /// With several steps in flight it also takes no more than its share of the tokens waiting
-    /// to be computed: once it holds `⌈waiting / steps still to send⌉` of them (the steps the
-    /// pipeline can take before this one comes back), or [`PIPELINED_STEP_TOKENS`], it takes no
-    /// further sequence. A burst of prompts then goes into steps of equal weight, 128 tokens
-    /// each, instead of whole into the first step, with a few decode tokens in the second:
-    /// a stage would compute the prompts while the other waited for them, and the decode step
-    /// would wait behind them at the first stage. A sequence's chunk is not cut to the share
-    /// (its remainder would wait for the step to come back), so a long prompt still goes in
-    /// chunks of the whole budget.
+    /// With several steps in flight it also takes no more than its share of the prompt tokens
+    /// waiting: once it holds `⌈waiting / steps still to send⌉` of them (the steps the pipeline
+    /// can take before this one comes back), or [`PIPELINED_STEP_TOKENS`], it takes no further
+    /// prompt. A burst of prompts then goes into steps of equal weight, 128 tokens each, instead
+    /// of whole into the first step, with a few decode tokens in the second: a stage would
+    /// compute the prompts while the other waited for them, and the decode step would wait
+    /// behind them at the first stage. Decode tokens come first, bound by the share of sequences
+    /// alone, and a step that has room under that share takes at least one prompt: a bound on
+    /// all its tokens left the newest sequences behind the oldest, step after step. A prompt's
+    /// chunk is not cut to the share (its remainder would wait for the step to come back), so a
+    /// long prompt still goes in chunks of the whole budget.
     pub fn next_step_of(&mut self, depth: usize) -> Option<StepFrame> {
         self.admit();
         let share = self.running.len().div_ceil(depth.max(1)).max(1);
@@ -465,18 +467,19 @@ impl<O: SeqOutput> SchedulerState<O> {
         let mut budget = self.cfg.max_batch_tokens;
         let now = Instant::now();
         let ready = |s: &Seq<O>| s.in_flight.is_none() && s.doomed.is_none();
-        let waiting: usize = self
+        let prompt_tokens: usize = self
             .running
             .iter()
-            .filter(|s| ready(s))
+            .filter(|s| ready(s) && !s.decoding())
             .map(|s| s.len().saturating_sub(s.computed))
             .sum();
         let to_send = depth.saturating_sub(self.in_flight.len()).max(1);
-        let token_share = if depth > 1 {
-            waiting.div_ceil(to_send).min(PIPELINED_STEP_TOKENS)
+        let prompt_share = if depth > 1 {
+            prompt_tokens.div_ceil(to_send).min(PIPELINED_STEP_TOKENS)
         } else {
-            waiting
+            prompt_tokens
         };
+        let mut prompts_taken = 0;
         // Decode tokens first (oldest first): running sequences never starve behind long
         // prompts. Then prompt chunks.
         let mut order: Vec<(bool, u64)> = self
@@ -487,9 +490,8 @@ impl<O: SeqOutput> SchedulerState<O> {
             .collect();
         order.sort_unstable();
         let mut seqs = Vec::new();
-        for (_, id) in order {
-            let taken = self.cfg.max_batch_tokens - budget;
-            if budget == 0 || seqs.len() == share || taken >= token_share {
+        for (prompt, id) in order {
+            if budget == 0 || seqs.len() == share || (prompt && prompts_taken >= prompt_share) {
                 break;
             }
             let Some(s) = self.running.iter().find(|s| s.id == id) else {
@@ -514,6 +516,9 @@ impl<O: SeqOutput> SchedulerState<O> {
                 }
             }
             budget -= n;
+            if prompt {
+                prompts_taken += n;
+            }
             s.scheduled.get_or_insert(now);
             let pos0 = s.computed;
             seqs.push(SeqStep {

@@ -730,6 +730,48 @@ fn with_two_stages_a_burst_of_prompts_goes_in_steps_of_a_few_hundred_tokens() {
 }
 
 #[test]
+fn with_two_stages_hundreds_of_decoding_sequences_all_go_in_the_two_steps() {
+    use super::state::PIPELINED_STEP_TOKENS;
+    let n = 300;
+    let mut st = state(1024, 2048, 512);
+    let _handles: Vec<_> = (0..n).map(|_| submit(&mut st, request(4, 100))).collect();
+    let answer = |step: &StepFrame| {
+        let samples = step.seqs.iter().filter(|s| s.sample);
+        samples.map(|s| sample(s.seq_id, 500)).collect::<Vec<_>>()
+    };
+    // The prompts go in steps of about PIPELINED_STEP_TOKENS, two in flight at a time, until
+    // every sequence decodes.
+    let mut rounds = 0;
+    let (a, b) = loop {
+        let (a, b) = (st.next_step_of(2).unwrap(), st.next_step_of(2).unwrap());
+        let decoding = |s: &StepFrame| s.seqs.iter().all(|s| s.tokens.len() == 1 && s.pos0 >= 4);
+        if decoding(&a) && decoding(&b) {
+            break (a, b);
+        }
+        assert!(
+            a.seqs
+                .iter()
+                .all(|s| s.tokens.len() <= PIPELINED_STEP_TOKENS)
+        );
+        feed(&mut st, &a, answer(&a));
+        feed(&mut st, &b, answer(&b));
+        rounds += 1;
+        assert!(rounds < 100, "the prompts never finished");
+    };
+    assert!(
+        rounds > 2,
+        "the prompts went in {rounds} rounds of two steps"
+    );
+    // Their decode tokens are bound by the share of sequences alone: the two steps hold every
+    // one of them, half each.
+    let mut ids: Vec<u64> = seq_ids(&a).into_iter().chain(seq_ids(&b)).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=n as u64).collect::<Vec<_>>());
+    assert_eq!((a.seqs.len(), b.seqs.len()), (n / 2, n / 2));
+    st.check_blocks().unwrap();
+}
+
+#[test]
 fn the_newest_sequence_is_preempted_and_recomputed_when_blocks_run_out() {
     // 3 blocks of 16 tokens: A and B take one block each for their prompts, then grow.
     let mut st = state(3, 64, 4);
