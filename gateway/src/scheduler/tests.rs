@@ -703,7 +703,7 @@ fn with_two_stages_a_burst_of_prompts_goes_in_steps_of_a_few_hundred_tokens() {
     assert_eq!(tokens(&one.next_step_of(1).unwrap()), 800);
     // With two, each step stops taking prompts once it holds PIPELINED_STEP_TOKENS (whole
     // prompts: 200 of them here), and the next step the same.
-    assert!(PIPELINED_STEP_TOKENS > 100 && PIPELINED_STEP_TOKENS <= 200);
+    const { assert!(PIPELINED_STEP_TOKENS > 100 && PIPELINED_STEP_TOKENS <= 200) };
     let mut two = state(256, 2048, 16);
     let _two: Vec<_> = (0..8).map(|_| submit(&mut two, request(100, 4))).collect();
     let a = two.next_step_of(2).unwrap();
