@@ -65,14 +65,15 @@ pub struct SchedulerStats {
     pub cached_tokens: AtomicU64,
 }
 
-/// The tokens past which a step of a pipeline (several steps in flight) takes no further
-/// sequence. A burst of prompts then passes the stages in many steps, each stage computing one
-/// while the next computes the one before, rather than in one step per stage with the other
-/// stage waiting: with two stages, sixteen 128-token prompts in 2 steps keep a stage idle for a
-/// third of their prefill, in 16 steps for a seventeenth. Each step reads every weight of a
-/// stage once more, a few milliseconds against the tens that 128 prompt tokens take; and the
-/// sequences that decode meanwhile wait for one such step between their tokens, not for the
-/// whole burst (`docs/benchmarks.md`: 256 tokens gave the same throughput with twice the wait).
+/// The prompt tokens past which a step of a pipeline (several steps in flight) takes no
+/// further prompt. A burst of prompts then passes the stages in many steps, each stage
+/// computing one while the next computes the one before, rather than in one step per stage with
+/// the other stage waiting: with two stages, sixteen 128-token prompts in 2 steps keep a stage
+/// idle for a third of their prefill, in 16 steps for a seventeenth. Each step reads every
+/// weight of a stage once more, a few milliseconds against the tens that 128 prompt tokens
+/// take; and the sequences that decode meanwhile wait for one such step between their tokens,
+/// not for the whole burst (`docs/benchmarks.md`: 256 tokens gave the same throughput with
+/// twice the wait).
 pub(super) const PIPELINED_STEP_TOKENS: usize = 128;
 
 /// A request handed to the scheduler, with where its results go.
@@ -467,17 +468,17 @@ impl<O: SeqOutput> SchedulerState<O> {
         let mut budget = self.cfg.max_batch_tokens;
         let now = Instant::now();
         let ready = |s: &Seq<O>| s.in_flight.is_none() && s.doomed.is_none();
-        let prompt_tokens: usize = self
-            .running
-            .iter()
-            .filter(|s| ready(s) && !s.decoding())
-            .map(|s| s.len().saturating_sub(s.computed))
-            .sum();
-        let to_send = depth.saturating_sub(self.in_flight.len()).max(1);
         let prompt_share = if depth > 1 {
-            prompt_tokens.div_ceil(to_send).min(PIPELINED_STEP_TOKENS)
+            let waiting: usize = self
+                .running
+                .iter()
+                .filter(|s| ready(s) && !s.decoding())
+                .map(|s| s.len().saturating_sub(s.computed))
+                .sum();
+            let to_send = depth.saturating_sub(self.in_flight.len()).max(1);
+            waiting.div_ceil(to_send).min(PIPELINED_STEP_TOKENS)
         } else {
-            prompt_tokens
+            usize::MAX
         };
         let mut prompts_taken = 0;
         // Decode tokens first (oldest first): running sequences never starve behind long
