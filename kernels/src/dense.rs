@@ -218,10 +218,10 @@ std::thread_local! {
 ///
 /// Every weight vector is multiplied with a 64-byte vector of the activations, which a
 /// buffer from the allocator rarely holds on a cache line (glibc aligns to 16 bytes), so
-/// that each of those loads straddles two. They come from L1, but on Zen 4 a decode of f32
-/// weights, one thread, read its weights at 21.1 to 24.7 GB/s with its activations 32 bytes
-/// into a line against 26 to 30.8 with them on one (`dense_speed 1`, interleaved runs;
-/// `docs/benchmarks.md`). The copy is a few KiB against megabytes of weights.
+/// that each of those loads straddles two. They come from L1, but on Zen 4 a decode's products
+/// of f32 weights, one thread, read their weights at 22.3 to 26.0 GB/s with the activations 32
+/// bytes into a line against 25.1 to 31.4 with this copy (`dense_speed 1`, three interleaved
+/// rounds; `docs/benchmarks.md`). The copy is a few KiB against megabytes of weights.
 fn on_cache_lines<R>(x: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
     const LANES: usize = 16;
     if x.as_ptr().addr().is_multiple_of(64) || x.len() > ALIGNED_COPY_MAX {
