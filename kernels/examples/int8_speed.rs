@@ -13,14 +13,10 @@ use std::time::Instant;
 use strata_kernels::ggml::BlockType;
 use strata_kernels::int8::{Precision, QuantizedActivations, from_ggml_blocks};
 
+mod common;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = common::xorshift();
     // `M="128 4000"`: other batches (activation rows) than the default ones.
     let batches: Vec<usize> = match std::env::var("M") {
         Ok(list) => list
@@ -31,16 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for dtype in [BlockType::Q4_1, BlockType::Q8_0] {
         for (rows, cols) in [(1536usize, 576usize), (576, 1536), (49152, 576)] {
-            let blocks = rows * cols / dtype.block_size();
-            let mut data = Vec::with_capacity(blocks * dtype.block_bytes());
-            for _ in 0..blocks {
-                let mut b: Vec<u8> = (0..dtype.block_bytes()).map(|_| next() as u8).collect();
-                b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
-                if dtype == BlockType::Q4_1 {
-                    b[2..4].copy_from_slice(&half::f16::from_f32(-0.05).to_le_bytes());
-                }
-                data.extend_from_slice(&b);
-            }
+            let data = common::ggml_blocks(dtype, rows, cols, &mut next);
             let w = from_ggml_blocks(dtype, rows, cols, &data)?;
             for &m in &batches {
                 for precision in [Precision::Int8, Precision::Int8x2] {
