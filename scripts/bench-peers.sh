@@ -12,6 +12,12 @@
 #   LONG=1          also a 4,000-token context: prefill of 4,000 tokens, then 64 decoded after it
 #                   (llama.cpp `-p 4000` and `-n 64 -d 4000`, ik_llama.cpp `-p 4000` and
 #                   `-gp 4000,64`, Strata `--prompt-tokens 4000 --gen-tokens 64`), 2 threads.
+#   STEP16=1        also a step of 16 rows against a step of one, for each type and thread
+#                   count: each engine's forward of a 16-token prompt in one step (`-p 16`,
+#                   `--prompt-tokens 16`; the peers' logits of the last row only, as Strata's)
+#                   against its decode of 64 tokens; and Strata's decode of 16 sequences at once
+#                   (`--batch 16`: every row's logits and sample). Printed as milliseconds a
+#                   step and the ratio, the kernels issue's "step of 16 at most 2x a step of one".
 #   PEER_HUGE_PAGES=1  the peers' weights on transparent huge pages too, as Strata keeps its
 #                   own: read into memory instead of mapped from the file (llama.cpp
 #                   `-lm none`, ik_llama.cpp `-mmp 0`), with glibc asked to back large blocks
@@ -79,6 +85,17 @@ for round in $(seq 1 "$rounds"); do
       ours strata "$type" "$threads" --prompt-tokens 128 --gen-tokens 128 --reps 3 --batch 16
     done
   done
+  if [ -n "${STEP16:-}" ]; then
+    for type in ${TYPES:-Q4_1 Q4_0 Q8_0 F32}; do
+      [ -n "${file[$type]:-}" ] || continue
+      for threads in ${THREADS:-1 2}; do
+        [ -z "${LLAMA_BENCH:-}" ] || peer llama.cpp-16 "$LLAMA_BENCH" "$type" "$threads" -p 16 -n 64 -r 3
+        ours strata-16 "$type" "$threads" --prompt-tokens 16 --gen-tokens 64 --reps 3 --batch 16
+        [ -z "${IK_LLAMA_BENCH:-}" ] || peer ik_llama.cpp-16 "$IK_LLAMA_BENCH" "$type" "$threads" -p 16 -n 64 -r 3
+        ours strata-16 "$type" "$threads" --prompt-tokens 16 --gen-tokens 64 --reps 3 --batch 16
+      done
+    done
+  fi
   if [ -n "${LONG:-}" ]; then
     [ -z "${LLAMA_BENCH:-}" ] || peer llama.cpp-4k "$LLAMA_BENCH" Q4_1 2 -p 4000 -n 0 -r 1
     [ -z "${LLAMA_BENCH:-}" ] || peer llama.cpp-4k "$LLAMA_BENCH" Q4_1 2 -p 0 -n 64 -d 4000 -r 1
@@ -105,8 +122,22 @@ for line in open(sys.argv[1]):
         b[2] = max(b[2], float(f[5]))
         b[3] = float(f[6]) if b[3] is None else min(b[3], float(f[6]))
         b[4] = f[7].replace("_", " ")
+steps = {k: v for k, v in best.items() if k[0].endswith("-16")}
 print("| engine | weights | threads | prefill | decode | batch of 16 (all) | peak RSS MiB |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 for (engine, typ, threads), (pp, tg, batch, rss, kernels) in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+    if (engine, typ, threads) in steps:
+        continue
     print(f"| {engine} | {typ} | {threads} | {pp:.1f} | {tg:.1f} | {batch:.1f} | {'' if rss is None else f'{rss:.0f}'} |")
+if steps:
+    # A step's time from the best rates: 16 rows of a prompt at `pp` tok/s, one row at `tg`,
+    # 16 sequences at `batch` tok/s in all.
+    print()
+    print("| engine | weights | threads | step of 1 ms | 16 prompt rows ms (ratio) | 16 sequences ms (ratio) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for (engine, typ, threads), (pp, tg, batch, _, _) in sorted(steps.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        one = 1e3 / tg if tg else float("nan")
+        rows = 16e3 / pp if pp else float("nan")
+        seqs = f"{16e3 / batch:.2f} ({16e3 / batch / one:.1f}x)" if batch else ""
+        print(f"| {engine[:-3]} | {typ} | {threads} | {one:.2f} | {rows:.2f} ({rows / one:.1f}x) | {seqs} |")
 EOF
