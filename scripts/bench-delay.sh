@@ -6,7 +6,9 @@
 # proxy listens. `strata load` runs 16 closed-loop decode-heavy streams (8-token prompts, 128
 # generated) against each, in interleaved rounds.
 # Usage: scripts/bench-delay.sh [ROUNDS] [DELAY_MS]      (defaults: 3, 2)
-#   STEPS           the gateways' --steps-in-flight (default: theirs, one per stage)
+#   STEPS           the gateways' --steps-in-flight (default: theirs, one per stage and more
+#                   while the hops take long; each gateway's log, where it says when it
+#                   changes the count, is /tmp/delay-<direct|delayed>.gw.log)
 #   WORKER_THREADS  each worker's --threads (default: half the cores: they share them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +47,7 @@ setup() {
     --data-listen "127.0.0.1:$pg" --advertise-host 127.0.0.2 \
     --worker "cpu[0]=http://${controls[0]}" --worker "cpu[1]=http://${controls[1]}" "${tls[@]}" \
     ${STEPS:+--steps-in-flight "$STEPS"} \
-    >"/tmp/delay-$name.gw" 2>/dev/null &
+    >"/tmp/delay-$name.gw" 2>"/tmp/delay-$name.gw.log" &
   pids+=($!)
   for _ in $(seq 1 600); do grep -q '"ready"' "/tmp/delay-$name.gw" && break; sleep 0.2; done
   gw[$name]=$(sed -n 's/.*"listen":"\([^"]*\)".*/\1/p' "/tmp/delay-$name.gw")

@@ -148,6 +148,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 /// the engine allocates their KV blocks.
 fn step(seqs: &[(u64, usize, Vec<u32>)], prompt_len: usize) -> strata_shared::wire::StepFrame {
     strata_shared::wire::StepFrame {
+        times: Default::default(),
         step_id: 0,
         stage: 0,
         releases: vec![],
@@ -249,6 +250,7 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
     // Bytes one decode step of one sequence sends over each hop, from the frame encoder itself.
     let step = |hidden: Option<strata_shared::wire::Activations>| {
         strata_shared::wire::Frame::Step(strata_shared::wire::StepFrame {
+            times: Default::default(),
             step_id: 1,
             stage: 1,
             releases: vec![],
@@ -280,6 +282,7 @@ pub async fn bench_serve(a: BenchServeArgs) -> Result<()> {
     let between = frame_len(step(Some(activations)));
     let back = frame_len(strata_shared::wire::Frame::Samples(
         strata_shared::wire::SamplesFrame {
+            times: Default::default(),
             step_id: 1,
             samples: vec![strata_shared::wire::Sample {
                 seq_id: 1,

@@ -44,7 +44,11 @@ impl Pipeline for LocalPipeline {
                     .map_err(|e| GatewayError::Internal(e.to_string())),
                 Err(_) => Err(GatewayError::Internal("engine lock poisoned".into())),
             };
-            let _ = done.send(Completion { step_id, result });
+            let _ = done.send(Completion {
+                step_id,
+                result,
+                round_trip: None,
+            });
         });
         Ok(())
     }

@@ -160,6 +160,13 @@ async fn a_request_gives_the_same_output_alone_or_batched_through_1_2_and_3_work
                 "{stages} stages: never more than one step in flight: {s:?}"
             );
         }
+        // One step per stage at least, a few more at most (more where the hops took long).
+        let most = stages + strata_gateway::scheduler::EXTRA_STEPS_IN_FLIGHT;
+        assert!(
+            (stages..=most).contains(&(s.steps_in_flight as usize)),
+            "{stages} stages: {} steps in flight: {s:?}",
+            s.steps_in_flight
+        );
     }
 }
 

@@ -29,6 +29,7 @@ const SESSION: &str = "0123456789abcdef0123456789abcdef";
 
 fn step(step_id: u64, seq_id: u64, pos0: u32, tokens: Vec<u32>) -> StepFrame {
     StepFrame {
+        times: Default::default(),
         step_id,
         stage: 0,
         releases: vec![],

@@ -255,6 +255,7 @@ async fn garbage_or_foreign_frames_sent_to_any_data_plane_port_change_no_stream(
         let mut bytes = Vec::new();
         for step_id in 1..400 {
             let foreign = Frame::Samples(SamplesFrame {
+                times: Default::default(),
                 step_id,
                 samples: vec![],
             });

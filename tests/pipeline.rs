@@ -47,6 +47,7 @@ fn engine_greedy(
             let mut pos = 0;
             while out.len() < N as usize {
                 let step = StepFrame {
+                    times: Default::default(),
                     step_id: 0,
                     stage: 0,
                     releases: vec![],

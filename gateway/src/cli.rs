@@ -73,9 +73,10 @@ pub struct ServingArgs {
     /// Requests waiting at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
-    /// Steps in flight at once, each over its own sequences (default: one per stage, so that
-    /// every stage computes at once). More hide slow links between stages, at the cost of
-    /// smaller batches.
+    /// Steps in flight at once, each over its own sequences, fixed (default: one per stage, so
+    /// that every stage computes at once, and up to four more while the hops between the
+    /// stages take long enough to leave them waiting, measured from the steps' round trips).
+    /// More hide slow links between stages, at the cost of smaller batches.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub steps_in_flight: Option<u32>,
     /// Compute every prompt in full, sharing no KV blocks between requests with a common

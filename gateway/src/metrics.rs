@@ -30,6 +30,7 @@ pub struct GatewayMetrics {
     generation_tokens: IntCounter,
     running: IntGauge,
     waiting: IntGauge,
+    steps_in_flight: IntGauge,
     kv_usage: Gauge,
     preemptions: IntCounter,
     requeued: IntCounter,
@@ -125,6 +126,10 @@ impl GatewayMetrics {
                 "Requests holding KV cache and taking part in steps.",
             )?,
             waiting: IntGauge::new("strata_num_requests_waiting", "Requests queued.")?,
+            steps_in_flight: IntGauge::new(
+                "strata_steps_in_flight",
+                "Steps the scheduler keeps in flight now: one per stage, more while the hops between stages take long.",
+            )?,
             kv_usage: Gauge::new(
                 "strata_kv_cache_usage_perc",
                 "Fraction of the KV cache's blocks held by requests (1 = full).",
@@ -160,6 +165,7 @@ impl GatewayMetrics {
         r.register(Box::new(m.generation_tokens.clone()))?;
         r.register(Box::new(m.running.clone()))?;
         r.register(Box::new(m.waiting.clone()))?;
+        r.register(Box::new(m.steps_in_flight.clone()))?;
         r.register(Box::new(m.kv_usage.clone()))?;
         r.register(Box::new(m.preemptions.clone()))?;
         r.register(Box::new(m.requeued.clone()))?;
@@ -211,6 +217,8 @@ impl GatewayMetrics {
                 .set(stats.running.load(Ordering::Relaxed) as i64);
             self.waiting
                 .set(stats.waiting.load(Ordering::Relaxed) as i64);
+            self.steps_in_flight
+                .set(stats.steps_in_flight.load(Ordering::Relaxed) as i64);
             let used = stats.used_blocks.load(Ordering::Relaxed);
             self.kv_usage.set(used as f64 / (*kv_blocks).max(1) as f64);
             // The scheduler's counters only grow: catch the exported ones up with them.

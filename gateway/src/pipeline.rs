@@ -26,6 +26,9 @@ use crate::keeper::{RingStatus, report_failure};
 pub struct Completion {
     pub step_id: u64,
     pub result: Result<SamplesFrame, GatewayError>,
+    /// From the step's leaving to its samples' arrival, where the pipeline measures it (a
+    /// ring, whose hops the scheduler may hide behind more steps in flight).
+    pub round_trip: Option<Duration>,
 }
 
 /// What happened next on the pipeline.
@@ -45,6 +48,13 @@ pub enum PipelineEvent {
 pub trait Pipeline: Send + 'static {
     /// Steps worth keeping in flight at once: one per stage.
     fn depth(&self) -> usize;
+
+    /// The most steps worth keeping in flight where the hops take long (the scheduler adapts
+    /// between [`Pipeline::depth`] and this, from the completions' round trips): by default,
+    /// the depth.
+    fn max_depth(&self) -> usize {
+        self.depth()
+    }
 
     /// Sends a step on its way. An error means it never left (it completes with nothing).
     fn submit(&mut self, step: StepFrame) -> impl Future<Output = Result<(), GatewayError>> + Send;
@@ -66,8 +76,9 @@ pub struct RingPipeline<T: Transport> {
     epoch: u64,
     /// Whether the scheduler was told the ring is lost (and not yet that it is back).
     lost: bool,
-    /// Steps it holds at once.
+    /// Steps it holds at once, at least and at most.
     depth: usize,
+    max_depth: usize,
     results: mpsc::Receiver<Result<Frame, WireError>>,
     status: watch::Receiver<RingStatus>,
     /// Where the pipeline reports a failure it sees itself (a send that fails, a step that
@@ -81,11 +92,12 @@ pub struct RingPipeline<T: Transport> {
 impl<T: Transport> RingPipeline<T> {
     /// Collects the frames that `listener` (the gateway's data-plane listener, where the last
     /// stage sends) receives from connections that present `session` (the keeper sets it for
-    /// each ring it builds), and follows the ring that `status` describes. It holds `depth`
-    /// steps at once (the route's length by default: one per stage).
+    /// each ring it builds), and follows the ring that `status` describes. It holds
+    /// `depths.start()` steps at once (the route's length by default: one per stage), or up to
+    /// `depths.end()` where the hops take long.
     pub fn new(
         transport: T,
-        depth: usize,
+        depths: std::ops::RangeInclusive<usize>,
         listener: T::Listener,
         session: watch::Receiver<String>,
         status: watch::Receiver<RingStatus>,
@@ -99,7 +111,8 @@ impl<T: Transport> RingPipeline<T> {
             first: None,
             epoch: 0,
             lost: false,
-            depth,
+            depth: *depths.start(),
+            max_depth: *depths.end(),
             results,
             status,
             failures,
@@ -161,6 +174,10 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
         self.depth.max(1)
     }
 
+    fn max_depth(&self) -> usize {
+        self.max_depth.max(self.depth())
+    }
+
     async fn submit(&mut self, step: StepFrame) -> Result<(), GatewayError> {
         let id = step.step_id;
         let Some((first, addr)) = self.first.as_mut() else {
@@ -213,11 +230,17 @@ impl<T: Transport> Pipeline for RingPipeline<T> {
             let deadline = oldest.map(|(_, sent)| sent + self.step_timeout);
             tokio::select! {
                 frame = self.results.recv() => match frame {
-                    Some(Ok(Frame::Samples(s))) if self.pending.remove(&s.step_id).is_some() => {
-                        return PipelineEvent::Completed(Completion { step_id: s.step_id, result: Ok(s) });
+                    Some(Ok(Frame::Samples(s))) if self.pending.contains_key(&s.step_id) => {
+                        let sent = self.pending.remove(&s.step_id);
+                        return PipelineEvent::Completed(Completion {
+                            step_id: s.step_id,
+                            result: Ok(s),
+                            round_trip: sent.map(|at| at.elapsed()),
+                        });
                     }
                     Some(Ok(Frame::Error(e))) if self.pending.remove(&e.step_id).is_some() => {
                         return PipelineEvent::Completed(Completion {
+                            round_trip: None,
                             step_id: e.step_id,
                             result: Err(GatewayError::Unavailable(format!(
                                 "stage {} failed step {}: {}",

@@ -353,6 +353,7 @@ fn model_info(
             cached_prompt_tokens: stats.cached_tokens.load(Ordering::Relaxed),
             ring_rebuilds: rebuilds.load(Ordering::Relaxed),
             requeued_sequences: stats.requeued.load(Ordering::Relaxed),
+            steps_in_flight: stats.steps_in_flight.load(Ordering::Relaxed) as u32,
         }),
     }
 }
@@ -533,9 +534,15 @@ async fn start(
     );
     // The listener accepts from now on: under TLS, the last stage's link completes its
     // handshake while the keeper links the ring.
+    // One step in flight per stage, and up to a few more where the hops take long, unless the
+    // operator fixed the count.
+    let stages = resolved.plan.route.len();
     let mut pipeline = RingPipeline::new(
         transport,
-        cfg.steps_in_flight.unwrap_or(resolved.plan.route.len()),
+        match cfg.steps_in_flight {
+            Some(n) => n..=n,
+            None => stages..=stages + crate::scheduler::EXTRA_STEPS_IN_FLIGHT,
+        },
         data_listener,
         keeper.listener_session(),
         keeper.status(),

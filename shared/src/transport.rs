@@ -425,6 +425,7 @@ mod tests {
         let frames: Vec<Frame> = (0..3)
             .map(|i| {
                 Frame::Samples(SamplesFrame {
+                    times: Default::default(),
                     step_id: i,
                     samples: vec![],
                 })
@@ -461,6 +462,7 @@ mod tests {
         let mut listener = ours.bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr();
         let frame = Frame::Samples(SamplesFrame {
+            times: Default::default(),
             step_id: 3,
             samples: vec![],
         });
@@ -514,7 +516,7 @@ mod tests {
         let mut listener = TcpTransport::plaintext().bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr();
         let small = TcpTransport {
-            max_frame_bytes: 16,
+            max_frame_bytes: 32,
             ..TcpTransport::plaintext()
         };
         let mut s = small.connect(&addr).await.unwrap();
@@ -523,12 +525,13 @@ mod tests {
             step_id: 1,
             stage: 0,
             to: 1,
-            message: "a message longer than sixteen bytes".into(),
+            message: "a message that makes the frame longer than 32 bytes".into(),
         });
         let err = s.send(&big).await.unwrap_err();
         assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
         // The connection stays usable for frames within the limit.
         let ok = Frame::Samples(SamplesFrame {
+            times: Default::default(),
             step_id: 2,
             samples: vec![],
         });
@@ -566,6 +569,7 @@ mod tests {
         let mut listener = TcpTransport::plaintext().bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr();
         let frame = Frame::Samples(SamplesFrame {
+            times: Default::default(),
             step_id: 7,
             samples: vec![],
         });

@@ -162,6 +162,7 @@ impl Engine {
         mut each: impl FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
         let mut step = StepFrame {
+            times: Default::default(),
             step_id: 0,
             stage: 0,
             releases: Vec::new(),

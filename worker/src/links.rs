@@ -206,6 +206,7 @@ mod tests {
 
     fn step(carrier: Carrier, data: Bytes) -> StepFrame {
         StepFrame {
+            times: Default::default(),
             step_id: 4,
             stage: 1,
             releases: vec![],

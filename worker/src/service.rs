@@ -41,8 +41,8 @@ enum Job {
     Install(Vec<Stage>, std::sync::mpsc::SyncSender<()>),
     /// Route each stage's output (and input, where NCCL carries it).
     Route(Routes),
-    /// A frame from the data plane.
-    Frame(Frame),
+    /// A frame from the data plane, and when it arrived.
+    Frame(Frame, Instant),
     /// An inbound data-plane connection of the current session broke or stalled: the ring is
     /// broken.
     PeerLost(String),
@@ -140,7 +140,7 @@ pub async fn start(
         listener,
         jobs_tx.clone(),
         |r| match r {
-            Ok(frame) => Job::Frame(frame),
+            Ok(frame) => Job::Frame(frame, Instant::now()),
             Err(e) => Job::PeerLost(e.to_string()),
         },
         session_rx,
@@ -176,7 +176,7 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
                 tracing::error!(error = %why, "data plane: an inbound link broke; this worker's ring is broken");
                 Shared::fail_if_ready(phase, format!("data plane: {why}"));
             }
-            Job::Frame(frame) => {
+            Job::Frame(frame, arrived) => {
                 metrics.frame(Direction::In, frame.wire_len());
                 // Steps and errors are addressed to a stage on this worker; its route says where
                 // the result (or the error, passed along untouched) goes next.
@@ -230,10 +230,17 @@ fn compute_loop(mut jobs: mpsc::Receiver<Job>, metrics: &WorkerMetrics, phase: &
                                     "stage {to} is not loaded on this worker"
                                 ))),
                             };
-                        metrics.forward(to, started.elapsed());
+                        let computed = started.elapsed();
+                        metrics.forward(to, computed);
+                        let held = arrived.elapsed();
                         let result = result.and_then(|mut next| {
-                            if let Frame::Step(s) = &mut next {
-                                s.trace = strata_shared::telemetry::traceparent_of(&span);
+                            match &mut next {
+                                Frame::Step(s) => {
+                                    s.trace = strata_shared::telemetry::traceparent_of(&span);
+                                    s.times = s.times.and(held, computed);
+                                }
+                                Frame::Samples(s) => s.times = s.times.and(held, computed),
+                                Frame::Error(_) | Frame::Hello(_) | Frame::Heartbeat => {}
                             }
                             routes.send(to, &mut next).inspect_err(nccl_failed)?;
                             Ok(next)

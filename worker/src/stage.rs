@@ -87,6 +87,7 @@ impl Stage {
                 None => None,
             };
             return Ok(Frame::Step(StepFrame {
+                times: step.times,
                 step_id: step.step_id,
                 stage: self.index + 1,
                 releases: step.releases,
@@ -101,6 +102,7 @@ impl Stage {
             None => Vec::new(),
         };
         Ok(Frame::Samples(SamplesFrame {
+            times: step.times,
             step_id: step.step_id,
             samples,
         }))

@@ -544,6 +544,7 @@ fn check_greedy(model: &Model, meta: &ModelMeta) {
     let mut feed = prompt.to_vec();
     for step_id in 0..4u64 {
         let step = StepFrame {
+            times: Default::default(),
             step_id,
             stage: 0,
             releases: vec![],

@@ -66,6 +66,7 @@ fn one_seq_step(
     tokens: &[u32],
 ) -> StepFrame {
     StepFrame {
+        times: Default::default(),
         step_id,
         stage: 0,
         releases: vec![],

@@ -21,6 +21,7 @@ use crate::pipeline::{Pipeline, PipelineEvent, sleep_until};
 use crate::validation::ValidRequest;
 
 pub mod blocks;
+pub mod depth;
 mod output;
 mod state;
 #[cfg(test)]
@@ -28,6 +29,10 @@ mod tests;
 
 pub use output::{EventSender, RequestObserver, SeqEnd, SeqOutput, StreamOutput, TokenVerdict};
 pub use state::{NewRequest, SchedulerConfig, SchedulerState, SchedulerStats};
+
+/// Steps in flight beyond one per stage that the scheduler may keep where the hops take long
+/// ([`depth::StepsInFlight`]).
+pub const EXTRA_STEPS_IN_FLIGHT: usize = 4;
 
 /// Handle to the scheduler actor.
 #[derive(Debug)]
@@ -86,7 +91,15 @@ async fn run<P: Pipeline, O: SeqOutput>(
     // every step at once, and must not be asked again in a hot loop.
     const RELEASE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
     let mut retry_releases_at: Option<tokio::time::Instant> = None;
-    let depth = pipeline.depth().max(1);
+    let mut depth = if pipeline.max_depth() > pipeline.depth() {
+        depth::StepsInFlight::adaptive(pipeline.depth(), pipeline.max_depth())
+    } else {
+        depth::StepsInFlight::fixed(pipeline.depth())
+    };
+    state
+        .stats()
+        .steps_in_flight
+        .store(depth.current(), std::sync::atomic::Ordering::Relaxed);
     let mut open = true;
     // The span of each step in flight; it ends when the step completes.
     let mut spans: HashMap<u64, tracing::Span> = HashMap::new();
@@ -106,10 +119,10 @@ async fn run<P: Pipeline, O: SeqOutput>(
         state.reap(Instant::now());
         // Keep the pipeline full.
         while !suspended
-            && state.in_flight() < depth
+            && state.in_flight() < depth.current()
             && (retry_releases_at.is_none() || state.has_requests())
         {
-            let Some(mut step) = state.next_step_of(depth) else {
+            let Some(mut step) = state.next_step_of(depth.current()) else {
                 break;
             };
             let id = step.step_id;
@@ -131,6 +144,23 @@ async fn run<P: Pipeline, O: SeqOutput>(
                     match c.result {
                         Ok(samples) => {
                             retry_releases_at = None;
+                            if let Some(round_trip) = c.round_trip
+                                && let Some(change) = depth.observe(round_trip, samples.times)
+                            {
+                                tracing::info!(
+                                    from = change.from,
+                                    to = change.to,
+                                    hops_ms = change.hops.as_secs_f64() * 1e3,
+                                    stage_ms = change.stage.as_secs_f64() * 1e3,
+                                    "steps in flight: the hops take {:.1} ms a step, a stage computes {:.1} ms",
+                                    change.hops.as_secs_f64() * 1e3,
+                                    change.stage.as_secs_f64() * 1e3,
+                                );
+                                state
+                                    .stats()
+                                    .steps_in_flight
+                                    .store(change.to, std::sync::atomic::Ordering::Relaxed);
+                            }
                             state.on_samples(samples);
                         }
                         Err(e) => {

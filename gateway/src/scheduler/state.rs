@@ -52,6 +52,8 @@ pub struct SchedulerStats {
     pub max_step_seqs: AtomicUsize,
     /// Most steps in flight at once.
     pub max_in_flight: AtomicUsize,
+    /// Steps the scheduler keeps in flight now (see [`super::depth`]).
+    pub steps_in_flight: AtomicUsize,
     /// Sequences preempted (their blocks taken back, to be recomputed).
     pub preemptions: AtomicU64,
     /// Sequences that waited for a rebuilt ring (to be recomputed).
@@ -561,6 +563,7 @@ impl<O: SeqOutput> SchedulerState<O> {
             .max_in_flight
             .fetch_max(self.in_flight.len(), Ordering::Relaxed);
         Some(StepFrame {
+            times: Default::default(),
             step_id,
             stage: 0,
             releases,

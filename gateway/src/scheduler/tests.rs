@@ -137,6 +137,7 @@ pub(super) fn feed<O: SeqOutput>(
     samples: Vec<Sample>,
 ) {
     st.on_samples(SamplesFrame {
+        times: Default::default(),
         step_id: step.step_id,
         samples,
     });
@@ -225,6 +226,7 @@ fn prefill_then_decode_positions() {
     assert_eq!(
         step,
         StepFrame {
+            times: Default::default(),
             step_id: 1,
             stage: 0,
             releases: vec![],
@@ -988,6 +990,7 @@ impl crate::pipeline::Pipeline for BrokenRing {
             Some(step_id) => {
                 crate::pipeline::PipelineEvent::Completed(crate::pipeline::Completion {
                     step_id,
+                    round_trip: None,
                     result: Err(GatewayError::Unavailable(
                         "the worker for cpu[1] exited".into(),
                     )),
@@ -1032,6 +1035,104 @@ async fn a_broken_ring_fails_requests_without_spinning_on_releases() {
     assert!(matches!(rx.recv().await, Some(Event::Fail(_))));
     drop(scheduler);
     task.await.unwrap();
+}
+
+/// A ring of two stages whose hops take `hops` a step: each step completes (in order) with a
+/// sample for every sequence that asked for one, held 2 ms by each stage and computed 2 ms by
+/// each, its round trip 4 ms plus the hops'.
+struct FarRing {
+    hops: std::time::Duration,
+    queue: std::collections::VecDeque<StepFrame>,
+}
+
+impl crate::pipeline::Pipeline for FarRing {
+    fn depth(&self) -> usize {
+        2
+    }
+
+    fn max_depth(&self) -> usize {
+        6
+    }
+
+    async fn submit(&mut self, step: StepFrame) -> Result<(), GatewayError> {
+        self.queue.push_back(step);
+        Ok(())
+    }
+
+    async fn next_event(&mut self) -> crate::pipeline::PipelineEvent {
+        tokio::task::yield_now().await;
+        let Some(step) = self.queue.pop_front() else {
+            return std::future::pending().await;
+        };
+        let samples = step
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| sample(s.seq_id, 500))
+            .collect();
+        crate::pipeline::PipelineEvent::Completed(crate::pipeline::Completion {
+            step_id: step.step_id,
+            result: Ok(SamplesFrame {
+                step_id: step.step_id,
+                samples,
+                times: strata_shared::wire::StageTimes {
+                    held_us: 4_000,
+                    compute_us: 4_000,
+                },
+            }),
+            round_trip: Some(std::time::Duration::from_millis(4) + self.hops),
+        })
+    }
+}
+
+/// 16 requests of 40 tokens through a [`FarRing`]: the most steps that were in flight at
+/// once, and the count the scheduler kept at the end.
+async fn steps_in_flight_over(hops: std::time::Duration) -> (usize, usize) {
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let pipeline = FarRing {
+        hops,
+        queue: std::collections::VecDeque::new(),
+    };
+    let st = state(256, 512, 16);
+    let stats = st.stats();
+    let (scheduler, task) = Scheduler::spawn(pipeline, st, stop_rx);
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let output = TestOutput { tx, stop_at: None };
+        scheduler
+            .submit(request(8, 40), output, None)
+            .await
+            .unwrap();
+        streams.push(rx);
+    }
+    for mut rx in streams {
+        let mut tokens = 0;
+        loop {
+            match rx.recv().await {
+                Some(Event::Token { .. }) => tokens += 1,
+                Some(Event::End(_)) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(tokens, 40);
+    }
+    drop(scheduler);
+    task.await.unwrap();
+    (
+        stats.max_in_flight.load(Ordering::Relaxed),
+        stats.steps_in_flight.load(Ordering::Relaxed),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_hops_get_more_steps_in_flight_and_fast_ones_one_per_stage() {
+    // Hops of 16 ms against a stage's 2 ms a step: the count climbs to its bound, 6.
+    let (most, now) = steps_in_flight_over(std::time::Duration::from_millis(16)).await;
+    assert_eq!((most, now), (6, 6));
+    // Hops of 0.2 ms: one step per stage throughout.
+    let (most, now) = steps_in_flight_over(std::time::Duration::from_micros(200)).await;
+    assert_eq!((most, now), (2, 2));
 }
 
 /// What the property test does next.

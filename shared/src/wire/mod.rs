@@ -25,7 +25,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"STRF";
 /// Wire version; a peer with another version is refused.
-pub const VERSION: u16 = 7;
+pub const VERSION: u16 = 8;
 /// Prelude length in bytes.
 pub const PRELUDE_LEN: usize = 24;
 /// Tokens per KV cache block. The gateway reserves and the stages allocate in these blocks, so
@@ -427,6 +427,33 @@ wire_struct! {
         /// other stages compute at the same time, and a worker that shares its host's cores
         /// with them keeps to its share.
         pub concurrent: u32,
+        /// How long the stages it passed held it and computed on it, so far.
+        pub times: StageTimes,
+    }
+}
+
+wire_struct! {
+    /// How long the stages a step passed held it, summed over them: from its arrival at each
+    /// stage's worker to the end of that stage's computation on it (`held_us`, waiting behind
+    /// other steps included), and the computation alone (`compute_us`). Whatever else a step's
+    /// round trip took was spent on the hops (and in the gateway): what more steps in flight
+    /// can hide.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct StageTimes {
+        pub held_us: u64,
+        pub compute_us: u64,
+    }
+}
+
+impl StageTimes {
+    /// These times with one more stage's: it held the step `held` and computed `compute`.
+    #[must_use]
+    pub fn and(self, held: std::time::Duration, compute: std::time::Duration) -> Self {
+        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        StageTimes {
+            held_us: self.held_us.saturating_add(us(held)),
+            compute_us: self.compute_us.saturating_add(us(compute)),
+        }
     }
 }
 
@@ -449,6 +476,8 @@ wire_struct! {
     pub struct SamplesFrame {
         pub step_id: u64,
         pub samples: Vec<Sample>,
+        /// The step's times over every stage.
+        pub times: StageTimes,
     }
 }
 

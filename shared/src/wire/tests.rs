@@ -19,6 +19,7 @@ fn round_trip(f: &Frame) -> Frame {
 #[test]
 fn frames_round_trip() {
     let step = Frame::Step(StepFrame {
+        times: Default::default(),
         step_id: 7,
         stage: 2,
         releases: vec![3, 9],
@@ -52,6 +53,7 @@ fn frames_round_trip() {
     });
     assert_eq!(round_trip(&step), step);
     let samples = Frame::Samples(SamplesFrame {
+        times: Default::default(),
         step_id: 7,
         samples: vec![Sample {
             seq_id: 11,
@@ -114,6 +116,7 @@ fn rejects_bad_preludes_and_headers() {
 fn the_codec_reassembles_frames_from_any_chunking() {
     let frames = vec![
         Frame::Samples(SamplesFrame {
+            times: Default::default(),
             step_id: 1,
             samples: vec![Sample {
                 seq_id: 3,
@@ -123,6 +126,7 @@ fn the_codec_reassembles_frames_from_any_chunking() {
             }],
         }),
         Frame::Step(StepFrame {
+            times: Default::default(),
             step_id: 2,
             stage: 1,
             releases: vec![],
@@ -169,6 +173,7 @@ fn the_codec_reassembles_frames_from_any_chunking() {
 fn a_payload_must_match_the_activations_it_claims() {
     let step = |hidden: Option<Activations>| {
         Frame::Step(StepFrame {
+            times: Default::default(),
             step_id: 1,
             stage: 0,
             releases: vec![],
@@ -208,6 +213,7 @@ fn activations_that_nccl_carries_leave_the_frame_without_payload() {
     };
     let frame = |a: &Activations| {
         Frame::Step(StepFrame {
+            times: Default::default(),
             step_id: 3,
             stage: 1,
             releases: vec![],
@@ -238,8 +244,9 @@ fn activations_that_nccl_carries_leave_the_frame_without_payload() {
     .to_bytes()
     .unwrap()
     .to_vec();
-    // The carrier: the last byte before the trace (empty: its u32 count) and `concurrent`.
-    let at = bytes.len() - 4 - 4 - 1;
+    // The carrier: the last byte before the trace (empty: its u32 count), `concurrent` and the
+    // stages' times (two u64s).
+    let at = bytes.len() - 16 - 4 - 4 - 1;
     assert_eq!(bytes[at], 1);
     bytes[at] = 7;
     let err = Frame::from_bytes(&bytes, DEFAULT_MAX_FRAME_BYTES).unwrap_err();
