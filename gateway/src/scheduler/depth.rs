@@ -31,8 +31,8 @@ const ALPHA: f64 = 1.0 / 8.0;
 /// The steps in flight: fixed, or adapted to the hops' time.
 #[derive(Debug, Clone)]
 pub struct StepsInFlight {
+    /// The stages, and the fewest steps in flight: one per stage.
     stages: usize,
-    min: usize,
     max: usize,
     current: usize,
     /// Moving averages, in seconds: a step's time on the hops, and one stage's computation on
@@ -59,7 +59,6 @@ impl StepsInFlight {
         let n = n.max(1);
         StepsInFlight {
             stages: n,
-            min: n,
             max: n,
             current: n,
             hops: None,
@@ -84,7 +83,7 @@ impl StepsInFlight {
 
     /// Whether the count can change.
     pub fn adapts(&self) -> bool {
-        self.max > self.min
+        self.max > self.stages
     }
 
     /// A step came back `round_trip` after it left, having been held `times` by the stages.
@@ -117,10 +116,10 @@ impl StepsInFlight {
             return None;
         }
         let wanted = hops / self.stage;
-        let extra = (self.current - self.min) as f64;
+        let extra = (self.current - self.stages) as f64;
         let to = if wanted >= extra + HYSTERESIS && self.current < self.max {
             self.current + 1
-        } else if wanted <= extra - HYSTERESIS && self.current > self.min {
+        } else if wanted <= extra - HYSTERESIS && self.current > self.stages {
             self.current - 1
         } else {
             return None;

@@ -152,9 +152,7 @@ async fn run<P: Pipeline, O: SeqOutput>(
                                     to = change.to,
                                     hops_ms = change.hops.as_secs_f64() * 1e3,
                                     stage_ms = change.stage.as_secs_f64() * 1e3,
-                                    "steps in flight: the hops take {:.1} ms a step, a stage computes {:.1} ms",
-                                    change.hops.as_secs_f64() * 1e3,
-                                    change.stage.as_secs_f64() * 1e3,
+                                    "steps in flight changed: the hops' time a step against a stage's computation"
                                 );
                                 state
                                     .stats()
